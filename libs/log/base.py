@@ -1,0 +1,66 @@
+"""The submissions log: an append-only, partitioned, keyed record log (Kafka's shape).
+
+Semantics every implementation keeps:
+- ``append`` returns only once every record is durable (Kafka: acknowledged by ``acks=all``).
+- Records with the same key go to the same partition and are consumed in append order.
+- A consumer group sees each record at least once; a record is consumed again after a crash unless its
+  offset was committed. Commit after the side effects (the store write), never before.
+- Partitions are independent: no ordering across keys.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedRecord:
+    partition: int
+    offset: int
+    key: str
+    value: bytes
+    timestamp_ms: int
+
+
+class LogConsumer(ABC):
+    """One member of a consumer group."""
+
+    @abstractmethod
+    async def startup(self) -> None: ...
+
+    @abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abstractmethod
+    async def poll(self, max_records: int, timeout_s: float) -> list[ConsumedRecord]:
+        """Up to ``max_records`` records after this member's position; waits up to ``timeout_s`` for the first.
+
+        Within a partition, records come in offset order. Polling again without committing continues after
+        the records already returned (the position is in memory); a restarted member resumes at the commit.
+        """
+
+    @abstractmethod
+    async def commit(self, records: Sequence[ConsumedRecord]) -> None:
+        """Mark ``records`` and everything before them in their partitions as consumed by the group."""
+
+    @abstractmethod
+    async def dead_letter(self, record: ConsumedRecord, reason: str) -> None:
+        """Park a record that cannot be decoded so it never stalls its partition (Kafka: a DLQ topic)."""
+
+
+class SubmissionLog(ABC):
+    @abstractmethod
+    async def startup(self) -> None: ...
+
+    @abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abstractmethod
+    async def append(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """Append ``(key, value)`` records; returns when all are durable. Raises if any could not be made so."""
+
+    @abstractmethod
+    def consumer(self, group: str) -> LogConsumer:
+        """A new consumer-group member (call ``startup`` on it)."""

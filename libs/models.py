@@ -1,0 +1,211 @@
+"""The data every service and backend shares.
+
+Times inside the system are integer epoch milliseconds (``*_ms``); RFC3339 appears only at the HTTP edge.
+Models are pydantic so that decoding a queue message or a log record validates it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RUN_NAMESPACE = uuid.UUID("5b0c6f0e-6a53-4d4f-9a39-7f2d1c1e0d5a")
+
+
+class JobStatus(StrEnum):
+    SCHEDULED = "scheduled"  # waiting for its next occurrence
+    QUEUED = "queued"  # handed to the work queue
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # retries used up; dead-lettered
+    PAUSED = "paused"
+    DELETED = "deleted"
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    SKIPPED = "skipped"  # an occurrence deliberately not run (misfire, overlap, paused, duplicate delivery)
+    CANCELLED = "cancelled"
+
+
+FINISHED_RUN_STATUSES = frozenset(
+    {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.TIMED_OUT, RunStatus.SKIPPED, RunStatus.CANCELLED}
+)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class RetryPolicy(Model):
+    backoff: Literal["exponential", "linear", "fixed"] = "exponential"
+    initial_s: float = Field(default=1.0, ge=0)
+    max_s: float = Field(default=300.0, ge=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    jitter: bool = True
+    max_age_s: float | None = Field(default=None, gt=0)  # stop retrying this long after the scheduled time
+    retry_on_status: list[int] | None = None  # HTTP statuses worth a retry; None = 5xx, 429 (+ network errors)
+
+
+class HttpTarget(Model):
+    url: str
+    method: str = "GET"
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str | None = None
+    timeout_s: float | None = None
+
+
+class Payload(Model):
+    """What a run does. ``blob_key`` set means the content lives in the blob store (it was over the offload size)."""
+
+    kind: Literal["cmd", "echo", "http"]
+    text: str | None = None  # command line for cmd, the echoed text for echo
+    http: HttpTarget | None = None
+    blob_key: str | None = None
+
+
+class LastRun(Model):
+    run_id: str
+    status: RunStatus
+    attempt: int
+    scheduled_ms: int
+    finished_ms: int | None = None
+
+
+class Job(Model):
+    """A job's definition (written by the writer from the log) plus its runtime state (picker/worker).
+
+    ``version`` is the log offset of the definition's latest change; queue entries carry the version they
+    were created for, and a ``schedule`` entry of an older version is dropped by the picker.
+    """
+
+    job_id: str
+    user_id: str
+    project_id: str
+    name: str = ""
+    payload: Payload
+    cron_schedule: str | None = None
+    timezone: str = "UTC"
+    next_fire_ms: int
+    max_retries: int = 3
+    timeout_s: float = 90.0
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    execution: Literal["at_least_once", "at_most_once"] = "at_least_once"
+    priority: int = Field(default=50, ge=0, le=100)
+    overlap: Literal["allow", "skip", "replace"] = "allow"
+    misfire: Literal["fire_once", "skip", "fire_all"] = "fire_once"
+    max_lateness_s: float | None = None
+    created_ms: int
+    version: int = 0
+    paused: bool = False
+    deleted: bool = False
+    # Runtime state. Never written by the writer, so a log replay cannot reset it.
+    state: JobStatus | None = None
+    last_run: LastRun | None = None
+    dispatched_through_ms: int = -1  # scheduled time of the last occurrence handed to the work queue
+
+    @property
+    def status(self) -> JobStatus:
+        if self.deleted:
+            return JobStatus.DELETED
+        if self.paused:
+            return JobStatus.PAUSED
+        return self.state or JobStatus.SCHEDULED
+
+    @property
+    def recurring(self) -> bool:
+        return bool(self.cron_schedule)
+
+
+class JobState(Model):
+    """A runtime-state update of one job (idempotent column writes)."""
+
+    job_id: str
+    state: JobStatus | None = None
+    last_run: LastRun | None = None
+    dispatched_through_ms: int | None = None
+
+
+class QueueEntry(Model):
+    """One pending firing in the sharded time-bucket table ``job_queue``.
+
+    Primary key: partition ``(shard, bucket_ms)``, clustering ``(due_ms, job_id, scheduled_ms, attempt)``.
+    ``scheduled_ms`` is the occurrence being fired; ``due_ms`` is when (later than scheduled for a retry).
+    """
+
+    shard: int
+    bucket_ms: int
+    due_ms: int
+    job_id: str
+    scheduled_ms: int
+    attempt: int = 0
+    kind: Literal["schedule", "retry", "trigger", "replay"] = "schedule"
+    version: int = 0
+    priority: int = 50
+
+    @property
+    def key(self) -> tuple[int, int, int, str, int, int]:
+        return (self.shard, self.bucket_ms, self.due_ms, self.job_id, self.scheduled_ms, self.attempt)
+
+
+class Run(Model):
+    """One attempt of one occurrence. ``run_id`` is deterministic: see :func:`run_id_for`."""
+
+    run_id: str
+    job_id: str
+    user_id: str
+    scheduled_ms: int
+    attempt: int
+    status: RunStatus
+    due_ms: int | None = None
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    worker_id: str | None = None
+    exit_code: int | None = None
+    http_status: int | None = None
+    output: str | None = None
+    output_ref: str | None = None  # blob key when the output was too large to keep inline
+    error: str | None = None
+
+
+class RunMessage(Model):
+    """The body of a work-queue message: everything a worker needs to run one attempt."""
+
+    run_id: str
+    job: Job
+    scheduled_ms: int
+    attempt: int
+    due_ms: int
+    kind: Literal["schedule", "retry", "trigger", "replay"] = "schedule"
+    dispatched_ms: int = 0
+
+
+class DeadLetter(Model):
+    dead_letter_id: str  # the run_id of the last failed attempt
+    job_id: str
+    user_id: str
+    project_id: str
+    scheduled_ms: int
+    attempts: int
+    error: str | None
+    dead_ms: int
+
+
+class Submission(Model):
+    """A log record: a job definition change. ``op`` says what happened; ``job`` is the full new definition."""
+
+    op: Literal["submit", "update", "pause", "resume", "delete", "trigger", "replay"]
+    job: Job
+    at_ms: int  # when ingestion accepted it; used for trigger/replay occurrence times (deterministic on replay)
+    attempt: int = 0
+
+
+def run_id_for(job_id: str, scheduled_ms: int, attempt: int) -> str:
+    """Deterministic run id: re-dispatching the same occurrence and attempt can never create a second run."""
+    return str(uuid.uuid5(RUN_NAMESPACE, f"{job_id}/{scheduled_ms}/{attempt}"))

@@ -1,0 +1,136 @@
+"""The job store (ScyllaDB's shape): jobs, the sharded time-bucket queue table, runs, dead letters.
+
+Every method maps onto CQL addressed by partition key:
+
+=====================  ==========================================  ===========================================
+method                 table / partition                           write kind
+=====================  ==========================================  ===========================================
+put_jobs               jobs(job_id) + jobs_by_user(user_id)        idempotent upsert of definition columns
+update_job_states      jobs(job_id)                                idempotent upsert of state columns
+get_jobs               jobs(job_id), one read per id               -
+list_jobs              jobs_by_user(user_id) newest first          -
+put/delete_entries     job_queue((shard, bucket))                  idempotent
+due_entries            job_queue((shard, bucket)) due_ms <= until  -
+get/advance_checkpoint picker_checkpoints(shard)                   LWT ``IF bucket = ?`` (a claim)
+put_runs               job_runs(job_id) + runs_by_id(run_id)       idempotent upsert
+claim_runs             run_claims(run_id)                          LWT ``IF NOT EXISTS`` (at-most-once)
+put_dead_letters       dead_letters(user_id)                       idempotent
+claim_idempotency_key  idempotency_keys((user_id, key)) TTL 24 h   LWT ``IF NOT EXISTS``
+=====================  ==========================================  ===========================================
+
+No method spans partitions atomically; callers order their writes so that a crash between two of them is
+repaired by replaying the same writes (e.g. the writer stores a job before its queue entry, the picker stores a
+recurring job's next entry before dispatching the current one).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from libs.models import DeadLetter, Job, JobState, QueueEntry, Run
+
+
+class LayoutMismatch(RuntimeError):
+    """The store was created with another shard count or bucket width; starting would lose jobs."""
+
+
+class JobStore(ABC):
+    @abstractmethod
+    async def startup(self) -> None: ...
+
+    @abstractmethod
+    async def shutdown(self) -> None: ...
+
+    @abstractmethod
+    async def check_layout(self, shard_count: int, bucket_ms: int) -> None:
+        """Record the layout on first use; raise :class:`LayoutMismatch` if it was created with another."""
+
+    # Jobs -------------------------------------------------------------------------------------------------
+    @abstractmethod
+    async def put_jobs(self, jobs: Sequence[Job]) -> None:
+        """Upsert job definitions. Runtime state (``state``, ``last_run``, ``dispatched_through_ms``) is
+        never touched, so replaying a submission cannot undo progress."""
+
+    @abstractmethod
+    async def update_job_states(self, updates: Sequence[JobState]) -> None:
+        """Set the given (non-None) state fields; idempotent. Unknown job ids are ignored."""
+
+    @abstractmethod
+    async def get_jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs that exist among ``job_ids`` (definition and state)."""
+
+    @abstractmethod
+    async def list_jobs(
+        self,
+        user_id: str,
+        limit: int,
+        cursor: str | None = None,
+        status: str | None = None,
+        project_id: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """A user's jobs, newest first; returns the page and the cursor of the next page (None at the end)."""
+
+    # Queue entries ----------------------------------------------------------------------------------------
+    @abstractmethod
+    async def put_entries(self, entries: Sequence[QueueEntry]) -> None:
+        """Idempotent: the same entry (same primary key) written twice is one entry."""
+
+    @abstractmethod
+    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[QueueEntry]:
+        """Entries of one partition with ``due_ms <= until_ms``, earliest first."""
+
+    @abstractmethod
+    async def delete_entries(self, entries: Sequence[QueueEntry]) -> None:
+        """Delete by primary key; deleting a missing entry is not an error."""
+
+    # Picker checkpoints -----------------------------------------------------------------------------------
+    @abstractmethod
+    async def get_checkpoint(self, shard: int) -> int | None:
+        """The oldest bucket of ``shard`` that may still hold entries (None: never set)."""
+
+    @abstractmethod
+    async def advance_checkpoint(self, shard: int, expected: int | None, new: int) -> bool:
+        """Compare-and-set the checkpoint (LWT); False if another picker moved it first."""
+
+    # Runs -------------------------------------------------------------------------------------------------
+    @abstractmethod
+    async def put_runs(self, runs: Sequence[Run]) -> None:
+        """Upsert runs by ``run_id`` (the whole record: later writes of the same run win)."""
+
+    @abstractmethod
+    async def get_runs(self, run_ids: Sequence[str]) -> dict[str, Run]: ...
+
+    @abstractmethod
+    async def list_runs(self, job_id: str, limit: int, cursor: str | None = None) -> tuple[list[Run], str | None]:
+        """Runs of a job, newest occurrence first (then highest attempt first)."""
+
+    @abstractmethod
+    async def claim_runs(self, run_ids: Sequence[str], worker_id: str) -> set[str]:
+        """Claim runs for execution, once ever each (LWT ``IF NOT EXISTS``). Returns the ids this call won."""
+
+    # Dead letters -----------------------------------------------------------------------------------------
+    @abstractmethod
+    async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
+
+    @abstractmethod
+    async def list_dead_letters(
+        self, user_id: str, limit: int, cursor: str | None = None
+    ) -> tuple[list[DeadLetter], str | None]:
+        """A user's dead letters, newest first."""
+
+    @abstractmethod
+    async def get_dead_letter(self, user_id: str, dead_letter_id: str) -> DeadLetter | None: ...
+
+    # Idempotent submit ------------------------------------------------------------------------------------
+    @abstractmethod
+    async def claim_idempotency_key(self, user_id: str, key: str, job_id: str, ttl_s: int) -> str:
+        """Bind ``key`` to ``job_id`` unless a live binding exists; returns the job id the key is bound to."""
+
+    # Stats ------------------------------------------------------------------------------------------------
+    @abstractmethod
+    async def stats(self, now_ms: int) -> dict[str, int]:
+        """Counts for ``/queue/stats``: scheduled, due, queued, running, succeeded, failed, dead.
+
+        Exact on the embedded store; maintained counters (approximate) on distributed stores.
+        """

@@ -1,0 +1,76 @@
+"""One fixture per role, parametrized over every implementation (dramatiq's way).
+
+The test id names the backend: ``test_x[embedded]``, ``test_x[etcd]``, ``test_x[sqs]``, ``test_x[s3]``,
+``test_x[kafka-mock]``, ``test_x[kafka]``, ``test_x[scylla]``. Real servers come from the session fixtures in
+``tests/servers.py``; a backend whose server cannot exist on this machine is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from libs.blobs.base import BlobStore
+from libs.coordination.base import Coordination
+from libs.log.base import SubmissionLog
+from libs.queue.base import WorkQueue
+from libs.store.base import JobStore
+from tests import backends
+
+LOG_BACKENDS = ["embedded", "kafka-mock", "kafka"]
+STORE_BACKENDS = ["embedded", "scylla"]
+COORDINATION_BACKENDS = ["embedded", "etcd"]
+QUEUE_BACKENDS = ["embedded", "sqs"]
+BLOB_BACKENDS = ["embedded", "s3"]
+
+
+@pytest.fixture(params=LOG_BACKENDS)
+async def log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SubmissionLog]:
+    impl = backends.build_log(request.param, request, tmp_path)
+    await impl.startup()
+    try:
+        yield impl
+    finally:
+        await impl.shutdown()
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    impl = backends.build_store(request.param, request, tmp_path)
+    await impl.startup()
+    try:
+        yield impl
+    finally:
+        await impl.shutdown()
+
+
+@pytest.fixture(params=COORDINATION_BACKENDS)
+async def coordination(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Coordination]:
+    impl = backends.build_coordination(request.param, request, tmp_path)
+    await impl.startup()
+    try:
+        yield impl
+    finally:
+        await impl.shutdown()
+
+
+@pytest.fixture(params=QUEUE_BACKENDS)
+async def queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[WorkQueue]:
+    impl = backends.build_queue(request.param, request, tmp_path)
+    await impl.startup()
+    try:
+        yield impl
+    finally:
+        await impl.shutdown()
+
+
+@pytest.fixture(params=BLOB_BACKENDS)
+async def blobs(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    impl = backends.build_blobs(request.param, request, tmp_path)
+    await impl.startup()
+    try:
+        yield impl
+    finally:
+        await impl.shutdown()
