@@ -68,8 +68,11 @@ class Settings(BaseSettings):
     output_inline_bytes: int = 4096  # larger run outputs go to the blob store
     allow_cmd: bool = False
     allow_private_http: bool = False
-    retry_initial_s: float = 1.0
+    retry_initial_s: float = 1.0  # default retry policy of jobs that do not set one
     retry_max_s: float = 300.0
+    # HMAC signing secrets for outgoing HTTP, by "user" or "user/project" (JSON); two keys = rotation.
+    signing_secrets: dict[str, list[str]] = Field(default_factory=dict)
+    shutdown_grace_s: float = 5.0
 
     @field_validator("shard_count", "bucket_s", "log_partitions", "worker_concurrency")
     @classmethod
@@ -91,6 +94,9 @@ class Settings(BaseSettings):
         if "DSCHED_ALLOW_PRIVATE_HTTP" not in os.environ:
             updates["allow_private_http"] = True
         return self.model_copy(update=updates)
+
+    def signing_secrets_for(self, user_id: str, project_id: str) -> list[str] | None:
+        return self.signing_secrets.get(f"{user_id}/{project_id}") or self.signing_secrets.get(user_id)
 
     @property
     def bucket_ms(self) -> int:

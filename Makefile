@@ -1,0 +1,51 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-fast lint system-deps bench chaos compose-test clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[prod,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the whole pipeline on embedded backends at http://127.0.0.1:8080
+run: install
+	$(BIN)/dsched run all
+
+## Real servers the tests start on free 127.0.0.1 ports: etcd (Debian); moto comes from PyPI.
+system-deps:
+	@if ! command -v etcd >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing etcd-server (Debian)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; \
+	  else \
+	    echo "etcd is missing: run 'sudo apt-get install -y etcd-server' and retry"; exit 1; \
+	  fi; \
+	fi
+
+## Install what the tests need, start the real local servers (from fixtures), run the whole suite.
+test: install system-deps lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python -m bench.fire_lag --jobs 20000 --rate 1000
+
+chaos: install system-deps
+	$(BIN)/python -m chaos --long
+
+## On a host with a Docker engine: the production stack of deploy/, acceptance + contract suites against it.
+compose-test: install
+	$(MAKE) -C deploy compose-test
+
+clean:
+	rm -rf $(VENV) .dsched .pytest_cache .mypy_cache .ruff_cache *.egg-info

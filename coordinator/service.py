@@ -1,0 +1,150 @@
+"""Coordinator: elects one leader and hands the shards out to the live pickers.
+
+Keys (under the coordination backend's namespace):
+
+- ``leader`` — the leader's node id, attached to its lease. Whoever creates it leads until its lease ends.
+- ``pickers/<node>`` — one per live picker, attached to the picker's lease (it vanishes when the picker dies).
+- ``assignments/<node>`` — JSON ``{"shards": [...], "leader": ..., "epoch": ...}``, written by the leader only
+  while it still holds ``leader`` (``put_if``), so a deposed leader cannot overwrite a newer assignment.
+
+Rebalancing is sticky: a live picker keeps the shards it has, up to its fair share, and only the shards of
+departed or overloaded pickers move. A shard moves to a new picker only after the old owner's lease is gone
+(departure), so two pickers never both own it for longer than the watch delay of a voluntary move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import orjson
+
+from libs import logs
+from libs.clock import now_ms
+from libs.coordination.base import Coordination
+from libs.metrics import COORDINATOR_LEADER
+from libs.settings import Settings
+
+LEADER_KEY = "leader"
+PICKERS_PREFIX = "pickers/"
+ASSIGNMENTS_PREFIX = "assignments/"
+log = logs.get("coordinator")
+
+
+def assign_shards(shard_count: int, members: list[str], current: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Sticky, balanced assignment: every shard to exactly one member, loads differing by at most one."""
+    if not members:
+        return {}
+    members = sorted(members)
+    base, extra = divmod(shard_count, len(members))
+    quota = {m: base + (1 if i < extra else 0) for i, m in enumerate(members)}
+    result: dict[str, list[int]] = {m: [] for m in members}
+    taken: set[int] = set()
+    for member in members:
+        for shard in sorted(current.get(member, [])):
+            if 0 <= shard < shard_count and shard not in taken and len(result[member]) < quota[member]:
+                result[member].append(shard)
+                taken.add(shard)
+    free = [s for s in range(shard_count) if s not in taken]
+    for member in members:
+        while len(result[member]) < quota[member] and free:
+            result[member].append(free.pop(0))
+    return {m: sorted(s) for m, s in result.items()}
+
+
+class Coordinator:
+    def __init__(self, *, coordination: Coordination, settings: Settings, node_id: str | None = None) -> None:
+        self.coordination = coordination
+        self.settings = settings
+        self.node_id = node_id or settings.node_id
+        self.is_leader = False
+        self._lease: int | None = None
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[Coordinator]:
+        try:
+            yield self
+        finally:
+            await self._step_down()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Campaign until elected, lead until the lease is lost or ``stop`` is set, campaign again."""
+        ttl = self.settings.lease_ttl_s
+        while not stop.is_set():
+            try:
+                if await self._campaign():
+                    await self._lead(stop)
+            except Exception as exc:  # backend hiccup: retry after a short pause, never crash the service
+                log.warning("coordinator_error", error=f"{type(exc).__name__}: {exc}")
+                await self._step_down()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=ttl / 3)
+
+    async def _campaign(self) -> bool:
+        if self._lease is None:
+            self._lease = await self.coordination.grant_lease(self.settings.lease_ttl_s)
+        elif not await self.coordination.keepalive(self._lease):
+            self._lease = await self.coordination.grant_lease(self.settings.lease_ttl_s)
+        won = await self.coordination.create(LEADER_KEY, self.node_id.encode(), self._lease)
+        if won:
+            self.is_leader = True
+            COORDINATOR_LEADER.set(1)
+            log.info("leader_elected", node=self.node_id)
+        return won
+
+    async def _lead(self, stop: asyncio.Event) -> None:
+        ttl = self.settings.lease_ttl_s
+        changed = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_members(changed))
+        try:
+            while not stop.is_set():
+                assert self._lease is not None
+                if not await self.coordination.keepalive(self._lease) or not await self.rebalance():
+                    log.warning("leadership_lost", node=self.node_id)
+                    return
+                # Woken by a membership change, or re-check periodically: a missed event must not strand shards.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout=min(ttl / 3, 1.0))
+                changed.clear()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+            self.is_leader = False
+            COORDINATOR_LEADER.set(0)
+
+    async def _watch_members(self, changed: asyncio.Event) -> None:
+        async for _event in self.coordination.watch_prefix(PICKERS_PREFIX):
+            changed.set()
+
+    async def rebalance(self) -> bool:
+        """Write the assignment for the current members; False if this node is no longer the leader."""
+        members_raw = await self.coordination.get_prefix(PICKERS_PREFIX)
+        members = [k[len(PICKERS_PREFIX):] for k in members_raw]
+        current_raw = await self.coordination.get_prefix(ASSIGNMENTS_PREFIX)
+        current: dict[str, list[int]] = {}
+        for key, value in current_raw.items():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                current[key[len(ASSIGNMENTS_PREFIX):]] = list(orjson.loads(value)["shards"])
+        target = assign_shards(self.settings.shard_count, members, current)
+        guard = self.node_id.encode()
+        epoch = now_ms()
+        for member in set(current) | set(target):
+            shards = target.get(member, [])
+            if current.get(member) == shards:
+                continue
+            value = orjson.dumps({"shards": shards, "leader": self.node_id, "epoch": epoch})
+            if not await self.coordination.put_if(LEADER_KEY, guard, ASSIGNMENTS_PREFIX + member, value):
+                return False
+        if any(current.get(m) != s for m, s in target.items()):
+            log.info("rebalanced", members=len(members), assignment={m: len(s) for m, s in target.items()})
+        return True
+
+    async def _step_down(self) -> None:
+        lease, self._lease = self._lease, None
+        self.is_leader = False
+        COORDINATOR_LEADER.set(0)
+        if lease is not None:
+            with contextlib.suppress(Exception):
+                await self.coordination.revoke(lease)

@@ -1,0 +1,453 @@
+"""Ingestion: the HTTP API (seed 004 compatible) in front of the submissions log.
+
+Every change to a job is appended to the log as a full new definition (:class:`libs.models.Submission`); a
+``202`` means the record is durable in the log. Reads come from the store, scoped to the caller: another user's
+job is a 404, never a 403, so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from ingestion.requests import (
+    USER_ID,
+    JobFields,
+    RequestError,
+    SubmitRequest,
+    check_schedule,
+    dead_letter_view,
+    job_view,
+    parse_payload,
+    parse_time,
+    pydantic_detail,
+    run_view,
+)
+from libs import logs
+from libs.blobs.base import BlobNotFound, BlobStore
+from libs.clock import now_ms, to_rfc3339
+from libs.coordination.base import Coordination
+from libs.log.base import SubmissionLog
+from libs.metrics import BLOB_OFFLOADS, HTTP_REQUESTS, REGISTRY, SUBMISSIONS
+from libs.models import Job, JobStatus, Payload, RetryPolicy, Run, RunStatus, Submission
+from libs.queue.base import WorkQueue
+from libs.schedule import ScheduleError, parse_schedule, upcoming
+from libs.settings import Settings
+from libs.store.base import JobStore
+from worker.service import CANCEL_PREFIX
+
+log = logs.get("ingestion")
+IDEMPOTENCY_TTL_S = 86_400
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, error: str, detail: str) -> web.Response:
+    return json_response({"error": error, "detail": detail}, status)
+
+
+class Ingestion:
+    def __init__(
+        self,
+        *,
+        log: SubmissionLog,
+        store: JobStore,
+        blobs: BlobStore,
+        settings: Settings,
+        queue: WorkQueue | None = None,
+        coordination: Coordination | None = None,
+    ) -> None:
+        self.log = log
+        self.store = store
+        self.blobs = blobs
+        self.queue = queue
+        self.coordination = coordination
+        self.settings = settings
+        self.app = self._build_app()
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    # Lifecycle --------------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def open(self, host: str | None = None, port: int | None = None) -> AsyncIterator[Ingestion]:
+        """Serve HTTP on ``host:port`` (settings by default; port 0 picks a free one, see ``self.port``)."""
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host or self.settings.host,
+                           self.settings.port if port is None else port, reuse_address=True)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        log.info("listening", host=host or self.settings.host, port=self.port)
+        try:
+            yield self
+        finally:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware])
+        r = app.router
+        r.add_post("/submit", self.submit)
+        r.add_get("/job", self.get_job_query)
+        r.add_get("/jobs", self.list_jobs)
+        r.add_get("/jobs/{job_id}", self.get_job)
+        r.add_patch("/jobs/{job_id}", self.patch_job)
+        r.add_delete("/jobs/{job_id}", self.delete_job)
+        r.add_get("/jobs/{job_id}/runs", self.list_runs)
+        r.add_get("/jobs/{job_id}/schedule", self.preview_schedule)
+        r.add_post("/jobs/{job_id}/pause", self.pause_job)
+        r.add_post("/jobs/{job_id}/resume", self.resume_job)
+        r.add_post("/jobs/{job_id}/trigger", self.trigger_job)
+        r.add_get("/runs/{run_id}", self.get_run)
+        r.add_get("/runs/{run_id}/output", self.get_run_output)
+        r.add_post("/runs/{run_id}/cancel", self.cancel_run)
+        r.add_get("/dead-letters", self.list_dead_letters)
+        r.add_post("/dead-letters/{dead_letter_id}/replay", self.replay_dead_letter)
+        r.add_get("/health", self.health)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/queue/stats", self.queue_stats)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.error, exc.detail)
+        except web.HTTPRequestEntityTooLarge as exc:
+            response = error_response(413, "payload_too_large", exc.text or "request body too large")
+        except web.HTTPException as exc:
+            response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        except Exception as exc:
+            log.exception("request_failed", route=route)
+            response = error_response(503, "unavailable", f"{type(exc).__name__}: {exc}")
+        HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
+        return response
+
+    # Helpers ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _user(request: web.Request) -> str:
+        user = request.headers.get("X-User-ID", "")
+        if not user:
+            raise ApiError(401, "unauthorized", "missing X-User-ID header")
+        if not USER_ID.match(user):
+            raise ApiError(401, "unauthorized", "invalid X-User-ID (1-128 of A-Z a-z 0-9 . _ @ : + -)")
+        return user
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
+            raise ApiError(413, "payload_too_large", f"body over {self.settings.max_body_bytes} bytes")
+        raw = await request.read()
+        if not raw.strip():
+            return {}
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "invalid_json", f"malformed JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        return body
+
+    async def _owned_job(self, request: web.Request, job_id: str | None = None) -> Job:
+        user = self._user(request)
+        job_id = job_id if job_id is not None else request.match_info["job_id"]
+        job = (await self.store.get_jobs([job_id])).get(job_id) if job_id else None
+        if job is None or job.user_id != user:
+            raise ApiError(404, "not_found", f"no job {job_id!r}")
+        return job
+
+    async def _append(self, op: str, job: Job, attempt: int = 0) -> None:
+        submission = Submission(op=op, job=job, at_ms=now_ms(), attempt=attempt)  # type: ignore[arg-type]
+        await self.log.append([(job.job_id, submission.model_dump_json().encode())])
+        SUBMISSIONS.labels(op).inc()
+
+    async def _offload(self, job_id: str, payload: Payload) -> Payload:
+        data = payload.model_dump_json().encode()
+        content = len((payload.text or "").encode()) if payload.kind != "http" else len(data)
+        if content <= self.settings.payload_offload_bytes:
+            return payload
+        key = f"payloads/{job_id}/{uuid.uuid4().hex}"
+        await self.blobs.put(key, data)
+        BLOB_OFFLOADS.labels("payload").inc()
+        return Payload(kind=payload.kind, blob_key=key)
+
+    @staticmethod
+    def _page_args(request: web.Request) -> tuple[int, str | None]:
+        try:
+            limit = int(request.query.get("limit", "50"))
+        except ValueError as exc:
+            raise ApiError(400, "invalid_field", "limit: not an integer") from exc
+        if not 1 <= limit <= 1000:
+            raise ApiError(400, "invalid_field", "limit: must be between 1 and 1000")
+        return limit, request.query.get("cursor") or None
+
+    # Submit and change ------------------------------------------------------------------------------------
+    async def submit(self, request: web.Request) -> web.Response:
+        user = self._user(request)
+        body = await self._body(request)
+        try:
+            req = SubmitRequest.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(400, "invalid_field", pydantic_detail(exc)) from exc
+        now = now_ms()
+        try:
+            payload = parse_payload(req.payload)
+            timezone = req.timezone or "UTC"
+            check_schedule(req.cron_schedule, timezone)
+            first = self._first_fire(req.cron_schedule, timezone, req.next_fire_at, now)
+        except RequestError as exc:
+            raise ApiError(400, "invalid_field", str(exc)) from exc
+
+        job_id = str(uuid.uuid4())
+        idempotency_key = request.headers.get("Idempotency-Key")
+        if idempotency_key:
+            if len(idempotency_key) > 200:
+                raise ApiError(400, "invalid_field", "Idempotency-Key: at most 200 characters")
+            bound = await self.store.claim_idempotency_key(user, idempotency_key, job_id, IDEMPOTENCY_TTL_S)
+            if bound != job_id:
+                if (await self.store.get_jobs([bound])).get(bound) is not None:
+                    return json_response({"job_id": bound, "status": "Submitted",
+                                          "message": "Job already submitted with this Idempotency-Key"}, 200)
+                job_id = bound  # the first attempt may not have reached the log: append it (idempotent)
+
+        job = Job(
+            job_id=job_id, user_id=user, project_id=req.project_id, name=req.name or "",
+            payload=await self._offload(job_id, payload), cron_schedule=req.cron_schedule or None,
+            timezone=timezone, next_fire_ms=first, max_retries=3 if req.max_retries is None else req.max_retries,
+            timeout_s=req.timeout_s or 90.0, retry=req.retry or self._default_retry(),
+            execution=req.execution or "at_least_once", priority=50 if req.priority is None else req.priority,
+            overlap=req.overlap or "allow", misfire=req.misfire or "fire_once", max_lateness_s=req.max_lateness_s,
+            created_ms=now,
+        )
+        await self._append("submit", job)
+        log.info("submitted", job_id=job_id, user_id=user, kind=payload.kind, recurring=job.recurring)
+        return json_response({"job_id": job_id, "status": "Submitted", "message": "Job submitted successfully"},
+                             202)
+
+    def _default_retry(self) -> RetryPolicy:
+        return RetryPolicy(initial_s=self.settings.retry_initial_s, max_s=self.settings.retry_max_s)
+
+    @staticmethod
+    def _first_fire(cron: str | None, timezone: str, next_fire_at: str | None, now: int) -> int:
+        if next_fire_at:
+            return parse_time(next_fire_at, "next_fire_at")
+        if cron:
+            return parse_schedule(cron, timezone).next_after(now)
+        return now
+
+    async def patch_job(self, request: web.Request) -> web.Response:
+        job = await self._owned_job(request)
+        if job.deleted:
+            raise ApiError(409, "conflict", "the job is deleted")
+        body = await self._body(request)
+        if "project_id" in body:
+            raise ApiError(400, "invalid_field", "project_id cannot be changed")
+        try:
+            fields = JobFields.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(400, "invalid_field", pydantic_detail(exc)) from exc
+        given = fields.model_fields_set
+        now = now_ms()
+        update: dict[str, Any] = {}
+        try:
+            for name in ("name", "max_retries", "timeout_s", "retry", "execution", "priority", "overlap",
+                         "misfire", "max_lateness_s"):
+                if name in given:
+                    update[name] = getattr(fields, name)
+            if "payload" in given and fields.payload is not None:
+                update["payload"] = await self._offload(job.job_id, parse_payload(fields.payload))
+            cron = fields.cron_schedule if "cron_schedule" in given else job.cron_schedule
+            timezone = (fields.timezone or "UTC") if "timezone" in given else job.timezone
+            if {"cron_schedule", "timezone", "next_fire_at"} & given:
+                check_schedule(cron, timezone)
+                update["cron_schedule"] = cron or None
+                update["timezone"] = timezone
+                update["next_fire_ms"] = self._first_fire(cron, timezone, fields.next_fire_at, now)
+        except RequestError as exc:
+            raise ApiError(400, "invalid_field", str(exc)) from exc
+        except ScheduleError as exc:
+            raise ApiError(400, "invalid_field", str(exc)) from exc
+        updated = job.model_copy(update=update)
+        if job.recurring and "next_fire_ms" not in update:
+            updated.next_fire_ms = self._resume_point(updated, now)
+        await self._append("update", updated)
+        return json_response({"job_id": job.job_id, "status": "Updated", "job": job_view(updated, now)}, 202)
+
+    @staticmethod
+    def _resume_point(job: Job, now: int) -> int:
+        """Where a recurring job's schedule continues after a change: the first occurrence not yet dispatched
+        (the picker's misfire policy then handles any that are already late)."""
+        if not job.recurring or job.dispatched_through_ms < job.next_fire_ms:
+            return job.next_fire_ms
+        return parse_schedule(job.cron_schedule or "", job.timezone).next_after(job.dispatched_through_ms)
+
+    async def delete_job(self, request: web.Request) -> web.Response:
+        job = await self._owned_job(request)
+        await self._append("delete", job.model_copy(update={"deleted": True}))
+        return json_response({"job_id": job.job_id, "status": "Deleted",
+                              "message": "future runs cancelled; history kept"}, 202)
+
+    async def pause_job(self, request: web.Request) -> web.Response:
+        job = await self._owned_job(request)
+        if job.deleted:
+            raise ApiError(409, "conflict", "the job is deleted")
+        await self._append("pause", job.model_copy(update={"paused": True}))
+        return json_response({"job_id": job.job_id, "status": "Paused"}, 202)
+
+    async def resume_job(self, request: web.Request) -> web.Response:
+        job = await self._owned_job(request)
+        if job.deleted:
+            raise ApiError(409, "conflict", "the job is deleted")
+        resumed = job.model_copy(update={"paused": False})
+        resumed.next_fire_ms = self._resume_point(resumed, now_ms())
+        await self._append("resume", resumed)
+        return json_response({"job_id": job.job_id, "status": "Resumed"}, 202)
+
+    async def trigger_job(self, request: web.Request) -> web.Response:
+        job = await self._owned_job(request)
+        if job.deleted:
+            raise ApiError(409, "conflict", "the job is deleted")
+        await self._append("trigger", job)
+        return json_response({"job_id": job.job_id, "status": "Triggered"}, 202)
+
+    # Reads ------------------------------------------------------------------------------------------------
+    async def get_job_query(self, request: web.Request) -> web.Response:
+        job_id = request.query.get("id", "")
+        if not job_id:
+            self._user(request)
+            raise ApiError(400, "invalid_field", "id: query parameter required")
+        return json_response(job_view(await self._owned_job(request, job_id), now_ms()))
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        return json_response(job_view(await self._owned_job(request), now_ms()))
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        user = self._user(request)
+        limit, cursor = self._page_args(request)
+        status = request.query.get("status") or None
+        if status is not None and status not in {s.value for s in JobStatus}:
+            raise ApiError(400, "invalid_field", f"status: one of {', '.join(s.value for s in JobStatus)}")
+        jobs, next_cursor = await self.store.list_jobs(user, limit, cursor, status=status,
+                                                       project_id=request.query.get("project_id") or None)
+        now = now_ms()
+        return json_response({"jobs": [job_view(j, now) for j in jobs], "next_cursor": next_cursor})
+
+    async def list_runs(self, request: web.Request) -> web.Response:
+        job = await self._owned_job(request)
+        limit, cursor = self._page_args(request)
+        runs, next_cursor = await self.store.list_runs(job.job_id, limit, cursor)
+        return json_response({"runs": [run_view(r) for r in runs], "next_cursor": next_cursor})
+
+    async def preview_schedule(self, request: web.Request) -> web.Response:
+        job = await self._owned_job(request)
+        try:
+            count = int(request.query.get("next", "5"))
+        except ValueError as exc:
+            raise ApiError(400, "invalid_field", "next: not an integer") from exc
+        if not 1 <= count <= 1000:
+            raise ApiError(400, "invalid_field", "next: must be between 1 and 1000")
+        now = now_ms()
+        if not job.recurring:
+            times = [job.next_fire_ms] if job.dispatched_through_ms < job.next_fire_ms else []
+        else:
+            schedule = parse_schedule(job.cron_schedule or "", job.timezone)
+            start = max(now, job.dispatched_through_ms)
+            first = job.next_fire_ms if job.next_fire_ms > start else None
+            times = ([first] if first else []) + upcoming(schedule, start if first is None else first,
+                                                          count - (1 if first else 0))
+        return json_response({"job_id": job.job_id, "timezone": job.timezone,
+                              "next": [to_rfc3339(t) for t in times[:count]]})
+
+    async def _owned_run(self, request: web.Request) -> Run:
+        user = self._user(request)
+        run_id = request.match_info["run_id"]
+        run = (await self.store.get_runs([run_id])).get(run_id)
+        if run is None or run.user_id != user:
+            raise ApiError(404, "not_found", f"no run {run_id!r}")
+        return run
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        return json_response(run_view(await self._owned_run(request)))
+
+    async def get_run_output(self, request: web.Request) -> web.StreamResponse:
+        run = await self._owned_run(request)
+        if run.output_ref is None:
+            return web.Response(body=(run.output or "").encode(), content_type="text/plain", charset="utf-8")
+        try:
+            data = await self.blobs.get(run.output_ref)
+        except BlobNotFound as exc:
+            raise ApiError(404, "not_found", "the run's output is no longer stored") from exc
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        for start in range(0, len(data), 65536):
+            await response.write(data[start:start + 65536])
+        await response.write_eof()
+        return response
+
+    async def cancel_run(self, request: web.Request) -> web.Response:
+        run = await self._owned_run(request)
+        if run.status != RunStatus.RUNNING:
+            raise ApiError(409, "conflict", f"the run is {run.status.value}, not running")
+        if self.coordination is None:
+            raise ApiError(503, "unavailable", "run cancellation needs the coordination backend")
+        # A short-lived key the worker running it watches; the lease removes it afterwards.
+        lease = await self.coordination.grant_lease(60)
+        await self.coordination.put(CANCEL_PREFIX + run.run_id, b"1", lease)
+        return json_response({"run_id": run.run_id, "status": "Cancelling"}, 202)
+
+    async def list_dead_letters(self, request: web.Request) -> web.Response:
+        user = self._user(request)
+        limit, cursor = self._page_args(request)
+        letters, next_cursor = await self.store.list_dead_letters(user, limit, cursor)
+        return json_response({"dead_letters": [dead_letter_view(d) for d in letters], "next_cursor": next_cursor})
+
+    async def replay_dead_letter(self, request: web.Request) -> web.Response:
+        user = self._user(request)
+        letter = await self.store.get_dead_letter(user, request.match_info["dead_letter_id"])
+        if letter is None:
+            raise ApiError(404, "not_found", "no such dead letter")
+        job = await self._owned_job(request, letter.job_id)
+        await self._append("replay", job)
+        return json_response({"job_id": job.job_id, "status": "Replayed",
+                              "message": "a new run of the same payload was scheduled now"}, 202)
+
+    # Operations -------------------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok", "time": to_rfc3339(now_ms())})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def queue_stats(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        counts = await self.store.stats(now_ms())
+        stats = {k: counts.get(k, 0) for k in ("scheduled", "due", "queued", "running", "succeeded", "failed",
+                                                "dead")}
+        if self.queue is not None:
+            queue_counts = await self.queue.counts()
+            stats["queue_visible"] = queue_counts.visible
+            stats["queue_in_flight"] = queue_counts.in_flight
+        stats["took_ms"] = int((time.perf_counter() - started) * 1000)
+        return json_response(stats)

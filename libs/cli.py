@@ -1,0 +1,71 @@
+"""The ``dsched`` command.
+
+    dsched run all                 the five services in one process (dev defaults: cmd: and loopback HTTP on)
+    dsched run <service>           one of ingestion, writer, coordinator, picker, worker
+    dsched db migrate              apply the CQL schema (Scylla store) idempotently
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from pydantic import ValidationError
+
+from libs import logs
+from libs.backends import BackendConfigError
+from libs.settings import SERVICES, Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        sys.exit(f"dsched: invalid configuration: DSCHED_{str(err['loc'][0]).upper()}: {err['msg']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="dsched", description="Distributed job scheduler")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run services")
+    run.add_argument("service", choices=["all", *SERVICES])
+    db = sub.add_parser("db", help="store schema")
+    db.add_argument("action", choices=["migrate"])
+    args = parser.parse_args(argv)
+
+    logs.configure()
+    settings = _settings()
+    try:
+        if args.command == "run":
+            if args.service == "all":
+                asyncio.run(_serve(settings.with_dev_defaults(), list(SERVICES)))
+            else:
+                asyncio.run(_serve(settings, [args.service]))
+        elif args.command == "db":
+            asyncio.run(_migrate(settings))
+    except BackendConfigError as exc:
+        sys.exit(f"dsched: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(settings: Settings, services: list[str]) -> None:
+    from libs.runner import serve
+
+    await serve(settings, services)
+
+
+async def _migrate(settings: Settings) -> None:
+    if not settings.store_url.startswith("scylla://"):
+        print("dsched: the embedded store creates its schema on start; nothing to migrate")
+        return
+    from libs.store.migrate import migrate
+
+    applied = await migrate(settings.store_url, settings)
+    print(f"dsched: applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
+
+
+if __name__ == "__main__":
+    main()

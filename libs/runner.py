@@ -1,0 +1,123 @@
+"""Run one or all services in this process until SIGTERM/SIGINT, sharing one backend instance per role."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from coordinator.service import Coordinator
+from ingestion.service import Ingestion
+from libs import logs
+from libs.backends import Backends
+from libs.metrics import REGISTRY, SERVICE_UP
+from libs.settings import SERVICES, Settings
+from picker.service import Picker
+from worker.service import Worker
+from writer.service import Writer
+
+ROLES = {
+    "ingestion": {"log", "store", "blobs", "queue", "coordination"},
+    "writer": {"log", "store"},
+    "coordinator": {"coordination"},
+    "picker": {"store", "queue", "coordination"},
+    "worker": {"queue", "store", "blobs", "coordination"},
+}
+log = logs.get("runner")
+
+
+async def _metrics_server(settings: Settings) -> web.AppRunner | None:
+    """``/metrics`` and ``/health`` for processes without the HTTP API (``DSCHED_METRICS_PORT``)."""
+    if not settings.metrics_port:
+        return None
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.metrics_port, reuse_address=True).start()
+    return runner
+
+
+@contextlib.asynccontextmanager
+async def started(settings: Settings, services: list[str], stop: asyncio.Event) -> AsyncIterator[dict[str, object]]:
+    """Open backends and services, start their loops; on exit stop loops, then close services and backends."""
+    roles = set().union(*(ROLES[s] for s in services))
+    async with Backends.open(settings, roles) as b, contextlib.AsyncExitStack() as stack:
+        instances: dict[str, object] = {}
+        loops: list[asyncio.Task[None]] = []
+        if "writer" in services:
+            assert b.log and b.store
+            writer = await stack.enter_async_context(Writer(log=b.log, store=b.store, settings=settings).open())
+            loops.append(asyncio.create_task(writer.run(stop)))
+            instances["writer"] = writer
+        if "coordinator" in services:
+            assert b.coordination
+            coordinator = await stack.enter_async_context(
+                Coordinator(coordination=b.coordination, settings=settings).open())
+            loops.append(asyncio.create_task(coordinator.run(stop)))
+            instances["coordinator"] = coordinator
+        if "worker" in services:
+            assert b.queue and b.store and b.blobs
+            worker = await stack.enter_async_context(Worker(
+                queue=b.queue, store=b.store, blobs=b.blobs, coordination=b.coordination, settings=settings).open())
+            loops.append(asyncio.create_task(worker.run(stop)))
+            instances["worker"] = worker
+        if "picker" in services:
+            assert b.store and b.queue
+            picker = await stack.enter_async_context(
+                Picker(store=b.store, queue=b.queue, coordination=b.coordination, settings=settings).open())
+            loops.append(asyncio.create_task(picker.run(stop)))
+            instances["picker"] = picker
+        if "ingestion" in services:
+            assert b.log and b.store and b.blobs
+            ingestion = await stack.enter_async_context(Ingestion(
+                log=b.log, store=b.store, blobs=b.blobs, queue=b.queue, coordination=b.coordination,
+                settings=settings).open())
+            instances["ingestion"] = ingestion
+        elif (metrics := await _metrics_server(settings)) is not None:
+            stack.push_async_callback(metrics.cleanup)
+        for name in services:
+            SERVICE_UP.labels(name).set(1)
+        try:
+            yield instances
+        finally:
+            stop.set()
+            # Loops finish their current step; the worker hands back what it cannot finish (in its close).
+            done, pending = await asyncio.wait(loops, timeout=settings.shutdown_grace_s) if loops else (set(), set())
+            for task in pending:
+                task.cancel()
+            for task in loops:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            for name in services:
+                SERVICE_UP.labels(name).set(0)
+
+
+async def serve(settings: Settings, services: list[str]) -> None:
+    """Run until SIGTERM/SIGINT."""
+    for name in services:
+        if name not in SERVICES:
+            raise ValueError(f"unknown service {name!r}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with started(settings, services, stop):
+        log.info("started", services=services, node=settings.node_id,
+                 url=f"http://{settings.host}:{settings.port}" if "ingestion" in services else None)
+        await stop.wait()
+        log.info("stopping", services=services)
+    log.info("stopped", services=services)

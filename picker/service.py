@@ -1,0 +1,355 @@
+"""Picker: dispatches the due entries of its shards to the work queue at their due time.
+
+Loop (one task, so loading and dispatching never race):
+
+1. Every ``picker_tick_s``, for each owned shard, read the partitions from the shard's checkpoint bucket up to
+   the bucket of ``now + lookahead`` for entries due by ``now + lookahead``: the cost is what is (nearly) due,
+   never the number of future jobs. Loaded entries wait in an in-memory heap.
+2. Sleep until the earliest loaded due time (not until the next tick) and dispatch every entry then due, as one
+   batch: read the jobs, drop stale entries, store the next occurrence of recurring jobs, send to the queue,
+   record ``dispatched_through_ms``, delete the entries.
+3. Move a shard's checkpoint past a bucket once the bucket is empty and older than ``bucket_grace_s``.
+
+Ownership comes from the coordinator's assignment and is only believed while this picker's own lease is
+known to be alive (last successful keepalive + TTL, measured from when the keepalive was sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import orjson
+
+from coordinator.service import ASSIGNMENTS_PREFIX, PICKERS_PREFIX
+from libs import logs
+from libs.clock import now_ms
+from libs.coordination.base import Coordination
+from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS
+from libs.models import Job, JobState, JobStatus, QueueEntry, Run, RunMessage, RunStatus, run_id_for
+from libs.queue.base import OutgoingMessage, WorkQueue
+from libs.schedule import ScheduleError, parse_schedule, plan_misfire
+from libs.settings import Settings
+from libs.sharding import bucket_for, initial_checkpoint, shard_for
+from libs.store.base import JobStore
+
+log = logs.get("picker")
+
+# A recurring occurrence is "missed" (misfire policy applies) when dispatched later than this by default.
+DEFAULT_MAX_LATENESS_MS = 60_000
+
+
+class Picker:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        queue: WorkQueue,
+        coordination: Coordination | None,
+        settings: Settings,
+        node_id: str | None = None,
+        shards: Sequence[int] | None = None,
+    ) -> None:
+        """``shards`` pins a fixed set of shards and skips coordination (burst mode and tests)."""
+        self.store = store
+        self.queue = queue
+        self.coordination = coordination
+        self.settings = settings
+        self.node_id = node_id or settings.node_id
+        self._pinned = set(shards) if shards is not None else None
+        self._assigned: set[int] = set(self._pinned or ())
+        self._lease: int | None = None
+        self._lease_valid_until = 0.0  # monotonic
+        self._checkpoints: dict[int, int] = {}
+        self._heap: list[tuple[int, int, tuple[int, int, int, str, int, int], QueueEntry]] = []
+        self._loaded: set[tuple[int, int, int, str, int, int]] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # Lifecycle --------------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[Picker]:
+        if self._pinned is None:
+            assert self.coordination is not None, "a picker without pinned shards needs coordination"
+            await self._register()
+            self._tasks = [
+                asyncio.create_task(self._keepalive_loop()),
+                asyncio.create_task(self._watch_assignment()),
+            ]
+        try:
+            yield self
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self._tasks = []
+            if self._lease is not None and self.coordination is not None:
+                with contextlib.suppress(Exception):
+                    await self.coordination.revoke(self._lease)
+            PICKER_SHARDS.set(0)
+
+    async def _register(self) -> None:
+        assert self.coordination is not None
+        sent = time.monotonic()
+        self._lease = await self.coordination.grant_lease(self.settings.lease_ttl_s)
+        self._lease_valid_until = sent + self.settings.lease_ttl_s
+        await self.coordination.put(PICKERS_PREFIX + self.node_id, b"1", self._lease)
+        await self._read_assignment()
+
+    async def _keepalive_loop(self) -> None:
+        assert self.coordination is not None
+        ttl = self.settings.lease_ttl_s
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                sent = time.monotonic()
+                assert self._lease is not None
+                if await self.coordination.keepalive(self._lease):
+                    self._lease_valid_until = sent + ttl
+                else:
+                    # Lease gone (we were frozen or partitioned): drop everything and join again.
+                    log.warning("lease_lost", node=self.node_id)
+                    self._assigned = set()
+                    self._lease_valid_until = 0.0
+                    await self._register()
+            except Exception as exc:
+                log.warning("keepalive_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _watch_assignment(self) -> None:
+        assert self.coordination is not None
+        key = ASSIGNMENTS_PREFIX + self.node_id
+        while True:
+            try:
+                async for event in self.coordination.watch_prefix(key):
+                    if event.key == key:
+                        self._set_assignment(event.value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watch_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Exception):
+                    await self._read_assignment()
+
+    async def _read_assignment(self) -> None:
+        assert self.coordination is not None
+        self._set_assignment(await self.coordination.get(ASSIGNMENTS_PREFIX + self.node_id))
+
+    def _set_assignment(self, value: bytes | None) -> None:
+        shards = set(orjson.loads(value)["shards"]) if value else set()
+        if shards != self._assigned:
+            log.info("assignment", node=self.node_id, shards=sorted(shards))
+        self._assigned = shards
+        self._wake.set()
+
+    def owned_shards(self) -> set[int]:
+        """Shards this picker may dispatch right now (empty once its lease may have expired)."""
+        if self._pinned is not None:
+            return self._pinned
+        if time.monotonic() >= self._lease_valid_until:
+            return set()
+        return self._assigned
+
+    # Main loop --------------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        tick_ms = int(self.settings.picker_tick_s * 1000)
+        next_load = 0
+        while not stop.is_set():
+            try:
+                now = now_ms()
+                if now >= next_load:
+                    await self.load(now)
+                    next_load = now + tick_ms
+                await self.dispatch_due(now_ms())
+            except Exception as exc:  # a backend hiccup must not kill the picker; entries stay in the store
+                log.warning("picker_error", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(self.settings.picker_tick_s)
+            wake_at = next_load
+            if self._heap:
+                wake_at = min(wake_at, self._heap[0][0])
+            delay = max(0.0, (wake_at - now_ms()) / 1000)
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def drain(self, until_ms: int | None = None, max_rounds: int = 1000) -> int:
+        """Burst mode: dispatch everything due by ``until_ms`` (default now) and return how many were sent."""
+        sent = 0
+        for _ in range(max_rounds):
+            now = now_ms() if until_ms is None else until_ms
+            await self.load(now, lookahead_ms=0)
+            count = await self.dispatch_due(now)
+            sent += count
+            if count == 0 and not any(e[0] <= now for e in self._heap):
+                break
+        return sent
+
+    async def load(self, now: int, lookahead_ms: int | None = None) -> None:
+        owned = self.owned_shards()
+        self._forget_unowned(owned)
+        PICKER_SHARDS.set(len(owned))
+        if lookahead_ms is None:
+            lookahead_ms = int(self.settings.picker_lookahead_s * 1000)
+        until = now + lookahead_ms
+        bucket_ms = self.settings.bucket_ms
+        last_bucket = bucket_for(until, bucket_ms)
+        grace_ms = int(self.settings.bucket_grace_s * 1000)
+        for shard in sorted(owned):
+            checkpoint = await self._checkpoint(shard, now)
+            advance_to = checkpoint
+            bucket = checkpoint
+            while bucket <= last_bucket:
+                entries = await self.store.due_entries(shard, bucket, until, self.settings.picker_batch)
+                for entry in entries:
+                    if entry.key not in self._loaded:
+                        self._loaded.add(entry.key)
+                        heapq.heappush(self._heap, (entry.due_ms, -entry.priority, entry.key, entry))
+                # Only a contiguous run of empty, old buckets from the checkpoint can be passed for good.
+                if advance_to == bucket and not entries and bucket + bucket_ms + grace_ms <= now:
+                    advance_to = bucket + bucket_ms
+                bucket += bucket_ms
+            if advance_to != checkpoint:
+                await self._advance(shard, checkpoint, advance_to)
+
+    async def _checkpoint(self, shard: int, now: int) -> int:
+        if shard not in self._checkpoints:
+            stored = await self.store.get_checkpoint(shard)
+            if stored is None:
+                # The writer sets every checkpoint before its first entry; None means nothing was ever written.
+                stored = initial_checkpoint(now, self.settings.bucket_ms, int(self.settings.bucket_grace_s * 1000))
+                if not await self.store.advance_checkpoint(shard, None, stored):
+                    stored = await self.store.get_checkpoint(shard) or stored
+            self._checkpoints[shard] = stored
+        return self._checkpoints[shard]
+
+    async def _advance(self, shard: int, expected: int, new: int) -> None:
+        if await self.store.advance_checkpoint(shard, expected, new):
+            self._checkpoints[shard] = new
+        else:  # another picker moved it (handover): re-read next time
+            self._checkpoints.pop(shard, None)
+
+    def _forget_unowned(self, owned: set[int]) -> None:
+        if any(item[3].shard not in owned for item in self._heap):
+            kept = [item for item in self._heap if item[3].shard in owned]
+            self._loaded = {item[2] for item in kept}
+            heapq.heapify(kept)
+            self._heap = kept
+        for shard in list(self._checkpoints):
+            if shard not in owned:
+                del self._checkpoints[shard]
+
+    async def dispatch_due(self, now: int) -> int:
+        """Dispatch every loaded entry due by ``now`` (in batches); returns the number of runs sent."""
+        sent = 0
+        while self._heap and self._heap[0][0] <= now:
+            batch: list[QueueEntry] = []
+            while self._heap and self._heap[0][0] <= now and len(batch) < self.settings.picker_batch:
+                item = heapq.heappop(self._heap)
+                batch.append(item[3])
+            try:
+                sent += await self._dispatch(batch, now)
+            finally:
+                for entry in batch:
+                    self._loaded.discard(entry.key)
+        return sent
+
+    async def _dispatch(self, entries: list[QueueEntry], now: int) -> int:
+        owned = self.owned_shards()
+        entries = [e for e in entries if e.shard in owned]
+        if not entries:
+            return 0
+        jobs = await self.store.get_jobs(list({e.job_id for e in entries}))
+        messages: list[OutgoingMessage] = []
+        next_entries: list[QueueEntry] = []
+        skipped_runs: list[Run] = []
+        queued: dict[str, JobState] = {}
+        dispatched: dict[str, int] = {}
+        done: list[QueueEntry] = []
+        for entry in entries:
+            done.append(entry)
+            job = jobs.get(entry.job_id)
+            reason = self._drop_reason(entry, job)
+            if reason is not None:
+                PICKER_DROPPED.labels(reason).inc()
+                continue
+            assert job is not None
+            fire = [entry.scheduled_ms]
+            if entry.kind == "schedule" and job.recurring:
+                fire, skipped, next_entry = self._plan_recurring(job, entry, now)
+                skipped_runs.extend(skipped)
+                if next_entry is not None:
+                    next_entries.append(next_entry)
+            for scheduled in fire:
+                run_id = run_id_for(job.job_id, scheduled, entry.attempt)
+                message = RunMessage(run_id=run_id, job=job, scheduled_ms=scheduled, attempt=entry.attempt,
+                                     due_ms=entry.due_ms if scheduled == entry.scheduled_ms else scheduled,
+                                     kind=entry.kind, dispatched_ms=now)
+                messages.append(OutgoingMessage(body=message.model_dump_json().encode(), priority=job.priority))
+                PICKER_DISPATCHED.labels(entry.kind).inc()
+                DISPATCH_LAG.observe(max(0, now - message.due_ms) / 1000)
+            if entry.kind == "schedule" and fire:
+                dispatched[job.job_id] = max(dispatched.get(job.job_id, -1), max(fire))
+            queued[job.job_id] = JobState(job_id=job.job_id, state=JobStatus.QUEUED)
+        # Order matters for crash safety: the next occurrence and the "queued" state are stored before the send,
+        # the send before marking the occurrence dispatched, and that before deleting the entries. A crash at
+        # any point re-dispatches at most (deduplicated by run id), never loses.
+        if next_entries:
+            await self.store.put_entries(next_entries)
+        if skipped_runs:
+            await self.store.put_runs(skipped_runs)
+        if queued:
+            await self.store.update_job_states(list(queued.values()))
+        if messages:
+            await self.queue.send(messages)
+        if dispatched:
+            await self.store.update_job_states(
+                [JobState(job_id=job_id, dispatched_through_ms=ms) for job_id, ms in dispatched.items()]
+            )
+        await self.store.delete_entries(done)
+        if messages:
+            log.debug("dispatched", count=len(messages))
+        return len(messages)
+
+    @staticmethod
+    def _drop_reason(entry: QueueEntry, job: Job | None) -> str | None:
+        if job is None:
+            return "unknown_job"
+        if job.deleted:
+            return "deleted"
+        if job.paused and entry.kind != "trigger":
+            return "paused"
+        if entry.kind == "schedule":
+            if entry.version != job.version:
+                return "superseded"
+            if entry.scheduled_ms <= job.dispatched_through_ms:
+                return "already_dispatched"
+        return None
+
+    def _plan_recurring(self, job: Job, entry: QueueEntry, now: int) -> tuple[list[int], list[Run], QueueEntry | None]:
+        try:
+            schedule = parse_schedule(job.cron_schedule or "", job.timezone)
+        except ScheduleError as exc:  # validated at submit; a bad row must not stall the shard
+            log.warning("bad_schedule", job_id=job.job_id, error=str(exc))
+            return [entry.scheduled_ms], [], None
+        max_lateness = (int(job.max_lateness_s * 1000) if job.max_lateness_s is not None
+                        else DEFAULT_MAX_LATENESS_MS)
+        plan = plan_misfire(schedule, entry.scheduled_ms, now, job.misfire, max_lateness)
+        skipped = [
+            Run(run_id=run_id_for(job.job_id, occ, 0), job_id=job.job_id, user_id=job.user_id, scheduled_ms=occ,
+                attempt=0, status=RunStatus.SKIPPED, finished_ms=now, error=reason)
+            for occ, reason in plan.skipped
+        ]
+        next_ms = plan.next_ms
+        next_entry = QueueEntry(
+            shard=shard_for(job.job_id, self.settings.shard_count),
+            bucket_ms=bucket_for(max(next_ms, now), self.settings.bucket_ms),
+            due_ms=next_ms, job_id=job.job_id, scheduled_ms=next_ms, attempt=0, kind="schedule",
+            version=job.version, priority=job.priority,
+        )
+        return plan.fire, skipped, next_entry

@@ -1,0 +1,80 @@
+"""The real CLI: separate service processes on one data directory, crash recovery, clean shutdown."""
+
+from __future__ import annotations
+
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from tests.acceptance.conftest import Http, Service, base_env, free_port
+
+
+def in_seconds(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_separate_processes_share_one_data_directory(tmp_path: Path, services: list[Service]) -> None:
+    port = free_port()
+    env = base_env(tmp_path / "data", port)
+    for i, what in enumerate(["ingestion", "writer", "coordinator", "picker", "picker", "worker", "worker"]):
+        services.append(Service(what, {**env, "DSCHED_NODE_ID": f"{what}-{i}"}, tmp_path, f"{what}-{i}").start())
+    http = Http(port)
+    http.wait_healthy()
+    job_ids = [http.submit(payload=f"cmd:echo job-{i}") for i in range(20)]
+    job_ids += [http.submit(payload=f"later-{i}", next_fire_at=in_seconds(2)) for i in range(10)]
+    done = http.wait_all_succeeded(job_ids, timeout=30)
+    for job_id, runs in done.items():
+        assert len([r for r in runs if r["status"] == "succeeded"]) == 1, (job_id, runs)
+    workers = {r["worker_id"] for runs in done.values() for r in runs}
+    assert workers <= {"worker-5", "worker-6"}
+
+
+def test_sigkill_then_restart_loses_no_accepted_job(tmp_path: Path, services: list[Service]) -> None:
+    port = free_port()
+    env = base_env(tmp_path / "data", port, DSCHED_NODE_ID="all-1")
+    first = Service("all", env, tmp_path, "all-first").start()
+    services.append(first)
+    http = Http(port)
+    http.wait_healthy()
+    job_ids = [http.submit(payload=f"cmd:echo {i}", next_fire_at=in_seconds(1.5 + i * 0.05)) for i in range(40)]
+    job_ids += [http.submit(payload="cmd:sleep 0.5") for _ in range(10)]
+    first.kill(signal.SIGKILL)
+    assert first.proc is not None
+    first.proc.wait(5)
+    second = Service("all", {**env, "DSCHED_NODE_ID": "all-2"}, tmp_path, "all-second").start()
+    services.append(second)
+    http.wait_healthy()
+    http.wait_all_succeeded(job_ids, timeout=60)
+
+
+def test_sigterm_stops_cleanly_within_seconds(tmp_path: Path, services: list[Service]) -> None:
+    port = free_port()
+    service = Service("all", base_env(tmp_path / "data", port), tmp_path, "all").start()
+    services.append(service)
+    http = Http(port)
+    http.wait_healthy()
+    long_job = http.submit(payload="cmd:sleep 30", max_retries=0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not http.runs(long_job):
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    code = service.stop(timeout=15)
+    assert code == 0
+    assert time.monotonic() - t0 < 8
+    # The in-flight run was handed back, not lost: a restarted worker runs it again.
+    log = service.log_path.read_text()
+    assert '"stopped"' in log
+
+
+def test_bad_backend_url_fails_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.acceptance.conftest import DSCHED
+
+    env = base_env(tmp_path / "data", free_port(), DSCHED_QUEUE_URL="nosuch://x")
+    proc = subprocess.run([DSCHED, "run", "worker"], env=env, capture_output=True, timeout=30)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.decode().splitlines() if line.startswith("dsched:")]
+    assert lines == ["dsched: DSCHED_QUEUE_URL: unsupported scheme 'nosuch' (use sqlite:// or sqs://)"]
+    assert "Traceback" not in proc.stderr.decode()

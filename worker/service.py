@@ -1,0 +1,384 @@
+"""Worker: receives runs from the work queue, executes them, records them, retries or dead-letters.
+
+Per received batch (up to 10 messages), in this order:
+
+1. Runs already finished (a redelivery after a lost ack) are acked without running again.
+2. ``at_most_once`` runs are claimed in the store (one conditional write each); a run claimed before is never
+   executed again: the delivery is counted, and if the run never finished it is recorded as failed.
+3. Each run executes concurrently (bounded by ``worker_concurrency``) while a heartbeat extends the visibility
+   of every in-flight message.
+4. The result is recorded; a failure either stores a retry entry (due after the backoff, fired by a picker) or,
+   with retries used up, a dead letter. Only after those writes are durable is the message acked.
+
+Store writes and acks of concurrent runs are coalesced (:class:`libs.batching.Batcher`): one round trip per
+burst, not per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+from pydantic import ValidationError
+
+from libs import logs
+from libs.batching import Batcher
+from libs.blobs.base import BlobStore
+from libs.clock import now_ms
+from libs.coordination.base import Coordination
+from libs.metrics import (
+    DEAD_LETTERS,
+    DUPLICATE_DELIVERIES,
+    FIRE_LAG,
+    RETRIES,
+    RUN_DURATION,
+    RUNS_FINISHED,
+    WORKER_INFLIGHT,
+)
+from libs.models import (
+    FINISHED_RUN_STATUSES,
+    DeadLetter,
+    JobState,
+    JobStatus,
+    LastRun,
+    Payload,
+    QueueEntry,
+    Run,
+    RunMessage,
+    RunStatus,
+)
+from libs.queue.base import ReceivedMessage, WorkQueue
+from libs.retry import backoff_s, http_status_retryable, parse_retry_after, should_retry
+from libs.settings import Settings
+from libs.sharding import bucket_for, shard_for
+from libs.store.base import JobStore
+from worker import executors
+
+CANCEL_PREFIX = "cancel/"
+IDEMPOTENCY_NAMESPACE = uuid.UUID("0f6f3f1c-9a8e-4a51-8c0b-6f7b2f4f9d11")
+log = logs.get("worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        queue: WorkQueue,
+        store: JobStore,
+        blobs: BlobStore,
+        settings: Settings,
+        coordination: Coordination | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.blobs = blobs
+        self.settings = settings
+        self.coordination = coordination
+        self.node_id = node_id or settings.node_id
+        self._slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._inflight: dict[str, asyncio.Event] = {}  # receipt -> cancel event
+        self._receipts_by_run: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._runs = Batcher(store.put_runs)
+        self._states = Batcher(store.update_job_states)
+        self._acks = Batcher(queue.ack, max_batch=100)
+        self._background: list[asyncio.Task[None]] = []
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[Worker]:
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60))
+        self._background = [asyncio.create_task(self._heartbeat())]
+        if self.coordination is not None:
+            self._background.append(asyncio.create_task(self._watch_cancels()))
+        try:
+            yield self
+        finally:
+            await self._hand_back(grace_s=self.settings.shutdown_grace_s)
+            for task in self._background:
+                task.cancel()
+            for task in self._background:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self._session.close()
+            self._session = None
+
+    # Main loops -------------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        receivers = max(1, min(4, self.settings.worker_concurrency // 10))
+        await asyncio.gather(*(self._receive_loop(stop) for _ in range(receivers)))
+
+    async def _receive_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._slots.acquire()
+            free = 1
+            while free < 10 and not self._slots.locked():
+                await self._slots.acquire()
+                free += 1
+            try:
+                messages = await self.queue.receive(free, 1.0, self.settings.visibility_timeout_s)
+            except Exception as exc:
+                log.warning("receive_failed", error=f"{type(exc).__name__}: {exc}")
+                messages = []
+                await asyncio.sleep(0.5)
+            for _ in range(free - len(messages)):
+                self._slots.release()
+            if messages:
+                await self._start(messages)
+
+    async def drain(self, max_rounds: int = 1000) -> int:
+        """Burst mode: run everything currently visible in the queue, wait for it, return how many ran."""
+        handled = 0
+        for _ in range(max_rounds):
+            messages = await self.queue.receive(10, 0.05, self.settings.visibility_timeout_s)
+            if not messages:
+                break
+            for _ in messages:
+                await self._slots.acquire()
+            await self._start(messages)
+            handled += len(messages)
+        await self.wait_idle()
+        return handled
+
+    async def wait_idle(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _start(self, messages: list[ReceivedMessage]) -> None:
+        """Decode and deduplicate one received batch, then start its runs (each holds one slot)."""
+        decoded: list[tuple[ReceivedMessage, RunMessage]] = []
+        to_ack: list[str] = []
+        for message in messages:
+            try:
+                decoded.append((message, RunMessage.model_validate_json(message.body)))
+            except ValidationError as exc:
+                log.error("undecodable_message", message_id=message.message_id, error=str(exc).splitlines()[0])
+                to_ack.append(message.receipt)
+        runnable: list[tuple[ReceivedMessage, RunMessage]] = []
+        try:
+            existing = await self.store.get_runs([m.run_id for _, m in decoded])
+            at_most_once = [m.run_id for _, m in decoded if m.job.execution == "at_most_once"
+                            and m.run_id not in existing]
+            claimed = await self.store.claim_runs(at_most_once, self.node_id) if at_most_once else set()
+        except Exception as exc:  # store unavailable: hand the batch back untouched
+            log.warning("dedupe_failed", error=f"{type(exc).__name__}: {exc}")
+            await self._nack_quietly([m.receipt for m, _ in decoded])
+            for _ in messages:
+                self._slots.release()
+            return
+        for message, run in decoded:
+            previous = existing.get(run.run_id)
+            if previous is not None and previous.status in FINISHED_RUN_STATUSES:
+                DUPLICATE_DELIVERIES.inc()
+                to_ack.append(message.receipt)
+            elif run.job.execution == "at_most_once" and run.run_id not in claimed:
+                DUPLICATE_DELIVERIES.inc()
+                log.warning("at_most_once_redelivery", job_id=run.job.job_id, run_id=run.run_id)
+                if previous is None or previous.status == RunStatus.RUNNING:
+                    # Claimed earlier by a worker that never finished: it may or may not have run; never again.
+                    await self._runs.submit(self._run_record(
+                        run, RunStatus.FAILED, started=previous.started_ms if previous else None,
+                        error="at_most_once: delivery lost after the run was claimed; not run again"))
+                to_ack.append(message.receipt)
+            else:
+                runnable.append((message, run))
+        for _ in range(len(messages) - len(runnable)):
+            self._slots.release()
+        if to_ack:
+            await self._acks.submit_many(to_ack)
+        for message, run in runnable:
+            task = asyncio.create_task(self._execute(message, run))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # One run ----------------------------------------------------------------------------------------------
+    async def _execute(self, message: ReceivedMessage, run: RunMessage) -> None:
+        cancelled = asyncio.Event()
+        self._inflight[message.receipt] = cancelled
+        self._receipts_by_run[run.run_id] = message.receipt
+        WORKER_INFLIGHT.inc()
+        job = run.job
+        bound = log.bind(job_id=job.job_id, run_id=run.run_id)
+        try:
+            started = now_ms()
+            FIRE_LAG.observe(max(0, started - run.due_ms) / 1000)
+            running = self._run_record(run, RunStatus.RUNNING, started=started)
+            self._background_write(self._runs.submit(running))
+            self._background_write(self._states.submit(JobState(
+                job_id=job.job_id, state=JobStatus.RUNNING,
+                last_run=LastRun(run_id=run.run_id, status=RunStatus.RUNNING, attempt=run.attempt,
+                                 scheduled_ms=run.scheduled_ms))))
+            outcome = await self._perform(run, cancelled)
+            finished = now_ms()
+            RUN_DURATION.observe((finished - started) / 1000)
+            RUNS_FINISHED.labels(outcome.status.value).inc()
+            await self._record(run, outcome, started, finished)
+            bound.info("run_finished", status=outcome.status.value, attempt=run.attempt,
+                       lag_ms=started - run.due_ms, duration_ms=finished - started)
+            await self._acks.submit(message.receipt)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # recording failed: leave the message to reappear and run again
+            bound.error("run_failed_to_record", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._inflight.pop(message.receipt, None)
+            self._receipts_by_run.pop(run.run_id, None)
+            WORKER_INFLIGHT.dec()
+            self._slots.release()
+
+    async def _perform(self, run: RunMessage, cancelled: asyncio.Event) -> executors.Outcome:
+        job = run.job
+        payload = job.payload
+        if payload.blob_key:
+            payload = Payload.model_validate_json(await self.blobs.get(payload.blob_key))
+        cap = self.settings.output_cap_bytes
+        if payload.kind == "echo":
+            return executors.echo(payload)
+        if payload.kind == "cmd":
+            if not self.settings.allow_cmd:
+                return executors.Outcome(RunStatus.FAILED, error="cmd: jobs are disabled here (DSCHED_ALLOW_CMD)",
+                                         retryable=False)
+            return await executors.run_command(payload.text or "", job.timeout_s, cap, cancelled)
+        assert payload.http is not None and self._session is not None
+        idempotency_key = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{job.job_id}/{run.scheduled_ms}"))
+        headers = {"X-Dsched-Job-Id": job.job_id, "X-Dsched-Run-Id": run.run_id,
+                   "Idempotency-Key": idempotency_key, "X-Dsched-Attempt": str(run.attempt)}
+        return await executors.call_http(
+            self._session, payload.http, headers=headers,
+            timeout_s=payload.http.timeout_s or job.timeout_s, output_cap=cap,
+            allow_private=self.settings.allow_private_http,
+            signing_secrets=self.settings.signing_secrets_for(job.user_id, job.project_id),
+            cancelled=cancelled,
+        )
+
+    async def _record(self, run: RunMessage, outcome: executors.Outcome, started: int, finished: int) -> None:
+        job = run.job
+        output, output_ref = outcome.output, None
+        if len(output) > self.settings.output_inline_bytes:
+            output_ref = f"outputs/{run.run_id}"
+            await self.blobs.put(output_ref, output.encode())
+            output = output[: self.settings.output_inline_bytes]
+        record = self._run_record(run, outcome.status, started=started, finished=finished, error=outcome.error,
+                                  exit_code=outcome.exit_code, http_status=outcome.http_status, output=output,
+                                  output_ref=output_ref)
+        writes = [self._runs.submit(record)]
+        last_run = LastRun(run_id=run.run_id, status=outcome.status, attempt=run.attempt,
+                           scheduled_ms=run.scheduled_ms, finished_ms=finished)
+        state = JobStatus.SCHEDULED if job.recurring else JobStatus.SUCCEEDED
+        if outcome.status not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED):
+            retry_due = self._retry_due(run, outcome, finished)
+            if retry_due is not None:
+                RETRIES.inc()
+                writes.append(self.store.put_entries([self._retry_entry(run, retry_due, finished)]))
+                state = JobStatus.SCHEDULED
+            else:
+                DEAD_LETTERS.inc()
+                writes.append(self.store.put_dead_letters([DeadLetter(
+                    dead_letter_id=run.run_id, job_id=job.job_id, user_id=job.user_id, project_id=job.project_id,
+                    scheduled_ms=run.scheduled_ms, attempts=run.attempt + 1, error=outcome.error, dead_ms=finished,
+                )]))
+                state = JobStatus.SCHEDULED if job.recurring else JobStatus.FAILED
+        elif outcome.status == RunStatus.CANCELLED and not job.recurring:
+            state = JobStatus.FAILED
+        writes.append(self._states.submit(JobState(job_id=job.job_id, state=state, last_run=last_run)))
+        await asyncio.gather(*writes)
+
+    def _retry_due(self, run: RunMessage, outcome: executors.Outcome, now: int) -> int | None:
+        job = run.job
+        if not outcome.retryable:
+            return None
+        if outcome.http_status is not None and not http_status_retryable(outcome.http_status, job.retry):
+            return None
+        delay = backoff_s(job.retry, run.attempt + 1, seed=run.run_id)
+        retry_after = parse_retry_after(outcome.retry_after, now)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, job.retry.max_s))
+        due = now + int(delay * 1000)
+        if not should_retry(job.retry, job.max_retries, run.attempt, run.scheduled_ms, due):
+            return None
+        return due
+
+    def _retry_entry(self, run: RunMessage, due: int, now: int) -> QueueEntry:
+        job = run.job
+        return QueueEntry(
+            shard=shard_for(job.job_id, self.settings.shard_count),
+            bucket_ms=bucket_for(max(due, now), self.settings.bucket_ms),
+            due_ms=due, job_id=job.job_id, scheduled_ms=run.scheduled_ms, attempt=run.attempt + 1,
+            kind="retry", version=job.version, priority=job.priority,
+        )
+
+    def _run_record(self, run: RunMessage, status: RunStatus, *, started: int | None = None,
+                    finished: int | None = None, error: str | None = None, exit_code: int | None = None,
+                    http_status: int | None = None, output: str | None = None,
+                    output_ref: str | None = None) -> Run:
+        return Run(run_id=run.run_id, job_id=run.job.job_id, user_id=run.job.user_id,
+                   scheduled_ms=run.scheduled_ms, attempt=run.attempt, status=status, due_ms=run.due_ms,
+                   started_ms=started, finished_ms=finished, worker_id=self.node_id, exit_code=exit_code,
+                   http_status=http_status, output=output, output_ref=output_ref, error=error)
+
+    def _background_write(self, write: object) -> None:
+        async def guarded() -> None:
+            try:
+                await write  # type: ignore[misc]
+            except Exception as exc:  # the final record (awaited) is what counts; this one is informational
+                log.warning("progress_write_failed", error=f"{type(exc).__name__}: {exc}")
+
+        task = asyncio.create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Heartbeat, cancel, shutdown --------------------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        visibility = self.settings.visibility_timeout_s
+        while True:
+            await asyncio.sleep(visibility / 3)
+            receipts = list(self._inflight)
+            if receipts:
+                try:
+                    await self.queue.extend(receipts, visibility)
+                except Exception as exc:
+                    log.warning("extend_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def _watch_cancels(self) -> None:
+        assert self.coordination is not None
+        while True:
+            try:
+                async for event in self.coordination.watch_prefix(CANCEL_PREFIX):
+                    if event.value is not None:
+                        self.cancel(event.key[len(CANCEL_PREFIX):])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cancel_watch_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
+
+    def cancel(self, run_id: str) -> bool:
+        """Abort a run executing here (kills a command's process group, aborts an HTTP call)."""
+        receipt = self._receipts_by_run.get(run_id)
+        if receipt is None or receipt not in self._inflight:
+            return False
+        self._inflight[receipt].set()
+        return True
+
+    async def _hand_back(self, grace_s: float) -> None:
+        """On shutdown: let in-flight runs finish for ``grace_s``, then stop them and make their messages
+        visible again at once, so another worker picks them up without waiting for the visibility timeout."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace_s)
+        receipts = list(self._inflight)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._nack_quietly(receipts)
+
+    async def _nack_quietly(self, receipts: list[str]) -> None:
+        if receipts:
+            try:
+                await self.queue.nack(receipts, 0.0)
+            except Exception as exc:
+                log.warning("nack_failed", error=f"{type(exc).__name__}: {exc}")
