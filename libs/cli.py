@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     db.add_argument("action", choices=["migrate"])
     args = parser.parse_args(argv)
 
-    logs.configure()
     settings = _settings()
+    logs.configure(settings.log_level.upper())
     try:
         if args.command == "run":
             if args.service == "all":

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     port: int = 8080
     metrics_port: int = 0  # services other than ingestion serve /metrics and /health here; 0 = off
     data_dir: Path = Path("./.dsched")
+    log_level: str = "INFO"
 
     # Backend URLs; "" = embedded (SQLite / local files under data_dir).
     log_url: str = ""

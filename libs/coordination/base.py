@@ -5,6 +5,7 @@ Semantics every implementation keeps:
   is deleted. ``keepalive`` of an expired or revoked lease returns False (the holder has lost it).
 - ``create`` writes a key only if absent (etcd txn on ``create_revision == 0``): the basis of leader election.
 - ``put_if`` writes only while ``guard_key`` holds ``guard_value`` (a deposed leader cannot write).
+- Writing with an expired or revoked lease raises :class:`LeaseNotFound`.
 - ``watch_prefix`` yields an event for every change under a prefix made after it started, in order, and
   coalesces nothing it cannot re-read: after an event, ``get_prefix`` shows at least that change.
 """
@@ -14,6 +15,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+
+class LeaseNotFound(LookupError):
+    """A write named a lease that has expired or been revoked (etcd: "requested lease not found")."""
+
+
+class WatchCompacted(RuntimeError):
+    """A watcher fell so far behind that the changes it had not read were pruned."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,7 +58,8 @@ class WorkQueue(ABC):
 
     @abstractmethod
     async def ack(self, receipts: Sequence[str]) -> None:
-        """Delete delivered messages. Acking with a stale receipt (message redelivered since) is a no-op."""
+        """Delete delivered messages. A stale receipt (message redelivered since) never raises; like SQS, it
+        may or may not delete the message (the embedded queue ignores it), so redelivery must stay harmless."""
 
     @abstractmethod
     async def extend(self, receipts: Sequence[str], visibility_s: float) -> None:

@@ -37,9 +37,9 @@ class Service:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Service:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([DSCHED, "run", self.what], env=self.env, stdout=log, stderr=log,
-                                     start_new_session=True)
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([DSCHED, "run", self.what], env=self.env, stdout=log, stderr=log,
+                                         start_new_session=True)
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -1,0 +1,165 @@
+"""Shared pieces of the benchmarks: a local HTTP target that records every hit, and a scheduler process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Target:
+    """Records (job_id, arrival time in epoch ms) of every hit."""
+
+    hits: list[tuple[str, float]] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+    url: str = ""
+
+    async def start(self) -> None:
+        async def hook(request: web.Request) -> web.Response:
+            self.hits.append((request.headers.get("X-Dsched-Job-Id", ""), time.time() * 1000))
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_route("*", "/hook", hook)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}/hook"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+class Scheduler:
+    """``dsched run all`` on a fresh data directory, in its own process (as a user runs it)."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.data_dir = Path(tempfile.mkdtemp(prefix="dsched-bench-"))
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")}
+        env.update({"DSCHED_PORT": str(self.port), "DSCHED_DATA_DIR": str(self.data_dir),
+                    "DSCHED_LOG_LEVEL": "WARNING", **self.extra_env})
+        dsched = str(Path(sys.executable).with_name("dsched"))
+        self.proc = subprocess.Popen([dsched, "run", "all"], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.data_dir / "dsched.log", "wb"))  # noqa: SIM115
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                try:
+                    async with session.get(f"http://127.0.0.1:{self.port}/health") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError("scheduler did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def report(title: str, due: dict[str, float], hits: list[tuple[str, float]], accepted: int,
+           submit_s: float, first_due: float) -> dict[str, float]:
+    seen: dict[str, float] = {}
+    duplicates = 0
+    for job_id, at in hits:
+        if job_id in seen:
+            duplicates += 1
+        else:
+            seen[job_id] = at
+    lags = [seen[j] - due[j] for j in seen if j in due]
+    executed = len(seen)
+    span_s = (max(seen.values()) - first_due) / 1000 if seen else float("nan")
+    result = {
+        "accepted": accepted,
+        "submit_rate_per_s": accepted / submit_s if submit_s else float("nan"),
+        "executed": executed,
+        "executed_per_s": executed / span_s if span_s and span_s > 0 else float("nan"),
+        "lost": accepted - executed,
+        "duplicates": duplicates,
+        "lag_p50_ms": percentile(lags, 0.50),
+        "lag_p99_ms": percentile(lags, 0.99),
+        "lag_max_ms": max(lags) if lags else float("nan"),
+    }
+    print(f"== {title}")
+    for key, value in result.items():
+        print(f"{key:>20}: {value:,.1f}" if isinstance(value, float) else f"{key:>20}: {value:,}")
+    return result
+
+
+async def submit_all(base: str, bodies: list[dict[str, object]], *, rate: float | None,
+                     concurrency: int = 64) -> tuple[list[str | None], float]:
+    """POST every body to /submit (paced at ``rate``/s when given); returns job ids (None = refused)."""
+    ids: list[str | None] = [None] * len(bodies)
+    start = time.monotonic()
+    sem = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def one(i: int) -> None:
+            if rate:
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            async with sem:
+                for attempt in range(3):
+                    try:
+                        async with session.post(f"{base}/submit", json=bodies[i],
+                                                headers={"X-User-ID": "bench"}) as resp:
+                            if resp.status == 202:
+                                ids[i] = (await resp.json())["job_id"]
+                            return
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.1 * (attempt + 1))
+
+        await asyncio.gather(*(one(i) for i in range(len(bodies))))
+    return ids, time.monotonic() - start
+
+
+async def wait_hits(target: Target, expected: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = len({j for j, _ in target.hits})
+        if count >= expected:
+            await asyncio.sleep(1.0)  # let duplicates, if any, arrive
+            return
+        if count != last:
+            last, last_change = count, time.monotonic()
+        elif time.monotonic() - last_change > 15:
+            return
+        await asyncio.sleep(0.2)

@@ -1,0 +1,270 @@
+"""Embedded submissions log: Kafka's partitioned, keyed log on one SQLite file.
+
+``records`` holds (partition, offset, key, value, timestamp_ms); a key's partition is
+``crc32(key) % partitions`` and offsets grow by one per partition. ``committed`` holds each group's next
+offset per partition (it only ever moves forward); ``dead_letters`` parks records a consumer could not decode.
+
+Durability: the connection runs with ``synchronous=FULL``, so a committed append is fsynced. Concurrent
+``append`` calls of one process are coalesced into one transaction (group commit): callers queue their records
+and a single flusher writes everything pending in one transaction, then resolves every caller's future.
+
+The partition count is fixed when the file is created (like a Kafka topic's): a log reopened with another
+``partitions`` value keeps the stored one, so every key keeps its partition and its order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import sqlite3
+import time
+import zlib
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
+from libs.sqlite import SqliteDB
+
+# How often a waiting consumer looks for records appended by other processes (in-process appends wake it).
+POLL_INTERVAL_S = 0.025
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS records (
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    PRIMARY KEY (partition, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS committed (
+    grp TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (grp, partition)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    grp TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    timestamp_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    dead_ms INTEGER NOT NULL
+)
+"""
+
+_Pending = tuple[list[tuple[str, bytes]], asyncio.Future[None]]
+
+
+_INSERT_DEAD_LETTER = (
+    "INSERT INTO dead_letters (grp, partition, offset, key, value, timestamp_ms, reason, dead_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """Stable across processes and restarts (unlike ``hash``)."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+def _stored_partitions(conn: sqlite3.Connection, default: int) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE name = 'partitions'").fetchone()
+    if row is not None:
+        return int(row[0])
+    conn.execute("INSERT INTO meta (name, value) VALUES ('partitions', ?)", (default,))
+    return default
+
+
+class SqliteLog(SubmissionLog):
+    def __init__(self, path: Path, partitions: int) -> None:
+        if partitions <= 0:
+            raise ValueError("partitions must be > 0")
+        self.path = path
+        self.partitions = partitions
+        self._db = SqliteDB(path, synchronous="FULL", schema=_SCHEMA)
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+        # Replaced after every flush; consumers wait on the one current when they found nothing.
+        self.appended = asyncio.Event()
+
+    async def startup(self) -> None:
+        await self._db.open()
+        self.partitions = await self._db.write(lambda conn: _stored_partitions(conn, self.partitions))
+        self._closing = False
+        self._flusher = asyncio.create_task(self._flush_loop(), name=f"log-flusher-{self.path.name}")
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        if self._flusher is not None:
+            self._wake.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher  # drains everything already appended
+            self._flusher = None
+        await self._db.close()
+
+    async def append(self, records: Sequence[tuple[str, bytes]]) -> None:
+        if not records:
+            return
+        if self._flusher is None or self._closing:
+            raise RuntimeError(f"log {self.path} is not running")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(records), fut))
+        self._wake.set()
+        await fut
+
+    def consumer(self, group: str) -> LogConsumer:
+        return SqliteLogConsumer(self, group)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                await self._flush(batch)
+            if self._closing and not self._pending:
+                return
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        records = [record for records, _ in batch for record in records]
+        try:
+            await self._db.write(lambda conn: self._insert(conn, records))
+        except Exception as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for _, fut in batch:
+            if not fut.done():  # a caller that gave up (cancelled) still had its records written
+                fut.set_result(None)
+        woken, self.appended = self.appended, asyncio.Event()
+        woken.set()
+
+    def _insert(self, conn: sqlite3.Connection, records: list[tuple[str, bytes]]) -> None:
+        now = _now_ms()
+        next_offset: dict[int, int] = {}
+        rows = []
+        for key, value in records:
+            partition = partition_for(key, self.partitions)
+            offset = next_offset.get(partition)
+            if offset is None:
+                last = conn.execute(
+                    "SELECT MAX(offset) FROM records WHERE partition = ?", (partition,)
+                ).fetchone()
+                offset = -1 if last[0] is None else int(last[0])
+                offset += 1
+            next_offset[partition] = offset + 1
+            rows.append((partition, offset, key, value, now))
+        conn.executemany(
+            "INSERT INTO records (partition, offset, key, value, timestamp_ms) VALUES (?, ?, ?, ?, ?)", rows
+        )
+
+
+class SqliteLogConsumer(LogConsumer):
+    """A group member reading every partition from its own connection.
+
+    Members of one group do not split partitions: several members (e.g. in several processes) each read all of
+    them, so a record may be processed by more than one (the writer is idempotent); commits only move forward.
+    """
+
+    def __init__(self, log: SqliteLog, group: str) -> None:
+        self._log = log
+        self.group = group
+        self._db = SqliteDB(log.path, synchronous="FULL", schema=_SCHEMA)
+        self._position: dict[int, int] = {}
+        self._partitions = log.partitions
+
+    async def startup(self) -> None:
+        await self._db.open()
+
+        def load(conn: sqlite3.Connection) -> tuple[int, dict[int, int]]:
+            partitions = _stored_partitions(conn, self._log.partitions)
+            rows = conn.execute(
+                "SELECT partition, next_offset FROM committed WHERE grp = ?", (self.group,)
+            ).fetchall()
+            return partitions, {int(p): int(o) for p, o in rows}
+
+        self._partitions, committed = await self._db.write(load)
+        self._position = {p: committed.get(p, 0) for p in range(self._partitions)}
+
+    async def shutdown(self) -> None:
+        await self._db.close()
+
+    async def poll(self, max_records: int, timeout_s: float) -> list[ConsumedRecord]:
+        if max_records <= 0:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            appended = self._log.appended  # taken before reading, so no append can slip between
+            records = await self._db.run(
+                partial(self._read, position=dict(self._position), limit=max_records)
+            )
+            if records:
+                for record in records:
+                    self._position[record.partition] = record.offset + 1
+                return records
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(POLL_INTERVAL_S, remaining)):
+                    await appended.wait()
+
+    def _read(self, conn: sqlite3.Connection, position: dict[int, int], limit: int) -> list[ConsumedRecord]:
+        per_partition = [
+            [
+                ConsumedRecord(partition, offset, key, bytes(value), timestamp_ms)
+                for offset, key, value, timestamp_ms in conn.execute(
+                    "SELECT offset, key, value, timestamp_ms FROM records "
+                    "WHERE partition = ? AND offset >= ? ORDER BY offset LIMIT ?",
+                    (partition, start, limit),
+                ).fetchall()
+            ]
+            for partition, start in position.items()
+        ]
+        # Oldest first across partitions; heapq.merge keeps each partition's own (offset) order regardless.
+        merged = heapq.merge(*per_partition, key=lambda record: record.timestamp_ms)
+        return list(itertools.islice(merged, limit))
+
+    async def commit(self, records: Sequence[ConsumedRecord]) -> None:
+        upto: dict[int, int] = {}
+        for record in records:
+            upto[record.partition] = max(upto.get(record.partition, 0), record.offset + 1)
+        if not upto:
+            return
+        rows = [(self.group, partition, next_offset) for partition, next_offset in upto.items()]
+        await self._db.write(
+            lambda conn: conn.executemany(
+                "INSERT INTO committed (grp, partition, next_offset) VALUES (?, ?, ?) "
+                "ON CONFLICT (grp, partition) DO UPDATE "
+                "SET next_offset = MAX(next_offset, excluded.next_offset)",
+                rows,
+            )
+        )
+
+    async def dead_letter(self, record: ConsumedRecord, reason: str) -> None:
+        row = (
+            self.group,
+            record.partition,
+            record.offset,
+            record.key,
+            record.value,
+            record.timestamp_ms,
+            reason,
+            _now_ms(),
+        )
+        await self._db.write(lambda conn: conn.execute(_INSERT_DEAD_LETTER, row))

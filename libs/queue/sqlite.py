@@ -1,0 +1,320 @@
+"""Embedded work queue: SQS semantics on one SQLite file.
+
+``messages`` holds (id, body, priority, visible_at_ms, receive_count, receipt); a message is visible when
+``visible_at_ms <= now``. ``receive`` hides what it returns until ``now + visibility`` and gives each delivery
+a fresh random receipt ``"<id>:<nonce>"``; ack/extend/nack match id *and* nonce, so a receipt from an earlier
+delivery does nothing. A message that would be delivered for the ``max_receives + 1``-th time is moved to
+``dead_messages`` instead (SQS redrive policy). Receives take the highest priority first, then the longest
+visible, then the oldest.
+
+Throughput: every call of one process goes through a combiner: calls queue an operation, and one flusher runs
+everything pending in one ``BEGIN IMMEDIATE`` transaction on the connection's thread (in arrival order), then
+resolves each caller. Many concurrent receivers, senders and ackers therefore share transactions and thread
+hops. Receives that find nothing visible do not take the write lock at all.
+
+Durability: a transaction that contains a ``send`` commits with ``synchronous=FULL`` (the message is fsynced
+before ``send`` returns); the others commit with ``NORMAL`` (a power cut may undo a receive or an ack, which
+only means a redelivery, as at-least-once allows). Other processes sharing the file are seen by polling every
+``POLL_INTERVAL_S`` while a receive waits; sends of this process wake waiting receivers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from libs.queue.base import (
+    MAX_BATCH,
+    OutgoingMessage,
+    QueueCounts,
+    ReceivedMessage,
+    WorkQueue,
+)
+from libs.sqlite import SqliteDB
+
+T = TypeVar("T")
+
+POLL_INTERVAL_S = 0.02
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    body BLOB NOT NULL,
+    priority INTEGER NOT NULL,
+    visible_at_ms INTEGER NOT NULL,
+    receive_count INTEGER NOT NULL DEFAULT 0,
+    receipt TEXT,
+    sent_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_priority ON messages (priority DESC, visible_at_ms, id);
+CREATE TABLE IF NOT EXISTS dead_messages (
+    id INTEGER PRIMARY KEY,
+    body BLOB NOT NULL,
+    priority INTEGER NOT NULL,
+    receive_count INTEGER NOT NULL,
+    sent_ms INTEGER NOT NULL,
+    dead_ms INTEGER NOT NULL
+)
+"""
+
+_SELECT_VISIBLE = (
+    "SELECT id, body, receive_count FROM messages WHERE visible_at_ms <= ? "
+    "ORDER BY priority DESC, visible_at_ms, id LIMIT ?"
+)
+
+_DELETE = "DELETE FROM messages WHERE id = ? AND receipt = ?"
+
+_Handle = tuple[int, str]  # (message id, delivery nonce) parsed from a receipt
+_OpFn = Callable[[sqlite3.Connection, int], Any]
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: _OpFn  # runs inside the batch transaction with the batch's "now" (epoch ms)
+    durable: bool = False  # needs an fsync before its caller is told it succeeded
+    receive: bool = False
+    wakes: bool = False  # may make messages visible: wake this process's waiting receivers
+    fut: asyncio.Future[Any] | None = None  # None: nobody waits (internal hand-back of an abandoned receive)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _parse_receipts(receipts: Sequence[str]) -> list[_Handle]:
+    handles = []
+    for receipt in receipts:
+        ident, sep, nonce = receipt.partition(":")
+        if not sep or not ident.isdigit() or not nonce:
+            raise ValueError(f"not a receipt of this queue: {receipt!r}")
+        handles.append((int(ident), nonce))
+    return handles
+
+
+class SqliteQueue(WorkQueue):
+    def __init__(self, path: Path, max_receives: int) -> None:
+        if max_receives <= 0:
+            raise ValueError("max_receives must be > 0")
+        self.path = path
+        self.max_receives = max_receives
+        self._db = SqliteDB(path, synchronous="NORMAL", schema=_SCHEMA)
+        self._pending: list[_Op] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+        # Replaced whenever messages may have become visible; waiting receivers hold the current one.
+        self._visible = asyncio.Event()
+
+    async def startup(self) -> None:
+        await self._db.open()
+        self._closing = False
+        self._flusher = asyncio.create_task(self._flush_loop(), name=f"queue-flusher-{self.path.name}")
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        if self._flusher is not None:
+            self._wake.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self._db.close()
+
+    # WorkQueue --------------------------------------------------------------------------------------------
+    async def send(self, messages: Sequence[OutgoingMessage]) -> None:
+        if not messages:
+            return
+        rows = [(m.body, m.priority, max(0, int(m.delay_s * 1000))) for m in messages]
+
+        def send(conn: sqlite3.Connection, now: int) -> None:
+            conn.executemany(
+                "INSERT INTO messages (body, priority, visible_at_ms, sent_ms) VALUES (?, ?, ?, ?)",
+                [(body, priority, now + delay_ms, now) for body, priority, delay_ms in rows],
+            )
+
+        await self._submit(_Op(send, durable=True, wakes=True))
+
+    async def receive(self, max_messages: int, wait_s: float, visibility_s: float) -> list[ReceivedMessage]:
+        limit = min(max_messages, MAX_BATCH)
+        if limit <= 0:
+            return []
+        visibility_ms = max(0, int(visibility_s * 1000))
+        max_receives = self.max_receives
+
+        def receive(conn: sqlite3.Connection, now: int) -> list[ReceivedMessage]:
+            return _receive(conn, now, limit, visibility_ms, max_receives)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        first = True
+        while True:
+            visible = self._visible  # taken before looking, so a send in between still wakes us
+            if self._closing and not first:
+                return []
+            first = False
+            messages = cast(list[ReceivedMessage], await self._submit(_Op(receive, receive=True)))
+            if messages:
+                return messages
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(POLL_INTERVAL_S, remaining)):
+                    await visible.wait()
+
+    async def ack(self, receipts: Sequence[str]) -> None:
+        handles = _parse_receipts(receipts)
+        if handles:
+            await self._submit(_Op(lambda conn, now: conn.executemany(_DELETE, handles)))
+
+    async def extend(self, receipts: Sequence[str], visibility_s: float) -> None:
+        handles = _parse_receipts(receipts)
+        visibility_ms = max(0, int(visibility_s * 1000))
+
+        def extend(conn: sqlite3.Connection, now: int) -> None:
+            conn.executemany(
+                "UPDATE messages SET visible_at_ms = ? WHERE id = ? AND receipt = ?",
+                [(now + visibility_ms, ident, nonce) for ident, nonce in handles],
+            )
+
+        if handles:
+            await self._submit(_Op(extend))
+
+    async def nack(self, receipts: Sequence[str], delay_s: float = 0.0) -> None:
+        handles = _parse_receipts(receipts)
+        if handles:
+            await self._submit(_Op(_nack_fn(handles, max(0, int(delay_s * 1000))), wakes=True))
+
+    async def dead_letters(self, max_messages: int) -> list[ReceivedMessage]:
+        def peek(conn: sqlite3.Connection) -> list[ReceivedMessage]:
+            rows = conn.execute(
+                "SELECT id, body, receive_count FROM dead_messages ORDER BY id LIMIT ?",
+                (max(0, max_messages),),
+            ).fetchall()
+            return [ReceivedMessage(str(ident), "", bytes(body), count) for ident, body, count in rows]
+
+        return await self._db.run(peek)
+
+    async def counts(self) -> QueueCounts:
+        def counts(conn: sqlite3.Connection) -> QueueCounts:
+            now = _now_ms()
+            visible, in_flight = conn.execute(
+                "SELECT COALESCE(SUM(visible_at_ms <= ?), 0), "
+                "COALESCE(SUM(visible_at_ms > ? AND receipt IS NOT NULL), 0) FROM messages",
+                (now, now),
+            ).fetchone()
+            (dead,) = conn.execute("SELECT COUNT(*) FROM dead_messages").fetchone()
+            return QueueCounts(visible=int(visible), in_flight=int(in_flight), dead=int(dead))
+
+        return await self._db.run(counts)
+
+    # Combiner ---------------------------------------------------------------------------------------------
+    async def _submit(self, op: _Op) -> Any:
+        if self._flusher is None or self._closing:
+            raise RuntimeError(f"queue {self.path} is not running")
+        op.fut = asyncio.get_running_loop().create_future()
+        self._pending.append(op)
+        self._wake.set()
+        return await op.fut
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                await self._flush(batch)
+            if self._closing and not self._pending:
+                return
+
+    async def _flush(self, batch: list[_Op]) -> None:
+        try:
+            results = await self._db.run(lambda conn: _run_batch(conn, batch))
+        except Exception as exc:
+            for op in batch:
+                if op.fut is not None and not op.fut.done():
+                    op.fut.set_exception(exc)
+            return
+        for op, result in zip(batch, results, strict=True):
+            if op.fut is None:
+                continue
+            if not op.fut.done():
+                op.fut.set_result(result)
+            elif op.fut.cancelled() and op.receive and result:
+                # The receiver gave up after we hid its messages: hand them back now, not after the timeout.
+                handles = _parse_receipts([m.receipt for m in result])
+                self._pending.append(_Op(_nack_fn(handles, 0), wakes=True))
+                self._wake.set()
+        if any(op.wakes for op in batch):
+            woken, self._visible = self._visible, asyncio.Event()
+            woken.set()
+
+
+def _nack_fn(handles: list[_Handle], delay_ms: int) -> _OpFn:
+    def nack(conn: sqlite3.Connection, now: int) -> None:
+        conn.executemany(
+            "UPDATE messages SET visible_at_ms = ?, receipt = NULL WHERE id = ? AND receipt = ?",
+            [(now + delay_ms, ident, nonce) for ident, nonce in handles],
+        )
+
+    return nack
+
+
+def _run_batch(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
+    """Run ``batch`` in order in one transaction (none if it only receives and nothing is visible)."""
+    now = _now_ms()
+    if all(op.receive for op in batch):
+        if conn.execute("SELECT 1 FROM messages WHERE visible_at_ms <= ? LIMIT 1", (now,)).fetchone() is None:
+            return [[] for _ in batch]
+    durable = any(op.durable for op in batch)
+    if durable:
+        conn.execute("PRAGMA synchronous=FULL")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = [op.fn(conn, now) for op in batch]
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    finally:
+        if durable:
+            conn.execute("PRAGMA synchronous=NORMAL")
+    return results
+
+
+def _receive(
+    conn: sqlite3.Connection, now: int, limit: int, visibility_ms: int, max_receives: int
+) -> list[ReceivedMessage]:
+    out: list[ReceivedMessage] = []
+    while len(out) < limit:
+        rows = conn.execute(_SELECT_VISIBLE, (now, limit - len(out))).fetchall()
+        if not rows:
+            break
+        dead = [(ident,) for ident, _, count in rows if count >= max_receives]
+        updates = []
+        for ident, body, count in rows:
+            if count >= max_receives:
+                continue
+            nonce = os.urandom(8).hex()
+            updates.append((now + visibility_ms, count + 1, nonce, ident))
+            out.append(ReceivedMessage(str(ident), f"{ident}:{nonce}", bytes(body), count + 1))
+        if updates:
+            conn.executemany(
+                "UPDATE messages SET visible_at_ms = ?, receive_count = ?, receipt = ? WHERE id = ?", updates
+            )
+        if not dead:
+            break  # fewer visible than asked for
+        conn.executemany(
+            "INSERT INTO dead_messages (id, body, priority, receive_count, sent_ms, dead_ms) "
+            "SELECT id, body, priority, receive_count, sent_ms, ? FROM messages WHERE id = ?",
+            [(now, ident) for (ident,) in dead],
+        )
+        conn.executemany("DELETE FROM messages WHERE id = ?", dead)
+    return out

@@ -1,0 +1,514 @@
+"""Embedded job store: the CQL tables of :mod:`libs.store.base` on one SQLite file.
+
+Tables mirror the Scylla ones: ``jobs`` (definition JSON + separate state columns, with an index that plays
+``jobs_by_user``), ``job_queue`` (primary key = the entry's CQL key), ``picker_checkpoints``, ``runs`` (by
+run_id, indexed by job newest first), ``run_claims``, ``dead_letters``, ``idempotency_keys`` and ``meta`` (the
+layout). Every write method is one transaction whose rows go through ``executemany``.
+
+Writes use a dedicated connection with ``synchronous=FULL``: the writer commits log offsets right after a
+store write, so the store must be at least as durable as the log, or a power cut could lose an accepted job.
+Reads use a second connection, so a picker's scan never waits behind a large write batch (WAL readers never
+block).
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
+from libs.sqlite import SqliteDB
+from libs.store.base import JobStore, LayoutMismatch
+
+T = TypeVar("T")
+
+_STATE_FIELDS = frozenset({"state", "last_run", "dispatched_through_ms"})
+_CHUNK = 500  # ids per IN (...) query: well under SQLite's bound-variable limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    project_id TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    paused INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    definition BLOB NOT NULL,
+    state TEXT,
+    last_run BLOB,
+    dispatched_through_ms INTEGER NOT NULL DEFAULT -1
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_ms DESC, job_id DESC);
+CREATE TABLE IF NOT EXISTS job_queue (
+    shard INTEGER NOT NULL,
+    bucket_ms INTEGER NOT NULL,
+    due_ms INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    scheduled_ms INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    PRIMARY KEY (shard, bucket_ms, due_ms, job_id, scheduled_ms, attempt)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS picker_checkpoints (shard INTEGER PRIMARY KEY, bucket_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    scheduled_ms INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job_id, scheduled_ms DESC, attempt DESC, run_id DESC);
+CREATE TABLE IF NOT EXISTS run_claims (
+    run_id TEXT PRIMARY KEY,
+    worker_id TEXT NOT NULL,
+    claimed_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    user_id TEXT NOT NULL,
+    dead_letter_id TEXT NOT NULL,
+    dead_ms INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (user_id, dead_letter_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (user_id, dead_ms DESC, dead_letter_id DESC);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    user_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    PRIMARY KEY (user_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_ms)
+"""
+
+# Job.status as SQL: deleted, then paused, then the runtime state (scheduled when unset).
+_STATUS_SQL = (
+    "CASE WHEN deleted THEN 'deleted' WHEN paused THEN 'paused' ELSE COALESCE(state, 'scheduled') END"
+)
+_JOB_COLUMNS = "definition, state, last_run, dispatched_through_ms"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _encode_cursor(*key: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(key)).decode()
+
+
+def _decode_cursor(cursor: str, arity: int) -> list[Any]:
+    try:
+        key = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, orjson.JSONDecodeError) as exc:
+        raise ValueError("invalid cursor") from exc
+    if not isinstance(key, list) or len(key) != arity:
+        raise ValueError("invalid cursor")
+    return key
+
+
+def _job_row(job: Job) -> tuple[Any, ...]:
+    definition = job.model_dump_json(exclude=set(_STATE_FIELDS)).encode()
+    return (job.job_id, job.user_id, job.project_id, job.created_ms, job.paused, job.deleted, definition)
+
+
+def _job_from_row(definition: bytes, state: str | None, last_run: bytes | None, dispatched: int) -> Job:
+    data = orjson.loads(definition)
+    data["state"] = state
+    data["last_run"] = None if last_run is None else orjson.loads(last_run)
+    data["dispatched_through_ms"] = dispatched
+    return Job.model_validate(data)
+
+
+def _entry_row(entry: QueueEntry) -> tuple[Any, ...]:
+    return (*entry.key, entry.kind, entry.version, entry.priority)
+
+
+class SqliteStore(JobStore):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer = SqliteDB(path, synchronous="FULL", schema=_SCHEMA)
+        self._reader = SqliteDB(path, synchronous="FULL")
+
+    async def startup(self) -> None:
+        await self._writer.open()  # creates the schema before the reader looks at it
+        await self._reader.open()
+
+    async def shutdown(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+    async def check_layout(self, shard_count: int, bucket_ms: int) -> None:
+        wanted = {"shard_count": shard_count, "bucket_ms": bucket_ms}
+
+        def check(conn: sqlite3.Connection) -> None:
+            stored = dict(
+                conn.execute("SELECT name, value FROM meta WHERE name IN ('shard_count', 'bucket_ms')")
+            )
+            if not stored:
+                conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", list(wanted.items()))
+                return
+            if stored != wanted:
+                raise LayoutMismatch(
+                    f"store {self.path} was created with shard_count={stored.get('shard_count')} "
+                    f"bucket_ms={stored.get('bucket_ms')}; this process has shard_count={shard_count} "
+                    f"bucket_ms={bucket_ms}"
+                )
+
+        await self._writer.write(check)
+
+    # Jobs -------------------------------------------------------------------------------------------------
+    async def put_jobs(self, jobs: Sequence[Job]) -> None:
+        if not jobs:
+            return
+        rows = [_job_row(job) for job in jobs]
+        await self._writer.write(
+            lambda conn: conn.executemany(
+                "INSERT INTO jobs (job_id, user_id, project_id, created_ms, paused, deleted, definition) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
+                "user_id = excluded.user_id, project_id = excluded.project_id, "
+                "created_ms = excluded.created_ms, paused = excluded.paused, deleted = excluded.deleted, "
+                "definition = excluded.definition",
+                rows,
+            )
+        )
+
+    async def update_job_states(self, updates: Sequence[JobState]) -> None:
+        rows = [
+            (
+                None if u.state is None else u.state.value,
+                None if u.last_run is None else u.last_run.model_dump_json().encode(),
+                u.dispatched_through_ms,
+                u.job_id,
+            )
+            for u in updates
+            if u.state is not None or u.last_run is not None or u.dispatched_through_ms is not None
+        ]
+        if not rows:
+            return
+        await self._writer.write(
+            lambda conn: conn.executemany(
+                "UPDATE jobs SET state = COALESCE(?, state), last_run = COALESCE(?, last_run), "
+                "dispatched_through_ms = COALESCE(?, dispatched_through_ms) WHERE job_id = ?",
+                rows,
+            )
+        )
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        ids = list(dict.fromkeys(job_ids))
+        if not ids:
+            return {}
+
+        def get(conn: sqlite3.Connection) -> dict[str, Job]:
+            found: dict[str, Job] = {}
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT job_id, {_JOB_COLUMNS} FROM jobs WHERE job_id IN ({marks})"
+                for job_id, *columns in conn.execute(sql, chunk).fetchall():
+                    found[job_id] = _job_from_row(*columns)
+            return found
+
+        return await self._reader.run(get)
+
+    async def list_jobs(
+        self,
+        user_id: str,
+        limit: int,
+        cursor: str | None = None,
+        status: str | None = None,
+        project_id: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        if limit <= 0:
+            return [], cursor
+        where = ["user_id = ?"]
+        params: list[Any] = [user_id]
+        if cursor is not None:
+            created_ms, job_id = _decode_cursor(cursor, 2)
+            where.append("(created_ms, job_id) < (?, ?)")
+            params += [created_ms, job_id]
+        if status is not None:
+            where.append(f"{_STATUS_SQL} = ?")
+            params.append(JobStatus(status).value)
+        if project_id is not None:
+            where.append("project_id = ?")
+            params.append(project_id)
+        sql = (
+            f"SELECT created_ms, job_id, {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+            "ORDER BY created_ms DESC, job_id DESC LIMIT ?"
+        )
+        params.append(limit + 1)  # one more tells whether there is a next page
+
+        def page(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._reader.run(page)
+        jobs = [_job_from_row(*row[2:]) for row in rows[:limit]]
+        next_cursor = _encode_cursor(rows[limit - 1][0], rows[limit - 1][1]) if len(rows) > limit else None
+        return jobs, next_cursor
+
+    # Queue entries ----------------------------------------------------------------------------------------
+    async def put_entries(self, entries: Sequence[QueueEntry]) -> None:
+        if not entries:
+            return
+        rows = [_entry_row(e) for e in entries]
+        await self._writer.write(
+            lambda conn: conn.executemany(
+                "INSERT OR REPLACE INTO job_queue "
+                "(shard, bucket_ms, due_ms, job_id, scheduled_ms, attempt, kind, version, priority) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[QueueEntry]:
+        if limit <= 0:
+            return []
+
+        def due(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT due_ms, job_id, scheduled_ms, attempt, kind, version, priority FROM job_queue "
+                "WHERE shard = ? AND bucket_ms = ? AND due_ms <= ? "
+                "ORDER BY due_ms, priority DESC, job_id, scheduled_ms, attempt LIMIT ?",
+                (shard, bucket_ms, until_ms, limit),
+            ).fetchall()
+
+        return [
+            QueueEntry(
+                shard=shard,
+                bucket_ms=bucket_ms,
+                due_ms=due_ms,
+                job_id=job_id,
+                scheduled_ms=scheduled_ms,
+                attempt=attempt,
+                kind=kind,
+                version=version,
+                priority=priority,
+            )
+            for due_ms, job_id, scheduled_ms, attempt, kind, version, priority in await self._reader.run(due)
+        ]
+
+    async def delete_entries(self, entries: Sequence[QueueEntry]) -> None:
+        if not entries:
+            return
+        keys = [e.key for e in entries]
+        await self._writer.write(
+            lambda conn: conn.executemany(
+                "DELETE FROM job_queue WHERE shard = ? AND bucket_ms = ? AND due_ms = ? AND job_id = ? "
+                "AND scheduled_ms = ? AND attempt = ?",
+                keys,
+            )
+        )
+
+    # Picker checkpoints -----------------------------------------------------------------------------------
+    async def get_checkpoint(self, shard: int) -> int | None:
+        def get(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "SELECT bucket_ms FROM picker_checkpoints WHERE shard = ?", (shard,)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._reader.run(get)
+
+    async def advance_checkpoint(self, shard: int, expected: int | None, new: int) -> bool:
+        def cas(conn: sqlite3.Connection) -> bool:
+            if expected is None:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO picker_checkpoints (shard, bucket_ms) VALUES (?, ?)", (shard, new)
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE picker_checkpoints SET bucket_ms = ? WHERE shard = ? AND bucket_ms = ?",
+                    (new, shard, expected),
+                )
+            return cur.rowcount == 1
+
+        return await self._writer.write(cas)
+
+    # Runs -------------------------------------------------------------------------------------------------
+    async def put_runs(self, runs: Sequence[Run]) -> None:
+        if not runs:
+            return
+        rows = [(r.run_id, r.job_id, r.scheduled_ms, r.attempt, r.model_dump_json().encode()) for r in runs]
+        await self._writer.write(
+            lambda conn: conn.executemany(
+                "INSERT OR REPLACE INTO runs (run_id, job_id, scheduled_ms, attempt, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def get_runs(self, run_ids: Sequence[str]) -> dict[str, Run]:
+        ids = list(dict.fromkeys(run_ids))
+        if not ids:
+            return {}
+
+        def get(conn: sqlite3.Connection) -> list[bytes]:
+            bodies: list[bytes] = []
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT body FROM runs WHERE run_id IN ({marks})"
+                bodies += [row[0] for row in conn.execute(sql, chunk).fetchall()]
+            return bodies
+
+        runs = [Run.model_validate_json(body) for body in await self._reader.run(get)]
+        return {run.run_id: run for run in runs}
+
+    async def list_runs(
+        self, job_id: str, limit: int, cursor: str | None = None
+    ) -> tuple[list[Run], str | None]:
+        if limit <= 0:
+            return [], cursor
+        where = "job_id = ?"
+        params: list[Any] = [job_id]
+        if cursor is not None:
+            where += " AND (scheduled_ms, attempt, run_id) < (?, ?, ?)"
+            params += _decode_cursor(cursor, 3)
+        params.append(limit + 1)
+        sql = (
+            f"SELECT scheduled_ms, attempt, run_id, body FROM runs WHERE {where} "
+            "ORDER BY scheduled_ms DESC, attempt DESC, run_id DESC LIMIT ?"
+        )
+
+        def page(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._reader.run(page)
+        runs = [Run.model_validate_json(row[3]) for row in rows[:limit]]
+        next_cursor = _encode_cursor(*rows[limit - 1][:3]) if len(rows) > limit else None
+        return runs, next_cursor
+
+    async def claim_runs(self, run_ids: Sequence[str], worker_id: str) -> set[str]:
+        ids = list(dict.fromkeys(run_ids))
+        if not ids:
+            return set()
+
+        def claim(conn: sqlite3.Connection) -> set[str]:
+            now = _now_ms()
+            won = set()
+            # One statement per id inside the one transaction: rowcount tells which inserts this call made.
+            for run_id in ids:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO run_claims (run_id, worker_id, claimed_ms) VALUES (?, ?, ?)",
+                    (run_id, worker_id, now),
+                )
+                if cur.rowcount == 1:
+                    won.add(run_id)
+            return won
+
+        return await self._writer.write(claim)
+
+    # Dead letters -----------------------------------------------------------------------------------------
+    async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        if not letters:
+            return
+        rows = [(d.user_id, d.dead_letter_id, d.dead_ms, d.model_dump_json().encode()) for d in letters]
+        await self._writer.write(
+            lambda conn: conn.executemany(
+                "INSERT OR REPLACE INTO dead_letters (user_id, dead_letter_id, dead_ms, body) "
+                "VALUES (?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def list_dead_letters(
+        self, user_id: str, limit: int, cursor: str | None = None
+    ) -> tuple[list[DeadLetter], str | None]:
+        if limit <= 0:
+            return [], cursor
+        where = "user_id = ?"
+        params: list[Any] = [user_id]
+        if cursor is not None:
+            where += " AND (dead_ms, dead_letter_id) < (?, ?)"
+            params += _decode_cursor(cursor, 2)
+        params.append(limit + 1)
+        sql = (
+            f"SELECT dead_ms, dead_letter_id, body FROM dead_letters WHERE {where} "
+            "ORDER BY dead_ms DESC, dead_letter_id DESC LIMIT ?"
+        )
+
+        def page(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, params).fetchall()
+
+        rows = await self._reader.run(page)
+        letters = [DeadLetter.model_validate_json(row[2]) for row in rows[:limit]]
+        next_cursor = _encode_cursor(*rows[limit - 1][:2]) if len(rows) > limit else None
+        return letters, next_cursor
+
+    async def get_dead_letter(self, user_id: str, dead_letter_id: str) -> DeadLetter | None:
+        def get(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT body FROM dead_letters WHERE user_id = ? AND dead_letter_id = ?",
+                (user_id, dead_letter_id),
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        body = await self._reader.run(get)
+        return None if body is None else DeadLetter.model_validate_json(body)
+
+    # Idempotent submit ------------------------------------------------------------------------------------
+    async def claim_idempotency_key(self, user_id: str, key: str, job_id: str, ttl_s: int) -> str:
+        def claim(conn: sqlite3.Connection) -> str:
+            now = _now_ms()
+            row = conn.execute(
+                "SELECT job_id, expires_ms FROM idempotency_keys WHERE user_id = ? AND key = ?",
+                (user_id, key),
+            ).fetchone()
+            if row is not None and row[1] > now:
+                return str(row[0])
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency_keys (user_id, key, job_id, expires_ms) "
+                "VALUES (?, ?, ?, ?)",
+                (user_id, key, job_id, now + ttl_s * 1000),
+            )
+            # Lazy expiry (CQL's TTL does it for Scylla); bounded so one claim never pays for a backlog.
+            conn.execute(
+                "DELETE FROM idempotency_keys WHERE (user_id, key) IN "
+                "(SELECT user_id, key FROM idempotency_keys WHERE expires_ms <= ? LIMIT 100)",
+                (now,),
+            )
+            return job_id
+
+        return await self._writer.write(claim)
+
+    # Stats ------------------------------------------------------------------------------------------------
+    async def stats(self, now_ms: int) -> dict[str, int]:
+        def stats(conn: sqlite3.Connection) -> dict[str, int]:
+            conn.execute("BEGIN")  # one snapshot for all three counts
+            try:
+                by_status = dict(
+                    conn.execute(f"SELECT {_STATUS_SQL} AS s, COUNT(*) FROM jobs GROUP BY s").fetchall()
+                )
+                (due,) = conn.execute(
+                    "SELECT COUNT(*) FROM job_queue WHERE due_ms <= ?", (now_ms,)
+                ).fetchone()
+                (dead,) = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+            finally:
+                conn.execute("COMMIT")
+            counts = {s.value: int(by_status.get(s.value, 0)) for s in _STATS_STATUSES}
+            counts["due"] = int(due)
+            counts["dead"] = int(dead)
+            return counts
+
+        return await self._reader.run(stats)
+
+
+_STATS_STATUSES = (
+    JobStatus.SCHEDULED,
+    JobStatus.QUEUED,
+    JobStatus.RUNNING,
+    JobStatus.SUCCEEDED,
+    JobStatus.FAILED,
+)
