@@ -33,6 +33,7 @@ async def main(jobs: int, lead: float) -> None:
         await wait_hits(target, len(due_by_id), timeout_s=120)
         report(f"burst: {jobs} HTTP jobs due at one instant", due_by_id, target.hits, len(due_by_id), took,
                float(due_ms))
+        print(await scheduler.lag_summary())
     finally:
         scheduler.stop()
         await target.stop()

@@ -62,7 +62,7 @@ class Scheduler:
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")}
         env.update({"DSCHED_PORT": str(self.port), "DSCHED_DATA_DIR": str(self.data_dir),
-                    "DSCHED_LOG_LEVEL": "WARNING", **self.extra_env})
+                    "DSCHED_LOG_LEVEL": "WARNING", **self.extra_env, **{k: v for k, v in os.environ.items() if k.startswith("DSCHED_")}})
         dsched = str(Path(sys.executable).with_name("dsched"))
         self.proc = subprocess.Popen([dsched, "run", "all"], env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.data_dir / "dsched.log", "wb"))  # noqa: SIM115
@@ -76,6 +76,24 @@ class Scheduler:
                     pass
                 await asyncio.sleep(0.1)
         raise RuntimeError("scheduler did not start")
+
+    async def lag_summary(self) -> str:
+        """Mean dispatch lag (picker) and fire lag (worker start) from the scheduler's own metrics."""
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.port}/metrics") as resp:
+                text = await resp.text()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
+                if line.startswith((f"{name}_sum ", f"{name}_count ")):
+                    key, value = line.split()
+                    values[key] = float(value)
+        parts = []
+        for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
+            count = values.get(f"{name}_count", 0)
+            if count:
+                parts.append(f"{name} mean {1000 * values[f'{name}_sum'] / count:.1f} ms over {count:.0f}")
+        return "; ".join(parts)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

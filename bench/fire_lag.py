@@ -32,6 +32,7 @@ async def main(jobs: int, rate: float, lead: float) -> None:
         await wait_hits(target, len(due_by_id), timeout_s=60 + jobs / rate)
         report(f"fire lag: {jobs} HTTP jobs at {rate:g}/s (lead {lead:g}s)", due_by_id, target.hits,
                len(due_by_id), took, min(due_by_id.values()) if due_by_id else 0)
+        print(await scheduler.lag_summary())
     finally:
         scheduler.stop()
         await target.stop()

@@ -25,17 +25,20 @@ class Batcher(Generic[T]):
         await self.submit_many([item])
 
     async def submit_many(self, items: Sequence[T]) -> None:
-        if not items:
-            return
+        await self.enqueue(items)
+
+    def enqueue(self, items: Sequence[T]) -> asyncio.Future[list[None]]:
+        """Queue ``items`` now (synchronously, so the order between batchers is the caller's order) and return
+        a future that completes when they are flushed."""
         loop = asyncio.get_running_loop()
         futures = []
         for item in items:
             fut: asyncio.Future[None] = loop.create_future()
             self._pending.append((item, fut))
             futures.append(fut)
-        if self._task is None or self._task.done():
+        if futures and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._run())
-        await asyncio.gather(*futures)
+        return asyncio.gather(*futures)
 
     async def _run(self) -> None:
         # Yield once so that callers scheduled in the same loop iteration join this batch.

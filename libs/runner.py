@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -111,6 +112,9 @@ async def serve(settings: Settings, services: list[str]) -> None:
     for name in services:
         if name not in SERVICES:
             raise ValueError(f"unknown service {name!r}")
+    # SQLite calls run on helper threads; a short switch interval stops a busy helper thread from holding the
+    # event loop off the GIL for the default 5 ms (measured: it dominated fire lag under load).
+    sys.setswitchinterval(0.0005)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

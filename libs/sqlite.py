@@ -67,7 +67,13 @@ class SqliteDB:
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
             raise RuntimeError(f"{self.path} is closed")
-        return fn(self._conn)
+        result = fn(self._conn)
+        if isinstance(result, sqlite3.Cursor):
+            # A cursor must never leave this thread: finalizing it elsewhere resets a cached statement this
+            # thread may be running at that moment ("bad parameter or other API misuse").
+            result.close()
+            return None  # type: ignore[return-value]
+        return result
 
 
 class _immediate:

@@ -167,7 +167,7 @@ class Picker:
                     next_load = now + tick_ms
                 await self.dispatch_due(now_ms())
             except Exception as exc:  # a backend hiccup must not kill the picker; entries stay in the store
-                log.warning("picker_error", error=f"{type(exc).__name__}: {exc}")
+                log.warning("picker_error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
                 await asyncio.sleep(self.settings.picker_tick_s)
             wake_at = next_load
             if self._heap:
@@ -200,12 +200,14 @@ class Picker:
         bucket_ms = self.settings.bucket_ms
         last_bucket = bucket_for(until, bucket_ms)
         grace_ms = int(self.settings.bucket_grace_s * 1000)
-        for shard in sorted(owned):
-            checkpoint = await self._checkpoint(shard, now)
+        checkpoints = {shard: await self._checkpoint(shard, now) for shard in sorted(owned)}
+        partitions = [(shard, bucket) for shard, checkpoint in checkpoints.items()
+                      for bucket in range(checkpoint, last_bucket + 1, bucket_ms)]
+        found = await self.store.due_entries_many(partitions, until, self.settings.picker_batch)
+        for shard, checkpoint in checkpoints.items():
             advance_to = checkpoint
-            bucket = checkpoint
-            while bucket <= last_bucket:
-                entries = await self.store.due_entries(shard, bucket, until, self.settings.picker_batch)
+            for bucket in range(checkpoint, last_bucket + 1, bucket_ms):
+                entries = found.get((shard, bucket), [])
                 for entry in entries:
                     if entry.key not in self._loaded:
                         self._loaded.add(entry.key)
@@ -213,7 +215,6 @@ class Picker:
                 # Only a contiguous run of empty, old buckets from the checkpoint can be passed for good.
                 if advance_to == bucket and not entries and bucket + bucket_ms + grace_ms <= now:
                     advance_to = bucket + bucket_ms
-                bucket += bucket_ms
             if advance_to != checkpoint:
                 await self._advance(shard, checkpoint, advance_to)
 

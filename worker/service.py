@@ -58,6 +58,7 @@ from libs.store.base import JobStore
 from worker import executors
 
 CANCEL_PREFIX = "cancel/"
+RUNNING_REPORT_S = 0.2
 IDEMPOTENCY_NAMESPACE = uuid.UUID("0f6f3f1c-9a8e-4a51-8c0b-6f7b2f4f9d11")
 log = logs.get("worker")
 
@@ -82,6 +83,7 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._inflight: dict[str, asyncio.Event] = {}  # receipt -> cancel event
         self._receipts_by_run: dict[str, str] = {}
+        self._started: dict[str, tuple[RunMessage, int]] = {}  # runs whose "running" record is not written yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._runs = Batcher(store.put_runs)
@@ -92,7 +94,7 @@ class Worker:
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Worker]:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60))
-        self._background = [asyncio.create_task(self._heartbeat())]
+        self._background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._report_running())]
         if self.coordination is not None:
             self._background.append(asyncio.create_task(self._watch_cancels()))
         try:
@@ -159,8 +161,11 @@ class Worker:
                 log.error("undecodable_message", message_id=message.message_id, error=str(exc).splitlines()[0])
                 to_ack.append(message.receipt)
         runnable: list[tuple[ReceivedMessage, RunMessage]] = []
+        # A first delivery of an at-least-once run needs no lookup: only a redelivery can find it finished.
+        # (A picker re-dispatching after a crash may still run it twice, which at-least-once allows.)
+        to_check = [m.run_id for msg, m in decoded if msg.receive_count > 1 or m.job.execution == "at_most_once"]
         try:
-            existing = await self.store.get_runs([m.run_id for _, m in decoded])
+            existing = await self.store.get_runs(to_check) if to_check else {}
             at_most_once = [m.run_id for _, m in decoded if m.job.execution == "at_most_once"
                             and m.run_id not in existing]
             claimed = await self.store.claim_runs(at_most_once, self.node_id) if at_most_once else set()
@@ -206,13 +211,9 @@ class Worker:
         try:
             started = now_ms()
             FIRE_LAG.observe(max(0, started - run.due_ms) / 1000)
-            running = self._run_record(run, RunStatus.RUNNING, started=started)
-            self._background_write(self._runs.submit(running))
-            self._background_write(self._states.submit(JobState(
-                job_id=job.job_id, state=JobStatus.RUNNING,
-                last_run=LastRun(run_id=run.run_id, status=RunStatus.RUNNING, attempt=run.attempt,
-                                 scheduled_ms=run.scheduled_ms))))
+            self._started[run.run_id] = (run, started)
             outcome = await self._perform(run, cancelled)
+            self._started.pop(run.run_id, None)  # before the final record: no "running" may follow it
             finished = now_ms()
             RUN_DURATION.observe((finished - started) / 1000)
             RUNS_FINISHED.labels(outcome.status.value).inc()
@@ -227,6 +228,7 @@ class Worker:
         finally:
             self._inflight.pop(message.receipt, None)
             self._receipts_by_run.pop(run.run_id, None)
+            self._started.pop(run.run_id, None)
             WORKER_INFLIGHT.dec()
             self._slots.release()
 
@@ -320,16 +322,28 @@ class Worker:
                    started_ms=started, finished_ms=finished, worker_id=self.node_id, exit_code=exit_code,
                    http_status=http_status, output=output, output_ref=output_ref, error=error)
 
-    def _background_write(self, write: object) -> None:
-        async def guarded() -> None:
+    async def _report_running(self) -> None:
+        """Record runs as ``running`` once they have run for ``RUNNING_REPORT_S``: most runs finish sooner,
+        and writing their progress would double the store writes for nothing the user could see."""
+        while True:
+            await asyncio.sleep(RUNNING_REPORT_S)
+            cutoff = now_ms() - int(RUNNING_REPORT_S * 1000)
+            due = [(run, started) for run, started in self._started.values() if started <= cutoff]
+            if not due:
+                continue
+            for run, _ in due:
+                self._started.pop(run.run_id, None)
+            # Enqueued synchronously, before any final record of these runs can be (they left _started).
+            runs = self._runs.enqueue([self._run_record(run, RunStatus.RUNNING, started=started)
+                                       for run, started in due])
+            states = self._states.enqueue([JobState(
+                job_id=run.job.job_id, state=JobStatus.RUNNING,
+                last_run=LastRun(run_id=run.run_id, status=RunStatus.RUNNING, attempt=run.attempt,
+                                 scheduled_ms=run.scheduled_ms)) for run, _ in due])
             try:
-                await write  # type: ignore[misc]
-            except Exception as exc:  # the final record (awaited) is what counts; this one is informational
+                await asyncio.gather(runs, states)
+            except Exception as exc:  # informational only: the final record is what counts
                 log.warning("progress_write_failed", error=f"{type(exc).__name__}: {exc}")
-
-        task = asyncio.create_task(guarded())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # Heartbeat, cancel, shutdown --------------------------------------------------------------------------
     async def _heartbeat(self) -> None:

@@ -80,6 +80,13 @@ class JobStore(ABC):
     async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[QueueEntry]:
         """Entries of one partition with ``due_ms <= until_ms``, earliest first."""
 
+    async def due_entries_many(
+        self, partitions: Sequence[tuple[int, int]], until_ms: int, limit: int
+    ) -> dict[tuple[int, int], list[QueueEntry]]:
+        """:meth:`due_entries` for several ``(shard, bucket_ms)`` partitions (one query per partition; an
+        implementation may run them in one round trip)."""
+        return {p: await self.due_entries(p[0], p[1], until_ms, limit) for p in partitions}
+
     @abstractmethod
     async def delete_entries(self, entries: Sequence[QueueEntry]) -> None:
         """Delete by primary key; deleting a missing entry is not an error."""

@@ -274,31 +274,36 @@ class SqliteStore(JobStore):
         )
 
     async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[QueueEntry]:
+        return (await self.due_entries_many([(shard, bucket_ms)], until_ms, limit))[(shard, bucket_ms)]
+
+    async def due_entries_many(
+        self, partitions: Sequence[tuple[int, int]], until_ms: int, limit: int
+    ) -> dict[tuple[int, int], list[QueueEntry]]:
         if limit <= 0:
-            return []
+            return {p: [] for p in partitions}
 
-        def due(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return conn.execute(
-                "SELECT due_ms, job_id, scheduled_ms, attempt, kind, version, priority FROM job_queue "
-                "WHERE shard = ? AND bucket_ms = ? AND due_ms <= ? "
-                "ORDER BY due_ms, priority DESC, job_id, scheduled_ms, attempt LIMIT ?",
-                (shard, bucket_ms, until_ms, limit),
-            ).fetchall()
+        def due(conn: sqlite3.Connection) -> dict[tuple[int, int], list[tuple[Any, ...]]]:
+            # One thread hop for every partition: the picker reads all its shards each tick.
+            return {
+                (shard, bucket_ms): conn.execute(
+                    "SELECT due_ms, job_id, scheduled_ms, attempt, kind, version, priority FROM job_queue "
+                    "WHERE shard = ? AND bucket_ms = ? AND due_ms <= ? "
+                    "ORDER BY due_ms, priority DESC, job_id, scheduled_ms, attempt LIMIT ?",
+                    (shard, bucket_ms, until_ms, limit),
+                ).fetchall()
+                for shard, bucket_ms in partitions
+            }
 
-        return [
-            QueueEntry(
-                shard=shard,
-                bucket_ms=bucket_ms,
-                due_ms=due_ms,
-                job_id=job_id,
-                scheduled_ms=scheduled_ms,
-                attempt=attempt,
-                kind=kind,
-                version=version,
-                priority=priority,
-            )
-            for due_ms, job_id, scheduled_ms, attempt, kind, version, priority in await self._reader.run(due)
-        ]
+        rows_by_partition = await self._reader.run(due)
+        return {
+            (shard, bucket_ms): [
+                QueueEntry(shard=shard, bucket_ms=bucket_ms, due_ms=due_ms, job_id=job_id,
+                           scheduled_ms=scheduled_ms, attempt=attempt, kind=kind, version=version,
+                           priority=priority)
+                for due_ms, job_id, scheduled_ms, attempt, kind, version, priority in rows
+            ]
+            for (shard, bucket_ms), rows in rows_by_partition.items()
+        }
 
     async def delete_entries(self, entries: Sequence[QueueEntry]) -> None:
         if not entries:
