@@ -4,6 +4,7 @@ Keys (under the coordination backend's namespace):
 
 - ``leader`` — the leader's node id, attached to its lease. Whoever creates it leads until its lease ends.
 - ``pickers/<node>`` — one per live picker, attached to the picker's lease (it vanishes when the picker dies).
+- ``cancel/<run_id>`` — written by the API (run cancel) or a picker (``overlap: replace``); watched by workers.
 - ``assignments/<node>`` — JSON ``{"shards": [...], "leader": ..., "epoch": ...}``, written by the leader only
   while it still holds ``leader`` (``put_if``), so a deposed leader cannot overwrite a newer assignment.
 
@@ -29,6 +30,7 @@ from libs.settings import Settings
 LEADER_KEY = "leader"
 PICKERS_PREFIX = "pickers/"
 ASSIGNMENTS_PREFIX = "assignments/"
+CANCEL_PREFIX = "cancel/"  # cancel/<run_id>: ask the worker running it to stop (short-lived, leased)
 log = logs.get("coordinator")
 
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from libs.clock import parse_rfc3339, to_rfc3339
 from libs.models import DeadLetter, HttpTarget, Job, Payload, RetryPolicy, Run
-from libs.schedule import ScheduleError, parse_schedule
+from libs.schedule import ScheduleError, next_in_chain, parse_schedule
 
 USER_ID = re.compile(r"^[A-Za-z0-9._@:+\-]{1,128}$")
 
@@ -152,8 +152,7 @@ def next_fire(job: Job, now: int) -> int | None:
     if not job.recurring:
         return None
     try:
-        return parse_schedule(job.cron_schedule or "", job.timezone).next_after(
-            max(job.dispatched_through_ms, now - 1))
+        return next_in_chain(parse_schedule(job.cron_schedule or "", job.timezone), job.dispatched_through_ms, now)
     except ScheduleError:
         return None
 

@@ -27,11 +27,13 @@ from ingestion.requests import (
     check_schedule,
     dead_letter_view,
     job_view,
+    next_fire,
     parse_payload,
     parse_time,
     pydantic_detail,
     run_view,
 )
+from coordinator.service import CANCEL_PREFIX
 from libs import logs
 from libs.blobs.base import BlobNotFound, BlobStore
 from libs.clock import now_ms, to_rfc3339
@@ -43,7 +45,6 @@ from libs.queue.base import WorkQueue
 from libs.schedule import ScheduleError, parse_schedule, upcoming
 from libs.settings import Settings
 from libs.store.base import JobStore
-from worker.service import CANCEL_PREFIX
 
 log = logs.get("ingestion")
 IDEMPOTENCY_TTL_S = 86_400
@@ -368,14 +369,13 @@ class Ingestion:
         if not 1 <= count <= 1000:
             raise ApiError(400, "invalid_field", "next: must be between 1 and 1000")
         now = now_ms()
-        if not job.recurring:
-            times = [job.next_fire_ms] if job.dispatched_through_ms < job.next_fire_ms else []
-        else:
-            schedule = parse_schedule(job.cron_schedule or "", job.timezone)
-            start = max(now, job.dispatched_through_ms)
-            first = job.next_fire_ms if job.next_fire_ms > start else None
-            times = ([first] if first else []) + upcoming(schedule, start if first is None else first,
-                                                          count - (1 if first else 0))
+        first = next_fire(job, now)
+        times: list[int] = []
+        if first is not None:
+            times = [first]
+            if job.recurring:
+                schedule = parse_schedule(job.cron_schedule or "", job.timezone)
+                times += upcoming(schedule, first, count - 1)
         return json_response({"job_id": job.job_id, "timezone": job.timezone,
                               "next": [to_rfc3339(t) for t in times[:count]]})
 

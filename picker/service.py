@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import orjson
 
-from coordinator.service import ASSIGNMENTS_PREFIX, PICKERS_PREFIX
+from coordinator.service import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
 from libs import logs
 from libs.clock import now_ms
 from libs.coordination.base import Coordination
@@ -40,6 +40,8 @@ log = logs.get("picker")
 
 # A recurring occurrence is "missed" (misfire policy applies) when dispatched later than this by default.
 DEFAULT_MAX_LATENESS_MS = 60_000
+# A run still marked running this long after its timeout is treated as abandoned by overlap checks.
+OVERLAP_STALE_MS = 30_000
 
 
 class Picker:
@@ -272,12 +274,19 @@ class Picker:
         queued: dict[str, JobState] = {}
         dispatched: dict[str, int] = {}
         done: list[QueueEntry] = []
+        cancels: list[str] = []
         for entry in entries:
             done.append(entry)
             job = jobs.get(entry.job_id)
             reason = self._drop_reason(entry, job)
             if reason is not None:
                 PICKER_DROPPED.labels(reason).inc()
+                if reason == "already_dispatched" and job is not None and job.recurring:
+                    # Keep the chain alive (a replayed or duplicate submission): the next entry after what was
+                    # dispatched has the same key as the chain's own, so this write is idempotent.
+                    chained = self._chain_entry(job, now)
+                    if chained is not None:
+                        next_entries.append(chained)
                 continue
             assert job is not None
             fire = [entry.scheduled_ms]
@@ -286,6 +295,15 @@ class Picker:
                 skipped_runs.extend(skipped)
                 if next_entry is not None:
                     next_entries.append(next_entry)
+                if fire and job.overlap != "allow" and self._still_running(job, now):
+                    assert job.last_run is not None
+                    if job.overlap == "skip":
+                        skipped_runs.extend(self._skipped(job, occ, now, "overlap: previous run still running")
+                                            for occ in fire)
+                        dispatched[job.job_id] = max(dispatched.get(job.job_id, -1), max(fire))
+                        fire = []
+                    else:
+                        cancels.append(job.last_run.run_id)
             for scheduled in fire:
                 run_id = run_id_for(job.job_id, scheduled, entry.attempt)
                 message = RunMessage(run_id=run_id, job=job, scheduled_ms=scheduled, attempt=entry.attempt,
@@ -300,6 +318,8 @@ class Picker:
         # Order matters for crash safety: the next occurrence and the "queued" state are stored before the send,
         # the send before marking the occurrence dispatched, and that before deleting the entries. A crash at
         # any point re-dispatches at most (deduplicated by run id), never loses.
+        if cancels and self.coordination is not None:
+            await self._request_cancels(cancels)
         if next_entries:
             await self.store.put_entries(next_entries)
         if skipped_runs:
@@ -316,6 +336,30 @@ class Picker:
         if messages:
             log.debug("dispatched", count=len(messages))
         return len(messages)
+
+    @staticmethod
+    def _skipped(job: Job, occurrence: int, now: int, reason: str) -> Run:
+        return Run(run_id=run_id_for(job.job_id, occurrence, 0), job_id=job.job_id, user_id=job.user_id,
+                   scheduled_ms=occurrence, attempt=0, status=RunStatus.SKIPPED, finished_ms=now, error=reason)
+
+    @staticmethod
+    def _still_running(job: Job, now: int) -> bool:
+        """The job's last run is recorded as running and could still be (a dead worker's run stops counting
+        once its timeout and a visibility period have passed)."""
+        last = job.last_run
+        if last is None or last.status != RunStatus.RUNNING:
+            return False
+        return now - last.scheduled_ms < int(job.timeout_s * 1000) + OVERLAP_STALE_MS
+
+    async def _request_cancels(self, run_ids: list[str]) -> None:
+        """``overlap: replace``: ask the worker running the previous run to stop it (see worker cancel watch)."""
+        assert self.coordination is not None
+        try:
+            lease = await self.coordination.grant_lease(60)
+            for run_id in run_ids:
+                await self.coordination.put(CANCEL_PREFIX + run_id, b"replaced", lease)
+        except Exception as exc:  # the new run still goes ahead; the old one ends at its timeout
+            log.warning("cancel_request_failed", error=f"{type(exc).__name__}: {exc}")
 
     @staticmethod
     def _drop_reason(entry: QueueEntry, job: Job | None) -> str | None:
@@ -341,16 +385,20 @@ class Picker:
         max_lateness = (int(job.max_lateness_s * 1000) if job.max_lateness_s is not None
                         else DEFAULT_MAX_LATENESS_MS)
         plan = plan_misfire(schedule, entry.scheduled_ms, now, job.misfire, max_lateness)
-        skipped = [
-            Run(run_id=run_id_for(job.job_id, occ, 0), job_id=job.job_id, user_id=job.user_id, scheduled_ms=occ,
-                attempt=0, status=RunStatus.SKIPPED, finished_ms=now, error=reason)
-            for occ, reason in plan.skipped
-        ]
-        next_ms = plan.next_ms
-        next_entry = QueueEntry(
+        skipped = [self._skipped(job, occ, now, reason) for occ, reason in plan.skipped]
+        return plan.fire, skipped, self._schedule_entry(job, plan.next_ms, now)
+
+    def _schedule_entry(self, job: Job, next_ms: int, now: int) -> QueueEntry:
+        return QueueEntry(
             shard=shard_for(job.job_id, self.settings.shard_count),
             bucket_ms=bucket_for(max(next_ms, now), self.settings.bucket_ms),
             due_ms=next_ms, job_id=job.job_id, scheduled_ms=next_ms, attempt=0, kind="schedule",
             version=job.version, priority=job.priority,
         )
-        return plan.fire, skipped, next_entry
+
+    def _chain_entry(self, job: Job, now: int) -> QueueEntry | None:
+        try:
+            schedule = parse_schedule(job.cron_schedule or "", job.timezone)
+            return self._schedule_entry(job, schedule.next_after(job.dispatched_through_ms), now)
+        except ScheduleError:
+            return None

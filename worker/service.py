@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from pydantic import ValidationError
 
+from coordinator.service import CANCEL_PREFIX
 from libs import logs
 from libs.batching import Batcher
 from libs.blobs.base import BlobStore
@@ -57,7 +58,6 @@ from libs.sharding import bucket_for, shard_for
 from libs.store.base import JobStore
 from worker import executors
 
-CANCEL_PREFIX = "cancel/"
 RUNNING_REPORT_S = 0.2
 IDEMPOTENCY_NAMESPACE = uuid.UUID("0f6f3f1c-9a8e-4a51-8c0b-6f7b2f4f9d11")
 log = logs.get("worker")
