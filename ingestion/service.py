@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from ingestion import openapi
 from ingestion.requests import (
     USER_ID,
     JobFields,
@@ -127,6 +128,7 @@ class Ingestion:
         r.add_get("/health", self.health)
         r.add_get("/metrics", self.metrics)
         r.add_get("/queue/stats", self.queue_stats)
+        r.add_get("/openapi.json", self.openapi)
         return app
 
     @web.middleware
@@ -436,6 +438,9 @@ class Ingestion:
     # Operations -------------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok", "time": to_rfc3339(now_ms())})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return json_response(openapi.spec())
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
