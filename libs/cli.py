@@ -3,6 +3,7 @@
     dsched run all                 the five services in one process (dev defaults: cmd: and loopback HTTP on)
     dsched run <service>           one of ingestion, writer, coordinator, picker, worker
     dsched db migrate              apply the CQL schema (Scylla store) idempotently
+    dsched chaos [options]         the chaos suite (python -m chaos)
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("service", choices=["all", *SERVICES])
     db = sub.add_parser("db", help="store schema")
     db.add_argument("action", choices=["migrate"])
+    chaos = sub.add_parser("chaos", help="run the chaos suite (see docs/chaos.md)", add_help=False)
+    chaos.add_argument("chaos_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "chaos":
+        from chaos.runner import main as chaos_main
+
+        sys.exit(chaos_main(args.chaos_args))
 
     settings = _settings()
     logs.configure(settings.log_level.upper())

@@ -36,7 +36,20 @@ def build_log(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
         from libs.log.sqlite import SqliteLog
 
         return SqliteLog(tmp_path / "log.db", partitions=4)
-    raise NotImplementedError(backend)  # kafka-mock / kafka: added by the Kafka adapter work
+    if backend in ("kafka-mock", "kafka"):
+        from libs.log.kafka import KafkaLog
+
+        if backend == "kafka-mock":
+            # The mock cannot CreateTopics: the topic is auto-created (4 partitions). Its group joins take
+            # session_timeout_ms - 1 s, hence the short session.
+            servers = request.getfixturevalue("kafka_mock")
+            query = "create_topics=false&session_timeout_ms=4000"
+        else:
+            servers = env_or_skip("DSCHED_TEST_KAFKA", "kafka").removeprefix("kafka://").strip("/")
+            query = "partitions=4&session_timeout_ms=6000"
+        settings = test_settings(tmp_path, log_url=f"kafka://{servers}/{unique('dsched-test')}?{query}")
+        return KafkaLog.from_url(settings.log_url, settings)
+    raise NotImplementedError(backend)
 
 
 def build_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
@@ -44,7 +57,27 @@ def build_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
         from libs.store.sqlite import SqliteStore
 
         return SqliteStore(tmp_path / "store.db")
-    raise NotImplementedError(backend)  # scylla: added by the Scylla adapter work
+    if backend == "scylla":
+        import asyncio
+        import concurrent.futures
+        from typing import Any
+
+        from libs.store.migrate import drop_keyspace, migrate
+        from libs.store.scylla import ScyllaStore
+
+        hosts = env_or_skip("DSCHED_TEST_SCYLLA", "scylla").removeprefix("scylla://").strip("/")
+        keyspace = unique("dsched_test").replace("-", "_")
+        url = f"scylla://{hosts}/{keyspace}?replication=SimpleStrategy:1"
+        settings = test_settings(tmp_path, store_url=url)
+
+        def in_thread(coro: Any) -> Any:  # the fixture's event loop is running: use a private one
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                return pool.submit(asyncio.run, coro).result()
+
+        in_thread(migrate(settings.store_url, settings))
+        request.addfinalizer(lambda: in_thread(drop_keyspace(settings.store_url, settings)))
+        return ScyllaStore.from_url(settings.store_url, settings)
+    raise NotImplementedError(backend)
 
 
 def build_coordination(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Coordination:
@@ -52,7 +85,13 @@ def build_coordination(backend: str, request: pytest.FixtureRequest, tmp_path: P
         from libs.coordination.sqlite import SqliteCoordination
 
         return SqliteCoordination(tmp_path / "coordination.db")
-    raise NotImplementedError(backend)  # etcd: added by the etcd adapter work
+    if backend == "etcd":
+        from libs.coordination.etcd import EtcdCoordination
+
+        etcd = request.getfixturevalue("etcd_server")
+        settings = test_settings(tmp_path, coordination_url=f"{etcd.url}/{unique('test')}")
+        return EtcdCoordination.from_url(settings.coordination_url, settings)
+    raise NotImplementedError(backend)
 
 
 def build_queue(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> WorkQueue:
@@ -60,7 +99,14 @@ def build_queue(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
         from libs.queue.sqlite import SqliteQueue
 
         return SqliteQueue(tmp_path / "queue.db", max_receives=MAX_RECEIVES)
-    raise NotImplementedError(backend)  # sqs: added by the SQS adapter work
+    if backend == "sqs":
+        from libs.queue.sqs import SqsQueue
+
+        moto = request.getfixturevalue("moto_server")
+        url = f"sqs://{unique('q')}?endpoint={moto.endpoint}&region={moto.region}"
+        settings = test_settings(tmp_path, queue_url=url)
+        return SqsQueue.from_url(settings.queue_url, settings)
+    raise NotImplementedError(backend)
 
 
 def build_blobs(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
@@ -68,7 +114,14 @@ def build_blobs(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
         from libs.blobs.files import FileBlobStore
 
         return FileBlobStore(tmp_path / "blobs")
-    raise NotImplementedError(backend)  # s3: added by the S3 adapter work
+    if backend == "s3":
+        from libs.blobs.s3 import S3BlobStore
+
+        moto = request.getfixturevalue("moto_server")
+        url = f"s3://{unique('b')}?endpoint={moto.endpoint}&region={moto.region}"
+        settings = test_settings(tmp_path, blobs_url=url)
+        return S3BlobStore.from_url(settings.blobs_url, settings)
+    raise NotImplementedError(backend)
 
 
 def env_or_skip(var: str, what: str) -> str:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import aetcd
 import pytest
 
 from libs.coordination.base import WatchEvent
@@ -103,6 +104,30 @@ async def test_etcd_namespaces_do_not_see_each_other(etcd_server: EtcdServer, tm
             await watch.close()
 
 
+async def test_etcd_create_retried_after_a_lost_reply_still_reports_the_win(
+    etcd_server: EtcdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two "hosts" that are the same server, so a failover retries against the same data.
+    url = f"etcd://127.0.0.1:{etcd_server.port},127.0.0.1:{etcd_server.port}/{uuid.uuid4().hex[:8]}"
+    async with _started(url, tmp_path) as coordination:
+        lease = await coordination.grant_lease(30)
+        real = aetcd.Client.transaction
+        lost: list[bool] = []
+
+        async def applied_but_reply_lost(self: aetcd.Client, *args: object, **kwargs: object) -> object:
+            result = await real(self, *args, **kwargs)
+            if not lost:
+                lost.append(True)
+                raise aetcd.ConnectionFailedError("Stream removed (simulated after the write)")
+            return result
+
+        monkeypatch.setattr(aetcd.Client, "transaction", applied_but_reply_lost)
+        assert await coordination.create("leader", b"me", lease_id=lease) is True
+        assert lost == [True]
+        assert await coordination.create("leader", b"me", lease_id=lease) is False  # no retry: plain False
+        await coordination.revoke(lease)
+
+
 async def test_etcd_lease_ttl_is_rounded_up_to_whole_seconds(etcd_server: EtcdServer, tmp_path: Path) -> None:
     async with _started(f"{etcd_server.url}/{uuid.uuid4().hex[:8]}", tmp_path) as coordination:
         lease = await coordination.grant_lease(0.1)
@@ -158,6 +183,31 @@ async def test_etcd_changes_made_while_the_watch_was_disconnected_are_delivered(
             await writer.put("w/2", b"2")
             got = await watch.wait_for(3)
             assert [e.key for e in got] == ["w/0", "w/1", "w/2"]
+        finally:
+            await watch.close()
+
+
+async def test_etcd_watch_started_behind_a_compaction_starts_at_the_oldest_revision(
+    own_etcd: EtcdServer, tmp_path: Path
+) -> None:
+    async with (
+        _started(f"{own_etcd.url}/ns", tmp_path) as idle,  # its last-seen revision is about to go stale
+        _started(f"{own_etcd.url}/ns", tmp_path) as writer,
+    ):
+        for i in range(5):
+            await writer.put(f"w/{i}", b"old")
+        raw = aetcd.Client("127.0.0.1", own_etcd.port)
+        try:
+            reply = await raw.put(b"unrelated", b"x")
+            await raw.compact(reply.header.revision, physical=True)
+        finally:
+            await raw.close()
+        watch = _Collector(idle.watch_prefix("w/"))
+        try:
+            await writer.put("w/new", b"new")
+            got = await watch.wait_for(1)
+            assert got[-1] == WatchEvent("w/new", b"new")
+            assert all(event.value == b"new" for event in got)  # nothing from before the compaction
         finally:
             await watch.close()
 

@@ -1,0 +1,6 @@
+"""Session-wide fixtures shared by every test package."""
+
+from __future__ import annotations
+
+from tests.kafka_mock import kafka_mock  # noqa: F401
+from tests.servers import etcd_server, moto_server  # noqa: F401
