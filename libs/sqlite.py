@@ -8,13 +8,15 @@ never blocks on SQLite, and the connection is only ever used from the thread tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
+MAX_GROUP = 256  # writes per group commit
 
 
 class SqliteDB:
@@ -24,6 +26,8 @@ class SqliteDB:
         self._schema = schema
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +47,9 @@ class SqliteDB:
     async def close(self) -> None:
         if self._executor is None:
             return
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
         conn, self._conn = self._conn, None
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
@@ -56,13 +63,39 @@ class SqliteDB:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` inside ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back if it raises)."""
+        """Run ``fn(conn)`` in a write transaction and return its result once committed.
 
-        def tx(conn: sqlite3.Connection) -> T:
-            with _immediate(conn):
-                return fn(conn)
+        Group commit: writes queued while a transaction is in flight run together in the next one (one thread
+        hop, one ``BEGIN IMMEDIATE`` … ``COMMIT``), each inside its own savepoint, so a write that raises is
+        rolled back alone and its caller gets the exception; the others still commit.
+        """
+        if self._executor is None:
+            raise RuntimeError(f"{self.path} is not open")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_writes())
+        return cast(T, await future)
 
-        return await self.run(tx)
+    async def _flush_writes(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+            try:
+                outcomes = await self.run(lambda conn: _run_group(conn, [fn for fn, _ in batch]))
+            except BaseException as exc:  # the COMMIT itself failed: nothing of this group is durable
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
@@ -87,6 +120,26 @@ class _immediate:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _run_group(conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+    outcomes: list[tuple[bool, Any]] = []
+    with _immediate(conn):
+        for fn in fns:
+            conn.execute("SAVEPOINT w")
+            try:
+                result = fn(conn)
+                if isinstance(result, sqlite3.Cursor):  # never let a cursor leave this thread (see _call)
+                    result.close()
+                    result = None
+            except Exception as exc:
+                conn.execute("ROLLBACK TO w")
+                conn.execute("RELEASE w")
+                outcomes.append((False, exc))
+            else:
+                conn.execute("RELEASE w")
+                outcomes.append((True, result))
+    return outcomes
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:

@@ -1,0 +1,930 @@
+"""Scylla adapter pieces that need no server, and the whole store contract against an in-memory CQL double.
+
+No ScyllaDB can run here, so :class:`FakeCql` stands in for the server *and* checks what a server would
+refuse: it builds its tables from the real migration files (run through ``migrate``), prepares the real
+statements (unknown tables or columns, a WHERE clause that does not pin the partition key, a slice on a
+clustering column whose predecessors are not pinned: all rejected), and answers through ResponseFuture-like
+objects that call back from another thread, a few rows per page. Its semantics are CQL's: INSERT and UPDATE
+are upserts of the named columns only, ``UNSET`` leaves a column alone, LWTs return ``[applied]`` with the
+existing row, TTLs expire rows, token-range reads go in token order. The contract suite then runs
+unchanged on a ``ScyllaStore`` wired to it, which covers the store's own logic (parameter order, paging,
+cursors, LWT handling, the definition/state column split) but not Scylla itself: that is the ``[scylla]``
+contract run with ``DSCHED_TEST_SCYLLA``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cassandra import InvalidRequest
+from cassandra.murmur3 import murmur3
+from cassandra.query import UNSET_VALUE
+
+from libs.backends import BackendConfigError
+from libs.models import Job, JobState, JobStatus, LastRun, Payload, RunStatus
+from libs.settings import Settings
+from libs.store import migrate as migrate_module
+from libs.store import scylla
+from libs.store.migrate import MigrationError, discover, migrate, render
+from libs.store.scylla import (
+    NON_IDEMPOTENT,
+    PARTITION_KEYS,
+    RING,
+    SCHEMA_VERSION,
+    TOKEN_RANGE_STATEMENTS,
+    SchemaNotMigrated,
+    ScyllaStore,
+    ScyllaUrlError,
+    bridge,
+    decode_cursor,
+    encode_cursor,
+    job_definition,
+    job_from_row,
+    merge_states,
+    parse_url,
+    replication_literal,
+    sample_coverage,
+    state_params,
+    statements,
+)
+from tests.contract import test_store as store_contract
+
+# URL parsing ----------------------------------------------------------------------------------------------
+
+
+def test_url_defaults() -> None:
+    config = parse_url("scylla://s1:9042,s2/dsched")
+    assert config.contact_points == (("s1", 9042), ("s2", 9042))
+    assert config.keyspace == "dsched"
+    assert config.local_dc is None
+    assert (config.consistency, config.serial_consistency) == (6, 8)  # LOCAL_QUORUM, SERIAL
+    assert config.replication == "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    assert config.username is None
+
+
+def test_url_parameters_and_credentials() -> None:
+    config = parse_url(
+        "scylla://app:p%40ss@[::1]:19042,s2:9043/ks_1?dc=eu-west&consistency=quorum"
+        "&serial_consistency=LOCAL_SERIAL&replication=NetworkTopologyStrategy:eu-west=3,us=2"
+    )
+    assert config.contact_points == (("::1", 19042), ("s2", 9043))
+    assert (config.username, config.password) == ("app", "p@ss")
+    assert config.local_dc == "eu-west"
+    assert (config.consistency, config.serial_consistency) == (4, 9)  # QUORUM, LOCAL_SERIAL
+    assert config.replication == "{'class': 'NetworkTopologyStrategy', 'eu-west': 3, 'us': 2}"
+
+
+@pytest.mark.parametrize(
+    ("spec", "literal"),
+    [
+        ("SimpleStrategy:3", "{'class': 'SimpleStrategy', 'replication_factor': 3}"),
+        ("NetworkTopologyStrategy:dc1=3", "{'class': 'NetworkTopologyStrategy', 'dc1': 3}"),
+    ],
+)
+def test_replication_literal(spec: str, literal: str) -> None:
+    assert replication_literal(spec) == literal
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("cassandra://h/ks", "scylla://"),
+        ("scylla:///ks", "no hosts"),
+        ("scylla://h:x/ks", "bad port"),
+        ("scylla://h:70000/ks", "bad port"),
+        ("scylla://h", "keyspace"),
+        ("scylla://h/my-keyspace", "keyspace"),
+        ("scylla://h/ks?consistency=MOST", "consistency"),
+        ("scylla://h/ks?replication=SimpleStrategy", "needs a factor"),
+        ("scylla://h/ks?replication=NetworkTopologyStrategy:dc1", "NetworkTopologyStrategy"),
+        ("scylla://h/ks?replication=LocalStrategy:1", "replication"),
+        ("scylla://h/ks?dcc=x", "unknown"),
+    ],
+)
+def test_bad_urls_are_one_clear_line(url: str, fragment: str) -> None:
+    with pytest.raises(ScyllaUrlError) as info:
+        parse_url(url)
+    assert fragment in str(info.value)
+    assert isinstance(info.value, BackendConfigError)
+
+
+# Statements -----------------------------------------------------------------------------------------------
+_TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+(\w+)")
+
+
+def test_every_statement_addresses_one_partition() -> None:
+    for name, cql in statements().items():
+        table = _TABLE.search(cql)
+        assert table is not None, name
+        keys = PARTITION_KEYS[table.group(1)]
+        if cql.startswith("INSERT"):
+            columns = re.search(r"\(([^)]*)\) VALUES", cql)
+            assert columns is not None and set(keys) <= {c.strip() for c in columns.group(1).split(",")}, name
+            continue
+        where = cql.split(" WHERE ", 1)[1]
+        if name in TOKEN_RANGE_STATEMENTS:
+            assert re.match(rf"token\({', '.join(keys)}\) (>=|<) \? LIMIT \?$", where), name
+            continue
+        for key in keys:
+            assert re.search(rf"\b{key} = \?", where), f"{name}: {key} not pinned"
+
+
+def test_conditional_statements_are_exactly_the_non_idempotent_ones() -> None:
+    lwt = {name for name, cql in statements().items() if " IF " in cql}
+    assert lwt == NON_IDEMPOTENT
+    assert "IF NOT EXISTS USING TTL ?" in statements()["claim_idempotency_key"]
+
+
+def test_partition_keys_match_the_migrations() -> None:
+    engine = FakeCql()
+    for migration in discover():
+        for statement in migration.statements("ks", "{'class': 'SimpleStrategy', 'replication_factor': 1}"):
+            engine.execute(statement, ())
+    assert {name: table.partition for name, table in engine.tables.items()} == PARTITION_KEYS
+
+
+def test_every_statement_prepares_against_the_migrated_schema() -> None:
+    engine = migrated_engine()
+    for cql in statements().values():
+        engine.prepare(cql)  # raises InvalidRequest like a server would
+
+
+# Migrations -----------------------------------------------------------------------------------------------
+def test_migrations_are_found_in_version_order_and_the_code_needs_the_newest() -> None:
+    migrations = discover()
+    assert [m.version for m in migrations] == sorted(m.version for m in migrations)
+    assert migrations[0].name == "initial"
+    assert migrations[-1].version == SCHEMA_VERSION
+    assert all(m.path.parent.name == "migrations" and m.path.parent.parent.name == "db" for m in migrations)
+
+
+def test_migration_lookup_does_not_need_a_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No __init__.py anywhere: the files are found next to the source tree, or under the working directory.
+    assert not (migrate_module.migrations_dir() / "__init__.py").exists()
+    fake_root = tmp_path / "site-packages" / "libs" / "store" / "migrate.py"
+    monkeypatch.setattr(migrate_module, "__file__", str(fake_root))
+    (tmp_path / "db" / "migrations").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert migrate_module.migrations_dir() == tmp_path / "db" / "migrations"
+    fake_root.parent.mkdir(parents=True)
+    monkeypatch.chdir(fake_root.parent)
+    with pytest.raises(MigrationError, match="not found"):
+        migrate_module.migrations_dir()
+
+
+def test_discover_orders_by_version_and_rejects_bad_names(tmp_path: Path) -> None:
+    (tmp_path / "0002_more.cql").write_text("CREATE TABLE IF NOT EXISTS {keyspace}.b (k int PRIMARY KEY);")
+    (tmp_path / "0001_first.cql").write_text("CREATE TABLE IF NOT EXISTS {keyspace}.a (k int PRIMARY KEY);")
+    (tmp_path / "README.md").write_text("ignored")
+    assert [(m.version, m.name) for m in discover(tmp_path)] == [("0001", "first"), ("0002", "more")]
+    (tmp_path / "0002_again.cql").write_text("")
+    with pytest.raises(MigrationError, match="version 0002"):
+        discover(tmp_path)
+    (tmp_path / "0002_again.cql").unlink()
+    (tmp_path / "3_Bad.cql").write_text("")
+    with pytest.raises(MigrationError, match="NNNN_"):
+        discover(tmp_path)
+    with pytest.raises(MigrationError, match="no migrations"):
+        discover(tmp_path / "empty-does-not-exist")
+
+
+def test_render_substitutes_placeholders_and_splits_statements() -> None:
+    text = """-- a comment; with a semicolon
+CREATE KEYSPACE IF NOT EXISTS {keyspace}
+    WITH replication = {replication}{keyspace_options};
+
+CREATE TABLE IF NOT EXISTS {keyspace}.t (
+    k int PRIMARY KEY
+) WITH compaction = {'class': 'SizeTieredCompactionStrategy'};
+"""
+    assert render(
+        text, keyspace="ks", replication="{'class': 'X'}", keyspace_options=" AND tablets = {}"
+    ) == [
+        "CREATE KEYSPACE IF NOT EXISTS ks WITH replication = {'class': 'X'} AND tablets = {}",
+        "CREATE TABLE IF NOT EXISTS ks.t ( k int PRIMARY KEY ) "
+        "WITH compaction = {'class': 'SizeTieredCompactionStrategy'}",
+    ]
+    with pytest.raises(MigrationError, match=r"\{tablename\}"):
+        render("CREATE TABLE {keyspace}.{tablename} (k int PRIMARY KEY);", keyspace="ks", replication="")
+
+
+def test_every_migration_statement_is_idempotent() -> None:
+    for migration in discover():
+        for statement in migration.statements("ks", "{}"):
+            assert "IF NOT EXISTS" in statement, statement
+
+
+# Row codecs -----------------------------------------------------------------------------------------------
+def make_job(**fields: Any) -> Job:
+    base: dict[str, Any] = {
+        "job_id": "j1",
+        "user_id": "u",
+        "project_id": "p",
+        "payload": Payload(kind="echo", text="hi"),
+        "next_fire_ms": 2000,
+        "created_ms": 1000,
+    }
+    return Job.model_validate({**base, **fields})
+
+
+def test_job_definition_excludes_runtime_state_and_round_trips() -> None:
+    last = LastRun(run_id="r", status=RunStatus.FAILED, attempt=1, scheduled_ms=5)
+    job = make_job(state=JobStatus.RUNNING, last_run=last, dispatched_through_ms=9)
+    definition = job_definition(job)
+    assert "dispatched_through_ms" not in definition and '"state"' not in definition
+    row = {
+        "definition": definition,
+        "state": "running",
+        "last_run": last.model_dump_json(),
+        "dispatched_through_ms": 9,
+    }
+    assert job_from_row(row) == job
+    assert job_from_row({**row, "state": None, "last_run": None, "dispatched_through_ms": None}) == make_job()
+    assert job_from_row({"definition": None, "state": "running"}) is None  # a state-only (unknown) job
+
+
+def test_state_params_leave_unset_fields_untouched() -> None:
+    assert state_params(JobState(job_id="j")) is None
+    params = state_params(JobState(job_id="j", dispatched_through_ms=0))
+    assert params == (UNSET_VALUE, UNSET_VALUE, 0, "j")
+
+
+def test_merge_states_applies_a_batch_in_order() -> None:
+    last = LastRun(run_id="r", status=RunStatus.SUCCEEDED, attempt=0, scheduled_ms=5)
+    merged = merge_states(
+        [
+            JobState(job_id="a", state=JobStatus.QUEUED, dispatched_through_ms=5),
+            JobState(job_id="b", state=JobStatus.RUNNING),
+            JobState(job_id="a", state=JobStatus.SUCCEEDED, last_run=last),
+        ]
+    )
+    assert merged == [
+        JobState(job_id="a", state=JobStatus.SUCCEEDED, last_run=last, dispatched_through_ms=5),
+        JobState(job_id="b", state=JobStatus.RUNNING),
+    ]
+
+
+def test_cursors_round_trip_and_reject_garbage() -> None:
+    assert decode_cursor(encode_cursor(5, "job"), 2) == [5, "job"]
+    for bad in ("!!", encode_cursor(1), "bm90IGpzb24="):
+        with pytest.raises(ValueError, match="invalid cursor"):
+            decode_cursor(bad, 2)
+
+
+def test_sample_coverage() -> None:
+    start = 0
+    assert sample_coverage(start, [{"t": 1}], [{"t": -5}], limit=3) == 1.0  # short: the whole ring
+    half = sample_coverage(start, [{"t": 10}, {"t": 2**62 - 1}], [], limit=2)
+    assert half == pytest.approx(2**62 / RING)
+    wrapped = sample_coverage(2**62, [{"t": 2**62 + 1}], [{"t": -(2**63) + 2**62 - 1}], limit=2)
+    assert wrapped == pytest.approx(0.5)
+
+
+# The asyncio bridge ---------------------------------------------------------------------------------------
+class FakeResponseFuture:
+    """Like the driver's ResponseFuture: callbacks run on another thread, once per page."""
+
+    reactor = ThreadPoolExecutor(4, thread_name_prefix="fake-reactor")
+
+    def __init__(
+        self,
+        rows: list[Any] | None,
+        *,
+        page_size: int = 3,
+        error: BaseException | None = None,
+        delay_s: float = 0.0,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_done = on_done
+        self._pages = [rows[i : i + page_size] for i in range(0, len(rows), page_size)] if rows else [rows]
+        self._error = error
+        self._delay_s = delay_s
+        self._page = 0
+        self.threads: set[str] = set()
+        self._callbacks: list[tuple[Callable[[Any], None], Callable[[BaseException], None]]] = []
+
+    @property
+    def has_more_pages(self) -> bool:
+        return self._page < len(self._pages) - 1
+
+    def add_callbacks(
+        self, callback: Callable[[Any], None], errback: Callable[[BaseException], None]
+    ) -> None:
+        self._callbacks.append((callback, errback))
+        self.reactor.submit(self._deliver)
+
+    def start_fetching_next_page(self) -> None:
+        self._page += 1
+        self.reactor.submit(self._deliver)
+
+    def _deliver(self) -> None:
+        time.sleep(self._delay_s)
+        self.threads.add(threading.current_thread().name)
+        last = self._error is not None or not self.has_more_pages
+        if last and self._on_done is not None:
+            self._on_done()
+        for callback, errback in self._callbacks:
+            if self._error is not None:
+                errback(self._error)
+            else:
+                callback(self._pages[self._page])
+
+
+async def test_bridge_collects_every_page_from_the_reactor_thread() -> None:
+    response = FakeResponseFuture([{"i": i} for i in range(10)], page_size=3)
+    rows = await bridge(response, asyncio.get_running_loop())
+    assert rows == [{"i": i} for i in range(10)]
+    assert response.threads and threading.current_thread().name not in response.threads
+
+
+async def test_bridge_resolves_writes_to_no_rows() -> None:
+    assert await bridge(FakeResponseFuture(None), asyncio.get_running_loop()) == []
+
+
+async def test_bridge_raises_the_drivers_error() -> None:
+    with pytest.raises(InvalidRequest, match="unconfigured table"):
+        await bridge(
+            FakeResponseFuture([], error=InvalidRequest("unconfigured table x")), asyncio.get_running_loop()
+        )
+
+
+async def test_bridge_hands_over_errors_raised_while_paging() -> None:
+    class Exhausted(FakeResponseFuture):
+        def start_fetching_next_page(self) -> None:
+            raise RuntimeError("connection lost")
+
+    with pytest.raises(RuntimeError, match="connection lost"):
+        await bridge(Exhausted([1, 2, 3, 4], page_size=2), asyncio.get_running_loop())
+
+
+async def test_bridge_tolerates_a_cancelled_waiter() -> None:
+    response = FakeResponseFuture([1], delay_s=0.05)
+    future = bridge(response, asyncio.get_running_loop())
+    future.cancel()
+    await asyncio.sleep(0.1)  # the late callback finds the future done and does nothing
+    assert future.cancelled()
+
+
+async def test_bridges_run_concurrently() -> None:
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    results = await asyncio.gather(*(bridge(FakeResponseFuture([i], delay_s=0.1), loop) for i in range(4)))
+    assert results == [[0], [1], [2], [3]]
+    assert time.monotonic() - started < 0.35
+
+
+# An in-memory CQL double ----------------------------------------------------------------------------------
+@dataclass
+class Table:
+    name: str
+    columns: list[str]
+    partition: tuple[str, ...]
+    clustering: tuple[str, ...]
+    descending: frozenset[str]
+    default_ttl: int = 0
+    # partition key -> clustering key -> (row, expiry or None)
+    data: dict[tuple[Any, ...], dict[tuple[Any, ...], tuple[dict[str, Any], float | None]]] = field(
+        default_factory=dict
+    )
+
+    def live_rows(self, pk: tuple[Any, ...]) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        partition = self.data.get(pk, {})
+        keys = sorted(partition, key=self.order_key)
+        return [dict(row) for k in keys for row, expiry in [partition[k]] if expiry is None or expiry > now]
+
+    def order_key(self, ck: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(
+            _Desc(v) if c in self.descending else v for c, v in zip(self.clustering, ck, strict=True)
+        )
+
+
+class _Desc:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __lt__(self, other: _Desc) -> bool:
+        return bool(self.value > other.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Desc) and self.value == other.value
+
+
+@dataclass
+class Prepared:
+    query_string: str
+    kind: str
+    table: Table
+    parts: dict[str, Any]
+    markers: int
+    is_idempotent: bool = False
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "=": lambda a, b: a == b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+_SHAPES = {
+    "insert": r"INSERT INTO (\w+) \(([^)]*)\) VALUES \(([^)]*)\)"
+    r"(?P<ine> IF NOT EXISTS)?(?P<ttl> USING TTL \?)?$",
+    "update": r"UPDATE (\w+) SET (.*?) WHERE (.*?)(?: IF (?P<cond>.*))?$",
+    "delete": r"DELETE FROM (\w+) WHERE (.*)$",
+    "select": r"SELECT (.*?) FROM (\w+) WHERE (.*?)(?P<limit> LIMIT \?)?$",
+}
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char == "("
+        depth -= char == ")"
+        if char == "," and depth == 0:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()] if current.strip() else parts
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.strip("() ").split(",") if n.strip())
+
+
+class FakeCql:
+    """Tables, DDL, and the DML/SELECT shapes the store uses, validated as a CQL server would."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, Table] = {}
+        self.keyspaces: set[str] = set()
+        self.lock = threading.Lock()
+        self.clusters: list[FakeCluster] = []  # every Cluster the code under test built
+
+    # DDL and simple statements (migrate's session.execute)
+    def execute(self, cql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        cql = " ".join(cql.replace("%s", "?").split()).rstrip(";")
+        if cql.startswith("CREATE KEYSPACE IF NOT EXISTS "):
+            self.keyspaces.add(cql.split()[5])
+            return []
+        if cql.startswith("DROP KEYSPACE IF EXISTS "):
+            self.keyspaces.discard(cql.split()[4])
+            self.tables.clear()
+            return []
+        if cql.startswith("CREATE TABLE IF NOT EXISTS "):
+            self._create_table(cql)
+            return []
+        if "system_schema.columns" in cql:
+            return []  # a server without tablets
+        return self.run(self.prepare(re.sub(r"\b\w+\.(\w+)", r"\1", cql, count=1)), params)
+
+    def _create_table(self, cql: str) -> None:
+        match = re.match(r"CREATE TABLE IF NOT EXISTS (\w+)\.(\w+) \( (.*) \)(?: WITH (.*))?$", cql)
+        assert match, cql
+        keyspace, name, body, options = match.groups()
+        if keyspace not in self.keyspaces:
+            raise InvalidRequest(f"Keyspace {keyspace} does not exist")
+        columns: list[str] = []
+        primary: list[str] = []
+        for item in _split_top(body):
+            if item.startswith("PRIMARY KEY"):
+                primary = _split_top(item[len("PRIMARY KEY") :].strip()[1:-1])
+            else:
+                columns.append(item.split()[0])
+                if item.endswith("PRIMARY KEY"):
+                    primary = [item.split()[0]]
+        partition, clustering = _names(primary[0]), tuple(primary[1:])
+        order = re.search(r"CLUSTERING ORDER BY \(([^)]*)\)", options or "")
+        descending = (
+            {c.split()[0] for c in order.group(1).split(",") if c.split()[1] == "DESC"} if order else set()
+        )
+        assert set(partition) | set(clustering) <= set(columns), name
+        if order:
+            assert tuple(c.split()[0] for c in order.group(1).split(",")) == clustering, name
+        ttl = re.search(r"default_time_to_live = (\d+)", options or "")
+        self.tables.setdefault(
+            name,
+            Table(
+                name, columns, partition, clustering, frozenset(descending), int(ttl.group(1)) if ttl else 0
+            ),
+        )
+
+    # Prepared statements
+    def prepare(self, cql: str) -> Prepared:
+        found = [(kind, m) for kind, pattern in _SHAPES.items() if (m := re.match(pattern, cql))]
+        if not found:
+            raise InvalidRequest(f"unsupported statement {cql}")
+        kind, match = found[0]
+        table_name = match.group(2) if kind == "select" else match.group(1)
+        table = self.tables.get(table_name)
+        if table is None:
+            raise InvalidRequest(f"unconfigured table {table_name}")
+        parts: dict[str, Any] = {}
+        if kind == "insert":
+            parts["columns"] = _names(match.group(2))
+            self._check_columns(table, parts["columns"])
+            if not set(table.partition + table.clustering) <= set(parts["columns"]):
+                raise InvalidRequest("Missing mandatory PRIMARY KEY part")
+            parts["if_not_exists"], parts["ttl"] = bool(match["ine"]), bool(match["ttl"])
+        elif kind == "update":
+            parts["set"] = tuple(a.split("=")[0].strip() for a in match.group(2).split(","))
+            self._check_columns(table, parts["set"])
+            parts["where"] = self._where(table, match.group(3), full_key=True)
+            parts["cond"] = match["cond"].split()[0] if match["cond"] else None
+        elif kind == "delete":
+            parts["where"] = self._where(table, match.group(2), full_key=True)
+        else:
+            parts["selectors"] = self._selectors(table, match.group(1))
+            parts["where"] = self._where(table, match.group(3), full_key=False)
+            parts["limit"] = bool(match["limit"])
+        return Prepared(cql, kind, table, parts, cql.count("?"))
+
+    @staticmethod
+    def _check_columns(table: Table, columns: tuple[str, ...]) -> None:
+        unknown = set(columns) - set(table.columns)
+        if unknown:
+            raise InvalidRequest(f"Undefined column name {sorted(unknown)} in {table.name}")
+
+    def _selectors(self, table: Table, text: str) -> list[tuple[str, Any]]:
+        selectors: list[tuple[str, Any]] = []
+        for item in _split_top(text):
+            if item == "COUNT(*) AS n":
+                selectors.append(("count", "n"))
+            elif item.startswith("token("):
+                match = re.match(r"token\(([^)]*)\) AS (\w+)$", item)
+                assert match and _names(match.group(1)) == table.partition, item
+                selectors.append(("token", match.group(2)))
+            else:
+                self._check_columns(table, (item,))
+                selectors.append(("column", item))
+        return selectors
+
+    def _where(self, table: Table, text: str, *, full_key: bool) -> list[tuple[str, tuple[str, ...], str]]:
+        relations: list[tuple[str, tuple[str, ...], str]] = []
+        for rel in text.split(" AND "):
+            token = re.match(r"token\(([^)]*)\) (>=|<) \?$", rel)
+            multi = re.match(r"\(([^)]*)\) (<|<=|>|>=) \(([^)]*)\)$", rel)
+            single = re.match(r"(\w+) (=|<|<=|>|>=) \?$", rel)
+            if token:
+                if _names(token.group(1)) != table.partition:
+                    raise InvalidRequest("token() must name the whole partition key")
+                relations.append(("token", table.partition, token.group(2)))
+            elif multi:
+                relations.append(("multi", _names(multi.group(1)), multi.group(2)))
+            elif single:
+                relations.append(("single", (single.group(1),), single.group(2)))
+            else:
+                raise InvalidRequest(f"unsupported relation {rel}")
+        if relations[0][0] == "token":
+            if len(relations) != 1:
+                raise InvalidRequest("token ranges are not combined with other relations here")
+            return relations
+        pinned = [r[1][0] for r in relations if r[0] == "single" and r[2] == "="]
+        if not set(table.partition) <= set(pinned):
+            raise InvalidRequest(f"{table.name}: the partition key {table.partition} must be pinned with =")
+        clustering_relations = [r for r in relations if r[1][0] not in table.partition]
+        position = 0
+        for i, (_, columns, op) in enumerate(clustering_relations):
+            expected = table.clustering[position : position + len(columns)]
+            if columns != expected:
+                raise InvalidRequest(
+                    f"{table.name}: clustering restriction {columns} skips a preceding column"
+                )
+            position += len(columns)
+            if op != "=" and i != len(clustering_relations) - 1:
+                raise InvalidRequest(f"{table.name}: a slice must restrict the last clustering column used")
+        if full_key and (position != len(table.clustering) or any(r[2] != "=" for r in clustering_relations)):
+            raise InvalidRequest(f"{table.name}: writes need the full primary key")
+        return relations
+
+    # Execution
+    def run(self, prepared: Prepared, params: Any) -> list[dict[str, Any]]:
+        params = list(params)
+        if len(params) != prepared.markers:
+            raise InvalidRequest(f"expected {prepared.markers} values, got {len(params)}")
+        run: Callable[[Table, dict[str, Any], list[Any]], list[dict[str, Any]]] = getattr(
+            self, f"_run_{prepared.kind}"
+        )
+        with self.lock:
+            return run(prepared.table, prepared.parts, params)
+
+    def _bind_where(
+        self, table: Table, where: list[Any], params: list[Any]
+    ) -> tuple[dict[str, Any], list[Any]]:
+        eq: dict[str, Any] = {}
+        filters: list[Any] = []
+        for kind, columns, op in where:
+            if kind == "multi":
+                values = tuple(params.pop(0) for _ in columns)
+                filters.append((columns, op, values))
+            elif kind == "token":
+                filters.append(("token", op, params.pop(0)))
+            elif op == "=":
+                eq[columns[0]] = params.pop(0)
+            else:
+                filters.append((columns, op, (params.pop(0),)))
+        return eq, filters
+
+    @staticmethod
+    def _token(pk: tuple[Any, ...]) -> int:
+        return int(murmur3(repr(pk).encode()))
+
+    def _row(self, table: Table, pk: tuple[Any, ...], ck: tuple[Any, ...]) -> dict[str, Any] | None:
+        entry = table.data.get(pk, {}).get(ck)
+        if entry is None or (entry[1] is not None and entry[1] <= time.monotonic()):
+            return None
+        return entry[0]
+
+    def _upsert(self, table: Table, values: dict[str, Any], ttl: int | None) -> None:
+        pk = tuple(values[c] for c in table.partition)
+        ck = tuple(values[c] for c in table.clustering)
+        existing = self._row(table, pk, ck)
+        row = dict(existing or {})
+        row.update({c: v for c, v in values.items() if v is not UNSET_VALUE})
+        ttl = ttl if ttl is not None else table.default_ttl
+        expiry = time.monotonic() + ttl if ttl else None
+        table.data.setdefault(pk, {})[ck] = (row, expiry)
+
+    def _run_insert(self, table: Table, parts: dict[str, Any], params: list[Any]) -> list[dict[str, Any]]:
+        values = dict(zip(parts["columns"], params, strict=False))
+        ttl = params[-1] if parts["ttl"] else None
+        if parts["if_not_exists"]:
+            pk = tuple(values[c] for c in table.partition)
+            existing = self._row(table, pk, tuple(values[c] for c in table.clustering))
+            if existing is not None:
+                return [{"[applied]": False, **existing}]
+            self._upsert(table, values, ttl)
+            return [{"[applied]": True}]
+        self._upsert(table, values, ttl)
+        return []
+
+    def _run_update(self, table: Table, parts: dict[str, Any], params: list[Any]) -> list[dict[str, Any]]:
+        sets = dict(zip(parts["set"], params[: len(parts["set"])], strict=True))
+        rest = params[len(parts["set"]) :]
+        cond_value = rest.pop() if parts["cond"] else None
+        eq, _ = self._bind_where(table, parts["where"], rest)
+        if parts["cond"]:
+            pk = tuple(eq[c] for c in table.partition)
+            existing = self._row(table, pk, tuple(eq[c] for c in table.clustering))
+            current = None if existing is None else existing.get(parts["cond"])
+            if existing is None or current != cond_value:
+                return [{"[applied]": False, parts["cond"]: current}]
+            self._upsert(table, {**eq, **sets}, None)
+            return [{"[applied]": True, parts["cond"]: current}]
+        self._upsert(table, {**eq, **sets}, None)
+        return []
+
+    def _run_delete(self, table: Table, parts: dict[str, Any], params: list[Any]) -> list[dict[str, Any]]:
+        eq, _ = self._bind_where(table, parts["where"], params)
+        table.data.get(tuple(eq[c] for c in table.partition), {}).pop(
+            tuple(eq[c] for c in table.clustering), None
+        )
+        return []
+
+    def _run_select(self, table: Table, parts: dict[str, Any], params: list[Any]) -> list[dict[str, Any]]:
+        limit = params.pop() if parts["limit"] else None
+        eq, filters = self._bind_where(table, parts["where"], params)
+        if filters and filters[0][0] == "token":
+            _, op, bound = filters[0]
+            pks = sorted((pk for pk in table.data if _OPS[op](self._token(pk), bound)), key=self._token)
+            rows = [(pk, row) for pk in pks for row in table.live_rows(pk)]
+        else:
+            pk = tuple(eq[c] for c in table.partition)
+            rows = [(pk, row) for row in table.live_rows(pk)]
+            rows = [(p, r) for p, r in rows if all(r.get(c) == v for c, v in eq.items())]
+            for columns, op, values in filters:
+                rows = [(p, r) for p, r in rows if _OPS[op](tuple(r[c] for c in columns), values)]
+        if parts["selectors"][0][0] == "count":
+            return [{"n": len(rows)}]
+        rows = rows[:limit] if limit is not None else rows
+        return [
+            {name: self._token(pk) if kind == "token" else row.get(name) for kind, name in parts["selectors"]}
+            for pk, row in rows
+        ]
+
+
+class FakeSession:
+    def __init__(self, engine: FakeCql, cluster: FakeCluster) -> None:
+        self.engine = engine
+        self.cluster = cluster
+        self.keyspace: str | None = None
+
+    def set_keyspace(self, keyspace: str) -> None:
+        if keyspace not in self.engine.keyspaces:
+            raise InvalidRequest(f"Keyspace '{keyspace}' does not exist")
+        self.keyspace = keyspace
+
+    def prepare(self, cql: str) -> Prepared:
+        return self.engine.prepare(cql)
+
+    def execute(self, cql: str, params: tuple[Any, ...] = ()) -> Any:
+        rows = self.engine.execute(cql, params)
+        return type("ResultSet", (), {"all": lambda self: rows})()
+
+    def execute_async(self, prepared: Prepared, params: Any) -> FakeResponseFuture:
+        cluster = self.cluster
+        with cluster.lock:
+            cluster.in_flight += 1
+            cluster.max_in_flight = max(cluster.max_in_flight, cluster.in_flight)
+            cluster.executed.append(prepared.query_string)
+        try:
+            rows = self.engine.run(prepared, params)
+            error: BaseException | None = None
+        except InvalidRequest as exc:
+            rows, error = [], exc
+
+        def done() -> None:
+            with cluster.lock:
+                cluster.in_flight -= 1
+
+        result = rows if prepared.kind == "select" or rows else None  # the driver passes None for writes
+        return FakeResponseFuture(result, page_size=2, error=error, delay_s=cluster.latency_s, on_done=done)
+
+
+class FakeCluster:
+    def __init__(self, engine: FakeCql) -> None:
+        self.engine = engine
+        self.lock = threading.Lock()
+        self.latency_s = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.executed: list[str] = []
+        self.shut_down = False
+        self.metadata = type("Metadata", (), {"keyspaces": engine.keyspaces})()
+
+    def connect(self) -> FakeSession:
+        return FakeSession(self.engine, self)
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+def migrated_engine() -> FakeCql:
+    engine = FakeCql()
+    for migration in discover():
+        for statement in migration.statements("ks", "{}"):
+            engine.execute(statement, ())
+    return engine
+
+
+@pytest.fixture
+def engine(monkeypatch: pytest.MonkeyPatch) -> FakeCql:
+    engine = FakeCql()
+
+    def build(config: Any) -> FakeCluster:
+        engine.clusters.append(FakeCluster(engine))
+        return engine.clusters[-1]
+
+    monkeypatch.setattr(scylla, "build_cluster", build)
+    monkeypatch.setattr(migrate_module, "build_cluster", build)
+    return engine
+
+
+URL = "scylla://127.0.0.1:9042/dsched_test"
+
+
+@pytest.fixture
+async def store(engine: FakeCql, tmp_path: Path) -> AsyncIterator[ScyllaStore]:
+    settings = Settings.from_env(data_dir=tmp_path, shard_count=4, bucket_s=60)
+    assert await migrate(URL, settings) == ["0001"]
+    impl = ScyllaStore.from_url(URL, settings)
+    await impl.startup()
+    try:
+        yield impl
+    finally:
+        await impl.shutdown()
+
+
+# Migrate and startup --------------------------------------------------------------------------------------
+async def test_migrate_applies_once_and_records_the_version(engine: FakeCql, tmp_path: Path) -> None:
+    settings = Settings.from_env(data_dir=tmp_path)
+    assert await migrate(URL, settings) == ["0001"]
+    assert await migrate(URL, settings) == []
+    [row] = engine.execute("SELECT version, checksum FROM schema_migrations WHERE version = ?", ("0001",))
+    assert row["checksum"] == discover()[0].checksum
+
+
+async def test_migrate_refuses_an_applied_migration_that_changed(
+    engine: FakeCql, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings.from_env(data_dir=tmp_path)
+    await migrate(URL, settings)
+    edited = tmp_path / "migrations"
+    edited.mkdir()
+    original = discover()[0]
+    (edited / original.path.name).write_text(original.text + "\n-- edited\n")
+    with pytest.raises(MigrationError, match="changed after it was applied"):
+        await migrate(URL, settings, edited)
+
+
+async def test_startup_without_migrations_says_what_to_run(engine: FakeCql, tmp_path: Path) -> None:
+    store = ScyllaStore.from_url(URL, Settings.from_env(data_dir=tmp_path))
+    with pytest.raises(SchemaNotMigrated, match="run `dsched db migrate`"):
+        await store.startup()
+    assert all(c.shut_down for c in engine.clusters)
+
+
+async def test_startup_prepares_every_statement_once(store: ScyllaStore) -> None:
+    assert set(store._prepared) == set(statements())
+    assert {n for n, s in store._prepared.items() if not s.is_idempotent} == NON_IDEMPOTENT
+
+
+async def test_writes_are_concurrent_but_bounded(store: ScyllaStore, engine: FakeCql) -> None:
+    cluster = engine.clusters[-1]
+    cluster.latency_s = 0.002
+    jobs = [make_job(job_id=f"j{i}", created_ms=i) for i in range(300)]
+    await store.put_jobs(jobs)
+    assert len(await store.get_jobs([j.job_id for j in jobs])) == 300
+    assert 1 < cluster.max_in_flight <= scylla.MAX_IN_FLIGHT
+
+
+async def test_put_jobs_writes_definition_columns_only(store: ScyllaStore, engine: FakeCql) -> None:
+    cluster = engine.clusters[-1]
+    cluster.executed.clear()
+    await store.put_jobs([make_job()])
+    assert sorted(cluster.executed) == sorted([statements()["put_job"], statements()["put_job_by_user"]])
+    assert "state" not in statements()["put_job"]
+
+
+async def test_a_batch_writes_each_key_once_with_its_last_value(store: ScyllaStore, engine: FakeCql) -> None:
+    cluster = engine.clusters[-1]
+    cluster.executed.clear()
+    first, second = make_job(name="v1", version=1), make_job(name="v2", version=2)
+    await store.put_jobs([first, second])
+    assert cluster.executed.count(statements()["put_job"]) == 1
+    assert (await store.get_jobs(["j1"]))["j1"].name == "v2"
+
+
+async def test_stats_are_exact_on_small_tables(store: ScyllaStore) -> None:
+    await store.check_layout(4, 60_000)
+    now = 1_900_000_020_000
+    jobs = [make_job(job_id=f"j{i}", created_ms=i) for i in range(5)]
+    await store.put_jobs(jobs)
+    await store.update_job_states(
+        [JobState(job_id="j0", state=JobStatus.RUNNING), JobState(job_id="j1", state=JobStatus.FAILED)]
+    )
+    from tests.contract.test_store import dead, entry
+
+    # Shard 1's picker is two buckets behind: its window starts there. Shard 2 has no checkpoint: its window
+    # starts bucket_grace_s back. Shard 3's entry is not due yet; shard 0's lies before its window.
+    await store.advance_checkpoint(1, None, now - 120_000)
+    await store.put_entries([entry(1, now - 70_000), entry(1, now - 5), entry(2, now), entry(3, now + 1)])
+    await store.put_entries([entry(0, now - 70_000)])
+    await store.put_dead_letters([dead("u", 1), dead("u", 2)])
+    stats = await store.stats(now)
+    assert stats == {
+        "scheduled": 3,
+        "queued": 0,
+        "running": 1,
+        "succeeded": 0,
+        "failed": 1,
+        "due": 3,
+        "dead": 2,
+    }
+
+
+async def test_due_entries_many_reads_every_partition_at_once(store: ScyllaStore, engine: FakeCql) -> None:
+    from tests.contract.test_store import T0, entry
+
+    entries = [
+        entry(1, T0 + 5, job_id="a"),
+        entry(1, T0 + 1, job_id="b", priority=10),
+        entry(1, T0 + 1, job_id="c", priority=90),
+        entry(2, T0 + 7),
+        entry(2, T0 + 60_001),
+    ]
+    await store.put_entries(entries)
+    partitions = [(1, T0), (2, T0), (3, T0), (1, T0)]
+    found = await store.due_entries_many(partitions, T0 + 10, limit=10)
+    assert set(found) == {(1, T0), (2, T0), (3, T0)}
+    for shard, bucket in found:
+        assert found[(shard, bucket)] == await store.due_entries(shard, bucket, T0 + 10, 10)
+    assert [e.job_id for e in found[(1, T0)]] == ["c", "b", "a"]  # within one due ms, higher priority first
+    assert found[(3, T0)] == []
+    assert await store.due_entries_many([(1, T0)], T0 + 10, limit=0) == {(1, T0): []}
+
+
+# The store contract, unchanged, on the double -------------------------------------------------------------
+CONTRACT = {
+    name: fn
+    for name, fn in vars(store_contract).items()
+    if name.startswith("test_") and inspect.iscoroutinefunction(fn)
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONTRACT))
+async def test_store_contract_on_the_cql_double(case: str, store: ScyllaStore) -> None:
+    await CONTRACT[case](store)
