@@ -24,15 +24,27 @@ async def main(jobs: int, lead: float) -> None:
     await scheduler.start()
     try:
         due_ms = int(time.time() * 1000 + lead * 1000)
-        bodies = [{"project_id": "bench", "payload": {"http": {"url": target.url}},
-                   "next_fire_at": to_rfc3339(due_ms)} for _ in range(jobs)]
+        bodies = [
+            {
+                "project_id": "bench",
+                "payload": {"http": {"url": target.url}},
+                "next_fire_at": to_rfc3339(due_ms),
+            }
+            for _ in range(jobs)
+        ]
         ids, took = await submit_all(f"http://127.0.0.1:{scheduler.port}", bodies, rate=None)
         if time.time() * 1000 > due_ms:
             print(f"warning: submission took {took:.1f}s, longer than the lead; raise --lead")
         due_by_id = {job_id: float(due_ms) for job_id in ids if job_id}
         await wait_hits(target, len(due_by_id), timeout_s=120)
-        report(f"burst: {jobs} HTTP jobs due at one instant", due_by_id, target.hits, len(due_by_id), took,
-               float(due_ms))
+        report(
+            f"burst: {jobs} HTTP jobs due at one instant",
+            due_by_id,
+            target.hits,
+            len(due_by_id),
+            took,
+            float(due_ms),
+        )
         print(await scheduler.lag_summary())
     finally:
         scheduler.stop()

@@ -61,11 +61,18 @@ class Scheduler:
 
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")}
-        env.update({"DSCHED_PORT": str(self.port), "DSCHED_DATA_DIR": str(self.data_dir),
-                    "DSCHED_LOG_LEVEL": "WARNING", **self.extra_env, **{k: v for k, v in os.environ.items() if k.startswith("DSCHED_")}})
+        env.update(
+            {
+                "DSCHED_PORT": str(self.port),
+                "DSCHED_DATA_DIR": str(self.data_dir),
+                "DSCHED_LOG_LEVEL": "WARNING",
+                **self.extra_env,
+                **{k: v for k, v in os.environ.items() if k.startswith("DSCHED_")},
+            }
+        )
         dsched = str(Path(sys.executable).with_name("dsched"))
-        self.proc = subprocess.Popen([dsched, "run", "all"], env=env, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.data_dir / "dsched.log", "wb"))  # noqa: SIM115
+        with (self.data_dir / "dsched.log").open("wb") as log:
+            self.proc = subprocess.Popen([dsched, "run", "all"], env=env, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
         async with aiohttp.ClientSession() as session:
             for _ in range(300):
                 try:
@@ -111,8 +118,14 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def report(title: str, due: dict[str, float], hits: list[tuple[str, float]], accepted: int,
-           submit_s: float, first_due: float) -> dict[str, float]:
+def report(
+    title: str,
+    due: dict[str, float],
+    hits: list[tuple[str, float]],
+    accepted: int,
+    submit_s: float,
+    first_due: float,
+) -> dict[str, float]:
     seen: dict[str, float] = {}
     duplicates = 0
     for job_id, at in hits:
@@ -140,8 +153,9 @@ def report(title: str, due: dict[str, float], hits: list[tuple[str, float]], acc
     return result
 
 
-async def submit_all(base: str, bodies: list[dict[str, object]], *, rate: float | None,
-                     concurrency: int = 64) -> tuple[list[str | None], float]:
+async def submit_all(
+    base: str, bodies: list[dict[str, object]], *, rate: float | None, concurrency: int = 64
+) -> tuple[list[str | None], float]:
     """POST every body to /submit (paced at ``rate``/s when given); returns job ids (None = refused)."""
     ids: list[str | None] = [None] * len(bodies)
     start = time.monotonic()
@@ -156,8 +170,9 @@ async def submit_all(base: str, bodies: list[dict[str, object]], *, rate: float 
             async with sem:
                 for attempt in range(3):
                     try:
-                        async with session.post(f"{base}/submit", json=bodies[i],
-                                                headers={"X-User-ID": "bench"}) as resp:
+                        async with session.post(
+                            f"{base}/submit", json=bodies[i], headers={"X-User-ID": "bench"}
+                        ) as resp:
                             if resp.status == 202:
                                 ids[i] = (await resp.json())["job_id"]
                             return

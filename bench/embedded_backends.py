@@ -29,9 +29,7 @@ async def queue_pipeline(path: Path, items: int, consumers: int, ack_each: bool)
 
     async def produce() -> None:
         for start in range(0, items, 10):
-            await queue.send(
-                [OutgoingMessage(f"run-{i}".encode()) for i in range(start, min(items, start + 10))]
-            )
+            await queue.send([OutgoingMessage(f"run-{i}".encode()) for i in range(start, min(items, start + 10))])
 
     async def consume() -> None:
         nonlocal acked
@@ -76,9 +74,7 @@ async def measure(name: str, items: int, directory: Path, run: Callable[[Path], 
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args()
@@ -97,9 +93,7 @@ async def main() -> None:
         d,
         lambda p: queue_pipeline(p, n, consumers=8, ack_each=True),
     )
-    await measure(
-        "log append 1 record/call, 200 concurrent callers", n, d, lambda p: log_appends(p, n, 200, 1)
-    )
+    await measure("log append 1 record/call, 200 concurrent callers", n, d, lambda p: log_appends(p, n, 200, 1))
     await measure(
         "log append 1 record/call, 1 caller (no coalescing)",
         n // 10,

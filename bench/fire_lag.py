@@ -24,14 +24,26 @@ async def main(jobs: int, rate: float, lead: float) -> None:
     try:
         start_ms = time.time() * 1000 + 500
         due = [start_ms + i * 1000 / rate + lead * 1000 for i in range(jobs)]
-        bodies = [{"project_id": "bench", "payload": {"http": {"url": target.url}},
-                   "next_fire_at": to_rfc3339(int(d))} for d in due]
+        bodies = [
+            {
+                "project_id": "bench",
+                "payload": {"http": {"url": target.url}},
+                "next_fire_at": to_rfc3339(int(d)),
+            }
+            for d in due
+        ]
         await asyncio.sleep(max(0, (start_ms - time.time() * 1000) / 1000))
         ids, took = await submit_all(f"http://127.0.0.1:{scheduler.port}", bodies, rate=rate)
         due_by_id = {job_id: float(int(d)) for job_id, d in zip(ids, due, strict=True) if job_id}
         await wait_hits(target, len(due_by_id), timeout_s=60 + jobs / rate)
-        report(f"fire lag: {jobs} HTTP jobs at {rate:g}/s (lead {lead:g}s)", due_by_id, target.hits,
-               len(due_by_id), took, min(due_by_id.values()) if due_by_id else 0)
+        report(
+            f"fire lag: {jobs} HTTP jobs at {rate:g}/s (lead {lead:g}s)",
+            due_by_id,
+            target.hits,
+            len(due_by_id),
+            took,
+            min(due_by_id.values()) if due_by_id else 0,
+        )
         print(await scheduler.lag_summary())
     finally:
         scheduler.stop()

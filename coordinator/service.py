@@ -123,12 +123,12 @@ class Coordinator:
     async def rebalance(self) -> bool:
         """Write the assignment for the current members; False if this node is no longer the leader."""
         members_raw = await self.coordination.get_prefix(PICKERS_PREFIX)
-        members = [k[len(PICKERS_PREFIX):] for k in members_raw]
+        members = [k[len(PICKERS_PREFIX) :] for k in members_raw]
         current_raw = await self.coordination.get_prefix(ASSIGNMENTS_PREFIX)
         current: dict[str, list[int]] = {}
         for key, value in current_raw.items():
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                current[key[len(ASSIGNMENTS_PREFIX):]] = list(orjson.loads(value)["shards"])
+                current[key[len(ASSIGNMENTS_PREFIX) :]] = list(orjson.loads(value)["shards"])
         target = assign_shards(self.settings.shard_count, members, current)
         guard = self.node_id.encode()
         epoch = now_ms()

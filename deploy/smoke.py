@@ -53,9 +53,7 @@ def main() -> None:
     user = f"smoke-{uuid.uuid4().hex[:8]}"
     pending: dict[str, str] = {}
     for i in range(args.jobs):
-        job = call(
-            base, "POST", "/submit", user, {"project_id": "smoke", "name": f"smoke-{i}", "payload": f"hi {i}"}
-        )
+        job = call(base, "POST", "/submit", user, {"project_id": "smoke", "name": f"smoke-{i}", "payload": f"hi {i}"})
         pending[job["job_id"]] = "submitted"
     print(f"smoke: submitted {len(pending)} job(s) as {user}")
 

@@ -21,8 +21,9 @@ class RequestError(ValueError):
 class HttpSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str = Field(min_length=1, max_length=4096)
-    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "get", "post", "put", "patch", "delete",
-                    "head"] = "GET"
+    method: Literal[
+        "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "get", "post", "put", "patch", "delete", "head"
+    ] = "GET"
     headers: dict[str, str] = Field(default_factory=dict)
     body: str | dict[str, Any] | list[Any] | None = None
     timeout_s: float | None = Field(default=None, gt=0, le=3600)
@@ -86,8 +87,16 @@ def parse_payload(value: str | dict[str, Any]) -> Payload:
         import orjson
 
         body = orjson.dumps(body).decode()
-    return Payload(kind="http", http=HttpTarget(url=spec.url, method=spec.method.upper(), headers=spec.headers,
-                                                body=body, timeout_s=spec.timeout_s))
+    return Payload(
+        kind="http",
+        http=HttpTarget(
+            url=spec.url,
+            method=spec.method.upper(),
+            headers=spec.headers,
+            body=body,
+            timeout_s=spec.timeout_s,
+        ),
+    )
 
 
 def check_schedule(cron: str | None, timezone: str) -> None:
@@ -117,9 +126,13 @@ def job_view(job: Job, now: int) -> dict[str, Any]:
         payload["text"] = job.payload.text
     last_run = None
     if job.last_run is not None:
-        last_run = {"run_id": job.last_run.run_id, "status": job.last_run.status.value,
-                    "attempt": job.last_run.attempt, "scheduled_for": to_rfc3339(job.last_run.scheduled_ms),
-                    "finished_at": to_rfc3339(job.last_run.finished_ms)}
+        last_run = {
+            "run_id": job.last_run.run_id,
+            "status": job.last_run.status.value,
+            "attempt": job.last_run.attempt,
+            "scheduled_for": to_rfc3339(job.last_run.scheduled_ms),
+            "finished_at": to_rfc3339(job.last_run.finished_ms),
+        }
     return {
         "job_id": job.job_id,
         "user_id": job.user_id,

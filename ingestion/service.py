@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from coordinator.service import CANCEL_PREFIX
 from ingestion import openapi
 from ingestion.requests import (
     USER_ID,
@@ -34,7 +35,6 @@ from ingestion.requests import (
     pydantic_detail,
     run_view,
 )
-from coordinator.service import CANCEL_PREFIX
 from libs import logs
 from libs.blobs.base import BlobNotFound, BlobStore
 from libs.clock import now_ms, to_rfc3339
@@ -93,8 +93,12 @@ class Ingestion:
         """Serve HTTP on ``host:port`` (settings by default; port 0 picks a free one, see ``self.port``)."""
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host or self.settings.host,
-                           self.settings.port if port is None else port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner,
+            host or self.settings.host,
+            self.settings.port if port is None else port,
+            reuse_address=True,
+        )
         await site.start()
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
@@ -230,23 +234,38 @@ class Ingestion:
             bound = await self.store.claim_idempotency_key(user, idempotency_key, job_id, IDEMPOTENCY_TTL_S)
             if bound != job_id:
                 if (await self.store.get_jobs([bound])).get(bound) is not None:
-                    return json_response({"job_id": bound, "status": "Submitted",
-                                          "message": "Job already submitted with this Idempotency-Key"}, 200)
+                    return json_response(
+                        {
+                            "job_id": bound,
+                            "status": "Submitted",
+                            "message": "Job already submitted with this Idempotency-Key",
+                        },
+                        200,
+                    )
                 job_id = bound  # the first attempt may not have reached the log: append it (idempotent)
 
         job = Job(
-            job_id=job_id, user_id=user, project_id=req.project_id, name=req.name or "",
-            payload=await self._offload(job_id, payload), cron_schedule=req.cron_schedule or None,
-            timezone=timezone, next_fire_ms=first, max_retries=3 if req.max_retries is None else req.max_retries,
-            timeout_s=req.timeout_s or 90.0, retry=req.retry or self._default_retry(),
-            execution=req.execution or "at_least_once", priority=50 if req.priority is None else req.priority,
-            overlap=req.overlap or "allow", misfire=req.misfire or "fire_once", max_lateness_s=req.max_lateness_s,
+            job_id=job_id,
+            user_id=user,
+            project_id=req.project_id,
+            name=req.name or "",
+            payload=await self._offload(job_id, payload),
+            cron_schedule=req.cron_schedule or None,
+            timezone=timezone,
+            next_fire_ms=first,
+            max_retries=3 if req.max_retries is None else req.max_retries,
+            timeout_s=req.timeout_s or 90.0,
+            retry=req.retry or self._default_retry(),
+            execution=req.execution or "at_least_once",
+            priority=50 if req.priority is None else req.priority,
+            overlap=req.overlap or "allow",
+            misfire=req.misfire or "fire_once",
+            max_lateness_s=req.max_lateness_s,
             created_ms=now,
         )
         await self._append("submit", job)
         log.info("submitted", job_id=job_id, user_id=user, kind=payload.kind, recurring=job.recurring)
-        return json_response({"job_id": job_id, "status": "Submitted", "message": "Job submitted successfully"},
-                             202)
+        return json_response({"job_id": job_id, "status": "Submitted", "message": "Job submitted successfully"}, 202)
 
     def _default_retry(self) -> RetryPolicy:
         return RetryPolicy(initial_s=self.settings.retry_initial_s, max_s=self.settings.retry_max_s)
@@ -274,8 +293,17 @@ class Ingestion:
         now = now_ms()
         update: dict[str, Any] = {}
         try:
-            for name in ("name", "max_retries", "timeout_s", "retry", "execution", "priority", "overlap",
-                         "misfire", "max_lateness_s"):
+            for name in (
+                "name",
+                "max_retries",
+                "timeout_s",
+                "retry",
+                "execution",
+                "priority",
+                "overlap",
+                "misfire",
+                "max_lateness_s",
+            ):
                 if name in given:
                     update[name] = getattr(fields, name)
             if "payload" in given and fields.payload is not None:
@@ -308,8 +336,9 @@ class Ingestion:
     async def delete_job(self, request: web.Request) -> web.Response:
         job = await self._owned_job(request)
         await self._append("delete", job.model_copy(update={"deleted": True}))
-        return json_response({"job_id": job.job_id, "status": "Deleted",
-                              "message": "future runs cancelled; history kept"}, 202)
+        return json_response(
+            {"job_id": job.job_id, "status": "Deleted", "message": "future runs cancelled; history kept"}, 202
+        )
 
     async def pause_job(self, request: web.Request) -> web.Response:
         job = await self._owned_job(request)
@@ -351,8 +380,9 @@ class Ingestion:
         status = request.query.get("status") or None
         if status is not None and status not in {s.value for s in JobStatus}:
             raise ApiError(400, "invalid_field", f"status: one of {', '.join(s.value for s in JobStatus)}")
-        jobs, next_cursor = await self.store.list_jobs(user, limit, cursor, status=status,
-                                                       project_id=request.query.get("project_id") or None)
+        jobs, next_cursor = await self.store.list_jobs(
+            user, limit, cursor, status=status, project_id=request.query.get("project_id") or None
+        )
         now = now_ms()
         return json_response({"jobs": [job_view(j, now) for j in jobs], "next_cursor": next_cursor})
 
@@ -378,8 +408,9 @@ class Ingestion:
             if job.recurring:
                 schedule = parse_schedule(job.cron_schedule or "", job.timezone)
                 times += upcoming(schedule, first, count - 1)
-        return json_response({"job_id": job.job_id, "timezone": job.timezone,
-                              "next": [to_rfc3339(t) for t in times[:count]]})
+        return json_response(
+            {"job_id": job.job_id, "timezone": job.timezone, "next": [to_rfc3339(t) for t in times[:count]]}
+        )
 
     async def _owned_run(self, request: web.Request) -> Run:
         user = self._user(request)
@@ -404,7 +435,7 @@ class Ingestion:
         response.content_length = len(data)
         await response.prepare(request)
         for start in range(0, len(data), 65536):
-            await response.write(data[start:start + 65536])
+            await response.write(data[start : start + 65536])
         await response.write_eof()
         return response
 
@@ -432,8 +463,14 @@ class Ingestion:
             raise ApiError(404, "not_found", "no such dead letter")
         job = await self._owned_job(request, letter.job_id)
         await self._append("replay", job)
-        return json_response({"job_id": job.job_id, "status": "Replayed",
-                              "message": "a new run of the same payload was scheduled now"}, 202)
+        return json_response(
+            {
+                "job_id": job.job_id,
+                "status": "Replayed",
+                "message": "a new run of the same payload was scheduled now",
+            },
+            202,
+        )
 
     # Operations -------------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -448,8 +485,7 @@ class Ingestion:
     async def queue_stats(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         counts = await self.store.stats(now_ms())
-        stats = {k: counts.get(k, 0) for k in ("scheduled", "due", "queued", "running", "succeeded", "failed",
-                                                "dead")}
+        stats = {k: counts.get(k, 0) for k in ("scheduled", "due", "queued", "running", "succeeded", "failed", "dead")}
         if self.queue is not None:
             queue_counts = await self.queue.counts()
             stats["queue_visible"] = queue_counts.visible

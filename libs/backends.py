@@ -2,13 +2,12 @@
 
 =============  =======================================================  ===========================
 role           URL forms                                                implementation
-=============  =======================================================  ===========================
-log            "" | ``sqlite:///path/log.db`` | ``kafka://h1:9092,h2:9092/topic``      SqliteLog | KafkaLog
-store          "" | ``sqlite:///path/store.db`` | ``scylla://h1:9042,h2:9042/keyspace``  SqliteStore | ScyllaStore
-coordination   "" | ``sqlite:///path/coord.db`` | ``etcd://h1:2379,h2:2379``            SqliteCoordination | EtcdCoordination
-queue          "" | ``sqlite:///path/queue.db`` | ``sqs://name?endpoint=…&region=…``   SqliteQueue | SqsQueue
-blobs          "" | ``file:///path/dir`` | ``s3://bucket?endpoint=…&region=…``        FileBlobStore | S3BlobStore
-=============  =======================================================  ===========================
+- log: "" | ``sqlite:///path/log.db`` (SqliteLog) | ``kafka://h1:9092,h2:9092/topic`` (KafkaLog)
+- store: "" | ``sqlite:///path/store.db`` (SqliteStore) | ``scylla://h1:9042,h2:9042/keyspace`` (ScyllaStore)
+- coordination: "" | ``sqlite:///path/coord.db`` (SqliteCoordination) | ``etcd://h1:2379,h2:2379[/prefix]``
+  (EtcdCoordination)
+- queue: "" | ``sqlite:///path/queue.db`` (SqliteQueue) | ``sqs://name?endpoint=…&region=…`` (SqsQueue)
+- blobs: "" | ``file:///path/dir`` (FileBlobStore) | ``s3://bucket?endpoint=…&region=…`` (S3BlobStore)
 
 Production modules are imported only when their URL is used, so the embedded path needs none of their packages.
 """
@@ -16,7 +15,7 @@ Production modules are imported only when their URL is used, so the embedded pat
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,9 +83,7 @@ def make_coordination(settings: Settings) -> Coordination:
         from libs.coordination.etcd import EtcdCoordination
 
         return EtcdCoordination.from_url(url, settings)
-    raise BackendConfigError(
-        f"DSCHED_COORDINATION_URL: unsupported scheme {scheme!r} (use sqlite:// or etcd://)"
-    )
+    raise BackendConfigError(f"DSCHED_COORDINATION_URL: unsupported scheme {scheme!r} (use sqlite:// or etcd://)")
 
 
 def make_queue(settings: Settings) -> WorkQueue:
@@ -117,7 +114,7 @@ def make_blobs(settings: Settings) -> BlobStore:
     raise BackendConfigError(f"DSCHED_BLOBS_URL: unsupported scheme {scheme!r} (use file:// or s3://)")
 
 
-_FACTORIES = {
+_FACTORIES: dict[str, Callable[[Settings], SubmissionLog | JobStore | Coordination | WorkQueue | BlobStore]] = {
     "log": make_log,
     "store": make_store,
     "coordination": make_coordination,

@@ -1,9 +1,9 @@
 """The ``dsched`` command.
 
-    dsched run all                 the five services in one process (dev defaults: cmd: and loopback HTTP on)
-    dsched run <service>           one of ingestion, writer, coordinator, picker, worker
-    dsched db migrate              apply the CQL schema (Scylla store) idempotently
-    dsched chaos [options]         the chaos suite (python -m chaos)
+dsched run all                 the five services in one process (dev defaults: cmd: and loopback HTTP on)
+dsched run <service>           one of ingestion, writer, coordinator, picker, worker
+dsched db migrate              apply the CQL schema (Scylla store) idempotently
+dsched chaos [options]         the chaos suite (python -m chaos)
 """
 
 from __future__ import annotations

@@ -48,9 +48,7 @@ def _unit_interval(key: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def should_retry(
-    policy: RetryPolicy, max_retries: int, attempt: int, scheduled_ms: int, next_due_ms: int
-) -> bool:
+def should_retry(policy: RetryPolicy, max_retries: int, attempt: int, scheduled_ms: int, next_due_ms: int) -> bool:
     """Whether the failed ``attempt`` (0-based: 0 = the original run) gets another attempt due at
     ``next_due_ms``: retries left (``attempt < max_retries``) and, with ``max_age_s``, the retry would
     start no later than ``max_age_s`` after the occurrence's scheduled time.

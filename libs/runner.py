@@ -67,26 +67,42 @@ async def started(settings: Settings, services: list[str], stop: asyncio.Event) 
         if "coordinator" in services:
             assert b.coordination
             coordinator = await stack.enter_async_context(
-                Coordinator(coordination=b.coordination, settings=settings).open())
+                Coordinator(coordination=b.coordination, settings=settings).open()
+            )
             loops.append(asyncio.create_task(coordinator.run(stop)))
             instances["coordinator"] = coordinator
         if "worker" in services:
             assert b.queue and b.store and b.blobs
-            worker = await stack.enter_async_context(Worker(
-                queue=b.queue, store=b.store, blobs=b.blobs, coordination=b.coordination, settings=settings).open())
+            worker = await stack.enter_async_context(
+                Worker(
+                    queue=b.queue,
+                    store=b.store,
+                    blobs=b.blobs,
+                    coordination=b.coordination,
+                    settings=settings,
+                ).open()
+            )
             loops.append(asyncio.create_task(worker.run(stop)))
             instances["worker"] = worker
         if "picker" in services:
             assert b.store and b.queue
             picker = await stack.enter_async_context(
-                Picker(store=b.store, queue=b.queue, coordination=b.coordination, settings=settings).open())
+                Picker(store=b.store, queue=b.queue, coordination=b.coordination, settings=settings).open()
+            )
             loops.append(asyncio.create_task(picker.run(stop)))
             instances["picker"] = picker
         if "ingestion" in services:
             assert b.log and b.store and b.blobs
-            ingestion = await stack.enter_async_context(Ingestion(
-                log=b.log, store=b.store, blobs=b.blobs, queue=b.queue, coordination=b.coordination,
-                settings=settings).open())
+            ingestion = await stack.enter_async_context(
+                Ingestion(
+                    log=b.log,
+                    store=b.store,
+                    blobs=b.blobs,
+                    queue=b.queue,
+                    coordination=b.coordination,
+                    settings=settings,
+                ).open()
+            )
             instances["ingestion"] = ingestion
         elif (metrics := await _metrics_server(settings)) is not None:
             stack.push_async_callback(metrics.cleanup)
@@ -97,7 +113,7 @@ async def started(settings: Settings, services: list[str], stop: asyncio.Event) 
         finally:
             stop.set()
             # Loops finish their current step; the worker hands back what it cannot finish (in its close).
-            done, pending = await asyncio.wait(loops, timeout=settings.shutdown_grace_s) if loops else (set(), set())
+            _, pending = await asyncio.wait(loops, timeout=settings.shutdown_grace_s) if loops else (set(), set())
             for task in pending:
                 task.cancel()
             for task in loops:
@@ -120,8 +136,12 @@ async def serve(settings: Settings, services: list[str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with started(settings, services, stop):
-        log.info("started", services=services, node=settings.node_id,
-                 url=f"http://{settings.host}:{settings.port}" if "ingestion" in services else None)
+        log.info(
+            "started",
+            services=services,
+            node=settings.node_id,
+            url=f"http://{settings.host}:{settings.port}" if "ingestion" in services else None,
+        )
         await stop.wait()
         log.info("stopping", services=services)
     log.info("stopped", services=services)

@@ -281,8 +281,7 @@ class CronSchedule(Schedule):
 
     def __post_init__(self) -> None:
         sets = tuple(
-            frozenset(v)
-            for v in (self.second, self.minute, self.hour, self.day_of_month, self.month, self.day_of_week)
+            frozenset(v) for v in (self.second, self.minute, self.hour, self.day_of_month, self.month, self.day_of_week)
         )
         object.__setattr__(self, "_sets", sets)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -80,8 +81,9 @@ class SqliteDB:
     async def _flush_writes(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
+            fns = [fn for fn, _ in batch]
             try:
-                outcomes = await self.run(lambda conn: _run_group(conn, [fn for fn, _ in batch]))
+                outcomes = await self.run(functools.partial(_run_group, fns=fns))
             except BaseException as exc:  # the COMMIT itself failed: nothing of this group is durable
                 for _, future in batch:
                     if not future.done():

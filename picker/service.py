@@ -203,8 +203,11 @@ class Picker:
         last_bucket = bucket_for(until, bucket_ms)
         grace_ms = int(self.settings.bucket_grace_s * 1000)
         checkpoints = {shard: await self._checkpoint(shard, now) for shard in sorted(owned)}
-        partitions = [(shard, bucket) for shard, checkpoint in checkpoints.items()
-                      for bucket in range(checkpoint, last_bucket + 1, bucket_ms)]
+        partitions = [
+            (shard, bucket)
+            for shard, checkpoint in checkpoints.items()
+            for bucket in range(checkpoint, last_bucket + 1, bucket_ms)
+        ]
         found = await self.store.due_entries_many(partitions, until, self.settings.picker_batch)
         for shard, checkpoint in checkpoints.items():
             advance_to = checkpoint
@@ -298,17 +301,24 @@ class Picker:
                 if fire and job.overlap != "allow" and self._still_running(job, now):
                     assert job.last_run is not None
                     if job.overlap == "skip":
-                        skipped_runs.extend(self._skipped(job, occ, now, "overlap: previous run still running")
-                                            for occ in fire)
+                        skipped_runs.extend(
+                            self._skipped(job, occ, now, "overlap: previous run still running") for occ in fire
+                        )
                         dispatched[job.job_id] = max(dispatched.get(job.job_id, -1), max(fire))
                         fire = []
                     else:
                         cancels.append(job.last_run.run_id)
             for scheduled in fire:
                 run_id = run_id_for(job.job_id, scheduled, entry.attempt)
-                message = RunMessage(run_id=run_id, job=job, scheduled_ms=scheduled, attempt=entry.attempt,
-                                     due_ms=entry.due_ms if scheduled == entry.scheduled_ms else scheduled,
-                                     kind=entry.kind, dispatched_ms=now)
+                message = RunMessage(
+                    run_id=run_id,
+                    job=job,
+                    scheduled_ms=scheduled,
+                    attempt=entry.attempt,
+                    due_ms=entry.due_ms if scheduled == entry.scheduled_ms else scheduled,
+                    kind=entry.kind,
+                    dispatched_ms=now,
+                )
                 messages.append(OutgoingMessage(body=message.model_dump_json().encode(), priority=job.priority))
                 PICKER_DISPATCHED.labels(entry.kind).inc()
                 DISPATCH_LAG.observe(max(0, now - message.due_ms) / 1000)
@@ -339,8 +349,16 @@ class Picker:
 
     @staticmethod
     def _skipped(job: Job, occurrence: int, now: int, reason: str) -> Run:
-        return Run(run_id=run_id_for(job.job_id, occurrence, 0), job_id=job.job_id, user_id=job.user_id,
-                   scheduled_ms=occurrence, attempt=0, status=RunStatus.SKIPPED, finished_ms=now, error=reason)
+        return Run(
+            run_id=run_id_for(job.job_id, occurrence, 0),
+            job_id=job.job_id,
+            user_id=job.user_id,
+            scheduled_ms=occurrence,
+            attempt=0,
+            status=RunStatus.SKIPPED,
+            finished_ms=now,
+            error=reason,
+        )
 
     @staticmethod
     def _still_running(job: Job, now: int) -> bool:
@@ -382,8 +400,7 @@ class Picker:
         except ScheduleError as exc:  # validated at submit; a bad row must not stall the shard
             log.warning("bad_schedule", job_id=job.job_id, error=str(exc))
             return [entry.scheduled_ms], [], None
-        max_lateness = (int(job.max_lateness_s * 1000) if job.max_lateness_s is not None
-                        else DEFAULT_MAX_LATENESS_MS)
+        max_lateness = int(job.max_lateness_s * 1000) if job.max_lateness_s is not None else DEFAULT_MAX_LATENESS_MS
         plan = plan_misfire(schedule, entry.scheduled_ms, now, job.misfire, max_lateness)
         skipped = [self._skipped(job, occ, now, reason) for occ, reason in plan.skipped]
         return plan.fire, skipped, self._schedule_entry(job, plan.next_ms, now)
@@ -392,8 +409,13 @@ class Picker:
         return QueueEntry(
             shard=shard_for(job.job_id, self.settings.shard_count),
             bucket_ms=bucket_for(max(next_ms, now), self.settings.bucket_ms),
-            due_ms=next_ms, job_id=job.job_id, scheduled_ms=next_ms, attempt=0, kind="schedule",
-            version=job.version, priority=job.priority,
+            due_ms=next_ms,
+            job_id=job.job_id,
+            scheduled_ms=next_ms,
+            attempt=0,
+            kind="schedule",
+            version=job.version,
+            priority=job.priority,
         )
 
     def _chain_entry(self, job: Job, now: int) -> QueueEntry | None:

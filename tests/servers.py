@@ -102,9 +102,7 @@ class _ServerProcess:
 
     def __init__(self, base_dir: Path | None = None) -> None:
         self._own_dir = base_dir is None
-        self.base_dir = (
-            Path(tempfile.mkdtemp(prefix=f"dsched-{self.name}-")) if base_dir is None else base_dir
-        )
+        self.base_dir = Path(tempfile.mkdtemp(prefix=f"dsched-{self.name}-")) if base_dir is None else base_dir
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.base_dir / f"{self.name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -356,14 +354,10 @@ class EtcdCluster:
         if size < 1:
             raise ValueError("an etcd cluster needs at least one member")
         self._own_dir = base_dir is None
-        self.base_dir = (
-            Path(tempfile.mkdtemp(prefix="dsched-etcd-cluster-")) if base_dir is None else base_dir
-        )
+        self.base_dir = Path(tempfile.mkdtemp(prefix="dsched-etcd-cluster-")) if base_dir is None else base_dir
         ports = [(free_port(), free_port()) for _ in range(size)]
         names = [f"m{i}-{client}" for i, (client, _) in enumerate(ports)]
-        initial = ",".join(
-            f"{name}=http://127.0.0.1:{peer}" for name, (_, peer) in zip(names, ports, strict=True)
-        )
+        initial = ",".join(f"{name}=http://127.0.0.1:{peer}" for name, (_, peer) in zip(names, ports, strict=True))
         self.members = [
             EtcdServer(
                 self.base_dir / name,
@@ -457,9 +451,7 @@ def etcd_server() -> Iterator[EtcdServer]:
     """A real etcd for the whole session; tests isolate themselves with a key prefix in the URL."""
     if etcd_binary() is None:
         where = os.environ.get(ETCD_BINARY_ENV) or f"{DEFAULT_ETCD_BINARY} or PATH"
-        pytest.fail(
-            f"etcd is not installed (not at {where}): run `make test`, which installs it", pytrace=False
-        )
+        pytest.fail(f"etcd is not installed (not at {where}): run `make test`, which installs it", pytrace=False)
     server = EtcdServer()
     try:
         server.start()

@@ -44,9 +44,13 @@ def _cap(data: bytes, cap: int) -> str:
     return text + ("\n[output truncated]" if len(data) > cap else "")
 
 
-async def run_command(command: str, timeout_s: float, output_cap: int, cancelled: asyncio.Event | None = None) -> Outcome:
+async def run_command(
+    command: str, timeout_s: float, output_cap: int, cancelled: asyncio.Event | None = None
+) -> Outcome:
     proc = await asyncio.create_subprocess_exec(
-        "/bin/sh", "-c", command,
+        "/bin/sh",
+        "-c",
+        command,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -65,7 +69,7 @@ async def run_command(command: str, timeout_s: float, output_cap: int, cancelled
             size += len(chunk)
         await proc.wait()
 
-    waiters = [asyncio.create_task(read_all())]
+    waiters: list[asyncio.Task[object]] = [asyncio.create_task(read_all())]
     if cancelled is not None:
         waiters.append(asyncio.create_task(cancelled.wait()))
     try:
@@ -143,15 +147,24 @@ async def call_http(
 
     async def call() -> Outcome:
         async with session.request(
-            target.method.upper(), target.url, data=body or None, headers=all_headers,
-            timeout=aiohttp.ClientTimeout(total=timeout_s), allow_redirects=False,
+            target.method.upper(),
+            target.url,
+            data=body or None,
+            headers=all_headers,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+            allow_redirects=False,
         ) as resp:
             data = await resp.content.read(output_cap + 1)
             output = _cap(data, output_cap)
             if 200 <= resp.status < 300:
                 return Outcome(RunStatus.SUCCEEDED, output, http_status=resp.status)
-            return Outcome(RunStatus.FAILED, output, f"HTTP {resp.status}", http_status=resp.status,
-                           retry_after=resp.headers.get("Retry-After"))
+            return Outcome(
+                RunStatus.FAILED,
+                output,
+                f"HTTP {resp.status}",
+                http_status=resp.status,
+                retry_after=resp.headers.get("Retry-After"),
+            )
 
     task = asyncio.ensure_future(call())
     waiters: list[asyncio.Future[object]] = [task]  # type: ignore[list-item]

@@ -94,7 +94,10 @@ class Worker:
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Worker]:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60))
-        self._background = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._report_running())]
+        self._background = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._report_running()),
+        ]
         if self.coordination is not None:
             self._background.append(asyncio.create_task(self._watch_cancels()))
         try:
@@ -166,8 +169,9 @@ class Worker:
         to_check = [m.run_id for msg, m in decoded if msg.receive_count > 1 or m.job.execution == "at_most_once"]
         try:
             existing = await self.store.get_runs(to_check) if to_check else {}
-            at_most_once = [m.run_id for _, m in decoded if m.job.execution == "at_most_once"
-                            and m.run_id not in existing]
+            at_most_once = [
+                m.run_id for _, m in decoded if m.job.execution == "at_most_once" and m.run_id not in existing
+            ]
             claimed = await self.store.claim_runs(at_most_once, self.node_id) if at_most_once else set()
         except Exception as exc:  # store unavailable: hand the batch back untouched
             log.warning("dedupe_failed", error=f"{type(exc).__name__}: {exc}")
@@ -185,9 +189,14 @@ class Worker:
                 log.warning("at_most_once_redelivery", job_id=run.job.job_id, run_id=run.run_id)
                 if previous is None or previous.status == RunStatus.RUNNING:
                     # Claimed earlier by a worker that never finished: it may or may not have run; never again.
-                    await self._runs.submit(self._run_record(
-                        run, RunStatus.FAILED, started=previous.started_ms if previous else None,
-                        error="at_most_once: delivery lost after the run was claimed; not run again"))
+                    await self._runs.submit(
+                        self._run_record(
+                            run,
+                            RunStatus.FAILED,
+                            started=previous.started_ms if previous else None,
+                            error="at_most_once: delivery lost after the run was claimed; not run again",
+                        )
+                    )
                 to_ack.append(message.receipt)
             else:
                 runnable.append((message, run))
@@ -218,8 +227,13 @@ class Worker:
             RUN_DURATION.observe((finished - started) / 1000)
             RUNS_FINISHED.labels(outcome.status.value).inc()
             await self._record(run, outcome, started, finished)
-            bound.info("run_finished", status=outcome.status.value, attempt=run.attempt,
-                       lag_ms=started - run.due_ms, duration_ms=finished - started)
+            bound.info(
+                "run_finished",
+                status=outcome.status.value,
+                attempt=run.attempt,
+                lag_ms=started - run.due_ms,
+                duration_ms=finished - started,
+            )
             await self._acks.submit(message.receipt)
         except asyncio.CancelledError:
             raise
@@ -242,16 +256,24 @@ class Worker:
             return executors.echo(payload)
         if payload.kind == "cmd":
             if not self.settings.allow_cmd:
-                return executors.Outcome(RunStatus.FAILED, error="cmd: jobs are disabled here (DSCHED_ALLOW_CMD)",
-                                         retryable=False)
+                return executors.Outcome(
+                    RunStatus.FAILED, error="cmd: jobs are disabled here (DSCHED_ALLOW_CMD)", retryable=False
+                )
             return await executors.run_command(payload.text or "", job.timeout_s, cap, cancelled)
         assert payload.http is not None and self._session is not None
         idempotency_key = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{job.job_id}/{run.scheduled_ms}"))
-        headers = {"X-Dsched-Job-Id": job.job_id, "X-Dsched-Run-Id": run.run_id,
-                   "Idempotency-Key": idempotency_key, "X-Dsched-Attempt": str(run.attempt)}
+        headers = {
+            "X-Dsched-Job-Id": job.job_id,
+            "X-Dsched-Run-Id": run.run_id,
+            "Idempotency-Key": idempotency_key,
+            "X-Dsched-Attempt": str(run.attempt),
+        }
         return await executors.call_http(
-            self._session, payload.http, headers=headers,
-            timeout_s=payload.http.timeout_s or job.timeout_s, output_cap=cap,
+            self._session,
+            payload.http,
+            headers=headers,
+            timeout_s=payload.http.timeout_s or job.timeout_s,
+            output_cap=cap,
             allow_private=self.settings.allow_private_http,
             signing_secrets=self.settings.signing_secrets_for(job.user_id, job.project_id),
             cancelled=cancelled,
@@ -264,12 +286,25 @@ class Worker:
             output_ref = f"outputs/{run.run_id}"
             await self.blobs.put(output_ref, output.encode())
             output = output[: self.settings.output_inline_bytes]
-        record = self._run_record(run, outcome.status, started=started, finished=finished, error=outcome.error,
-                                  exit_code=outcome.exit_code, http_status=outcome.http_status, output=output,
-                                  output_ref=output_ref)
+        record = self._run_record(
+            run,
+            outcome.status,
+            started=started,
+            finished=finished,
+            error=outcome.error,
+            exit_code=outcome.exit_code,
+            http_status=outcome.http_status,
+            output=output,
+            output_ref=output_ref,
+        )
         writes = [self._runs.submit(record)]
-        last_run = LastRun(run_id=run.run_id, status=outcome.status, attempt=run.attempt,
-                           scheduled_ms=run.scheduled_ms, finished_ms=finished)
+        last_run = LastRun(
+            run_id=run.run_id,
+            status=outcome.status,
+            attempt=run.attempt,
+            scheduled_ms=run.scheduled_ms,
+            finished_ms=finished,
+        )
         state = JobStatus.SCHEDULED if job.recurring else JobStatus.SUCCEEDED
         if outcome.status not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED):
             retry_due = self._retry_due(run, outcome, finished)
@@ -279,10 +314,22 @@ class Worker:
                 state = JobStatus.SCHEDULED
             else:
                 DEAD_LETTERS.inc()
-                writes.append(self.store.put_dead_letters([DeadLetter(
-                    dead_letter_id=run.run_id, job_id=job.job_id, user_id=job.user_id, project_id=job.project_id,
-                    scheduled_ms=run.scheduled_ms, attempts=run.attempt + 1, error=outcome.error, dead_ms=finished,
-                )]))
+                writes.append(
+                    self.store.put_dead_letters(
+                        [
+                            DeadLetter(
+                                dead_letter_id=run.run_id,
+                                job_id=job.job_id,
+                                user_id=job.user_id,
+                                project_id=job.project_id,
+                                scheduled_ms=run.scheduled_ms,
+                                attempts=run.attempt + 1,
+                                error=outcome.error,
+                                dead_ms=finished,
+                            )
+                        ]
+                    )
+                )
                 state = JobStatus.SCHEDULED if job.recurring else JobStatus.FAILED
         elif outcome.status == RunStatus.CANCELLED and not job.recurring:
             state = JobStatus.FAILED
@@ -309,18 +356,45 @@ class Worker:
         return QueueEntry(
             shard=shard_for(job.job_id, self.settings.shard_count),
             bucket_ms=bucket_for(max(due, now), self.settings.bucket_ms),
-            due_ms=due, job_id=job.job_id, scheduled_ms=run.scheduled_ms, attempt=run.attempt + 1,
-            kind="retry", version=job.version, priority=job.priority,
+            due_ms=due,
+            job_id=job.job_id,
+            scheduled_ms=run.scheduled_ms,
+            attempt=run.attempt + 1,
+            kind="retry",
+            version=job.version,
+            priority=job.priority,
         )
 
-    def _run_record(self, run: RunMessage, status: RunStatus, *, started: int | None = None,
-                    finished: int | None = None, error: str | None = None, exit_code: int | None = None,
-                    http_status: int | None = None, output: str | None = None,
-                    output_ref: str | None = None) -> Run:
-        return Run(run_id=run.run_id, job_id=run.job.job_id, user_id=run.job.user_id,
-                   scheduled_ms=run.scheduled_ms, attempt=run.attempt, status=status, due_ms=run.due_ms,
-                   started_ms=started, finished_ms=finished, worker_id=self.node_id, exit_code=exit_code,
-                   http_status=http_status, output=output, output_ref=output_ref, error=error)
+    def _run_record(
+        self,
+        run: RunMessage,
+        status: RunStatus,
+        *,
+        started: int | None = None,
+        finished: int | None = None,
+        error: str | None = None,
+        exit_code: int | None = None,
+        http_status: int | None = None,
+        output: str | None = None,
+        output_ref: str | None = None,
+    ) -> Run:
+        return Run(
+            run_id=run.run_id,
+            job_id=run.job.job_id,
+            user_id=run.job.user_id,
+            scheduled_ms=run.scheduled_ms,
+            attempt=run.attempt,
+            status=status,
+            due_ms=run.due_ms,
+            started_ms=started,
+            finished_ms=finished,
+            worker_id=self.node_id,
+            exit_code=exit_code,
+            http_status=http_status,
+            output=output,
+            output_ref=output_ref,
+            error=error,
+        )
 
     async def _report_running(self) -> None:
         """Record runs as ``running`` once they have run for ``RUNNING_REPORT_S``: most runs finish sooner,
@@ -334,12 +408,24 @@ class Worker:
             for run, _ in due:
                 self._started.pop(run.run_id, None)
             # Enqueued synchronously, before any final record of these runs can be (they left _started).
-            runs = self._runs.enqueue([self._run_record(run, RunStatus.RUNNING, started=started)
-                                       for run, started in due])
-            states = self._states.enqueue([JobState(
-                job_id=run.job.job_id, state=JobStatus.RUNNING,
-                last_run=LastRun(run_id=run.run_id, status=RunStatus.RUNNING, attempt=run.attempt,
-                                 scheduled_ms=run.scheduled_ms)) for run, _ in due])
+            runs = self._runs.enqueue(
+                [self._run_record(run, RunStatus.RUNNING, started=started) for run, started in due]
+            )
+            states = self._states.enqueue(
+                [
+                    JobState(
+                        job_id=run.job.job_id,
+                        state=JobStatus.RUNNING,
+                        last_run=LastRun(
+                            run_id=run.run_id,
+                            status=RunStatus.RUNNING,
+                            attempt=run.attempt,
+                            scheduled_ms=run.scheduled_ms,
+                        ),
+                    )
+                    for run, _ in due
+                ]
+            )
             try:
                 await asyncio.gather(runs, states)
             except Exception as exc:  # informational only: the final record is what counts
@@ -363,7 +449,7 @@ class Worker:
             try:
                 async for event in self.coordination.watch_prefix(CANCEL_PREFIX):
                     if event.value is not None:
-                        self.cancel(event.key[len(CANCEL_PREFIX):])
+                        self.cancel(event.key[len(CANCEL_PREFIX) :])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -27,8 +27,17 @@ GROUP = "dsched-writer"
 log = logs.get("writer")
 
 
-def entry_for(job: Job, due_ms: int, *, scheduled_ms: int, attempt: int, kind: str, bucket_ms: int,
-              shard_count: int, now: int) -> QueueEntry:
+def entry_for(
+    job: Job,
+    due_ms: int,
+    *,
+    scheduled_ms: int,
+    attempt: int,
+    kind: str,
+    bucket_ms: int,
+    shard_count: int,
+    now: int,
+) -> QueueEntry:
     """The queue entry firing ``job`` at ``due_ms``.
 
     The bucket is that of ``max(due_ms, now)``: an entry already due lands in the current bucket, which pickers
@@ -101,23 +110,36 @@ class Writer:
                 sub = Submission.model_validate_json(record.value)
             except ValidationError as exc:
                 WRITER_RECORDS.labels("dead_letter").inc()
-                log.warning("undecodable_record", partition=record.partition, offset=record.offset,
-                            error=str(exc).splitlines()[0])
+                log.warning(
+                    "undecodable_record",
+                    partition=record.partition,
+                    offset=record.offset,
+                    error=str(exc).splitlines()[0],
+                )
                 await self._consumer.dead_letter(record, f"undecodable: {str(exc).splitlines()[0]}")
                 continue
             WRITER_RECORDS.labels(sub.op).inc()
             job = sub.job
             if sub.op in ("trigger", "replay"):
                 # Out-of-schedule runs: the definition is unchanged, the occurrence is the acceptance time.
-                entries.append(self._entry(job, sub.at_ms, scheduled_ms=sub.at_ms, attempt=sub.attempt,
-                                           kind=sub.op, now=now))
+                entries.append(
+                    self._entry(job, sub.at_ms, scheduled_ms=sub.at_ms, attempt=sub.attempt, kind=sub.op, now=now)
+                )
                 continue
             # The offset orders every change of one job (same key, same partition): it is the version.
             job = job.model_copy(update={"version": record.offset})
             jobs.append(job)
             if not job.paused and not job.deleted:
-                entries.append(self._entry(job, job.next_fire_ms, scheduled_ms=job.next_fire_ms, attempt=0,
-                                           kind="schedule", now=now))
+                entries.append(
+                    self._entry(
+                        job,
+                        job.next_fire_ms,
+                        scheduled_ms=job.next_fire_ms,
+                        attempt=0,
+                        kind="schedule",
+                        now=now,
+                    )
+                )
         if jobs:
             await self.store.put_jobs(jobs)
         if entries:
@@ -125,5 +147,13 @@ class Writer:
         log.debug("persisted", records=len(records), jobs=len(jobs), entries=len(entries))
 
     def _entry(self, job: Job, due_ms: int, *, scheduled_ms: int, attempt: int, kind: str, now: int) -> QueueEntry:
-        return entry_for(job, due_ms, scheduled_ms=scheduled_ms, attempt=attempt, kind=kind,
-                         bucket_ms=self.settings.bucket_ms, shard_count=self.settings.shard_count, now=now)
+        return entry_for(
+            job,
+            due_ms,
+            scheduled_ms=scheduled_ms,
+            attempt=attempt,
+            kind=kind,
+            bucket_ms=self.settings.bucket_ms,
+            shard_count=self.settings.shard_count,
+            now=now,
+        )

@@ -81,9 +81,7 @@ class S3BlobStore(BlobStore):
             params[name] = value
         path_prefix = parts.path.strip("/")
         if path_prefix and params.get("prefix"):
-            raise BackendConfigError(
-                f"S3 URL {url!r}: give the key prefix as the path or as prefix=, not both"
-            )
+            raise BackendConfigError(f"S3 URL {url!r}: give the key prefix as the path or as prefix=, not both")
         prefix = (path_prefix or params.get("prefix", "")).strip("/")
         return cls(
             parts.netloc,

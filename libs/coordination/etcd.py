@@ -323,9 +323,7 @@ class EtcdCoordination(Coordination):
                 # host). The loop condition tells which.
             except aetcd.RevisionCompactedError as exc:
                 if yielded:  # history we had not read yet is gone: the caller must resynchronise
-                    raise WatchCompacted(
-                        f"etcd compacted past revision {next_revision} of watch {prefix!r}"
-                    ) from exc
+                    raise WatchCompacted(f"etcd compacted past revision {next_revision} of watch {prefix!r}") from exc
                 # Not started yet: this instance's last-seen revision was just old. What was compacted
                 # predates the call, so start from the oldest revision etcd still has.
                 log.info("etcd_watch_start_compacted", prefix=prefix, start=exc.compacted_revision)

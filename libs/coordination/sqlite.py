@@ -115,9 +115,7 @@ class SqliteCoordination(Coordination):
         ttl_ms = max(1, int(ttl_s * 1000))
 
         def grant(conn: sqlite3.Connection, now: int) -> int:
-            cur = conn.execute(
-                "INSERT INTO leases (ttl_ms, expires_at_ms) VALUES (?, ?)", (ttl_ms, now + ttl_ms)
-            )
+            cur = conn.execute("INSERT INTO leases (ttl_ms, expires_at_ms) VALUES (?, ?)", (ttl_ms, now + ttl_ms))
             assert cur.lastrowid is not None
             return cur.lastrowid
 
@@ -242,9 +240,7 @@ def _put(conn: sqlite3.Connection, key: str, value: bytes, lease_id: int | None,
 
 
 def _delete_keys(conn: sqlite3.Connection, keys: Sequence[str], now: int) -> None:
-    existing = [
-        key for key in keys if conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is not None
-    ]
+    existing = [key for key in keys if conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is not None]
     if existing:
         conn.executemany("DELETE FROM kv WHERE key = ?", [(key,) for key in existing])
         _log_changes(conn, [(key, None) for key in existing], now)

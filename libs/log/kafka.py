@@ -55,9 +55,7 @@ ADMIN_TIMEOUT_S = 5.0
 REASON_HEADER = "dsched-dlq-reason"
 MAX_REASON_BYTES = 1024
 TOPIC_ALREADY_EXISTS = 36  # Kafka protocol error code
-URL_PARAMS = frozenset(
-    {"partitions", "dlq_topic", "replication_factor", "create_topics", "session_timeout_ms"}
-)
+URL_PARAMS = frozenset({"partitions", "dlq_topic", "replication_factor", "create_topics", "session_timeout_ms"})
 
 
 class KafkaUrlError(BackendConfigError):
@@ -246,9 +244,7 @@ class KafkaLog(SubmissionLog):
                 ]
                 response = await admin.create_topics(new, timeout_ms=int(ADMIN_TIMEOUT_S * 1000))
                 failed = [
-                    (name, code)
-                    for name, code, *_ in response.topic_errors
-                    if code not in (0, TOPIC_ALREADY_EXISTS)
+                    (name, code) for name, code, *_ in response.topic_errors if code not in (0, TOPIC_ALREADY_EXISTS)
                 ]
                 if failed:
                     log.warning("kafka_create_topics_failed", errors=failed, fallback="broker auto-creation")

@@ -161,9 +161,7 @@ class SqliteLog(SubmissionLog):
             partition = partition_for(key, self.partitions)
             offset = next_offset.get(partition)
             if offset is None:
-                last = conn.execute(
-                    "SELECT MAX(offset) FROM records WHERE partition = ?", (partition,)
-                ).fetchone()
+                last = conn.execute("SELECT MAX(offset) FROM records WHERE partition = ?", (partition,)).fetchone()
                 offset = -1 if last[0] is None else int(last[0])
                 offset += 1
             next_offset[partition] = offset + 1
@@ -192,9 +190,7 @@ class SqliteLogConsumer(LogConsumer):
 
         def load(conn: sqlite3.Connection) -> tuple[int, dict[int, int]]:
             partitions = _stored_partitions(conn, self._log.partitions)
-            rows = conn.execute(
-                "SELECT partition, next_offset FROM committed WHERE grp = ?", (self.group,)
-            ).fetchall()
+            rows = conn.execute("SELECT partition, next_offset FROM committed WHERE grp = ?", (self.group,)).fetchall()
             return partitions, {int(p): int(o) for p, o in rows}
 
         self._partitions, committed = await self._db.write(load)
@@ -210,9 +206,7 @@ class SqliteLogConsumer(LogConsumer):
         deadline = loop.time() + timeout_s
         while True:
             appended = self._log.appended  # taken before reading, so no append can slip between
-            records = await self._db.run(
-                partial(self._read, position=dict(self._position), limit=max_records)
-            )
+            records = await self._db.run(partial(self._read, position=dict(self._position), limit=max_records))
             if records:
                 for record in records:
                     self._position[record.partition] = record.offset + 1

@@ -261,9 +261,7 @@ class SqsQueue(WorkQueue):
             if rejected:
                 raise SqsSendError(f"SQS rejected {len(rejected)} message(s): {_describe(rejected)}")
             pending = {str(f["Id"]): pending[str(f["Id"])] for f in failures}
-        raise SqsSendError(
-            f"SQS failed {len(failures)} message(s) {SEND_ATTEMPTS} times: {_describe(failures)}"
-        )
+        raise SqsSendError(f"SQS failed {len(failures)} message(s) {SEND_ATTEMPTS} times: {_describe(failures)}")
 
     # -- receiving
 
@@ -455,9 +453,7 @@ def _query(url: str, query: str, known: set[str]) -> dict[str, str]:
     params: dict[str, str] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
         if name not in known:
-            raise BackendConfigError(
-                f"URL {url!r}: unknown parameter {name!r} (known: {', '.join(sorted(known))})"
-            )
+            raise BackendConfigError(f"URL {url!r}: unknown parameter {name!r} (known: {', '.join(sorted(known))})")
         params[name] = value
     return params
 

@@ -55,9 +55,7 @@ class Migration:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     def statements(self, keyspace: str, replication: str, keyspace_options: str = "") -> list[str]:
-        return render(
-            self.text, keyspace=keyspace, replication=replication, keyspace_options=keyspace_options
-        )
+        return render(self.text, keyspace=keyspace, replication=replication, keyspace_options=keyspace_options)
 
 
 def candidate_dirs() -> list[Path]:
@@ -189,9 +187,7 @@ def _apply(config: ScyllaConfig, migrations: list[Migration]) -> list[str]:
                 (migration.version, migration.name, migration.checksum, now_ms()),
             )
             applied.append(migration.version)
-            log.info(
-                "migration_applied", keyspace=config.keyspace, version=migration.version, name=migration.name
-            )
+            log.info("migration_applied", keyspace=config.keyspace, version=migration.version, name=migration.name)
     finally:
         cluster.shutdown()
     return applied

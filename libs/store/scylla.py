@@ -120,9 +120,7 @@ def replication_literal(spec: str) -> str:
     strategy, _, args = spec.partition(":")
     if strategy == "SimpleStrategy":
         if not args.isdigit() or int(args) < 1:
-            raise ScyllaUrlError(
-                f"replication {spec!r}: SimpleStrategy needs a factor, e.g. SimpleStrategy:3"
-            )
+            raise ScyllaUrlError(f"replication {spec!r}: SimpleStrategy needs a factor, e.g. SimpleStrategy:3")
         return f"{{'class': 'SimpleStrategy', 'replication_factor': {int(args)}}}"
     if strategy == "NetworkTopologyStrategy":
         factors: list[str] = []
@@ -185,11 +183,7 @@ def build_cluster(config: ScyllaConfig) -> Cluster:
         request_timeout=REQUEST_TIMEOUT_S,
         row_factory=dict_factory,
     )
-    auth = (
-        PlainTextAuthProvider(username=config.username, password=config.password or "")
-        if config.username
-        else None
-    )
+    auth = PlainTextAuthProvider(username=config.username, password=config.password or "") if config.username else None
     return Cluster(
         contact_points=list(config.contact_points),
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
@@ -256,9 +250,7 @@ PARTITION_KEYS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 #: Statements that read a bounded token range instead of one partition (the ``stats`` sample).
-TOKEN_RANGE_STATEMENTS: Final = frozenset(
-    {"sample_jobs", "sample_jobs_wrap", "sample_dead", "sample_dead_wrap"}
-)
+TOKEN_RANGE_STATEMENTS: Final = frozenset({"sample_jobs", "sample_jobs_wrap", "sample_dead", "sample_dead_wrap"})
 
 #: Statements whose retry cannot change the outcome (the driver may retry or speculate them).
 NON_IDEMPOTENT: Final = frozenset(
@@ -273,17 +265,12 @@ def statements() -> dict[str, str]:
     return {
         "schema_version": "SELECT version FROM schema_migrations WHERE version = ?",
         "init_layout": (
-            "INSERT INTO cluster_metadata (name, shard_count, bucket_ms, created_ms) VALUES (?, ?, ?, ?) "
-            "IF NOT EXISTS"
+            "INSERT INTO cluster_metadata (name, shard_count, bucket_ms, created_ms) VALUES (?, ?, ?, ?) IF NOT EXISTS"
         ),
         # Jobs
         "put_job": "INSERT INTO jobs (job_id, user_id, definition) VALUES (?, ?, ?)",
-        "put_job_by_user": (
-            "INSERT INTO jobs_by_user (user_id, created_ms, job_id, project_id) VALUES (?, ?, ?, ?)"
-        ),
-        "update_job_state": (
-            "UPDATE jobs SET state = ?, last_run = ?, dispatched_through_ms = ? WHERE job_id = ?"
-        ),
+        "put_job_by_user": ("INSERT INTO jobs_by_user (user_id, created_ms, job_id, project_id) VALUES (?, ?, ?, ?)"),
+        "update_job_state": ("UPDATE jobs SET state = ?, last_run = ?, dispatched_through_ms = ? WHERE job_id = ?"),
         "get_job": "SELECT definition, state, last_run, dispatched_through_ms FROM jobs WHERE job_id = ?",
         "list_jobs": "SELECT created_ms, job_id, project_id FROM jobs_by_user WHERE user_id = ? LIMIT ?",
         "list_jobs_after": (
@@ -291,32 +278,21 @@ def statements() -> dict[str, str]:
             "WHERE user_id = ? AND (created_ms, job_id) < (?, ?) LIMIT ?"
         ),
         # Queue entries
-        "put_entry": (
-            f"INSERT INTO job_queue (shard_id, bucket, {_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ),
+        "put_entry": (f"INSERT INTO job_queue (shard_id, bucket, {_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
         "due_entries": (
-            f"SELECT {_ENTRY_COLUMNS} FROM job_queue "
-            "WHERE shard_id = ? AND bucket = ? AND due_ms <= ? LIMIT ?"
+            f"SELECT {_ENTRY_COLUMNS} FROM job_queue WHERE shard_id = ? AND bucket = ? AND due_ms <= ? LIMIT ?"
         ),
         "delete_entry": (
             "DELETE FROM job_queue WHERE shard_id = ? AND bucket = ? "
             "AND due_ms = ? AND job_id = ? AND scheduled_ms = ? AND attempt = ?"
         ),
-        "count_due": (
-            "SELECT COUNT(*) AS n FROM job_queue WHERE shard_id = ? AND bucket = ? AND due_ms <= ?"
-        ),
+        "count_due": ("SELECT COUNT(*) AS n FROM job_queue WHERE shard_id = ? AND bucket = ? AND due_ms <= ?"),
         # Checkpoints
         "get_checkpoint": "SELECT bucket_ms FROM picker_checkpoints WHERE shard_id = ?",
-        "init_checkpoint": (
-            "INSERT INTO picker_checkpoints (shard_id, bucket_ms) VALUES (?, ?) IF NOT EXISTS"
-        ),
-        "advance_checkpoint": (
-            "UPDATE picker_checkpoints SET bucket_ms = ? WHERE shard_id = ? IF bucket_ms = ?"
-        ),
+        "init_checkpoint": ("INSERT INTO picker_checkpoints (shard_id, bucket_ms) VALUES (?, ?) IF NOT EXISTS"),
+        "advance_checkpoint": ("UPDATE picker_checkpoints SET bucket_ms = ? WHERE shard_id = ? IF bucket_ms = ?"),
         # Runs
-        "put_run": (
-            "INSERT INTO job_runs (job_id, scheduled_ms, attempt, run_id, run) VALUES (?, ?, ?, ?, ?)"
-        ),
+        "put_run": ("INSERT INTO job_runs (job_id, scheduled_ms, attempt, run_id, run) VALUES (?, ?, ?, ?, ?)"),
         "put_run_by_id": "INSERT INTO runs_by_id (run_id, job_id, run) VALUES (?, ?, ?)",
         "get_run": "SELECT run FROM runs_by_id WHERE run_id = ?",
         "list_runs": "SELECT scheduled_ms, attempt, run FROM job_runs WHERE job_id = ? LIMIT ?",
@@ -324,19 +300,11 @@ def statements() -> dict[str, str]:
             "SELECT scheduled_ms, attempt, run FROM job_runs "
             "WHERE job_id = ? AND (scheduled_ms, attempt) < (?, ?) LIMIT ?"
         ),
-        "claim_run": (
-            "INSERT INTO run_claims (run_id, worker_id, claimed_ms) VALUES (?, ?, ?) IF NOT EXISTS"
-        ),
+        "claim_run": ("INSERT INTO run_claims (run_id, worker_id, claimed_ms) VALUES (?, ?, ?) IF NOT EXISTS"),
         # Dead letters
-        "put_dead_letter": (
-            "INSERT INTO dead_letters (user_id, dead_ms, dead_letter_id, letter) VALUES (?, ?, ?, ?)"
-        ),
-        "put_dead_letter_by_id": (
-            "INSERT INTO dead_letters_by_id (user_id, dead_letter_id, letter) VALUES (?, ?, ?)"
-        ),
-        "list_dead_letters": (
-            "SELECT dead_ms, dead_letter_id, letter FROM dead_letters WHERE user_id = ? LIMIT ?"
-        ),
+        "put_dead_letter": ("INSERT INTO dead_letters (user_id, dead_ms, dead_letter_id, letter) VALUES (?, ?, ?, ?)"),
+        "put_dead_letter_by_id": ("INSERT INTO dead_letters_by_id (user_id, dead_letter_id, letter) VALUES (?, ?, ?)"),
+        "list_dead_letters": ("SELECT dead_ms, dead_letter_id, letter FROM dead_letters WHERE user_id = ? LIMIT ?"),
         "list_dead_letters_after": (
             "SELECT dead_ms, dead_letter_id, letter FROM dead_letters "
             "WHERE user_id = ? AND (dead_ms, dead_letter_id) < (?, ?) LIMIT ?"
@@ -344,16 +312,11 @@ def statements() -> dict[str, str]:
         "get_dead_letter": ("SELECT letter FROM dead_letters_by_id WHERE user_id = ? AND dead_letter_id = ?"),
         # Idempotency keys
         "claim_idempotency_key": (
-            "INSERT INTO idempotency_keys (user_id, idempotency_key, job_id) VALUES (?, ?, ?) "
-            "IF NOT EXISTS USING TTL ?"
+            "INSERT INTO idempotency_keys (user_id, idempotency_key, job_id) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?"
         ),
         # Stats samples: bounded token-range reads (see the module docstring)
-        "sample_jobs": (
-            "SELECT token(job_id) AS t, definition, state FROM jobs WHERE token(job_id) >= ? LIMIT ?"
-        ),
-        "sample_jobs_wrap": (
-            "SELECT token(job_id) AS t, definition, state FROM jobs WHERE token(job_id) < ? LIMIT ?"
-        ),
+        "sample_jobs": ("SELECT token(job_id) AS t, definition, state FROM jobs WHERE token(job_id) >= ? LIMIT ?"),
+        "sample_jobs_wrap": ("SELECT token(job_id) AS t, definition, state FROM jobs WHERE token(job_id) < ? LIMIT ?"),
         "sample_dead": (
             "SELECT token(user_id, dead_letter_id) AS t FROM dead_letters_by_id "
             "WHERE token(user_id, dead_letter_id) >= ? LIMIT ?"
@@ -481,9 +444,7 @@ class ScyllaStore(JobStore):
             await self._check_schema()
             texts = statements()
             names = [name for name in texts if name != "schema_version"]
-            prepared = await asyncio.gather(
-                *(asyncio.to_thread(self._session.prepare, texts[n]) for n in names)
-            )
+            prepared = await asyncio.gather(*(asyncio.to_thread(self._session.prepare, texts[n]) for n in names))
             for name, statement in zip(names, prepared, strict=True):
                 statement.is_idempotent = name not in NON_IDEMPOTENT
                 self._prepared[name] = statement
@@ -497,9 +458,7 @@ class ScyllaStore(JobStore):
         try:
             session = cluster.connect()
             if self.config.keyspace not in cluster.metadata.keyspaces:
-                raise SchemaNotMigrated(
-                    f"keyspace {self.config.keyspace!r} does not exist: run `dsched db migrate`"
-                )
+                raise SchemaNotMigrated(f"keyspace {self.config.keyspace!r} does not exist: run `dsched db migrate`")
             session.set_keyspace(self.config.keyspace)
             return cluster, session
         except BaseException:
@@ -517,8 +476,7 @@ class ScyllaStore(JobStore):
         self._prepared["schema_version"] = statement
         if not await self._rows("schema_version", (SCHEMA_VERSION,)):
             raise SchemaNotMigrated(
-                f"keyspace {self.config.keyspace!r} lacks schema version {SCHEMA_VERSION}: "
-                "run `dsched db migrate`"
+                f"keyspace {self.config.keyspace!r} lacks schema version {SCHEMA_VERSION}: run `dsched db migrate`"
             )
 
     async def shutdown(self) -> None:
@@ -550,9 +508,7 @@ class ScyllaStore(JobStore):
 
     async def _write(self, *batches: tuple[str, Iterable[Sequence[Any]]]) -> None:
         """Several statements' rows at once (e.g. a table and its index), all awaited."""
-        results = await asyncio.gather(
-            *(self._each(name, params) for name, params in batches), return_exceptions=True
-        )
+        results = await asyncio.gather(*(self._each(name, params) for name, params in batches), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -646,9 +602,7 @@ class ScyllaStore(JobStore):
     async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[QueueEntry]:
         if limit <= 0:
             return []
-        return _due_page(
-            shard, bucket_ms, await self._rows("due_entries", (shard, bucket_ms, until_ms, limit))
-        )
+        return _due_page(shard, bucket_ms, await self._rows("due_entries", (shard, bucket_ms, until_ms, limit)))
 
     async def due_entries_many(
         self, partitions: Sequence[tuple[int, int]], until_ms: int, limit: int
@@ -688,13 +642,9 @@ class ScyllaStore(JobStore):
     async def get_runs(self, run_ids: Sequence[str]) -> dict[str, Run]:
         ids = list(dict.fromkeys(run_ids))
         results = await self._each("get_run", [(i,) for i in ids])
-        return {
-            i: Run.model_validate_json(rows[0]["run"]) for i, rows in zip(ids, results, strict=True) if rows
-        }
+        return {i: Run.model_validate_json(rows[0]["run"]) for i, rows in zip(ids, results, strict=True) if rows}
 
-    async def list_runs(
-        self, job_id: str, limit: int, cursor: str | None = None
-    ) -> tuple[list[Run], str | None]:
+    async def list_runs(self, job_id: str, limit: int, cursor: str | None = None) -> tuple[list[Run], str | None]:
         if limit <= 0:
             return [], cursor
         if cursor is None:

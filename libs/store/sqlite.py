@@ -91,9 +91,7 @@ CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expir
 """
 
 # Job.status as SQL: deleted, then paused, then the runtime state (scheduled when unset).
-_STATUS_SQL = (
-    "CASE WHEN deleted THEN 'deleted' WHEN paused THEN 'paused' ELSE COALESCE(state, 'scheduled') END"
-)
+_STATUS_SQL = "CASE WHEN deleted THEN 'deleted' WHEN paused THEN 'paused' ELSE COALESCE(state, 'scheduled') END"
 _JOB_COLUMNS = "definition, state, last_run, dispatched_through_ms"
 
 
@@ -155,9 +153,7 @@ class SqliteStore(JobStore):
         wanted = {"shard_count": shard_count, "bucket_ms": bucket_ms}
 
         def check(conn: sqlite3.Connection) -> None:
-            stored = dict(
-                conn.execute("SELECT name, value FROM meta WHERE name IN ('shard_count', 'bucket_ms')")
-            )
+            stored = dict(conn.execute("SELECT name, value FROM meta WHERE name IN ('shard_count', 'bucket_ms')"))
             if not stored:
                 conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", list(wanted.items()))
                 return
@@ -297,9 +293,17 @@ class SqliteStore(JobStore):
         rows_by_partition = await self._reader.run(due)
         return {
             (shard, bucket_ms): [
-                QueueEntry(shard=shard, bucket_ms=bucket_ms, due_ms=due_ms, job_id=job_id,
-                           scheduled_ms=scheduled_ms, attempt=attempt, kind=kind, version=version,
-                           priority=priority)
+                QueueEntry(
+                    shard=shard,
+                    bucket_ms=bucket_ms,
+                    due_ms=due_ms,
+                    job_id=job_id,
+                    scheduled_ms=scheduled_ms,
+                    attempt=attempt,
+                    kind=kind,
+                    version=version,
+                    priority=priority,
+                )
                 for due_ms, job_id, scheduled_ms, attempt, kind, version, priority in rows
             ]
             for (shard, bucket_ms), rows in rows_by_partition.items()
@@ -320,9 +324,7 @@ class SqliteStore(JobStore):
     # Picker checkpoints -----------------------------------------------------------------------------------
     async def get_checkpoint(self, shard: int) -> int | None:
         def get(conn: sqlite3.Connection) -> int | None:
-            row = conn.execute(
-                "SELECT bucket_ms FROM picker_checkpoints WHERE shard = ?", (shard,)
-            ).fetchone()
+            row = conn.execute("SELECT bucket_ms FROM picker_checkpoints WHERE shard = ?", (shard,)).fetchone()
             return None if row is None else int(row[0])
 
         return await self._reader.run(get)
@@ -349,8 +351,7 @@ class SqliteStore(JobStore):
         rows = [(r.run_id, r.job_id, r.scheduled_ms, r.attempt, r.model_dump_json().encode()) for r in runs]
         await self._writer.write(
             lambda conn: conn.executemany(
-                "INSERT OR REPLACE INTO runs (run_id, job_id, scheduled_ms, attempt, body) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO runs (run_id, job_id, scheduled_ms, attempt, body) VALUES (?, ?, ?, ?, ?)",
                 rows,
             )
         )
@@ -371,9 +372,7 @@ class SqliteStore(JobStore):
         runs = [Run.model_validate_json(body) for body in await self._reader.run(get)]
         return {run.run_id: run for run in runs}
 
-    async def list_runs(
-        self, job_id: str, limit: int, cursor: str | None = None
-    ) -> tuple[list[Run], str | None]:
+    async def list_runs(self, job_id: str, limit: int, cursor: str | None = None) -> tuple[list[Run], str | None]:
         if limit <= 0:
             return [], cursor
         where = "job_id = ?"
@@ -422,8 +421,7 @@ class SqliteStore(JobStore):
         rows = [(d.user_id, d.dead_letter_id, d.dead_ms, d.model_dump_json().encode()) for d in letters]
         await self._writer.write(
             lambda conn: conn.executemany(
-                "INSERT OR REPLACE INTO dead_letters (user_id, dead_letter_id, dead_ms, body) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO dead_letters (user_id, dead_letter_id, dead_ms, body) VALUES (?, ?, ?, ?)",
                 rows,
             )
         )
@@ -474,8 +472,7 @@ class SqliteStore(JobStore):
             if row is not None and row[1] > now:
                 return str(row[0])
             conn.execute(
-                "INSERT OR REPLACE INTO idempotency_keys (user_id, key, job_id, expires_ms) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO idempotency_keys (user_id, key, job_id, expires_ms) VALUES (?, ?, ?, ?)",
                 (user_id, key, job_id, now + ttl_s * 1000),
             )
             # Lazy expiry (CQL's TTL does it for Scylla); bounded so one claim never pays for a backlog.
@@ -493,12 +490,8 @@ class SqliteStore(JobStore):
         def stats(conn: sqlite3.Connection) -> dict[str, int]:
             conn.execute("BEGIN")  # one snapshot for all three counts
             try:
-                by_status = dict(
-                    conn.execute(f"SELECT {_STATUS_SQL} AS s, COUNT(*) FROM jobs GROUP BY s").fetchall()
-                )
-                (due,) = conn.execute(
-                    "SELECT COUNT(*) FROM job_queue WHERE due_ms <= ?", (now_ms,)
-                ).fetchone()
+                by_status = dict(conn.execute(f"SELECT {_STATUS_SQL} AS s, COUNT(*) FROM jobs GROUP BY s").fetchall())
+                (due,) = conn.execute("SELECT COUNT(*) FROM job_queue WHERE due_ms <= ?", (now_ms,)).fetchone()
                 (dead,) = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
             finally:
                 conn.execute("COMMIT")

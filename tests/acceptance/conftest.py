@@ -9,15 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-import urllib.error
-import urllib.request
 
 import orjson
 import pytest
-
 
 DSCHED = str(Path(sys.executable).with_name("dsched"))
 
@@ -38,8 +37,9 @@ class Service:
 
     def start(self) -> Service:
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen([DSCHED, "run", self.what], env=self.env, stdout=log, stderr=log,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [DSCHED, "run", self.what], env=self.env, stdout=log, stderr=log, start_new_session=True
+            )
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -66,8 +66,12 @@ class Http:
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = orjson.dumps(body) if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"X-User-ID": self.user, "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base + path,
+            data=data,
+            method=method,
+            headers={"X-User-ID": self.user, "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return resp.status, orjson.loads(resp.read())
@@ -111,17 +115,19 @@ class Http:
 
 def base_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")}
-    env.update({
-        "DSCHED_DATA_DIR": str(data_dir),
-        "DSCHED_PORT": str(port),
-        "DSCHED_SHARD_COUNT": "8",
-        "DSCHED_BUCKET_S": "10",
-        "DSCHED_BUCKET_GRACE_S": "2",
-        "DSCHED_LEASE_TTL_S": "2",
-        "DSCHED_ALLOW_CMD": "true",
-        "DSCHED_ALLOW_PRIVATE_HTTP": "true",
-        "DSCHED_SHUTDOWN_GRACE_S": "2",
-    })
+    env.update(
+        {
+            "DSCHED_DATA_DIR": str(data_dir),
+            "DSCHED_PORT": str(port),
+            "DSCHED_SHARD_COUNT": "8",
+            "DSCHED_BUCKET_S": "10",
+            "DSCHED_BUCKET_GRACE_S": "2",
+            "DSCHED_LEASE_TTL_S": "2",
+            "DSCHED_ALLOW_CMD": "true",
+            "DSCHED_ALLOW_PRIVATE_HTTP": "true",
+            "DSCHED_SHUTDOWN_GRACE_S": "2",
+        }
+    )
     env.update(extra)
     return env
 

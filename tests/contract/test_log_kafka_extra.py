@@ -42,9 +42,7 @@ def owned(consumer: KafkaLogConsumer) -> set[int]:
 Batches = list[list[ConsumedRecord]]
 
 
-async def poll_until(
-    consumers: list[KafkaLogConsumer], done: Callable[[Batches], bool], what: str
-) -> Batches:
+async def poll_until(consumers: list[KafkaLogConsumer], done: Callable[[Batches], bool], what: str) -> Batches:
     """Poll every member (a member that does not poll cannot take part in a rebalance) until ``done(got)``."""
     got: Batches = [[] for _ in consumers]
     end = time.monotonic() + DEADLINE_S
@@ -72,9 +70,7 @@ async def test_a_joining_member_takes_over_partitions_and_their_uncommitted_reco
             return theirs if theirs and mine.isdisjoint(theirs) else set()
 
         def redelivered(got: Batches) -> bool:
-            expected = {
-                (r.partition, r.offset) for r in records if r.partition in moved() and r.partition != 0
-            }
+            expected = {(r.partition, r.offset) for r in records if r.partition in moved() and r.partition != 0}
             return bool(moved()) and expected <= {(r.partition, r.offset) for r in got[1]}
 
         await second.startup()
@@ -96,9 +92,7 @@ async def test_a_leaving_member_hands_its_partitions_over_at_once(kafka_log: Kaf
     await first.startup()
     await second.startup()
     try:
-        await poll_until(
-            [first, second], lambda _: bool(owned(first)) and bool(owned(second)), "both assigned"
-        )
+        await poll_until([first, second], lambda _: bool(owned(first)) and bool(owned(second)), "both assigned")
         await first.shutdown()  # leaves the group: nobody waits for its session to time out
         started = time.monotonic()
         await poll_until([second], lambda _: len(owned(second)) == 4, "the handover")

@@ -132,9 +132,7 @@ def own_moto() -> Iterator[MotoServer]:
         yield server
 
 
-async def test_sqs_recreates_its_queues_after_the_server_lost_them(
-    own_moto: MotoServer, tmp_path: Path
-) -> None:
+async def test_sqs_recreates_its_queues_after_the_server_lost_them(own_moto: MotoServer, tmp_path: Path) -> None:
     async with _started(_sqs(own_moto.endpoint, tmp_path)) as queue:
         await queue.send([OutgoingMessage(b"before")])
         await asyncio.to_thread(own_moto.reset)  # what a restarted emulator looks like: no queues at all

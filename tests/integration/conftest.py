@@ -23,8 +23,16 @@ class Api:
     session: aiohttp.ClientSession
     user: str = "alice"
 
-    async def call(self, method: str, path: str, *, user: str | None = "", json: Any = None,
-                   headers: dict[str, str] | None = None, data: bytes | None = None) -> tuple[int, Any]:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        user: str | None = "",
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        data: bytes | None = None,
+    ) -> tuple[int, Any]:
         hdrs = dict(headers or {})
         who = self.user if user == "" else user
         if who is not None:
@@ -70,8 +78,17 @@ class Api:
 
 def cluster_settings(tmp_path: Path, **overrides: Any) -> Settings:
     base: dict[str, Any] = dict(
-        data_dir=tmp_path / "data", port=0, shard_count=4, bucket_s=10, bucket_grace_s=2.0, lease_ttl_s=2.0,
-        picker_tick_s=0.05, retry_initial_s=0.1, retry_max_s=0.5, visibility_timeout_s=5.0, node_id="test-node",
+        data_dir=tmp_path / "data",
+        port=0,
+        shard_count=4,
+        bucket_s=10,
+        bucket_grace_s=2.0,
+        lease_ttl_s=2.0,
+        picker_tick_s=0.05,
+        retry_initial_s=0.1,
+        retry_max_s=0.5,
+        visibility_timeout_s=5.0,
+        node_id="test-node",
         shutdown_grace_s=1.0,
     )
     base.update(overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -58,16 +59,17 @@ async def test_every_second_produces_a_run_each_second(api: Api) -> None:
     job_id = await api.submit(payload="tick", cron_schedule="@every 1s")
     runs = await api.finished_runs(job_id, count=3, timeout=8)
     scheduled = sorted(parse(r["scheduled_for"]) for r in runs)
-    gaps = {round((b - a).total_seconds()) for a, b in zip(scheduled, scheduled[1:], strict=False)}
+    gaps = {round((b - a).total_seconds()) for a, b in itertools.pairwise(scheduled)}
     assert gaps == {1}
     assert all(r["status"] == "succeeded" for r in runs)
-    status, job = await api.call("GET", f"/jobs/{job_id}")
+    _, job = await api.call("GET", f"/jobs/{job_id}")
     assert job["status"] == "scheduled" and job["next_fire_at"] is not None
 
 
 async def test_failing_command_retries_then_dead_letters(api: Api) -> None:
-    job_id = await api.submit(payload="cmd:exit 3", max_retries=2,
-                              retry={"backoff": "fixed", "initial_s": 0.1, "jitter": False})
+    job_id = await api.submit(
+        payload="cmd:exit 3", max_retries=2, retry={"backoff": "fixed", "initial_s": 0.1, "jitter": False}
+    )
     runs = await api.finished_runs(job_id, count=3, timeout=10)
     assert sorted(r["attempt"] for r in runs) == [0, 1, 2]
     assert {r["status"] for r in runs} == {"failed"}
@@ -108,8 +110,9 @@ async def target() -> AsyncIterator[tuple[str, list[web.Request]]]:
 
 async def test_http_job_records_status_and_sends_headers(api: Api, target: tuple[str, list[web.Request]]) -> None:
     url, hits = target
-    job_id = await api.submit(payload={"http": {"url": url, "method": "POST", "body": {"a": 1},
-                                                "headers": {"X-Custom": "yes"}}})
+    job_id = await api.submit(
+        payload={"http": {"url": url, "method": "POST", "body": {"a": 1}, "headers": {"X-Custom": "yes"}}}
+    )
     [run] = await api.finished_runs(job_id)
     assert (run["status"], run["http_status"], run["output"]) == ("succeeded", 200, "pong")
     [hit] = hits
@@ -121,10 +124,13 @@ async def test_http_job_records_status_and_sends_headers(api: Api, target: tuple
 
 
 async def test_http_4xx_fails_fast_and_5xx_retries(api: Api, target: tuple[str, list[web.Request]]) -> None:
-    url, hits = target
+    url, _ = target
     fast = await api.submit(payload={"http": {"url": url + "?status=404"}}, max_retries=3)
-    slow = await api.submit(payload={"http": {"url": url + "?status=503"}}, max_retries=1,
-                            retry={"backoff": "fixed", "initial_s": 0.1, "jitter": False})
+    slow = await api.submit(
+        payload={"http": {"url": url + "?status=503"}},
+        max_retries=1,
+        retry={"backoff": "fixed", "initial_s": 0.1, "jitter": False},
+    )
     assert [r["http_status"] for r in await api.finished_runs(fast)] == [404]
     assert sorted(r["attempt"] for r in await api.finished_runs(slow, count=2)) == [0, 1]
     await asyncio.sleep(0.4)
@@ -163,8 +169,9 @@ async def test_errors_are_json_with_status(api: Api) -> None:
     assert status == 400 and "project_id" in body["detail"]
     status, body = await api.call("POST", "/submit", json={"project_id": "p", "payload": "x", "cron_schedule": "bad"})
     assert status == 400 and "cron_schedule" in body["detail"]
-    status, body = await api.call("POST", "/submit", json={"project_id": "p", "payload": "x",
-                                                           "next_fire_at": "tomorrow"})
+    status, body = await api.call(
+        "POST", "/submit", json={"project_id": "p", "payload": "x", "next_fire_at": "tomorrow"}
+    )
     assert status == 400 and "next_fire_at" in body["detail"]
     status, body = await api.call("POST", "/submit", json={"project_id": "p", "payload": "x" * (2 * 1024 * 1024)})
     assert status == 413 and body["error"] == "payload_too_large"
@@ -184,8 +191,13 @@ async def test_a_user_only_sees_their_own_jobs(api: Api) -> None:
 async def test_list_jobs_newest_first_with_cursor_and_filters(api: Api) -> None:
     ids = []
     for i in range(5):
-        ids.append(await api.submit(payload=f"job {i}", project_id="a" if i % 2 else "b",
-                                    next_fire_at=rfc3339(datetime.now(UTC) + timedelta(hours=1))))
+        ids.append(
+            await api.submit(
+                payload=f"job {i}",
+                project_id="a" if i % 2 else "b",
+                next_fire_at=rfc3339(datetime.now(UTC) + timedelta(hours=1)),
+            )
+        )
         await asyncio.sleep(0.002)
 
     async def listed() -> list[str] | None:
@@ -226,8 +238,9 @@ async def test_idempotent_submit_returns_the_first_job(api: Api) -> None:
     await api.finished_runs(first["job_id"])
     s2, second = await api.call("POST", "/submit", json={"project_id": "p", "payload": "once"}, headers=headers)
     assert s2 == 200 and second["job_id"] == first["job_id"]
-    s3, other = await api.call("POST", "/submit", json={"project_id": "p", "payload": "once"}, headers=headers,
-                               user="bob")
+    s3, other = await api.call(
+        "POST", "/submit", json={"project_id": "p", "payload": "once"}, headers=headers, user="bob"
+    )
     assert s3 == 202 and other["job_id"] != first["job_id"]
 
 

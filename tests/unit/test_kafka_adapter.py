@@ -312,9 +312,7 @@ async def test_topic_creation_failure_falls_back_to_auto_creation(
     assert closed == [True]
 
 
-async def test_existing_topics_are_not_created_again(
-    monkeypatch: pytest.MonkeyPatch, settings: Settings
-) -> None:
+async def test_existing_topics_are_not_created_again(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
     created: list[Any] = []
 
     class Admin:

@@ -101,9 +101,7 @@ def test_jitter_is_stable_across_processes() -> None:
     outputs = set()
     for hash_seed in ("0", "1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        result = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         outputs.add(result.stdout.strip())
     assert outputs == {repr(backoff_s(RetryPolicy(initial_s=3, max_s=100), 4, "f0e1d2c3-run"))}
 
@@ -117,9 +115,7 @@ def test_jitter_is_stable_across_processes() -> None:
     n=st.integers(1, 10_000),
     seed=st.text(max_size=40),
 )
-def test_backoff_properties(
-    mode: str, initial: float, multiplier: float, max_s: float, n: int, seed: str
-) -> None:
+def test_backoff_properties(mode: str, initial: float, multiplier: float, max_s: float, n: int, seed: str) -> None:
     plain = policy(backoff=mode, initial_s=initial, multiplier=multiplier, max_s=max_s)
     jittered = policy(backoff=mode, initial_s=initial, multiplier=multiplier, max_s=max_s, jitter=True)
     d = backoff_s(plain, n, seed)
@@ -211,8 +207,6 @@ def test_parse_retry_after_is_relative_to_now_ms() -> None:
     assert parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", NOW + 10_500) == pytest.approx(19.5)
 
 
-@pytest.mark.parametrize(
-    "value", [None, "", "   ", "-5", "abc", "1e3", "soon", "Sun, 99 Foo 1994 08:49:37 GMT", "5s"]
-)
+@pytest.mark.parametrize("value", [None, "", "   ", "-5", "abc", "1e3", "soon", "Sun, 99 Foo 1994 08:49:37 GMT", "5s"])
 def test_parse_retry_after_invalid(value: str | None) -> None:
     assert parse_retry_after(value, NOW) is None

@@ -425,9 +425,7 @@ def test_dst_transitions(zone: str, expr: str, after: int, expected: list[int]) 
 
 def test_dst_examples_in_local_terms() -> None:
     ny = cron("30 2 * * *", "America/New_York")
-    assert ny.next_after(local("America/New_York", 2024, 3, 9, 3)) == local(
-        "America/New_York", 2024, 3, 10, 3
-    )
+    assert ny.next_after(local("America/New_York", 2024, 3, 9, 3)) == local("America/New_York", 2024, 3, 10, 3)
     fb = cron("30 1 * * *", "America/New_York")
     first = local("America/New_York", 2024, 11, 3, 1, 30, fold=0)
     second = local("America/New_York", 2024, 11, 3, 1, 30, fold=1)
@@ -796,9 +794,7 @@ def materialised(schedule: Schedule, start: int, now: int) -> list[int]:
 
 @settings(max_examples=200, deadline=None, database=None)
 @given(
-    expr=st.sampled_from(
-        ["*/10 * * * *", "0 */2 * * *", "30 1,2 * * *", "@every 7m", "@every 45s", "0 2 * * *"]
-    ),
+    expr=st.sampled_from(["*/10 * * * *", "0 */2 * * *", "30 1,2 * * *", "@every 7m", "@every 45s", "0 2 * * *"]),
     zone=st.sampled_from(["UTC", "America/New_York", "Europe/Berlin", "Australia/Lord_Howe"]),
     start=st.sampled_from([utc(2024, 3, 10, 5), utc(2024, 11, 3, 4, 50), utc(2024, 3, 30, 23, 10)]),
     gap_min=st.integers(0, 600),

@@ -207,9 +207,7 @@ CREATE TABLE IF NOT EXISTS {keyspace}.t (
     k int PRIMARY KEY
 ) WITH compaction = {'class': 'SizeTieredCompactionStrategy'};
 """
-    assert render(
-        text, keyspace="ks", replication="{'class': 'X'}", keyspace_options=" AND tablets = {}"
-    ) == [
+    assert render(text, keyspace="ks", replication="{'class': 'X'}", keyspace_options=" AND tablets = {}") == [
         "CREATE KEYSPACE IF NOT EXISTS ks WITH replication = {'class': 'X'} AND tablets = {}",
         "CREATE TABLE IF NOT EXISTS ks.t ( k int PRIMARY KEY ) "
         "WITH compaction = {'class': 'SizeTieredCompactionStrategy'}",
@@ -317,9 +315,7 @@ class FakeResponseFuture:
     def has_more_pages(self) -> bool:
         return self._page < len(self._pages) - 1
 
-    def add_callbacks(
-        self, callback: Callable[[Any], None], errback: Callable[[BaseException], None]
-    ) -> None:
+    def add_callbacks(self, callback: Callable[[Any], None], errback: Callable[[BaseException], None]) -> None:
         self._callbacks.append((callback, errback))
         self.reactor.submit(self._deliver)
 
@@ -353,9 +349,7 @@ async def test_bridge_resolves_writes_to_no_rows() -> None:
 
 async def test_bridge_raises_the_drivers_error() -> None:
     with pytest.raises(InvalidRequest, match="unconfigured table"):
-        await bridge(
-            FakeResponseFuture([], error=InvalidRequest("unconfigured table x")), asyncio.get_running_loop()
-        )
+        await bridge(FakeResponseFuture([], error=InvalidRequest("unconfigured table x")), asyncio.get_running_loop())
 
 
 async def test_bridge_hands_over_errors_raised_while_paging() -> None:
@@ -404,9 +398,7 @@ class Table:
         return [dict(row) for k in keys for row, expiry in [partition[k]] if expiry is None or expiry > now]
 
     def order_key(self, ck: tuple[Any, ...]) -> tuple[Any, ...]:
-        return tuple(
-            _Desc(v) if c in self.descending else v for c, v in zip(self.clustering, ck, strict=True)
-        )
+        return tuple(_Desc(v) if c in self.descending else v for c, v in zip(self.clustering, ck, strict=True))
 
 
 class _Desc:
@@ -508,18 +500,14 @@ class FakeCql:
                     primary = [item.split()[0]]
         partition, clustering = _names(primary[0]), tuple(primary[1:])
         order = re.search(r"CLUSTERING ORDER BY \(([^)]*)\)", options or "")
-        descending = (
-            {c.split()[0] for c in order.group(1).split(",") if c.split()[1] == "DESC"} if order else set()
-        )
+        descending = {c.split()[0] for c in order.group(1).split(",") if c.split()[1] == "DESC"} if order else set()
         assert set(partition) | set(clustering) <= set(columns), name
         if order:
             assert tuple(c.split()[0] for c in order.group(1).split(",")) == clustering, name
         ttl = re.search(r"default_time_to_live = (\d+)", options or "")
         self.tables.setdefault(
             name,
-            Table(
-                name, columns, partition, clustering, frozenset(descending), int(ttl.group(1)) if ttl else 0
-            ),
+            Table(name, columns, partition, clustering, frozenset(descending), int(ttl.group(1)) if ttl else 0),
         )
 
     # Prepared statements
@@ -600,9 +588,7 @@ class FakeCql:
         for i, (_, columns, op) in enumerate(clustering_relations):
             expected = table.clustering[position : position + len(columns)]
             if columns != expected:
-                raise InvalidRequest(
-                    f"{table.name}: clustering restriction {columns} skips a preceding column"
-                )
+                raise InvalidRequest(f"{table.name}: clustering restriction {columns} skips a preceding column")
             position += len(columns)
             if op != "=" and i != len(clustering_relations) - 1:
                 raise InvalidRequest(f"{table.name}: a slice must restrict the last clustering column used")
@@ -615,15 +601,11 @@ class FakeCql:
         params = list(params)
         if len(params) != prepared.markers:
             raise InvalidRequest(f"expected {prepared.markers} values, got {len(params)}")
-        run: Callable[[Table, dict[str, Any], list[Any]], list[dict[str, Any]]] = getattr(
-            self, f"_run_{prepared.kind}"
-        )
+        run: Callable[[Table, dict[str, Any], list[Any]], list[dict[str, Any]]] = getattr(self, f"_run_{prepared.kind}")
         with self.lock:
             return run(prepared.table, prepared.parts, params)
 
-    def _bind_where(
-        self, table: Table, where: list[Any], params: list[Any]
-    ) -> tuple[dict[str, Any], list[Any]]:
+    def _bind_where(self, table: Table, where: list[Any], params: list[Any]) -> tuple[dict[str, Any], list[Any]]:
         eq: dict[str, Any] = {}
         filters: list[Any] = []
         for kind, columns, op in where:
@@ -689,9 +671,7 @@ class FakeCql:
 
     def _run_delete(self, table: Table, parts: dict[str, Any], params: list[Any]) -> list[dict[str, Any]]:
         eq, _ = self._bind_where(table, parts["where"], params)
-        table.data.get(tuple(eq[c] for c in table.partition), {}).pop(
-            tuple(eq[c] for c in table.clustering), None
-        )
+        table.data.get(tuple(eq[c] for c in table.partition), {}).pop(tuple(eq[c] for c in table.clustering), None)
         return []
 
     def _run_select(self, table: Table, parts: dict[str, Any], params: list[Any]) -> list[dict[str, Any]]:

@@ -21,9 +21,7 @@ async def blobs(tmp_path: Path) -> AsyncIterator[FileBlobStore]:
         await impl.shutdown()
 
 
-@pytest.mark.parametrize(
-    "key", ["", "/abs", "../escape", "a/../../b", "a//b", "a/", "./a", "a/.", ".tmp-x", "a/\x00b"]
-)
+@pytest.mark.parametrize("key", ["", "/abs", "../escape", "a/../../b", "a//b", "a/", "./a", "a/.", ".tmp-x", "a/\x00b"])
 async def test_keys_that_could_escape_the_root_are_rejected(blobs: FileBlobStore, key: str) -> None:
     with pytest.raises(ValueError):
         await blobs.put(key, b"x")
@@ -33,9 +31,7 @@ async def test_keys_that_could_escape_the_root_are_rejected(blobs: FileBlobStore
         await blobs.delete(key)
 
 
-async def test_slashes_make_directories_and_no_temp_files_remain(
-    blobs: FileBlobStore, tmp_path: Path
-) -> None:
+async def test_slashes_make_directories_and_no_temp_files_remain(blobs: FileBlobStore, tmp_path: Path) -> None:
     await blobs.put("outputs/2030/run-1", b"out")
     await blobs.put("outputs/2030/run-1", b"out2")
     assert (tmp_path / "blobs" / "outputs" / "2030" / "run-1").read_bytes() == b"out2"

@@ -85,9 +85,7 @@ async def test_two_instances_on_one_file_claim_each_run_once(tmp_path: Path) -> 
     await b.startup()
     try:
         ids = [uuid.uuid4().hex for _ in range(200)]
-        results = await asyncio.gather(
-            *(s.claim_runs(ids[i::2] + ids, f"w{i}") for i, s in enumerate((a, b, a, b)))
-        )
+        results = await asyncio.gather(*(s.claim_runs(ids[i::2] + ids, f"w{i}") for i, s in enumerate((a, b, a, b))))
         assert set().union(*results) == set(ids)
         assert sum(len(r) for r in results) == len(ids)
     finally:
