@@ -73,15 +73,39 @@ class Coordinator:
     async def run(self, stop: asyncio.Event) -> None:
         """Campaign until elected, lead until the lease is lost or ``stop`` is set, campaign again."""
         ttl = self.settings.lease_ttl_s
-        while not stop.is_set():
+        leader_gone = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_leader(leader_gone))
+        try:
+            while not stop.is_set():
+                leader_gone.clear()
+                try:
+                    if await self._campaign():
+                        await self._lead(stop)
+                        continue
+                except Exception as exc:  # backend hiccup: retry after a short pause, never crash the service
+                    log.warning("coordinator_error", error=f"{type(exc).__name__}: {exc}")
+                    await self._step_down()
+                # Campaign again as soon as the leader key goes (its lease expired), or after a while regardless.
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(leader_gone.wait())]
+                await asyncio.wait(waits, timeout=ttl / 3, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waits:
+                    waiter.cancel()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+
+    async def _watch_leader(self, leader_gone: asyncio.Event) -> None:
+        while True:
             try:
-                if await self._campaign():
-                    await self._lead(stop)
-            except Exception as exc:  # backend hiccup: retry after a short pause, never crash the service
-                log.warning("coordinator_error", error=f"{type(exc).__name__}: {exc}")
-                await self._step_down()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=ttl / 3)
+                async for event in self.coordination.watch_prefix(LEADER_KEY):
+                    if event.key == LEADER_KEY and event.value is None:
+                        leader_gone.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the periodic campaign still runs; re-watch after a pause
+                log.warning("leader_watch_failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(1.0)
 
     async def _campaign(self) -> bool:
         if self._lease is None:
