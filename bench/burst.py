@@ -17,10 +17,10 @@ from bench.common import Scheduler, Target, report, submit_all, wait_hits
 from libs.clock import to_rfc3339
 
 
-async def main(jobs: int, lead: float) -> None:
+async def main(jobs: int, lead: float, split: bool) -> None:
     target = Target()
     await target.start()
-    scheduler = Scheduler()
+    scheduler = Scheduler(split=split)
     await scheduler.start()
     try:
         due_ms = int(time.time() * 1000 + lead * 1000)
@@ -54,6 +54,7 @@ async def main(jobs: int, lead: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=20000)
+    parser.add_argument("--split", action="store_true", help="one process per service instead of `run all`")
     parser.add_argument("--lead", type=float, default=30.0)
     args = parser.parse_args()
-    asyncio.run(main(args.jobs, args.lead))
+    asyncio.run(main(args.jobs, args.lead, args.split))

@@ -53,11 +53,14 @@ class Target:
 class Scheduler:
     """``dsched run all`` on a fresh data directory, in its own process (as a user runs it)."""
 
-    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None, *, split: bool = False) -> None:
+        """``split``: each service in its own ``dsched run <service>`` process on one data directory."""
         self.port = free_port()
         self.data_dir = Path(tempfile.mkdtemp(prefix="dsched-bench-"))
         self.extra_env = extra_env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.split = split
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.metrics_urls = [f"http://127.0.0.1:{self.port}/metrics"]
 
     async def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")}
@@ -66,13 +69,25 @@ class Scheduler:
                 "DSCHED_PORT": str(self.port),
                 "DSCHED_DATA_DIR": str(self.data_dir),
                 "DSCHED_LOG_LEVEL": "WARNING",
+                "DSCHED_ALLOW_PRIVATE_HTTP": "true",
                 **self.extra_env,
                 **{k: v for k, v in os.environ.items() if k.startswith("DSCHED_")},
             }
         )
         dsched = str(Path(sys.executable).with_name("dsched"))
-        with (self.data_dir / "dsched.log").open("wb") as log:
-            self.proc = subprocess.Popen([dsched, "run", "all"], env=env, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
+        services = ["ingestion", "writer", "coordinator", "picker", "worker"] if self.split else ["all"]
+        for service in services:
+            proc_env = dict(env, DSCHED_NODE_ID=f"bench-{service}")
+            if service in ("picker", "worker"):
+                metrics_port = free_port()
+                proc_env["DSCHED_METRICS_PORT"] = str(metrics_port)
+                self.metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
+            with (self.data_dir / f"{service}.log").open("wb") as log:
+                self.procs.append(
+                    subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
+                        [dsched, "run", service], env=proc_env, stdout=subprocess.DEVNULL, stderr=log
+                    )
+                )
         async with aiohttp.ClientSession() as session:
             for _ in range(300):
                 try:
@@ -86,15 +101,16 @@ class Scheduler:
 
     async def lag_summary(self) -> str:
         """Mean dispatch lag (picker) and fire lag (worker start) from the scheduler's own metrics."""
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{self.port}/metrics") as resp:
-                text = await resp.text()
         values: dict[str, float] = {}
-        for line in text.splitlines():
-            for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
-                if line.startswith((f"{name}_sum ", f"{name}_count ")):
-                    key, value = line.split()
-                    values[key] = float(value)
+        async with aiohttp.ClientSession() as session:
+            for url in self.metrics_urls:
+                async with session.get(url) as resp:
+                    text = await resp.text()
+                for line in text.splitlines():
+                    for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
+                        if line.startswith((f"{name}_sum ", f"{name}_count ")):
+                            key, value = line.split()
+                            values[key] = values.get(key, 0.0) + float(value)
         parts = []
         for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
             count = values.get(f"{name}_count", 0)
@@ -103,12 +119,14 @@ class Scheduler:
         return "; ".join(parts)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
             try:
-                self.proc.wait(15)
+                proc.wait(15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                proc.kill()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

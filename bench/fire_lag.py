@@ -16,10 +16,10 @@ from bench.common import Scheduler, Target, report, submit_all, wait_hits
 from libs.clock import to_rfc3339
 
 
-async def main(jobs: int, rate: float, lead: float) -> None:
+async def main(jobs: int, rate: float, lead: float, split: bool) -> None:
     target = Target()
     await target.start()
-    scheduler = Scheduler()
+    scheduler = Scheduler(split=split)
     await scheduler.start()
     try:
         start_ms = time.time() * 1000 + 500
@@ -53,7 +53,8 @@ async def main(jobs: int, rate: float, lead: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=20000)
+    parser.add_argument("--split", action="store_true", help="one process per service instead of `run all`")
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--lead", type=float, default=2.0)
     args = parser.parse_args()
-    asyncio.run(main(args.jobs, args.rate, args.lead))
+    asyncio.run(main(args.jobs, args.rate, args.lead, args.split))

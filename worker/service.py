@@ -59,6 +59,7 @@ from libs.store.base import JobStore
 from worker import executors
 
 RUNNING_REPORT_S = 0.2
+CLAIM_LOST = "at_most_once: delivery lost after the run was claimed; not run again"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("0f6f3f1c-9a8e-4a51-8c0b-6f7b2f4f9d11")
 log = logs.get("worker")
 
@@ -80,7 +81,8 @@ class Worker:
         self.settings = settings
         self.coordination = coordination
         self.node_id = node_id or settings.node_id
-        self._slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._slots = asyncio.Semaphore(settings.worker_concurrency)  # runs executing
+        self._recording = asyncio.Semaphore(4 * settings.worker_concurrency)  # finished runs not yet acked
         self._inflight: dict[str, asyncio.Event] = {}  # receipt -> cancel event
         self._receipts_by_run: dict[str, str] = {}
         self._started: dict[str, tuple[RunMessage, int]] = {}  # runs whose "running" record is not written yet
@@ -187,16 +189,17 @@ class Worker:
             elif run.job.execution == "at_most_once" and run.run_id not in claimed:
                 DUPLICATE_DELIVERIES.inc()
                 log.warning("at_most_once_redelivery", job_id=run.job.job_id, run_id=run.run_id)
-                if previous is None or previous.status == RunStatus.RUNNING:
-                    # Claimed earlier by a worker that never finished: it may or may not have run; never again.
-                    await self._runs.submit(
-                        self._run_record(
-                            run,
-                            RunStatus.FAILED,
-                            started=previous.started_ms if previous else None,
-                            error="at_most_once: delivery lost after the run was claimed; not run again",
-                        )
-                    )
+                if message.receive_count > 1 and (previous is None or previous.status == RunStatus.RUNNING):
+                    # This message's earlier holder claimed the run and stopped extending it (crashed or stalled):
+                    # it may or may not have run, and never runs again, so it failed for good (dead letter, job
+                    # state). A first delivery is another message for the same run (a re-dispatch), settled by its
+                    # own redelivery: writing here could overwrite the outcome of the run still executing elsewhere.
+                    try:
+                        lost = executors.Outcome(RunStatus.FAILED, error=CLAIM_LOST, retryable=False)
+                        await self._record(run, lost, previous.started_ms if previous else None, now_ms())
+                    except Exception as exc:  # not acked: the next delivery records it
+                        log.warning("record_failed", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
+                        continue
                 to_ack.append(message.receipt)
             else:
                 runnable.append((message, run))
@@ -211,10 +214,13 @@ class Worker:
 
     # One run ----------------------------------------------------------------------------------------------
     async def _execute(self, message: ReceivedMessage, run: RunMessage) -> None:
+        """Run one attempt holding an execution slot, then record and ack it holding only a recording slot:
+        store round trips never keep a slot from the next run (the batched writes are shared anyway)."""
         cancelled = asyncio.Event()
         self._inflight[message.receipt] = cancelled
         self._receipts_by_run[run.run_id] = message.receipt
         WORKER_INFLIGHT.inc()
+        executing = True
         job = run.job
         bound = log.bind(job_id=job.job_id, run_id=run.run_id)
         try:
@@ -226,15 +232,19 @@ class Worker:
             finished = now_ms()
             RUN_DURATION.observe((finished - started) / 1000)
             RUNS_FINISHED.labels(outcome.status.value).inc()
-            await self._record(run, outcome, started, finished)
-            bound.info(
-                "run_finished",
-                status=outcome.status.value,
-                attempt=run.attempt,
-                lag_ms=started - run.due_ms,
-                duration_ms=finished - started,
-            )
-            await self._acks.submit(message.receipt)
+            async with self._recording:  # back-pressure: a slow store holds execution slots here
+                executing = False
+                WORKER_INFLIGHT.dec()
+                self._slots.release()
+                await self._record(run, outcome, started, finished)
+                bound.info(
+                    "run_finished",
+                    status=outcome.status.value,
+                    attempt=run.attempt,
+                    lag_ms=started - run.due_ms,
+                    duration_ms=finished - started,
+                )
+                await self._acks.submit(message.receipt)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # recording failed: leave the message to reappear and run again
@@ -243,8 +253,9 @@ class Worker:
             self._inflight.pop(message.receipt, None)
             self._receipts_by_run.pop(run.run_id, None)
             self._started.pop(run.run_id, None)
-            WORKER_INFLIGHT.dec()
-            self._slots.release()
+            if executing:
+                WORKER_INFLIGHT.dec()
+                self._slots.release()
 
     async def _perform(self, run: RunMessage, cancelled: asyncio.Event) -> executors.Outcome:
         job = run.job
@@ -279,7 +290,7 @@ class Worker:
             cancelled=cancelled,
         )
 
-    async def _record(self, run: RunMessage, outcome: executors.Outcome, started: int, finished: int) -> None:
+    async def _record(self, run: RunMessage, outcome: executors.Outcome, started: int | None, finished: int) -> None:
         job = run.job
         output, output_ref = outcome.output, None
         if len(output) > self.settings.output_inline_bytes:
