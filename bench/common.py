@@ -201,7 +201,10 @@ async def submit_all(
     return ids, time.monotonic() - start
 
 
-async def wait_hits(target: Target, expected: int, timeout_s: float) -> None:
+async def wait_hits(target: Target, expected: int, timeout_s: float, not_before_ms: float = 0.0) -> None:
+    """Wait until ``expected`` distinct jobs hit the target, or no new hit came for 15 s after ``not_before_ms``."""
+    delay = max(0.0, (not_before_ms - time.time() * 1000) / 1000)
+    await asyncio.sleep(delay)
     deadline = time.monotonic() + timeout_s
     last, last_change = -1, time.monotonic()
     while time.monotonic() < deadline:

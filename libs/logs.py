@@ -30,5 +30,6 @@ def configure(level: str = "INFO") -> None:
 
 
 def get(service: str) -> structlog.stdlib.BoundLogger:
-    logger: structlog.stdlib.BoundLogger = structlog.get_logger().bind(service=service)
+    """A lazy logger: module-level loggers pick up :func:`configure` even when it runs after import."""
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(service=service)
     return logger

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import aiohttp
 from pydantic import ValidationError
@@ -222,7 +222,6 @@ class Worker:
         WORKER_INFLIGHT.inc()
         executing = True
         job = run.job
-        bound = log.bind(job_id=job.job_id, run_id=run.run_id)
         try:
             started = now_ms()
             FIRE_LAG.observe(max(0, started - run.due_ms) / 1000)
@@ -237,18 +236,22 @@ class Worker:
                 WORKER_INFLIGHT.dec()
                 self._slots.release()
                 await self._record(run, outcome, started, finished)
-                bound.info(
+                log.info(
                     "run_finished",
+                    job_id=job.job_id,
+                    run_id=run.run_id,
                     status=outcome.status.value,
                     attempt=run.attempt,
                     lag_ms=started - run.due_ms,
                     duration_ms=finished - started,
                 )
-                await self._acks.submit(message.receipt)
+                await self._acks.enqueue([message.receipt])
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # recording failed: leave the message to reappear and run again
-            bound.error("run_failed_to_record", error=f"{type(exc).__name__}: {exc}")
+            log.error(
+                "run_failed_to_record", job_id=job.job_id, run_id=run.run_id, error=f"{type(exc).__name__}: {exc}"
+            )
         finally:
             self._inflight.pop(message.receipt, None)
             self._receipts_by_run.pop(run.run_id, None)
@@ -308,7 +311,7 @@ class Worker:
             output=output,
             output_ref=output_ref,
         )
-        writes = [self._runs.submit(record)]
+        writes: list[Awaitable[object]] = [self._runs.enqueue([record])]
         last_run = LastRun(
             run_id=run.run_id,
             status=outcome.status,
@@ -344,8 +347,9 @@ class Worker:
                 state = JobStatus.SCHEDULED if job.recurring else JobStatus.FAILED
         elif outcome.status == RunStatus.CANCELLED and not job.recurring:
             state = JobStatus.FAILED
-        writes.append(self._states.submit(JobState(job_id=job.job_id, state=state, last_run=last_run)))
-        await asyncio.gather(*writes)
+        writes.append(self._states.enqueue([JobState(job_id=job.job_id, state=state, last_run=last_run)]))
+        for write in writes:  # futures of shared batches, not tasks: awaiting them in turn costs nothing extra
+            await write
 
     def _retry_due(self, run: RunMessage, outcome: executors.Outcome, now: int) -> int | None:
         job = run.job
