@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import heapq
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import orjson
 
@@ -196,6 +196,9 @@ class Picker:
         owned = self.owned_shards()
         self._forget_unowned(owned)
         PICKER_SHARDS.set(len(owned))
+        if sum(1 for item in self._heap[: self.settings.picker_batch] if item[0] <= now) >= self.settings.picker_batch:
+            # A backlog already due (a burst): dispatch it first. Re-reading would only return the same rows.
+            return
         if lookahead_ms is None:
             lookahead_ms = int(self.settings.picker_lookahead_s * 1000)
         until = now + lookahead_ms
@@ -328,21 +331,31 @@ class Picker:
         # Order matters for crash safety: the next occurrence and the "queued" state are stored before the send,
         # the send before marking the occurrence dispatched, and that before deleting the entries. A crash at
         # any point re-dispatches at most (deduplicated by run id), never loses.
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if cancels and self.coordination is not None:
-            await self._request_cancels(cancels)
+            steps.append(("cancels", lambda: self._request_cancels(cancels)))
         if next_entries:
-            await self.store.put_entries(next_entries)
+            steps.append(("next_entries", lambda: self.store.put_entries(next_entries)))
         if skipped_runs:
-            await self.store.put_runs(skipped_runs)
+            steps.append(("skipped_runs", lambda: self.store.put_runs(skipped_runs)))
         if queued:
-            await self.store.update_job_states(list(queued.values()))
+            steps.append(("queued", lambda: self.store.update_job_states(list(queued.values()))))
         if messages:
-            await self.queue.send(messages)
+            steps.append(("send", lambda: self.queue.send(messages)))
         if dispatched:
-            await self.store.update_job_states(
-                [JobState(job_id=job_id, dispatched_through_ms=ms) for job_id, ms in dispatched.items()]
-            )
-        await self.store.delete_entries(done)
+            states = [JobState(job_id=job_id, dispatched_through_ms=ms) for job_id, ms in dispatched.items()]
+            steps.append(("dispatched", lambda: self.store.update_job_states(states)))
+        steps.append(("delete", lambda: self.store.delete_entries(done)))
+        shards = {e.shard for e in entries}
+        for step, write in steps:
+            # Any await may stall past the lease (GC pause, SIGSTOP, slow backend) while the shards move to another
+            # picker; finishing then would send runs twice and set job states back to "queued" after their runs
+            # finished. Stopping is a crash at this step: the entries stay in the store for the new owner.
+            if not shards <= self.owned_shards():
+                PICKER_DROPPED.labels("ownership_lost").inc(len(entries))
+                log.warning("dispatch_abandoned", node=self.node_id, step=step, entries=len(entries))
+                return 0
+            await write()
         if messages:
             log.debug("dispatched", count=len(messages))
         return len(messages)

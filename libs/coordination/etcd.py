@@ -63,7 +63,7 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.max_reconnect_backoff_ms": 2000,
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
-    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.keepalive_permit_without_calls": 0,  # etcd answers idle pings with GOAWAY too_many_pings
     "grpc.http2.max_pings_without_data": 0,
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
