@@ -14,17 +14,15 @@ new one) and strongly read-after-write consistent; DELETE of a missing key succe
 
 from __future__ import annotations
 
-import os
 import re
 from contextlib import AsyncExitStack
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from libs import logs
+from libs.aws import create_client, default_region, error_code, start_client
 from libs.backends import BackendConfigError
 from libs.blobs.base import BlobNotFound, BlobStore
 from libs.settings import Settings
@@ -40,15 +38,6 @@ _MISSING_BUCKET = {"NoSuchBucket", "404", "NotFound"}
 
 class S3Unavailable(ConnectionError):
     """The S3 endpoint could not be reached."""
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 class S3BlobStore(BlobStore):
@@ -87,25 +76,30 @@ class S3BlobStore(BlobStore):
             parts.netloc,
             prefix=f"{prefix}/" if prefix else "",
             endpoint=_endpoint(url, params.get("endpoint")),
-            region=params.get("region") or _default_region(),
+            region=params.get("region") or default_region(),
         )
 
     # -- lifecycle
 
     async def startup(self) -> None:
         """Open the client and create the bucket if missing; :class:`S3Unavailable` if unreachable."""
-        stack = AsyncExitStack()
-        try:
-            self._client = await stack.enter_async_context(_create_client(self.endpoint, self.region))
+
+        async def setup(client: Any) -> None:
+            self._client = client
             await self._ensure_bucket()
-        except BaseException as exc:
-            await stack.aclose()
+
+        try:
+            self._stack, self._client = await start_client(
+                _create_client(self.endpoint, self.region),
+                setup,
+                what="S3",
+                endpoint=self.endpoint,
+                region=self.region,
+                unavailable=S3Unavailable,
+            )
+        except BaseException:
             self._client = None
-            if isinstance(exc, BotoCoreError) and not isinstance(exc, ClientError):
-                where = self.endpoint or f"AWS {self.region}"
-                raise S3Unavailable(f"S3 unreachable at {where}: {_one_line(exc)}") from exc
             raise
-        self._stack = stack
 
     async def shutdown(self) -> None:
         stack, self._stack = self._stack, None
@@ -118,7 +112,7 @@ class S3BlobStore(BlobStore):
             await self._client.head_bucket(Bucket=self.bucket)
             return
         except ClientError as exc:
-            if _error_code(exc) not in _MISSING_BUCKET:
+            if error_code(exc) not in _MISSING_BUCKET:
                 raise
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.region != "us-east-1":  # us-east-1 refuses an explicit LocationConstraint
@@ -127,7 +121,7 @@ class S3BlobStore(BlobStore):
             await self._client.create_bucket(**kwargs)
             log.info("s3_bucket_created", bucket=self.bucket)
         except ClientError as exc:
-            if _error_code(exc) != "BucketAlreadyOwnedByYou":  # created concurrently by another process
+            if error_code(exc) != "BucketAlreadyOwnedByYou":  # created concurrently by another process
                 raise
 
     # -- blobs
@@ -139,7 +133,7 @@ class S3BlobStore(BlobStore):
             await self._s3().put_object(Bucket=self.bucket, Key=full, Body=data)
             return
         except ClientError as exc:
-            if _error_code(exc) != "NoSuchBucket":
+            if error_code(exc) != "NoSuchBucket":
                 raise
         log.warning("s3_bucket_missing", bucket=self.bucket)
         await self._ensure_bucket()
@@ -149,7 +143,7 @@ class S3BlobStore(BlobStore):
         try:
             reply = await self._s3().get_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
-            if _error_code(exc) in _MISSING_KEY:
+            if error_code(exc) in _MISSING_KEY:
                 raise BlobNotFound(key) from None
             raise
         async with reply["Body"] as stream:
@@ -183,26 +177,15 @@ def _endpoint(url: str, value: str | None) -> str | None:
     return value.rstrip("/")
 
 
-def _default_region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-
-
 def _create_client(endpoint: str | None, region: str) -> Any:
-    options: dict[str, Any] = {
-        "connect_timeout": 5,
-        "read_timeout": 60,
-        "max_pool_connections": 50,
-        "retries": {"mode": "standard", "max_attempts": 4},
-        "warm_up_loader_caches": True,  # botocore loads its JSON models in a thread, not on the event loop
-    }
-    kwargs: dict[str, Any] = {"region_name": region}
-    if endpoint:
-        # Emulators: bucket in the path (no bucket.host DNS), and no optional CRC checksums older ones reject.
-        options["s3"] = {"addressing_style": "path"}
-        options["request_checksum_calculation"] = "when_required"
-        options["response_checksum_validation"] = "when_required"
-        kwargs["endpoint_url"] = endpoint
-        if not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
-            kwargs["aws_access_key_id"] = "test"
-            kwargs["aws_secret_access_key"] = "test"
-    return get_session().create_client("s3", config=AioConfig(**options), **kwargs)
+    if not endpoint:
+        return create_client("s3", endpoint, region)
+    # Emulators: bucket in the path (no bucket.host DNS), and no optional CRC checksums older ones reject.
+    return create_client(
+        "s3",
+        endpoint,
+        region,
+        s3={"addressing_style": "path"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )

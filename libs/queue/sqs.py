@@ -34,7 +34,6 @@ import base64
 import contextlib
 import json
 import math
-import os
 import re
 from collections.abc import Awaitable, Sequence
 from contextlib import AsyncExitStack
@@ -42,11 +41,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from libs import logs
+from libs.aws import create_client, default_region, error_code, start_client
 from libs.backends import BackendConfigError
 from libs.queue.base import MAX_BATCH, OutgoingMessage, QueueCounts, ReceivedMessage, WorkQueue
 from libs.settings import Settings
@@ -86,15 +84,6 @@ class _Entry:
     attributes: dict[str, Any]
     delay_s: int
     size: int
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -141,7 +130,7 @@ class SqsQueue(WorkQueue):
         return cls(
             name,
             endpoint=_endpoint(url, params.get("endpoint")),
-            region=params.get("region") or _default_region(),
+            region=params.get("region") or default_region(),
             max_receives=settings.max_receives,
         )
 
@@ -152,18 +141,23 @@ class SqsQueue(WorkQueue):
 
         Raises :class:`SqsUnavailable` (one line) if the endpoint cannot be reached.
         """
-        stack = AsyncExitStack()
-        try:
-            self._client = await stack.enter_async_context(_create_client("sqs", self.endpoint, self.region))
+
+        async def setup(client: Any) -> None:
+            self._client = client
             await self._ensure_queues()
-        except BaseException as exc:
-            await stack.aclose()
+
+        try:
+            self._stack, self._client = await start_client(
+                _create_client("sqs", self.endpoint, self.region),
+                setup,
+                what="SQS",
+                endpoint=self.endpoint,
+                region=self.region,
+                unavailable=SqsUnavailable,
+            )
+        except BaseException:
             self._client = None
-            if isinstance(exc, BotoCoreError) and not isinstance(exc, ClientError):
-                where = self.endpoint or f"AWS {self.region}"
-                raise SqsUnavailable(f"SQS unreachable at {where}: {_one_line(exc)}") from exc
             raise
-        self._stack = stack
 
     async def shutdown(self) -> None:
         stack, self._stack = self._stack, None
@@ -188,7 +182,7 @@ class SqsQueue(WorkQueue):
             reply = await self._client.get_queue_url(QueueName=name)
             return str(reply["QueueUrl"])
         except ClientError as exc:
-            if _error_code(exc) not in _MISSING_QUEUE:
+            if error_code(exc) not in _MISSING_QUEUE:
                 raise
         attrs = {"MessageRetentionPeriod": str(RETENTION_S), **attributes}
         reply = await self._client.create_queue(QueueName=name, Attributes=attrs)
@@ -210,7 +204,7 @@ class SqsQueue(WorkQueue):
             )
             return reply
         except ClientError as exc:
-            if _error_code(exc) not in _MISSING_QUEUE:
+            if error_code(exc) not in _MISSING_QUEUE:
                 raise
         log.warning("sqs_queue_missing", queue=self.name)
         await self._ensure_queues(generation)
@@ -309,7 +303,7 @@ class SqsQueue(WorkQueue):
             try:
                 reply = await self._api(method, Entries=entries)
             except ClientError as exc:
-                if _error_code(exc) == "ReceiptHandleIsInvalid":
+                if error_code(exc) == "ReceiptHandleIsInvalid":
                     return  # a malformed handle fails the whole call on some servers: nothing to apply
                 raise
             failures = list(reply.get("Failed") or [])
@@ -471,23 +465,5 @@ def _endpoint(url: str, value: str | None) -> str | None:
     return value.rstrip("/")
 
 
-def _default_region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-
-
 def _create_client(service: str, endpoint: str | None, region: str) -> Any:
-    """An aiobotocore client context manager; emulator-friendly when ``endpoint`` is set."""
-    config = AioConfig(
-        connect_timeout=5,
-        read_timeout=MAX_WAIT_S + 20,  # above the longest long poll
-        max_pool_connections=50,
-        retries={"mode": "standard", "max_attempts": 4},
-        warm_up_loader_caches=True,  # botocore loads its JSON models in a thread, not on the event loop
-    )
-    kwargs: dict[str, Any] = {"region_name": region, "config": config}
-    if endpoint:
-        kwargs["endpoint_url"] = endpoint
-        if not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
-            kwargs["aws_access_key_id"] = "test"
-            kwargs["aws_secret_access_key"] = "test"
-    return get_session().create_client(service, **kwargs)
+    return create_client(service, endpoint, region, read_timeout=MAX_WAIT_S + 20)  # above the longest long poll
