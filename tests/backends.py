@@ -45,7 +45,7 @@ def build_log(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
             servers = request.getfixturevalue("kafka_mock")
             query = "create_topics=false&session_timeout_ms=4000"
         else:
-            servers = env_or_skip("DSCHED_TEST_KAFKA", "kafka").removeprefix("kafka://").strip("/")
+            servers = server_url("DSCHED_TEST_KAFKA").removeprefix("kafka://").strip("/")
             query = "partitions=4&session_timeout_ms=6000"
         settings = test_settings(tmp_path, log_url=f"kafka://{servers}/{unique('dsched-test')}?{query}")
         return KafkaLog.from_url(settings.log_url, settings)
@@ -65,7 +65,7 @@ def build_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
         from libs.store.migrate import drop_keyspace, migrate
         from libs.store.scylla import ScyllaStore
 
-        hosts = env_or_skip("DSCHED_TEST_SCYLLA", "scylla").removeprefix("scylla://").strip("/")
+        hosts = server_url("DSCHED_TEST_SCYLLA").removeprefix("scylla://").strip("/")
         keyspace = unique("dsched_test").replace("-", "_")
         url = f"scylla://{hosts}/{keyspace}?replication=SimpleStrategy:1"
         settings = test_settings(tmp_path, store_url=url)
@@ -124,8 +124,17 @@ def build_blobs(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
     raise NotImplementedError(backend)
 
 
-def env_or_skip(var: str, what: str) -> str:
-    value = os.environ.get(var, "")
-    if not value:
-        pytest.skip(f"{what}: no server here; set {var} to run against one")
-    return value
+def external_server(backend: str, var: str) -> object:
+    """A parameter for a backend whose server cannot run here: collected, and skipped with the reason
+    unless ``var`` names a server."""
+    return pytest.param(
+        backend,
+        marks=pytest.mark.skipif(
+            not os.environ.get(var), reason=f"{backend}: no server here; set {var} to run against one"
+        ),
+    )
+
+
+def server_url(var: str) -> str:
+    """The server of an :func:`external_server` parameter (only built when that parameter is not skipped)."""
+    return os.environ[var]

@@ -19,8 +19,8 @@ from libs.queue.base import WorkQueue
 from libs.store.base import JobStore
 from tests import backends
 
-LOG_BACKENDS = ["embedded", "kafka-mock", "kafka"]
-STORE_BACKENDS = ["embedded", "scylla"]
+LOG_BACKENDS = ["embedded", "kafka-mock", backends.external_server("kafka", "DSCHED_TEST_KAFKA")]
+STORE_BACKENDS = ["embedded", backends.external_server("scylla", "DSCHED_TEST_SCYLLA")]
 COORDINATION_BACKENDS = ["embedded", "etcd"]
 QUEUE_BACKENDS = ["embedded", "sqs"]
 BLOB_BACKENDS = ["embedded", "s3"]

@@ -22,7 +22,7 @@ DEADLINE_S = 45.0
 
 
 # Real Kafka only: the librdkafka mock cannot rebalance a two-member group (SyncGroup InvalidRequest).
-@pytest.fixture(params=["kafka"])
+@pytest.fixture(params=[backends.external_server("kafka", "DSCHED_TEST_KAFKA")])
 async def kafka_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KafkaLog]:
     impl = backends.build_log(request.param, request, tmp_path)
     assert isinstance(impl, KafkaLog)
