@@ -239,29 +239,48 @@ class SqliteStore(JobStore):
             return [], cursor
         where = ["j.user_id = ?"]
         params: list[Any] = [user_id]
-        if cursor is not None:
-            created_ms, job_id = _decode_cursor(cursor, 2)
-            where.append("(j.created_ms, j.job_id) < (?, ?)")
-            params += [created_ms, job_id]
         if status is not None:
             where.append(f"{_STATUS_SQL} = ?")
             params.append(JobStatus(status).value)
         if project_id is not None:
             where.append("j.project_id = ?")
             params.append(project_id)
-        sql = (
-            f"SELECT j.created_ms, j.job_id, {_JOB_COLUMNS} FROM {_JOBS_FROM} WHERE {' AND '.join(where)} "
-            "ORDER BY j.created_ms DESC, j.job_id DESC LIMIT ?"
+        rows, next_cursor = await self._page(
+            select=_JOB_COLUMNS,
+            source=_JOBS_FROM,
+            keys=("j.created_ms", "j.job_id"),
+            where=where,
+            params=params,
+            limit=limit,
+            cursor=cursor,
         )
-        params.append(limit + 1)  # one more tells whether there is a next page
+        return [_job_from_row(*row) for row in rows], next_cursor
+
+    async def _page(
+        self,
+        *,
+        select: str,
+        source: str,
+        keys: tuple[str, ...],
+        where: list[str],
+        params: list[Any],
+        limit: int,
+        cursor: str | None,
+    ) -> tuple[list[tuple[Any, ...]], str | None]:
+        """Keyset pagination, newest first by ``keys``: the rows' ``select`` columns and the next cursor."""
+        if cursor is not None:
+            where = [*where, f"({', '.join(keys)}) < ({', '.join('?' * len(keys))})"]
+            params = [*params, *_decode_cursor(cursor, len(keys))]
+        order = ", ".join(f"{key} DESC" for key in keys)
+        sql = f"SELECT {', '.join(keys)}, {select} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
+        args = [*params, limit + 1]  # one more tells whether there is a next page
 
         def page(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return conn.execute(sql, params).fetchall()
+            return conn.execute(sql, args).fetchall()
 
         rows = await self._reader.run(page)
-        jobs = [_job_from_row(*row[2:]) for row in rows[:limit]]
-        next_cursor = _encode_cursor(rows[limit - 1][0], rows[limit - 1][1]) if len(rows) > limit else None
-        return jobs, next_cursor
+        next_cursor = _encode_cursor(*rows[limit - 1][: len(keys)]) if len(rows) > limit else None
+        return [row[len(keys) :] for row in rows[:limit]], next_cursor
 
     # Queue entries ----------------------------------------------------------------------------------------
     async def put_entries(self, entries: Sequence[QueueEntry]) -> None:
@@ -384,24 +403,16 @@ class SqliteStore(JobStore):
     async def list_runs(self, job_id: str, limit: int, cursor: str | None = None) -> tuple[list[Run], str | None]:
         if limit <= 0:
             return [], cursor
-        where = "job_id = ?"
-        params: list[Any] = [job_id]
-        if cursor is not None:
-            where += " AND (scheduled_ms, attempt, run_id) < (?, ?, ?)"
-            params += _decode_cursor(cursor, 3)
-        params.append(limit + 1)
-        sql = (
-            f"SELECT scheduled_ms, attempt, run_id, body FROM runs WHERE {where} "
-            "ORDER BY scheduled_ms DESC, attempt DESC, run_id DESC LIMIT ?"
+        rows, next_cursor = await self._page(
+            select="body",
+            source="runs",
+            keys=("scheduled_ms", "attempt", "run_id"),
+            where=["job_id = ?"],
+            params=[job_id],
+            limit=limit,
+            cursor=cursor,
         )
-
-        def page(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return conn.execute(sql, params).fetchall()
-
-        rows = await self._reader.run(page)
-        runs = [Run.model_validate_json(row[3]) for row in rows[:limit]]
-        next_cursor = _encode_cursor(*rows[limit - 1][:3]) if len(rows) > limit else None
-        return runs, next_cursor
+        return [Run.model_validate_json(row[0]) for row in rows], next_cursor
 
     async def claim_runs(self, run_ids: Sequence[str], worker_id: str) -> set[str]:
         ids = list(dict.fromkeys(run_ids))
@@ -440,24 +451,16 @@ class SqliteStore(JobStore):
     ) -> tuple[list[DeadLetter], str | None]:
         if limit <= 0:
             return [], cursor
-        where = "user_id = ?"
-        params: list[Any] = [user_id]
-        if cursor is not None:
-            where += " AND (dead_ms, dead_letter_id) < (?, ?)"
-            params += _decode_cursor(cursor, 2)
-        params.append(limit + 1)
-        sql = (
-            f"SELECT dead_ms, dead_letter_id, body FROM dead_letters WHERE {where} "
-            "ORDER BY dead_ms DESC, dead_letter_id DESC LIMIT ?"
+        rows, next_cursor = await self._page(
+            select="body",
+            source="dead_letters",
+            keys=("dead_ms", "dead_letter_id"),
+            where=["user_id = ?"],
+            params=[user_id],
+            limit=limit,
+            cursor=cursor,
         )
-
-        def page(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return conn.execute(sql, params).fetchall()
-
-        rows = await self._reader.run(page)
-        letters = [DeadLetter.model_validate_json(row[2]) for row in rows[:limit]]
-        next_cursor = _encode_cursor(*rows[limit - 1][:2]) if len(rows) > limit else None
-        return letters, next_cursor
+        return [DeadLetter.model_validate_json(row[0]) for row in rows], next_cursor
 
     async def get_dead_letter(self, user_id: str, dead_letter_id: str) -> DeadLetter | None:
         def get(conn: sqlite3.Connection) -> bytes | None:
