@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import random
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +40,7 @@ class SqliteDB:
     def _connect(self) -> None:
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=True)
         conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(conn, deadline=time.monotonic() + 30.0)
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         if self._schema:
             with _immediate(conn):
@@ -109,6 +111,24 @@ class SqliteDB:
             result.close()
             return None  # type: ignore[return-value]
         return result
+
+
+def _enable_wal(conn: sqlite3.Connection, *, deadline: float) -> None:
+    """Switch the file to WAL, retrying while another process holds the lock.
+
+    Changing the journal mode of a fresh file needs an exclusive lock, and SQLite can answer "database is
+    locked" for it without consulting the busy handler (several processes creating one data directory at once).
+    """
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay + random.uniform(0, delay))
+        delay = min(delay * 2, 0.1)
 
 
 class _immediate:
