@@ -17,6 +17,7 @@ import time
 import aiohttp
 
 from bench.common import Scheduler, Target, report, submit_all, wait_hits
+from libs.cli import run_loop
 from libs.clock import to_rfc3339
 from libs.models import run_id_for
 from libs.store.sqlite import SqliteStore
@@ -37,6 +38,7 @@ async def main(jobs: int, lead: float, split: bool, kind: str) -> None:
     await target.start()
     scheduler = Scheduler(split=split)
     await scheduler.start()
+    cpu_before = scheduler.cpu_s()
     base = f"http://127.0.0.1:{scheduler.port}"
     try:
         due_ms = int(time.time() * 1000 + lead * 1000)
@@ -60,6 +62,8 @@ async def main(jobs: int, lead: float, split: bool, kind: str) -> None:
                 await store.shutdown()
             hits = [(r.job_id, float(r.finished_ms or 0)) for r in runs.values() if r.status == "succeeded"]
         report(f"burst: {jobs} {kind} jobs due at one instant", due_by_id, hits, len(due_by_id), took, float(due_ms))
+        cpu_ms = 1000 * (scheduler.cpu_s() - cpu_before) / max(1, len(due_by_id))
+        print(f"{'scheduler_cpu_ms_per_job':>20}: {cpu_ms:.2f}")
         print(await scheduler.lag_summary())
     finally:
         scheduler.stop()
@@ -73,4 +77,4 @@ if __name__ == "__main__":
     parser.add_argument("--kind", choices=["http", "echo"], default="http")
     parser.add_argument("--lead", type=float, default=30.0)
     args = parser.parse_args()
-    asyncio.run(main(args.jobs, args.lead, args.split, args.kind))
+    run_loop(main(args.jobs, args.lead, args.split, args.kind))

@@ -118,6 +118,14 @@ class Scheduler:
                 parts.append(f"{name} mean {1000 * values[f'{name}_sum'] / count:.1f} ms over {count:.0f}")
         return "; ".join(parts)
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the scheduler processes have used so far (Linux /proc)."""
+        total = 0
+        for proc in self.procs:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+        return total / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

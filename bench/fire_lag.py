@@ -13,6 +13,7 @@ import asyncio
 import time
 
 from bench.common import Scheduler, Target, report, submit_all, wait_hits
+from libs.cli import run_loop
 from libs.clock import to_rfc3339
 
 
@@ -21,6 +22,7 @@ async def main(jobs: int, rate: float, lead: float, split: bool) -> None:
     await target.start()
     scheduler = Scheduler(split=split)
     await scheduler.start()
+    cpu_before = scheduler.cpu_s()
     try:
         start_ms = time.time() * 1000 + 500
         due = [start_ms + i * 1000 / rate + lead * 1000 for i in range(jobs)]
@@ -44,6 +46,8 @@ async def main(jobs: int, rate: float, lead: float, split: bool) -> None:
             took,
             min(due_by_id.values()) if due_by_id else 0,
         )
+        cpu_ms = 1000 * (scheduler.cpu_s() - cpu_before) / max(1, len(due_by_id))
+        print(f"{'scheduler_cpu_ms_per_job':>20}: {cpu_ms:.2f}")
         print(await scheduler.lag_summary())
     finally:
         scheduler.stop()
@@ -57,4 +61,4 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=1000)
     parser.add_argument("--lead", type=float, default=2.0)
     args = parser.parse_args()
-    asyncio.run(main(args.jobs, args.rate, args.lead, args.split))
+    run_loop(main(args.jobs, args.rate, args.lead, args.split))

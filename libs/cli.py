@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -47,15 +49,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             if args.service == "all":
-                asyncio.run(_serve(settings.with_dev_defaults(), list(SERVICES)))
+                run_loop(_serve(settings.with_dev_defaults(), list(SERVICES)))
             else:
-                asyncio.run(_serve(settings, [args.service]))
+                run_loop(_serve(settings, [args.service]))
         elif args.command == "db":
             asyncio.run(_migrate(settings))
     except BackendConfigError as exc:
         sys.exit(f"dsched: {exc}")
     except KeyboardInterrupt:
         pass
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service on uvloop where it is installed (all but Windows), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 async def _serve(settings: Settings, services: list[str]) -> None:

@@ -211,7 +211,7 @@ class Picker:
             for shard, checkpoint in checkpoints.items()
             for bucket in range(checkpoint, last_bucket + 1, bucket_ms)
         ]
-        found = await self.store.due_entries_many(partitions, until, self.settings.picker_batch)
+        found = await self.store.due_entries_many(partitions, until, self.settings.picker_batch, known=self._loaded)
         for shard, checkpoint in checkpoints.items():
             advance_to = checkpoint
             for bucket in range(checkpoint, last_bucket + 1, bucket_ms):

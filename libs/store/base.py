@@ -26,7 +26,7 @@ recurring job's next entry before dispatching the current one).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 from libs.models import DeadLetter, Job, JobState, QueueEntry, Run
 
@@ -81,11 +81,21 @@ class JobStore(ABC):
         """Entries of one partition with ``due_ms <= until_ms``, earliest first."""
 
     async def due_entries_many(
-        self, partitions: Sequence[tuple[int, int]], until_ms: int, limit: int
+        self,
+        partitions: Sequence[tuple[int, int]],
+        until_ms: int,
+        limit: int,
+        *,
+        known: Container[tuple[int, int, int, str, int, int]] = (),
     ) -> dict[tuple[int, int], list[QueueEntry]]:
         """:meth:`due_entries` for several ``(shard, bucket_ms)`` partitions (one query per partition; an
-        implementation may run them in one round trip)."""
-        return {p: await self.due_entries(p[0], p[1], until_ms, limit) for p in partitions}
+        implementation may run them in one round trip).
+
+        Entries whose :attr:`QueueEntry.key` is in ``known`` (the caller holds them already) are left out of the
+        result but still count toward ``limit``: a picker re-reading its look-ahead window each tick pays only
+        for what is new."""
+        found = {p: await self.due_entries(p[0], p[1], until_ms, limit) for p in partitions}
+        return {p: [e for e in entries if e.key not in known] for p, entries in found.items()}
 
     @abstractmethod
     async def delete_entries(self, entries: Sequence[QueueEntry]) -> None:

@@ -53,7 +53,7 @@ import base64
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -605,14 +605,19 @@ class ScyllaStore(JobStore):
         return _due_page(shard, bucket_ms, await self._rows("due_entries", (shard, bucket_ms, until_ms, limit)))
 
     async def due_entries_many(
-        self, partitions: Sequence[tuple[int, int]], until_ms: int, limit: int
+        self,
+        partitions: Sequence[tuple[int, int]],
+        until_ms: int,
+        limit: int,
+        *,
+        known: Container[tuple[int, int, int, str, int, int]] = (),
     ) -> dict[tuple[int, int], list[QueueEntry]]:
         """One query per partition, all in flight at once."""
         keys = list(dict.fromkeys(partitions))
         if limit <= 0:
             return {key: [] for key in keys}
         pages = await self._each("due_entries", [(shard, bucket, until_ms, limit) for shard, bucket in keys])
-        return {key: _due_page(key[0], key[1], rows) for key, rows in zip(keys, pages, strict=True)}
+        return {key: _due_page(key[0], key[1], rows, known) for key, rows in zip(keys, pages, strict=True)}
 
     async def delete_entries(self, entries: Sequence[QueueEntry]) -> None:
         if entries:
@@ -737,9 +742,18 @@ class ScyllaStore(JobStore):
         return rows + wrapped, sample_coverage(start, rows, wrapped, STATS_SAMPLE)
 
 
-def _due_page(shard: int, bucket_ms: int, rows: list[dict[str, Any]]) -> list[QueueEntry]:
+def _due_page(
+    shard: int,
+    bucket_ms: int,
+    rows: list[dict[str, Any]],
+    known: Container[tuple[int, int, int, str, int, int]] = (),
+) -> list[QueueEntry]:
     """A ``due_entries`` page: clustering order, re-sorted by priority within one due millisecond."""
-    entries = [entry_from_row(shard, bucket_ms, row) for row in rows]
+    entries = [
+        entry_from_row(shard, bucket_ms, row)
+        for row in rows
+        if (shard, bucket_ms, row["due_ms"], row["job_id"], row["scheduled_ms"], row["attempt"]) not in known
+    ]
     entries.sort(key=lambda e: (e.due_ms, -e.priority, e.job_id, e.scheduled_ms, e.attempt))
     return entries
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -300,7 +300,12 @@ class SqliteStore(JobStore):
         return (await self.due_entries_many([(shard, bucket_ms)], until_ms, limit))[(shard, bucket_ms)]
 
     async def due_entries_many(
-        self, partitions: Sequence[tuple[int, int]], until_ms: int, limit: int
+        self,
+        partitions: Sequence[tuple[int, int]],
+        until_ms: int,
+        limit: int,
+        *,
+        known: Container[tuple[int, int, int, str, int, int]] = (),
     ) -> dict[tuple[int, int], list[QueueEntry]]:
         if limit <= 0:
             return {p: [] for p in partitions}
@@ -333,6 +338,7 @@ class SqliteStore(JobStore):
                     priority=priority,
                 )
                 for due_ms, job_id, scheduled_ms, attempt, kind, version, priority in rows
+                if (shard, bucket_ms, due_ms, job_id, scheduled_ms, attempt) not in known
             ]
             for (shard, bucket_ms), rows in rows_by_partition.items()
         }

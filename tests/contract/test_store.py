@@ -195,6 +195,21 @@ async def test_due_entries_returns_one_partitions_due_entries_earliest_first(sto
     assert await store.due_entries(3, bucket, bucket + 99, limit=100) == []
 
 
+async def test_due_entries_many_leaves_out_known_entries_but_counts_them_toward_the_limit(store: JobStore) -> None:
+    first = [entry(6, T0 + d, job_id=uid("j")) for d in (100, 200, 300)]
+    second = entry(7, T0 + 150, job_id=uid("j"))
+    await store.put_entries([*first, second])
+    partitions = [(6, T0), (7, T0)]
+
+    found = await store.due_entries_many(partitions, T0 + BUCKET_MS, limit=10, known={first[0].key, second.key})
+    assert [e.key for e in found[(6, T0)]] == [first[1].key, first[2].key]
+    assert found[(7, T0)] == []
+    # The limit applies to what the partition holds, known or not: the first two rows are known here.
+    limited = await store.due_entries_many(partitions, T0 + BUCKET_MS, limit=2, known={first[0].key})
+    assert [e.key for e in limited[(6, T0)]] == [first[1].key]
+    assert [e.key for e in limited[(7, T0)]] == [second.key]
+
+
 async def test_entries_keep_all_fields_and_re_putting_is_idempotent(store: JobStore) -> None:
     e = entry(1, T0 + 10, job_id=uid("j"), attempt=2, kind="retry", version=9, priority=80)
     await store.put_entries([e])
