@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     picker_tick_s: float = 0.1
     picker_lookahead_s: float = 1.0
     picker_batch: int = 2000
+    # Runs go to the queue this early; the worker holds each until its due time, so the queue hop and the
+    # receive are off the fire-lag path. A pause or delete applies to runs due later than this.
+    dispatch_ahead_ms: int = 100
 
     # Worker.
     worker_concurrency: int = 64

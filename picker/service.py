@@ -167,13 +167,14 @@ class Picker:
                 if now >= next_load:
                     await self.load(now)
                     next_load = now + tick_ms
-                await self.dispatch_due(now_ms())
+                now = now_ms()
+                await self.dispatch_due(now, until=now + self.settings.dispatch_ahead_ms)
             except Exception as exc:  # a backend hiccup must not kill the picker; entries stay in the store
                 log.warning("picker_error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
                 await asyncio.sleep(self.settings.picker_tick_s)
             wake_at = next_load
             if self._heap:
-                wake_at = min(wake_at, self._heap[0][0])
+                wake_at = min(wake_at, self._heap[0][0] - self.settings.dispatch_ahead_ms)
             delay = max(0.0, (wake_at - now_ms()) / 1000)
             if delay > 0:
                 self._wake.clear()
@@ -253,12 +254,14 @@ class Picker:
             if shard not in owned:
                 del self._checkpoints[shard]
 
-    async def dispatch_due(self, now: int) -> int:
-        """Dispatch every loaded entry due by ``now`` (in batches); returns the number of runs sent."""
+    async def dispatch_due(self, now: int, until: int | None = None) -> int:
+        """Dispatch every loaded entry due by ``until`` (default ``now``; later: dispatch ahead, the worker holds
+        the run until its due time) in batches; returns the number of runs sent."""
+        until = now if until is None else until
         sent = 0
-        while self._heap and self._heap[0][0] <= now:
+        while self._heap and self._heap[0][0] <= until:
             batch: list[QueueEntry] = []
-            while self._heap and self._heap[0][0] <= now and len(batch) < self.settings.picker_batch:
+            while self._heap and self._heap[0][0] <= until and len(batch) < self.settings.picker_batch:
                 item = heapq.heappop(self._heap)
                 batch.append(item[3])
             try:

@@ -83,8 +83,9 @@ class Worker:
         self.node_id = node_id or settings.node_id
         self._slots = asyncio.Semaphore(settings.worker_concurrency)  # runs executing
         self._recording = asyncio.Semaphore(4 * settings.worker_concurrency)  # finished runs not yet acked
-        self._inflight: dict[str, asyncio.Event] = {}  # receipt -> cancel event
+        self._inflight: dict[str, executors.Cancellation] = {}  # receipt -> its run's cancellation
         self._receipts_by_run: dict[str, str] = {}
+        self._held = 0  # runs received ahead of their due time, waiting for it (see _hold)
         self._started: dict[str, tuple[RunMessage, int]] = {}  # runs whose "running" record is not written yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -207,17 +208,57 @@ class Worker:
             self._slots.release()
         if to_ack:
             await self._acks.submit_many(to_ack)
+        now = now_ms()
         for message, run in runnable:
-            task = asyncio.create_task(self._execute(message, run))
+            start = self._hold(message, run) if run.due_ms > now else self._execute(message, run)
+            task = asyncio.create_task(start)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def _hold(self, message: ReceivedMessage, run: RunMessage) -> None:
+        """A run the picker sent ahead of its due time (``dispatch_ahead_ms``): wait for the due time, then run it.
+
+        While held the run gives its execution slot back, so held runs never keep due ones from running; past
+        ``4 * worker_concurrency`` held runs (a burst sent ahead) further runs wait holding their slot, which
+        bounds what is held. The message stays in flight: the heartbeat extends it, a shutdown hands it back.
+        """
+        cancellation = executors.Cancellation()
+        self._inflight[message.receipt] = cancellation
+        self._receipts_by_run[run.run_id] = message.receipt
+        keep_slot = self._held >= 4 * self.settings.worker_concurrency
+        has_slot = True
+        try:
+            if not keep_slot:
+                self._slots.release()
+                has_slot = False
+            self._held += 1
+            try:
+                for _ in range(100):  # the loop's timer may wake a little before the wall clock reaches due
+                    wait_ms = run.due_ms - now_ms()
+                    if wait_ms <= 0:
+                        break
+                    await asyncio.sleep(wait_ms / 1000)
+            finally:
+                self._held -= 1
+            if not has_slot:
+                await self._slots.acquire()
+                has_slot = True
+        except BaseException:
+            self._inflight.pop(message.receipt, None)
+            self._receipts_by_run.pop(run.run_id, None)
+            if has_slot:
+                self._slots.release()
+            raise
+        await self._execute(message, run, cancellation)
+
     # One run ----------------------------------------------------------------------------------------------
-    async def _execute(self, message: ReceivedMessage, run: RunMessage) -> None:
+    async def _execute(
+        self, message: ReceivedMessage, run: RunMessage, cancellation: executors.Cancellation | None = None
+    ) -> None:
         """Run one attempt holding an execution slot, then record and ack it holding only a recording slot:
         store round trips never keep a slot from the next run (the batched writes are shared anyway)."""
-        cancelled = asyncio.Event()
-        self._inflight[message.receipt] = cancelled
+        cancellation = cancellation or executors.Cancellation()
+        self._inflight[message.receipt] = cancellation
         self._receipts_by_run[run.run_id] = message.receipt
         WORKER_INFLIGHT.inc()
         executing = True
@@ -226,7 +267,7 @@ class Worker:
             started = now_ms()
             FIRE_LAG.observe(max(0, started - run.due_ms) / 1000)
             self._started[run.run_id] = (run, started)
-            outcome = await self._perform(run, cancelled)
+            outcome = await self._perform(run, cancellation)
             self._started.pop(run.run_id, None)  # before the final record: no "running" may follow it
             finished = now_ms()
             RUN_DURATION.observe((finished - started) / 1000)
@@ -260,7 +301,7 @@ class Worker:
                 WORKER_INFLIGHT.dec()
                 self._slots.release()
 
-    async def _perform(self, run: RunMessage, cancelled: asyncio.Event) -> executors.Outcome:
+    async def _perform(self, run: RunMessage, cancellation: executors.Cancellation) -> executors.Outcome:
         job = run.job
         payload = job.payload
         if payload.blob_key:
@@ -273,7 +314,7 @@ class Worker:
                 return executors.Outcome(
                     RunStatus.FAILED, error="cmd: jobs are disabled here (DSCHED_ALLOW_CMD)", retryable=False
                 )
-            return await executors.run_command(payload.text or "", job.timeout_s, cap, cancelled)
+            return await executors.run_command(payload.text or "", job.timeout_s, cap, cancellation)
         assert payload.http is not None and self._session is not None
         idempotency_key = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{job.job_id}/{run.scheduled_ms}"))
         headers = {
@@ -290,7 +331,7 @@ class Worker:
             output_cap=cap,
             allow_private=self.settings.allow_private_http,
             signing_secrets=self.settings.signing_secrets_for(job.user_id, job.project_id),
-            cancelled=cancelled,
+            cancellation=cancellation,
         )
 
     async def _record(self, run: RunMessage, outcome: executors.Outcome, started: int | None, finished: int) -> None:
@@ -476,7 +517,7 @@ class Worker:
         receipt = self._receipts_by_run.get(run_id)
         if receipt is None or receipt not in self._inflight:
             return False
-        self._inflight[receipt].set()
+        self._inflight[receipt].request()
         return True
 
     async def _hand_back(self, grace_s: float) -> None:

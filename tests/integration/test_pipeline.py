@@ -55,6 +55,23 @@ async def test_future_job_fires_at_its_due_time(api: Api) -> None:
     assert parse(run["scheduled_for"]) == due.replace(microsecond=due.microsecond // 1000 * 1000)
 
 
+async def test_a_run_sent_ahead_is_held_by_the_worker_until_its_due_time(make_cluster: Any) -> None:
+    async with make_cluster(dispatch_ahead_ms=1500, picker_lookahead_s=3.0) as api:
+        due = datetime.now(UTC) + timedelta(seconds=2)
+        job_id = await api.submit(payload="cmd:true", next_fire_at=rfc3339(due))
+
+        async def queued() -> bool:
+            status, job = await api.call("GET", f"/jobs/{job_id}")
+            return status == 200 and job["status"] == "queued"
+
+        await api.wait_for(queued, timeout=1.8)  # in the queue or held by the worker, ahead of time
+        assert datetime.now(UTC) < due - timedelta(milliseconds=100)
+        assert await api.runs(job_id) == []
+        [run] = await api.finished_runs(job_id, timeout=5)
+        assert run["status"] == "succeeded"
+        assert parse(run["started_at"]) >= due - timedelta(milliseconds=1)
+
+
 async def test_every_second_produces_a_run_each_second(api: Api) -> None:
     job_id = await api.submit(payload="tick", cron_schedule="@every 1s")
     runs = await api.finished_runs(job_id, count=3, timeout=8)
