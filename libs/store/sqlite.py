@@ -144,7 +144,7 @@ class SqliteStore(JobStore):
     def __init__(self, path: Path) -> None:
         self.path = path
         self._writer = SqliteDB(path, synchronous="FULL", schema=_SCHEMA)
-        self._reader = SqliteDB(path, synchronous="FULL")
+        self._reader = SqliteDB(path, synchronous="FULL", checkpoint=False)
 
     async def startup(self) -> None:
         await self._writer.open()  # creates the schema before the reader looks at it

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from libs.sqlite import SqliteDB
+from libs.sqlite import CHECKPOINT_INTERVAL_S, SqliteDB
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
 
@@ -29,3 +29,28 @@ async def test_connections_opening_one_fresh_file_at_once_all_start(tmp_path: Pa
             await asyncio.gather(*(db.close() for db in dbs))
         assert rows == len(dbs)
         assert mode == "wal"
+
+
+async def test_the_wal_is_checkpointed_in_the_background_so_it_does_not_grow(tmp_path: Path) -> None:
+    # Commits never checkpoint (that stalled every write grouped with them); the background loop must, or the
+    # write-ahead log would grow without bound.
+    path = tmp_path / "grow.db"
+    db = SqliteDB(path, schema="CREATE TABLE IF NOT EXISTS blobs (k INTEGER PRIMARY KEY, v BLOB NOT NULL);")
+    await db.open()
+    try:
+        chunk = b"x" * 100_000
+
+        async def write_megabytes(first: int, count: int) -> None:
+            for i in range(first, first + count):
+                await db.write(lambda conn, i=i: conn.execute("INSERT INTO blobs VALUES (?, ?)", (i, chunk)))
+
+        await write_megabytes(0, 30)
+        wal = path.with_name(path.name + "-wal")
+        first_size = wal.stat().st_size
+        assert first_size >= 3_000_000  # 3 MB written, no checkpoint inside the commits
+        await asyncio.sleep(CHECKPOINT_INTERVAL_S * 2)
+        await write_megabytes(30, 30)
+        # Checkpointed in between: the log restarted from its beginning instead of growing to 6 MB.
+        assert wal.stat().st_size < first_size * 1.5
+    finally:
+        await db.close()
