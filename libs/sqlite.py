@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 MAX_GROUP = 256  # writes per group commit
-CHECKPOINT_INTERVAL_S = 1.0
+CHECKPOINT_INTERVAL_S = 0.2
 
 
 class SqliteDB:
