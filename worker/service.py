@@ -56,7 +56,7 @@ from libs.retry import backoff_s, http_status_retryable, parse_retry_after, shou
 from libs.settings import Settings
 from libs.sharding import bucket_for, shard_for
 from libs.store.base import JobStore
-from worker import executors
+from worker import executors, presence
 
 RUNNING_REPORT_S = 0.2
 CLAIM_LOST = "at_most_once: delivery lost after the run was claimed; not run again"
@@ -103,6 +103,7 @@ class Worker:
         ]
         if self.coordination is not None:
             self._background.append(asyncio.create_task(self._watch_cancels()))
+            self._background.append(asyncio.create_task(presence.announce(self, self.coordination)))
         try:
             yield self
         finally:
