@@ -1,15 +1,45 @@
 """Prometheus metrics. One registry per process; every service registers into it.
 
-Names are part of the contract with ``deploy/grafana`` dashboards (a test checks they exist here).
+Names are part of the contract with the ``deploy/grafana`` dashboards and the ``deploy/prometheus`` alert rules
+(tests check that every name they use is registered here, and evaluate them on a real Prometheus).
+
+Each gauge is set by the process that owns what it measures, so every process of a distributed deployment
+exports the truth about its own part: the work-queue depth by workers (sampled from the queue itself, every
+:data:`QUEUE_DEPTH_INTERVAL_S`), the writer's lag behind the log by the writer, shard ownership by pickers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from libs.queue.base import WorkQueue
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Lags: from a millisecond to ten minutes (a run stuck behind a backlog, a late retry).
+LAG_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    *(120.0, 300.0, 600.0),
+)
+# Run durations: from an echo (milliseconds) to an hour-long command.
+DURATION_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    *(120.0, 300.0, 600.0, 1800.0, 3600.0),
+)
+# The fire-lag objective of the SLO dashboard and alerts: a run starts within this of its due time. It must be
+# one of LAG_BUCKETS (the SLI is the share of observations in the bucket ``le="1.0"``).
+FIRE_LAG_OBJECTIVE_S = 1.0
+# Per-tenant series are bounded: the first MAX_TENANT_LABELS tenants a process sees get their own label value,
+# every later one is counted under OTHER_TENANT (per process: a tenant may be named in one and "other" in another).
+MAX_TENANT_LABELS = 50
+OTHER_TENANT = "__other__"
+QUEUE_DEPTH_INTERVAL_S = 2.0
 
 HTTP_REQUESTS = Counter(
     "dsched_http_requests_total", "HTTP requests served", ["route", "method", "status"], registry=REGISTRY
@@ -34,9 +64,22 @@ PICKER_SHARDS = Gauge("dsched_picker_owned_shards", "Shards this picker currentl
 DISPATCH_LAG = Histogram(
     "dsched_dispatch_lag_seconds", "Queue send time minus due time", buckets=LAG_BUCKETS, registry=REGISTRY
 )
-FIRE_LAG = Histogram("dsched_fire_lag_seconds", "Run start time minus due time", buckets=LAG_BUCKETS, registry=REGISTRY)
+FIRE_LAG = Histogram(
+    "dsched_fire_lag_seconds",
+    "Run start time minus due time (runs of jobs submitted already late are left out: see late_submission_runs)",
+    buckets=LAG_BUCKETS,
+    registry=REGISTRY,
+)
+LATE_SUBMISSION_RUNS = Counter(
+    "dsched_late_submission_runs_total",
+    "First runs of jobs submitted with a due time already past: their lag is the client's, not dsched's, and is "
+    "kept out of dsched_fire_lag_seconds (and so out of the fire-lag SLO)",
+    registry=REGISTRY,
+)
 RUNS_FINISHED = Counter("dsched_runs_total", "Runs finished, by outcome", ["status"], registry=REGISTRY)
-RUN_DURATION = Histogram("dsched_run_duration_seconds", "Run execution time", registry=REGISTRY)
+RUN_DURATION = Histogram(
+    "dsched_run_duration_seconds", "Run execution time", buckets=DURATION_BUCKETS, registry=REGISTRY
+)
 RETRIES = Counter("dsched_retries_total", "Retries scheduled", registry=REGISTRY)
 DEAD_LETTERS = Counter("dsched_dead_letters_total", "Jobs dead-lettered after their last attempt", registry=REGISTRY)
 DUPLICATE_DELIVERIES = Counter(
@@ -45,6 +88,94 @@ DUPLICATE_DELIVERIES = Counter(
     registry=REGISTRY,
 )
 WORKER_INFLIGHT = Gauge("dsched_worker_inflight_runs", "Runs executing in this worker", registry=REGISTRY)
-QUEUE_DEPTH = Gauge("dsched_queue_depth", "Approximate work-queue messages", ["state"], registry=REGISTRY)
+WORKER_SLOTS = Gauge(
+    "dsched_worker_slots", "Runs this worker may execute at once (DSCHED_WORKER_CONCURRENCY)", registry=REGISTRY
+)
+QUEUE_DEPTH = Gauge(
+    "dsched_queue_depth",
+    "Approximate work-queue messages by state (visible, in_flight, dead), sampled by workers from the queue",
+    ["state"],
+    registry=REGISTRY,
+)
+SHARD_COUNT = Gauge(
+    "dsched_shard_count", "Shards of the time-bucket table (set by coordinators and pickers)", registry=REGISTRY
+)
+WRITER_LAG_RECORDS = Gauge(
+    "dsched_writer_lag_records",
+    "Log records appended but not yet persisted and committed by the writer's consumer group",
+    registry=REGISTRY,
+)
+WRITER_LAG_SECONDS = Gauge(
+    "dsched_writer_lag_seconds",
+    "Age of the oldest log record not yet persisted by the writer (0 when caught up)",
+    registry=REGISTRY,
+)
+TENANT_SUBMISSIONS = Counter(
+    "dsched_tenant_submissions_total",
+    f"Job changes appended to the log per tenant (user id; at most {MAX_TENANT_LABELS} per process, then "
+    f"{OTHER_TENANT!r})",
+    ["tenant", "op"],
+    registry=REGISTRY,
+)
+TENANT_RUNS = Counter(
+    "dsched_tenant_runs_total", "Runs finished per tenant and outcome", ["tenant", "status"], registry=REGISTRY
+)
+TENANT_FIRE_LAG = Histogram(
+    "dsched_tenant_fire_lag_seconds",
+    "Fire lag per tenant (coarser buckets than dsched_fire_lag_seconds to bound the series)",
+    ["tenant"],
+    buckets=(0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0),
+    registry=REGISTRY,
+)
 COORDINATOR_LEADER = Gauge("dsched_coordinator_is_leader", "1 while this coordinator leads", registry=REGISTRY)
-SERVICE_UP = Gauge("dsched_service_up", "1 while the service runs", ["service"], registry=REGISTRY)
+SERVICE_UP = Gauge(
+    "dsched_service_up", "1 while every supervised loop of the service runs (0 while one restarts)", ["service"],
+    registry=REGISTRY,
+)
+SERVICE_RESTARTS = Counter(
+    "dsched_service_restarts_total", "Supervised loops restarted after an exception", ["service"], registry=REGISTRY
+)
+WRITER_DEAD_LETTERS = Counter(
+    "dsched_writer_dead_letters_total",
+    "Log records moved to the log's dead-letter place (undecodable, invalid or unstorable)",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
+_tenants: set[str] = set()
+_tenants_lock = threading.Lock()
+
+
+def tenant_label(user_id: str) -> str:
+    """The ``tenant`` label value for ``user_id``: itself for the first :data:`MAX_TENANT_LABELS` tenants this
+    process sees, :data:`OTHER_TENANT` for every later one (bounded cardinality, whatever the number of users)."""
+    if user_id in _tenants:
+        return user_id
+    with _tenants_lock:
+        if len(_tenants) < MAX_TENANT_LABELS:
+            _tenants.add(user_id)
+            return user_id
+    return OTHER_TENANT
+
+
+def observe_run_start(user_id: str, lag_s: float, *, late_submission: bool) -> None:
+    """Record a run's fire lag (start minus due). A run of a job submitted with a due time already past is only
+    counted (``dsched_late_submission_runs_total``): its lateness is not dsched's and must not burn the SLO."""
+    if late_submission:
+        LATE_SUBMISSION_RUNS.inc()
+        return
+    FIRE_LAG.observe(lag_s)
+    TENANT_FIRE_LAG.labels(tenant_label(user_id)).observe(lag_s)
+
+
+async def sample_queue_depth(queue: WorkQueue, interval_s: float = QUEUE_DEPTH_INTERVAL_S) -> None:
+    """Set ``dsched_queue_depth`` from ``queue.counts()`` every ``interval_s`` until cancelled. A failed sample
+    leaves the last values (the queue's own health shows elsewhere) and is retried at the next interval."""
+    while True:
+        with contextlib.suppress(Exception):
+            counts = await queue.counts()
+            QUEUE_DEPTH.labels("visible").set(counts.visible)
+            QUEUE_DEPTH.labels("in_flight").set(counts.in_flight)
+            QUEUE_DEPTH.labels("dead").set(counts.dead)
+        await asyncio.sleep(interval_s)
