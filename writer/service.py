@@ -17,13 +17,14 @@ from pydantic import ValidationError
 from libs import logs
 from libs.clock import now_ms
 from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
-from libs.metrics import WRITER_RECORDS
+from libs.metrics import WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS
 from libs.models import Job, QueueEntry, Submission
 from libs.settings import Settings
 from libs.sharding import bucket_for, initial_checkpoint, shard_for
 from libs.store.base import JobStore
 
 GROUP = "dsched-writer"
+LAG_SAMPLE_S = 1.0  # how often the writer measures its lag behind the log (dsched_writer_lag_*)
 log = logs.get("writer")
 
 
@@ -62,6 +63,7 @@ class Writer:
         self.store = store
         self.settings = settings
         self._consumer: LogConsumer | None = None
+        self._batch_oldest_ms: int | None = None  # append time of the oldest record polled and not yet committed
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Writer]:
@@ -71,9 +73,13 @@ class Writer:
             await self.store.advance_checkpoint(shard, None, start)
         self._consumer = self.log.consumer(GROUP)
         await self._consumer.startup()
+        lag_sampler = asyncio.create_task(self._sample_lag())
         try:
             yield self
         finally:
+            lag_sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await lag_sampler
             await self._consumer.shutdown()
             self._consumer = None
 
@@ -96,9 +102,28 @@ class Writer:
         assert self._consumer is not None, "use `async with writer.open()`"
         records = await self._consumer.poll(self.settings.writer_batch, timeout_s)
         if records:
+            self._batch_oldest_ms = min(record.timestamp_ms for record in records)
             await self.persist(records)
             await self._consumer.commit(records)
+            self._batch_oldest_ms = None
         return len(records)
+
+    async def _sample_lag(self) -> None:
+        """Every ``LAG_SAMPLE_S``: ``dsched_writer_lag_records`` from the log, ``dsched_writer_lag_seconds`` =
+        now minus the append time of the oldest uncommitted record (from the log when it can tell, else from the
+        batch in progress). Runs beside the consume loop, so a writer stuck on a batch still reports growing lag."""
+        while True:
+            with contextlib.suppress(Exception):
+                assert self._consumer is not None
+                lag = await self._consumer.lag()
+                if lag is not None:
+                    WRITER_LAG_RECORDS.set(lag.records)
+                    oldest = lag.oldest_ms if lag.records else None
+                    if oldest is None and lag.records:
+                        oldest = self._batch_oldest_ms
+                    if oldest is not None or not lag.records:
+                        WRITER_LAG_SECONDS.set(max(0, now_ms() - oldest) / 1000 if oldest is not None else 0)
+            await asyncio.sleep(LAG_SAMPLE_S)
 
     async def persist(self, records: list[ConsumedRecord]) -> None:
         assert self._consumer is not None

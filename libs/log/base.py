@@ -24,8 +24,24 @@ class ConsumedRecord:
     timestamp_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerLag:
+    """How far a consumer group is behind the log, on the partitions this member reads.
+
+    ``records``: appended but not yet committed by the group. ``oldest_ms``: append time of the oldest of them
+    (None when ``records`` is 0, or when the implementation cannot tell cheaply).
+    """
+
+    records: int
+    oldest_ms: int | None
+
+
 class LogConsumer(ABC):
     """One member of a consumer group."""
+
+    async def lag(self) -> ConsumerLag | None:
+        """The group's lag behind the log (see :class:`ConsumerLag`); None if this implementation cannot tell."""
+        return None
 
     @abstractmethod
     async def startup(self) -> None: ...

@@ -46,7 +46,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from libs import logs
 from libs.backends import BackendConfigError
-from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
+from libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
 from libs.settings import Settings
 
 log = logs.get("log.kafka")
@@ -325,6 +325,20 @@ class KafkaLogConsumer(LogConsumer):
             if batches[tp]:
                 self._returned[tp.partition] = batches[tp][-1].offset
         return records
+
+    async def lag(self) -> ConsumerLag:
+        """Records: end offset minus the group's committed offset, summed over this member's partitions.
+        ``oldest_ms`` is None (it would need a fetch at the committed offset)."""
+        consumer = self._require()
+        partitions = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        if not partitions:
+            return ConsumerLag(records=0, oldest_ms=None)
+        ends = await consumer.end_offsets(partitions)
+        records = 0
+        for tp in partitions:
+            committed = await consumer.committed(tp)
+            records += max(0, int(ends.get(tp, 0)) - int(committed or 0))
+        return ConsumerLag(records=records, oldest_ms=None)
 
     async def commit(self, records: Sequence[ConsumedRecord]) -> None:
         consumer = self._require()

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
+from libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
 from libs.sqlite import SqliteDB
 
 # How often a waiting consumer looks for records appended by other processes (in-process appends wake it).
@@ -233,6 +233,30 @@ class SqliteLogConsumer(LogConsumer):
         # Oldest first across partitions; heapq.merge keeps each partition's own (offset) order regardless.
         merged = heapq.merge(*per_partition, key=lambda record: record.timestamp_ms)
         return list(itertools.islice(merged, limit))
+
+    async def lag(self) -> ConsumerLag:
+        """Exact: offsets are contiguous per partition, so each partition costs two primary-key lookups."""
+
+        def read(conn: sqlite3.Connection) -> ConsumerLag:
+            committed = dict(
+                conn.execute("SELECT partition, next_offset FROM committed WHERE grp = ?", (self.group,)).fetchall()
+            )
+            records, oldest = 0, None
+            for partition in range(self._partitions):
+                start = int(committed.get(partition, 0))
+                (last,) = conn.execute("SELECT MAX(offset) FROM records WHERE partition = ?", (partition,)).fetchone()
+                if last is None or last < start:
+                    continue
+                records += int(last) + 1 - start
+                row = conn.execute(
+                    "SELECT timestamp_ms FROM records WHERE partition = ? AND offset >= ? ORDER BY offset LIMIT 1",
+                    (partition, start),
+                ).fetchone()
+                if row is not None and (oldest is None or row[0] < oldest):
+                    oldest = int(row[0])
+            return ConsumerLag(records=records, oldest_ms=oldest)
+
+        return await self._db.run(read)
 
     async def commit(self, records: Sequence[ConsumedRecord]) -> None:
         upto: dict[int, int] = {}
