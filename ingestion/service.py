@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from coordinator.service import CANCEL_PREFIX
-from ingestion import openapi
+from ingestion import console, openapi
 from ingestion.requests import (
     USER_ID,
     JobFields,
@@ -112,6 +112,7 @@ class Ingestion:
 
     def _build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware])
+        self.console = console.register(self, app)  # dashboard /ui and its API (issue 13), before the core routes
         r = app.router
         r.add_post("/submit", self.submit)
         r.add_get("/job", self.get_job_query)
