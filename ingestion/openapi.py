@@ -34,6 +34,14 @@ _PAGE = [
     },
 ]
 
+_SEARCH = {
+    "name": "q",
+    "in": "query",
+    "schema": {"type": "string", "maxLength": 200},
+    "description": "Search: an exact job id, or a case-insensitive substring of the name, project or payload. "
+    "Reads a bounded number of jobs per request; follow next_cursor to continue.",
+}
+
 
 def _op(
     summary: str,
@@ -128,6 +136,7 @@ def spec() -> dict[str, Any]:
                             },
                         },
                         {"name": "project_id", "in": "query", "schema": {"type": "string"}},
+                        _SEARCH,
                     ],
                 )
             },
@@ -188,6 +197,58 @@ def spec() -> dict[str, Any]:
                 "get": _op("Counts: scheduled, due, queued, running, succeeded, failed, dead", user=False)
             },
             "/openapi.json": {"get": _op("This document", user=False)},
+            **_console_paths(),
         },
         "components": {"schemas": components},
+    }
+
+
+def _console_paths() -> dict[str, Any]:
+    """The dashboard's and client CLI's routes (``ingestion/console.py``, ``ingestion/ui.py``)."""
+    ids = {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 500}
+    bulk = {
+        "type": "object",
+        "required": ["action", "job_ids"],
+        "properties": {"action": {"enum": ["pause", "resume", "trigger", "delete"]}, "job_ids": ids},
+    }
+    query = [
+        {"name": "cron", "in": "query", "schema": {"type": "string"}},
+        {"name": "timezone", "in": "query", "schema": {"type": "string", "default": "UTC"}},
+        {"name": "at", "in": "query", "schema": {"type": "string", "format": "date-time"}},
+        {"name": "next", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5}},
+    ]
+    window = {"name": "window_s", "in": "query", "schema": {"type": "integer", "minimum": 10, "maximum": 3600}}
+    page = {"get": _op("The dashboard (HTML; strict Content-Security-Policy)", user=False)}
+    return {
+        "/jobs/bulk": {
+            "post": _op(
+                "Pause, resume, trigger or delete many jobs; one result per job (not_found, conflict)", body=bulk
+            )
+        },
+        "/dead-letters/replay": {
+            "post": _op(
+                "Replay several dead letters",
+                body={"type": "object", "required": ["ids"], "properties": {"ids": ids}},
+            )
+        },
+        "/schedule/preview": {"get": _op("Fire times a submit with this cron/time zone/at would get", params=query)},
+        "/workers": {"get": _op("Live workers: slots, busy, current runs, heartbeat (admin)")},
+        "/cluster": {"get": _op("Leader, pickers and their shards, workers, queue depth (admin)")},
+        "/stats": {
+            "get": _op(
+                "Runs by status, throughput, fire-lag p50/p99 over a window, per sample interval (admin)",
+                params=[window],
+            )
+        },
+        "/events": {
+            "get": _op(
+                "Server-sent events: jobs, runs (with job_id), dead_letters",
+                params=[{"name": "job_id", "in": "query", "schema": {"type": "string"}}],
+                description="text/event-stream; the stream ends after 5 minutes, reconnect to continue.",
+            )
+        },
+        "/ui": page,
+        "/ui/{path}": page,
+        "/ui/static/{name}": {"get": _op("Dashboard assets", user=False)},
+        "/ui/config.json": {"get": _op("The dashboard's settings: the auth mode", user=False)},
     }
