@@ -21,6 +21,8 @@ from pydantic import ValidationError
 
 from coordinator.service import CANCEL_PREFIX
 from ingestion import console, openapi
+from ingestion.admin import AdminRoutes
+from ingestion.auth import Authenticator, principal_of
 from ingestion.requests import (
     USER_ID,
     JobFields,
@@ -40,12 +42,13 @@ from libs.blobs.base import BlobNotFound, BlobStore
 from libs.clock import now_ms, to_rfc3339
 from libs.coordination.base import Coordination
 from libs.log.base import SubmissionLog
-from libs.metrics import BLOB_OFFLOADS, HTTP_REQUESTS, REGISTRY, SUBMISSIONS
+from libs.metrics import BLOB_OFFLOADS, HTTP_REQUESTS, REGISTRY, SUBMISSIONS, TENANT_SUBMISSIONS, tenant_label
 from libs.models import Job, JobStatus, Payload, RetryPolicy, Run, RunStatus, Submission
 from libs.queue.base import WorkQueue
 from libs.schedule import ScheduleError, parse_schedule, upcoming
 from libs.settings import Settings
 from libs.store.base import JobStore
+from libs.supervisor import Supervisor
 
 log = logs.get("ingestion")
 IDEMPOTENCY_TTL_S = 86_400
@@ -76,13 +79,17 @@ class Ingestion:
         settings: Settings,
         queue: WorkQueue | None = None,
         coordination: Coordination | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.log = log
+        # The loops of every service in this process: /health reports them and answers 503 while one is down.
+        self.supervisor = supervisor or Supervisor()
         self.store = store
         self.blobs = blobs
         self.queue = queue
         self.coordination = coordination
         self.settings = settings
+        self.auth = Authenticator(store, settings)  # DSCHED_AUTH: who calls, which role, tenant limits, audit
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -111,7 +118,9 @@ class Ingestion:
             self._runner = None
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware])
+        app = web.Application(
+            client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware, self.auth.middleware]
+        )
         self.console = console.register(self, app)  # dashboard /ui and its API (issue 13), before the core routes
         r = app.router
         r.add_post("/submit", self.submit)
@@ -134,6 +143,7 @@ class Ingestion:
         r.add_get("/metrics", self.metrics)
         r.add_get("/queue/stats", self.queue_stats)
         r.add_get("/openapi.json", self.openapi)
+        AdminRoutes(self.auth).add_to(r)
         return app
 
     @web.middleware
@@ -156,6 +166,9 @@ class Ingestion:
     # Helpers ----------------------------------------------------------------------------------------------
     @staticmethod
     def _user(request: web.Request) -> str:
+        principal = principal_of(request)  # set by the auth middleware (keys/jwt/proxy, or dev X-User-ID)
+        if principal is not None:
+            return principal.tenant
         user = request.headers.get("X-User-ID", "")
         if not user:
             raise ApiError(401, "unauthorized", "missing X-User-ID header")
@@ -189,6 +202,7 @@ class Ingestion:
         submission = Submission(op=op, job=job, at_ms=now_ms(), attempt=attempt)  # type: ignore[arg-type]
         await self.log.append([(job.job_id, submission.model_dump_json().encode())])
         SUBMISSIONS.labels(op).inc()
+        TENANT_SUBMISSIONS.labels(tenant_label(job.user_id), op).inc()
 
     async def _offload(self, job_id: str, payload: Payload) -> Payload:
         data = payload.model_dump_json().encode()
@@ -475,7 +489,8 @@ class Ingestion:
 
     # Operations -------------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
-        return json_response({"status": "ok", "time": to_rfc3339(now_ms())})
+        report = {**self.supervisor.report(), "time": to_rfc3339(now_ms())}
+        return json_response(report, 200 if self.supervisor.healthy else 503)
 
     async def openapi(self, request: web.Request) -> web.Response:
         return json_response(openapi.spec())

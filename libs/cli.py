@@ -4,6 +4,7 @@ dsched run all                 the five services in one process (dev defaults: c
 dsched run <service>           one of ingestion, writer, coordinator, picker, worker
 dsched db migrate              apply the CQL schema (Scylla store) idempotently
 dsched chaos [options]         the chaos suite (python -m chaos)
+dsched keys create|list|revoke API keys in the configured store (libs/keys_cli.py)
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from libs import logs
+from libs import keys_cli, logs
 from libs.backends import BackendConfigError
 from libs.settings import SERVICES, Settings
+from libs.supervisor import ServiceFailed
 
 
 def _settings() -> Settings:
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     db = sub.add_parser("db", help="store schema")
     db.add_argument("action", choices=["migrate"])
     sub.add_parser("chaos", help="run the chaos suite (see docs/chaos.md)")
+    keys_cli.add_parser(sub)
     args = parser.parse_args(argv)
 
     settings = _settings()
@@ -54,8 +57,12 @@ def main(argv: list[str] | None = None) -> None:
                 run_loop(_serve(settings, [args.service]))
         elif args.command == "db":
             asyncio.run(_migrate(settings))
-    except BackendConfigError as exc:
+        elif args.command == "keys":
+            sys.exit(keys_cli.run(settings, args))
+    except (BackendConfigError, ServiceFailed) as exc:
         sys.exit(f"dsched: {exc}")
+    except OSError as exc:  # e.g. the port is taken: one line, not a traceback
+        sys.exit(f"dsched: cannot start: {exc.strerror or exc}")
     except KeyboardInterrupt:
         pass
 

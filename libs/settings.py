@@ -66,7 +66,9 @@ class Settings(BaseSettings):
 
     # Worker.
     worker_concurrency: int = 64
-    visibility_timeout_s: float = 30.0
+    # A received run stays hidden this long past the worker's last heartbeat, which extends it every quarter of
+    # this while the run is held or running: a run of a dead worker reappears within this (short on purpose).
+    visibility_timeout_s: float = 5.0
     max_receives: int = 5  # deliveries before a message goes to the queue's dead-letter store
     output_cap_bytes: int = 64 * 1024
     output_inline_bytes: int = 4096  # larger run outputs go to the blob store
@@ -77,6 +79,33 @@ class Settings(BaseSettings):
     # HMAC signing secrets for outgoing HTTP, by "user" or "user/project" (JSON); two keys = rotation.
     signing_secrets: dict[str, list[str]] = Field(default_factory=dict)
     shutdown_grace_s: float = 5.0
+    # A service starting while a backend is down retries its start-up this long (logged), then exits.
+    startup_retry_s: float = 30.0
+
+    # Authentication and tenants (issue 12; see ingestion/auth.py and README "Authentication").
+    auth: str = "dev"  # dev | keys | jwt | keys,jwt
+    auth_pepper: str = ""  # key for API-key hashes; "" = <data_dir>/auth.pepper, created on first use
+    auth_cache_s: float = 2.0  # API-key cache TTL: a revocation applies on every instance within this
+    trusted_user_header: str = ""  # e.g. X-Forwarded-User, honoured only from trusted_proxies
+    trusted_role_header: str = ""  # optional role header from the proxy (default role: member)
+    trusted_proxies: list[str] = Field(default_factory=list)  # addresses/CIDRs of the authenticating proxy
+    metrics_public: bool = True  # /metrics without credentials (Prometheus scrapes); false = admin only
+    jwt_jwks_url: str = ""
+    jwt_public_key: str = ""  # PEM (or a path to one), instead of a JWKS URL
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
+    jwt_leeway_s: float = 30.0
+    jwt_tenant_claim: str = "tenant"
+    jwt_role_claim: str = "role"
+    jwt_default_role: str = ""  # role of a token without the role claim ("" = rejected with 403)
+    jwt_jwks_ttl_s: float = 300.0
+    tenant_submit_rate: float = 0.0  # submits per second per tenant (0 = unlimited), shared via the store
+    tenant_submit_burst: int = 0  # burst on top of the rate (0 = max(1, rate))
+    tenant_max_active_jobs: int = 0  # 0 = unlimited
+    tenant_max_payload_bytes: int = 0  # total definition bytes of a tenant's active jobs; 0 = unlimited
+    tenant_limits: dict[str, dict[str, float]] = Field(default_factory=dict)  # per-tenant overrides (JSON)
+    tenant_fair_dispatch: bool = True  # workers serve tenants round-robin when many runs are ready
 
     @field_validator("shard_count", "bucket_s", "log_partitions", "worker_concurrency")
     @classmethod

@@ -16,6 +16,9 @@ put_runs               job_runs(job_id) + runs_by_id(run_id)       idempotent up
 claim_runs             run_claims(run_id)                          LWT ``IF NOT EXISTS`` (at-most-once)
 put_dead_letters       dead_letters(user_id)                       idempotent
 claim_idempotency_key  idempotency_keys((user_id, key)) TTL 24 h   LWT ``IF NOT EXISTS``
+put/get/list_api_keys  api_keys(key_id)                            idempotent upsert
+take_rate_token        rate_limits(name)                           LWT ``IF tat = ?`` (compare-and-set)
+put/get_signing_...    signing_secrets(tenant)                     idempotent upsert
 =====================  ==========================================  ===========================================
 
 No method spans partitions atomically; callers order their writes so that a crash between two of them is
@@ -28,6 +31,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Container, Sequence
 
+from libs.apikeys import ApiKey
 from libs.models import DeadLetter, Job, JobState, QueueEntry, Run
 
 
@@ -151,3 +155,45 @@ class JobStore(ABC):
 
         Exact on the embedded store; maintained counters (approximate) on distributed stores.
         """
+
+    # Tenants: API keys, shared rate limits, usage, signing secrets (issue 12) ------------------------------
+    # Not abstract, so stores written before these existed keep working where auth is off (``DSCHED_AUTH=dev``).
+    async def put_api_key(self, key: ApiKey) -> None:
+        """Insert or replace an API key record (table ``api_keys``, partition ``key_id``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store API keys")
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        """The key record with this id, revoked and expired ones included."""
+        raise NotImplementedError(f"{type(self).__name__} does not store API keys")
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        """Every key (of ``tenant`` when given), newest first."""
+        raise NotImplementedError(f"{type(self).__name__} does not store API keys")
+
+    async def revoke_api_key(self, key_id: str, at_ms: int) -> bool:
+        """Mark a key revoked from ``at_ms`` on (idempotent: an earlier revocation time is kept); False if the
+        key does not exist."""
+        raise NotImplementedError(f"{type(self).__name__} does not store API keys")
+
+    async def touch_api_key(self, key_id: str, used_ms: int) -> None:
+        """Record that the key was used at ``used_ms`` (best effort, for ``keys list``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store API keys")
+
+    async def take_rate_token(self, name: str, interval_ms: int, burst: int, now_ms: int) -> int:
+        """One token of the shared rate limit ``name`` (GCRA: one token per ``interval_ms``, ``burst`` tokens
+        may be taken at once). Returns 0 when taken, else the milliseconds until one is available (nothing is
+        taken then). Atomic across every process sharing the store (SQLite transaction; Scylla LWT)."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep rate limits")
+
+    async def tenant_usage(self, user_id: str) -> tuple[int, int]:
+        """``(active jobs, their definition bytes)`` of a tenant; active = not deleted and not finished
+        (scheduled, queued, running or paused)."""
+        raise NotImplementedError(f"{type(self).__name__} does not report tenant usage")
+
+    async def put_signing_secrets(self, tenant: str, secrets: Sequence[str]) -> None:
+        """Replace the tenant's outgoing-HTTP signing secrets (newest first; empty = none)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store signing secrets")
+
+    async def get_signing_secrets(self, tenant: str) -> list[str]:
+        """The tenant's signing secrets, newest first (empty when none were set)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store signing secrets")

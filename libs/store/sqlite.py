@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from libs.apikeys import ApiKey
 from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
 from libs.sqlite import SqliteDB
 from libs.store.base import JobStore, LayoutMismatch
@@ -91,7 +92,15 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     expires_ms INTEGER NOT NULL,
     PRIMARY KEY (user_id, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_ms)
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_ms);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rate_limits (name TEXT PRIMARY KEY, tat_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signing_secrets (tenant TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID
 """
 
 # Job.status as SQL: deleted, then paused, then the runtime state (scheduled when unset).
@@ -524,6 +533,96 @@ class SqliteStore(JobStore):
 
         return await self._reader.run(stats)
 
+
+    # Tenants: API keys, rate limits, usage, signing secrets ------------------------------------------------
+    async def put_api_key(self, key: ApiKey) -> None:
+        row = (key.key_id, key.tenant, key.created_ms, key.model_dump_json().encode())
+        await self._writer.write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO api_keys (key_id, tenant, created_ms, body) VALUES (?, ?, ?, ?)", row
+            )
+        )
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        def get(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT body FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        body = await self._reader.run(get)
+        return None if body is None else ApiKey.model_validate_json(body)
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        def rows(conn: sqlite3.Connection) -> list[bytes]:
+            if tenant is None:
+                found = conn.execute("SELECT body FROM api_keys ORDER BY created_ms DESC, key_id").fetchall()
+            else:
+                found = conn.execute(
+                    "SELECT body FROM api_keys WHERE tenant = ? ORDER BY created_ms DESC, key_id", (tenant,)
+                ).fetchall()
+            return [bytes(r[0]) for r in found]
+
+        return [ApiKey.model_validate_json(b) for b in await self._reader.run(rows)]
+
+    async def _update_api_key(self, key_id: str, change: str, at_ms: int) -> bool:
+        def update(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT body FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is None:
+                return False
+            key = ApiKey.model_validate_json(bytes(row[0]))
+            if change == "revoke":
+                key.revoked_ms = at_ms if key.revoked_ms is None else min(key.revoked_ms, at_ms)
+            else:
+                key.last_used_ms = max(key.last_used_ms or 0, at_ms)
+            conn.execute("UPDATE api_keys SET body = ? WHERE key_id = ?", (key.model_dump_json().encode(), key_id))
+            return True
+
+        return await self._writer.write(update)
+
+    async def revoke_api_key(self, key_id: str, at_ms: int) -> bool:
+        return await self._update_api_key(key_id, "revoke", at_ms)
+
+    async def touch_api_key(self, key_id: str, used_ms: int) -> None:
+        await self._update_api_key(key_id, "touch", used_ms)
+
+    async def take_rate_token(self, name: str, interval_ms: int, burst: int, now_ms: int) -> int:
+        def take(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT tat_ms FROM rate_limits WHERE name = ?", (name,)).fetchone()
+            tat = max(int(row[0]) if row else now_ms, now_ms)
+            new_tat = tat + interval_ms
+            allowed_at = new_tat - burst * interval_ms
+            if allowed_at > now_ms:
+                return allowed_at - now_ms
+            conn.execute("INSERT OR REPLACE INTO rate_limits (name, tat_ms) VALUES (?, ?)", (name, new_tat))
+            return 0
+
+        return await self._writer.write(take)
+
+    async def tenant_usage(self, user_id: str) -> tuple[int, int]:
+        def usage(conn: sqlite3.Connection) -> tuple[int, int]:
+            row = conn.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(j.definition)), 0) FROM {_JOBS_FROM} "
+                f"WHERE j.user_id = ? AND {_STATUS_SQL} IN ('scheduled', 'queued', 'running', 'paused')",
+                (user_id,),
+            ).fetchone()
+            return int(row[0]), int(row[1])
+
+        return await self._reader.run(usage)
+
+    async def put_signing_secrets(self, tenant: str, secrets: Sequence[str]) -> None:
+        body = orjson.dumps(list(secrets))
+        await self._writer.write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO signing_secrets (tenant, body) VALUES (?, ?)", (tenant, body)
+            )
+        )
+
+    async def get_signing_secrets(self, tenant: str) -> list[str]:
+        def get(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT body FROM signing_secrets WHERE tenant = ?", (tenant,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        body = await self._reader.run(get)
+        return [] if body is None else [str(s) for s in orjson.loads(body)]
 
 _STATS_STATUSES = (
     JobStatus.SCHEDULED,
