@@ -296,7 +296,7 @@ class Cluster:
     async def start_backends(self) -> None:
         if self.backends == "embedded":
             return
-        from tests.servers import EtcdServer, MotoServer
+        from libs.servers import EtcdServer, MotoServer
 
         self.etcd = EtcdServer(self.run_dir / "etcd")
         self.moto = MotoServer(self.run_dir / "moto")

@@ -72,17 +72,8 @@ class Config:
         return " ".join(parts)
 
 
-def _ensure_repo_on_path() -> None:
-    """The backend servers live in ``tests/servers.py`` (shared with the test suite): make ``tests``
-    importable when started as ``dsched chaos`` from anywhere."""
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
 async def run(cfg: Config) -> dict[str, Any]:
     """One chaos run; returns the report (also written to ``cfg.report`` or ``<run dir>/report.json``)."""
-    _ensure_repo_on_path()
     scenario = SCENARIOS[cfg.scenario]
     if scenario.needs_distributed and cfg.backends != "distributed":
         raise ValueError(f"scenario {cfg.scenario!r} needs --backends distributed")

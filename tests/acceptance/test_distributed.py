@@ -21,10 +21,10 @@ import orjson
 import pytest
 
 from libs.backends import make_coordination
+from libs.servers import EtcdServer, MotoServer
 from libs.settings import Settings
 from libs.sharding import shard_for
 from tests.acceptance.conftest import Http, Service, base_env, free_port
-from tests.servers import EtcdServer, MotoServer
 
 TTL_S = 2.0
 SHARDS = 8

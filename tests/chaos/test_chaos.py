@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from chaos.scenarios import SCENARIOS
-from tests.servers import etcd_binary, moto_binary
+from libs.servers import etcd_binary, moto_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("CHAOS_SEED", "1"))

@@ -11,8 +11,8 @@ import pytest
 
 from libs.blobs.base import BlobNotFound
 from libs.blobs.s3 import S3BlobStore
+from libs.servers import MotoServer
 from tests import backends
-from tests.servers import MotoServer
 
 
 def _s3(endpoint: str, tmp_path: Path, bucket: str, prefix: str = "") -> S3BlobStore:

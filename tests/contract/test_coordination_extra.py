@@ -18,8 +18,8 @@ import pytest
 
 from libs.coordination.base import WatchEvent
 from libs.coordination.etcd import EtcdCoordination, EtcdUnavailable, LeaseNotFound
+from libs.servers import EtcdCluster, EtcdServer, free_port
 from tests import backends
-from tests.servers import EtcdCluster, EtcdServer, free_port
 
 
 def _coordination(url: str, tmp_path: Path) -> EtcdCoordination:

@@ -17,8 +17,8 @@ import pytest
 
 from libs.queue.base import MAX_BATCH, OutgoingMessage, ReceivedMessage, WorkQueue
 from libs.queue.sqs import SqsQueue
+from libs.servers import MotoServer
 from tests import backends
-from tests.servers import MotoServer
 
 DEADLINE_S = 15.0
 

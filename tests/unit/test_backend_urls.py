@@ -14,8 +14,8 @@ from libs.backends import BackendConfigError, Backends
 from libs.blobs.s3 import S3BlobStore
 from libs.coordination.etcd import EtcdCoordination, EtcdEndpoint
 from libs.queue.sqs import SqsQueue
+from libs.servers import free_port
 from libs.settings import Settings
-from tests.servers import free_port
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ def test_s3_bad_urls_are_one_clear_line(settings: Settings, url: str, fragment: 
 )
 async def test_an_unreachable_server_fails_startup_with_one_line(tmp_path: Path, role: str, url: str) -> None:
     url = url.format(port=free_port(), port2=free_port())
-    settings = Settings.from_env(data_dir=tmp_path, **{f"{role}_url": url})
+    settings = Settings.from_env(data_dir=tmp_path, startup_retry_s=0, **{f"{role}_url": url})
     started = time.monotonic()
     with pytest.raises(BackendConfigError) as info:
         async with Backends.open(settings, {role}):
