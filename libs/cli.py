@@ -4,6 +4,7 @@ dsched run all                 the five services in one process (dev defaults: c
 dsched run <service>           one of ingestion, writer, coordinator, picker, worker
 dsched db migrate              apply the CQL schema (Scylla store) idempotently
 dsched chaos [options]         the chaos suite (python -m chaos)
+dsched jobs|runs|dlq|cluster   the HTTP client (libs/client.py); dsched --version, dsched completion bash
 dsched keys create|list|revoke API keys in the configured store (libs/keys_cli.py)
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from libs import keys_cli, logs
+from libs import client, keys_cli, logs
 from libs.backends import BackendConfigError
 from libs.settings import SERVICES, Settings
 from libs.supervisor import ServiceFailed
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(chaos_main(argv[1:]))
     parser = argparse.ArgumentParser(prog="dsched", description="Distributed job scheduler")
+    parser.add_argument("--version", action="version", version=f"dsched {client.version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run services")
     run.add_argument("service", choices=["all", *SERVICES])
@@ -45,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     db.add_argument("action", choices=["migrate"])
     sub.add_parser("chaos", help="run the chaos suite (see docs/chaos.md)")
     keys_cli.add_parser(sub)
+    client.add_commands(sub)  # jobs, runs, dlq, cluster, completion: the HTTP client (libs/client.py)
     args = parser.parse_args(argv)
+    if args.command in client.COMMANDS:
+        sys.exit(client.run(args, parser))
 
     settings = _settings()
     logs.configure(settings.log_level.upper())
