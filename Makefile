@@ -18,16 +18,22 @@ install: $(STAMP)
 run: install
 	$(BIN)/dsched run all
 
-## Real servers the tests start on free 127.0.0.1 ports: etcd (Debian); moto comes from PyPI.
-system-deps:
-	@if ! command -v etcd >/dev/null 2>&1; then \
+## Real servers the tests start on free 127.0.0.1 ports: etcd (Debian), Java 17 + Maven (Debian) for the jars of
+## Kafka, Cassandra and ElasticMQ (deploy/jars/*/pom.xml, cached in .cache/jars); moto comes from PyPI.
+system-deps: install
+	@missing=""; \
+	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	command -v java >/dev/null 2>&1 || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn  >/dev/null 2>&1 || missing="$$missing maven"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
-	    echo "installing etcd-server (Debian)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; \
+	    echo "installing$$missing (Debian)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "etcd is missing: run 'sudo apt-get install -y etcd-server' and retry"; exit 1; \
+	    echo "missing:$$missing: run 'sudo apt-get install -y$$missing' and retry"; exit 1; \
 	  fi; \
 	fi
+	$(BIN)/python -m libs.servers.jars
 
 ## Install what the tests need, start the real local servers (from fixtures), run the whole suite.
 test: install system-deps lint
