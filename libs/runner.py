@@ -16,8 +16,9 @@ from coordinator.service import Coordinator
 from ingestion.service import Ingestion
 from libs import logs
 from libs.backends import Backends
-from libs.metrics import REGISTRY, SERVICE_UP
+from libs.metrics import REGISTRY
 from libs.settings import SERVICES, Settings
+from libs.supervisor import Supervisor
 from picker.service import Picker
 from worker.service import Worker
 from writer.service import Writer
@@ -32,7 +33,7 @@ ROLES = {
 log = logs.get("runner")
 
 
-async def _metrics_server(settings: Settings) -> web.AppRunner | None:
+async def _metrics_server(settings: Settings, supervisor: Supervisor) -> web.AppRunner | None:
     """``/metrics`` and ``/health`` for processes without the HTTP API (``DSCHED_METRICS_PORT``)."""
     if not settings.metrics_port:
         return None
@@ -41,7 +42,7 @@ async def _metrics_server(settings: Settings) -> web.AppRunner | None:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response(supervisor.report(), status=200 if supervisor.healthy else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
@@ -53,44 +54,18 @@ async def _metrics_server(settings: Settings) -> web.AppRunner | None:
 
 
 @contextlib.asynccontextmanager
-async def started(settings: Settings, services: list[str], stop: asyncio.Event) -> AsyncIterator[dict[str, object]]:
-    """Open backends and services, start their loops; on exit stop loops, then close services and backends."""
+async def started(
+    settings: Settings, services: list[str], stop: asyncio.Event, supervisor: Supervisor | None = None
+) -> AsyncIterator[dict[str, object]]:
+    """Open backends and services, start their loops under one supervisor; on exit stop the loops, then close
+    services and backends. The HTTP API opens first, so it answers while the others join their groups."""
     roles = set().union(*(ROLES[s] for s in services))
+    supervisor = supervisor or Supervisor()
     async with Backends.open(settings, roles) as b, contextlib.AsyncExitStack() as stack:
         instances: dict[str, object] = {}
         loops: list[asyncio.Task[None]] = []
-        if "writer" in services:
-            assert b.log and b.store
-            writer = await stack.enter_async_context(Writer(log=b.log, store=b.store, settings=settings).open())
-            loops.append(asyncio.create_task(writer.run(stop)))
-            instances["writer"] = writer
-        if "coordinator" in services:
-            assert b.coordination
-            coordinator = await stack.enter_async_context(
-                Coordinator(coordination=b.coordination, settings=settings).open()
-            )
-            loops.append(asyncio.create_task(coordinator.run(stop)))
-            instances["coordinator"] = coordinator
-        if "worker" in services:
-            assert b.queue and b.store and b.blobs
-            worker = await stack.enter_async_context(
-                Worker(
-                    queue=b.queue,
-                    store=b.store,
-                    blobs=b.blobs,
-                    coordination=b.coordination,
-                    settings=settings,
-                ).open()
-            )
-            loops.append(asyncio.create_task(worker.run(stop)))
-            instances["worker"] = worker
-        if "picker" in services:
-            assert b.store and b.queue
-            picker = await stack.enter_async_context(
-                Picker(store=b.store, queue=b.queue, coordination=b.coordination, settings=settings).open()
-            )
-            loops.append(asyncio.create_task(picker.run(stop)))
-            instances["picker"] = picker
+        for name in services:
+            supervisor.register(name)
         if "ingestion" in services:
             assert b.log and b.store and b.blobs
             ingestion = await stack.enter_async_context(
@@ -101,26 +76,55 @@ async def started(settings: Settings, services: list[str], stop: asyncio.Event) 
                     queue=b.queue,
                     coordination=b.coordination,
                     settings=settings,
+                    supervisor=supervisor,
                 ).open()
             )
             instances["ingestion"] = ingestion
-        elif (metrics := await _metrics_server(settings)) is not None:
+        elif (metrics := await _metrics_server(settings, supervisor)) is not None:
             stack.push_async_callback(metrics.cleanup)
-        for name in services:
-            SERVICE_UP.labels(name).set(1)
+        if "writer" in services:
+            assert b.log and b.store
+            writer = await stack.enter_async_context(Writer(log=b.log, store=b.store, settings=settings).open())
+            loops.append(supervisor.start("writer", "consume", lambda: writer.run(stop)))
+            instances["writer"] = writer
+        if "coordinator" in services:
+            assert b.coordination
+            coordinator = await stack.enter_async_context(
+                Coordinator(coordination=b.coordination, settings=settings).open()
+            )
+            loops.append(supervisor.start("coordinator", "lead", lambda: coordinator.run(stop)))
+            instances["coordinator"] = coordinator
+        if "worker" in services:
+            assert b.queue and b.store and b.blobs
+            worker = await stack.enter_async_context(
+                Worker(
+                    queue=b.queue,
+                    store=b.store,
+                    blobs=b.blobs,
+                    coordination=b.coordination,
+                    settings=settings,
+                    supervisor=supervisor,
+                ).open()
+            )
+            loops.append(supervisor.start("worker", "receive", lambda: worker.run(stop)))
+            instances["worker"] = worker
+        if "picker" in services:
+            assert b.store and b.queue
+            picker = await stack.enter_async_context(
+                Picker(
+                    store=b.store, queue=b.queue, coordination=b.coordination, settings=settings, supervisor=supervisor
+                ).open()
+            )
+            loops.append(supervisor.start("picker", "dispatch", lambda: picker.run(stop)))
+            instances["picker"] = picker
+        instances["supervisor"] = supervisor
         try:
             yield instances
         finally:
             stop.set()
             # Loops finish their current step; the worker hands back what it cannot finish (in its close).
-            _, pending = await asyncio.wait(loops, timeout=settings.shutdown_grace_s) if loops else (set(), set())
-            for task in pending:
-                task.cancel()
-            for task in loops:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            for name in services:
-                SERVICE_UP.labels(name).set(0)
+            await supervisor.wait(loops, grace_s=settings.shutdown_grace_s)
+    await supervisor.close()
 
 
 async def serve(settings: Settings, services: list[str]) -> None:
@@ -135,7 +139,10 @@ async def serve(settings: Settings, services: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with started(settings, services, stop):
+    supervisor = Supervisor()
+    give_up = asyncio.ensure_future(supervisor.failed.wait())
+    give_up.add_done_callback(lambda _: stop.set())
+    async with started(settings, services, stop, supervisor):
         log.info(
             "started",
             services=services,
@@ -144,4 +151,7 @@ async def serve(settings: Settings, services: list[str]) -> None:
         )
         await stop.wait()
         log.info("stopping", services=services)
+    give_up.cancel()
     log.info("stopped", services=services)
+    if supervisor.failure is not None:
+        raise supervisor.failure

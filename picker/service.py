@@ -28,13 +28,14 @@ from coordinator.service import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFI
 from libs import logs
 from libs.clock import now_ms
 from libs.coordination.base import Coordination
-from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS
+from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT
 from libs.models import Job, JobState, JobStatus, QueueEntry, Run, RunMessage, RunStatus, run_id_for
 from libs.queue.base import OutgoingMessage, WorkQueue
 from libs.schedule import ScheduleError, parse_schedule, plan_misfire
 from libs.settings import Settings
 from libs.sharding import bucket_for, initial_checkpoint, shard_for
 from libs.store.base import JobStore
+from libs.supervisor import Supervisor
 
 log = logs.get("picker")
 
@@ -54,14 +55,17 @@ class Picker:
         settings: Settings,
         node_id: str | None = None,
         shards: Sequence[int] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         """``shards`` pins a fixed set of shards and skips coordination (burst mode and tests)."""
         self.store = store
+        self.supervisor = supervisor or Supervisor()
         self.queue = queue
         self.coordination = coordination
         self.settings = settings
         self.node_id = node_id or settings.node_id
         self._pinned = set(shards) if shards is not None else None
+        SHARD_COUNT.set(settings.shard_count)  # with dsched_picker_owned_shards: are all shards owned?
         self._assigned: set[int] = set(self._pinned or ())
         self._lease: int | None = None
         self._lease_valid_until = 0.0  # monotonic
@@ -78,8 +82,8 @@ class Picker:
             assert self.coordination is not None, "a picker without pinned shards needs coordination"
             await self._register()
             self._tasks = [
-                asyncio.create_task(self._keepalive_loop()),
-                asyncio.create_task(self._watch_assignment()),
+                self.supervisor.start("picker", "keepalive", self._keepalive_loop),
+                self.supervisor.start("picker", "watch_assignment", self._watch_assignment),
             ]
         try:
             yield self

@@ -9,6 +9,8 @@ Per received batch (up to 10 messages), in this order:
    of every in-flight message.
 4. The result is recorded; a failure either stores a retry entry (due after the backoff, fired by a picker) or,
    with retries used up, a dead letter. Only after those writes are durable is the message acked.
+5. A run whose execution or recording raises, an undecodable message, and anything the queue's own redrive
+   parks in its dead-letter store become a failed run with the reason and a dead letter (:mod:`worker.failures`).
 
 Store writes and acks of concurrent runs are coalesced (:class:`libs.batching.Batcher`): one round trip per
 burst, not per run.
@@ -33,11 +35,15 @@ from libs.coordination.base import Coordination
 from libs.metrics import (
     DEAD_LETTERS,
     DUPLICATE_DELIVERIES,
-    FIRE_LAG,
     RETRIES,
     RUN_DURATION,
     RUNS_FINISHED,
+    TENANT_RUNS,
     WORKER_INFLIGHT,
+    WORKER_SLOTS,
+    observe_run_start,
+    sample_queue_depth,
+    tenant_label,
 )
 from libs.models import (
     FINISHED_RUN_STATUSES,
@@ -56,9 +62,12 @@ from libs.retry import backoff_s, http_status_retryable, parse_retry_after, shou
 from libs.settings import Settings
 from libs.sharding import bucket_for, shard_for
 from libs.store.base import JobStore
-from worker import executors, presence
+from libs.supervisor import Supervisor
+from worker import executors, failures, presence
 
 RUNNING_REPORT_S = 0.2
+RECORD_RETRY_PAUSE_S = 0.2  # before recording a run's outcome a second time, on its own
+HEARTBEATS_PER_VISIBILITY = 4  # extends of held and running messages per visibility timeout
 CLAIM_LOST = "at_most_once: delivery lost after the run was claimed; not run again"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("0f6f3f1c-9a8e-4a51-8c0b-6f7b2f4f9d11")
 log = logs.get("worker")
@@ -74,10 +83,12 @@ class Worker:
         settings: Settings,
         coordination: Coordination | None = None,
         node_id: str | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.queue = queue
         self.store = store
         self.blobs = blobs
+        self.supervisor = supervisor or Supervisor()
         self.settings = settings
         self.coordination = coordination
         self.node_id = node_id or settings.node_id
@@ -97,13 +108,18 @@ class Worker:
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Worker]:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60))
+        supervise = self.supervisor.start
         self._background = [
-            asyncio.create_task(self._heartbeat()),
-            asyncio.create_task(self._report_running()),
+            supervise("worker", "heartbeat", self._heartbeat),
+            supervise("worker", "report_running", self._report_running),
+            supervise("worker", "queue_dead_letters", lambda: failures.sweep_forever(self)),
         ]
-        if self.coordination is not None:
-            self._background.append(asyncio.create_task(self._watch_cancels()))
-            self._background.append(asyncio.create_task(presence.announce(self, self.coordination)))
+        if (coordination := self.coordination) is not None:
+            self._background.append(supervise("worker", "watch_cancels", self._watch_cancels))
+            self._background.append(supervise("worker", "presence", lambda: presence.announce(self, coordination)))
+        # This process exports the depth of the queue it consumes (dsched_queue_depth), in every deployment mode.
+        self._background.append(supervise("worker", "queue_depth", lambda: sample_queue_depth(self.queue)))
+        WORKER_SLOTS.set(self.settings.worker_concurrency)
         try:
             yield self
         finally:
@@ -166,6 +182,11 @@ class Worker:
                 decoded.append((message, RunMessage.model_validate_json(message.body)))
             except ValidationError as exc:
                 log.error("undecodable_message", message_id=message.message_id, error=str(exc).splitlines()[0])
+                try:  # a failed run + dead letter for its owner if the job can be identified, else counted
+                    await failures.settle_undecodable(self, message, exc, "queue")
+                except Exception as settle_exc:  # store down: it reappears (or reaches the dead-letter sweep)
+                    log.warning("record_failed", message_id=message.message_id, error=f"{settle_exc!r}"[:300])
+                    continue
                 to_ack.append(message.receipt)
         runnable: list[tuple[ReceivedMessage, RunMessage]] = []
         # A first delivery of an at-least-once run needs no lookup: only a redelivery can find it finished.
@@ -211,6 +232,9 @@ class Worker:
             await self._acks.submit_many(to_ack)
         now = now_ms()
         for message, run in runnable:
+            # In flight from here on (the heartbeat extends it), before its task first runs.
+            self._inflight[message.receipt] = executors.Cancellation()
+            self._receipts_by_run[run.run_id] = message.receipt
             start = self._hold(message, run) if run.due_ms > now else self._execute(message, run)
             task = asyncio.create_task(start)
             self._tasks.add(task)
@@ -223,8 +247,7 @@ class Worker:
         ``4 * worker_concurrency`` held runs (a burst sent ahead) further runs wait holding their slot, which
         bounds what is held. The message stays in flight: the heartbeat extends it, a shutdown hands it back.
         """
-        cancellation = executors.Cancellation()
-        self._inflight[message.receipt] = cancellation
+        cancellation = self._inflight.setdefault(message.receipt, executors.Cancellation())
         self._receipts_by_run[run.run_id] = message.receipt
         keep_slot = self._held >= 4 * self.settings.worker_concurrency
         has_slot = True
@@ -258,7 +281,7 @@ class Worker:
     ) -> None:
         """Run one attempt holding an execution slot, then record and ack it holding only a recording slot:
         store round trips never keep a slot from the next run (the batched writes are shared anyway)."""
-        cancellation = cancellation or executors.Cancellation()
+        cancellation = cancellation or self._inflight.get(message.receipt) or executors.Cancellation()
         self._inflight[message.receipt] = cancellation
         self._receipts_by_run[run.run_id] = message.receipt
         WORKER_INFLIGHT.inc()
@@ -266,18 +289,26 @@ class Worker:
         job = run.job
         try:
             started = now_ms()
-            FIRE_LAG.observe(max(0, started - run.due_ms) / 1000)
+            # A job submitted with its due time already past is late by the client's doing: not in the SLO.
+            late_submission = run.kind == "schedule" and run.attempt == 0 and run.scheduled_ms < job.created_ms
+            observe_run_start(job.user_id, max(0, started - run.due_ms) / 1000, late_submission=late_submission)
             self._started[run.run_id] = (run, started)
-            outcome = await self._perform(run, cancellation)
+            try:
+                outcome = await self._perform(run, cancellation)
+            except Exception as exc:  # a bug, an unreadable payload blob: a failed attempt that says why
+                log.error("run_raised", job_id=job.job_id, run_id=run.run_id, error=repr(exc)[:500], exc_info=True)
+                error = f"the worker could not run this job: {type(exc).__name__}: {exc}"[:1000]
+                outcome = executors.Outcome(RunStatus.FAILED, error=error, retryable=True)
             self._started.pop(run.run_id, None)  # before the final record: no "running" may follow it
             finished = now_ms()
             RUN_DURATION.observe((finished - started) / 1000)
             RUNS_FINISHED.labels(outcome.status.value).inc()
+            TENANT_RUNS.labels(tenant_label(job.user_id), outcome.status.value).inc()
             async with self._recording:  # back-pressure: a slow store holds execution slots here
                 executing = False
                 WORKER_INFLIGHT.dec()
                 self._slots.release()
-                await self._record(run, outcome, started, finished)
+                await self._record_or_fail(run, outcome, started, finished)
                 log.info(
                     "run_finished",
                     job_id=job.job_id,
@@ -290,7 +321,7 @@ class Worker:
                 await self._acks.enqueue([message.receipt])
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # recording failed: leave the message to reappear and run again
+        except Exception as exc:  # not even a failure could be recorded (store down): the message reappears
             log.error(
                 "run_failed_to_record", job_id=job.job_id, run_id=run.run_id, error=f"{type(exc).__name__}: {exc}"
             )
@@ -335,7 +366,33 @@ class Worker:
             cancellation=cancellation,
         )
 
-    async def _record(self, run: RunMessage, outcome: executors.Outcome, started: int | None, finished: int) -> None:
+    async def _record_or_fail(
+        self, run: RunMessage, outcome: executors.Outcome, started: int | None, finished: int
+    ) -> None:
+        """Record the outcome; if that raises, try once more on its own (unbatched: a poison record in a shared
+        batch fails its batch-mates too), then record the attempt as failed for good with the reason and a dead
+        letter (:func:`worker.failures.record_failure`). Raises only if that fails as well (the store is down)."""
+        try:
+            await self._record(run, outcome, started, finished)
+            return
+        except Exception as exc:
+            log.warning("record_failed", job_id=run.job.job_id, run_id=run.run_id, error=repr(exc)[:300])
+        await asyncio.sleep(RECORD_RETRY_PAUSE_S)
+        try:
+            await self._record(run, outcome, started, finished, direct=True)
+            return
+        except Exception as exc:
+            log.error("record_failed", job_id=run.job.job_id, run_id=run.run_id, error=repr(exc)[:300], exc_info=True)
+            reason = f"recording the outcome ({outcome.status.value}) failed: {type(exc).__name__}: {exc}"[:1000]
+        await failures.record_failure(self, run, reason, started, finished)
+
+    async def _record(
+        self, run: RunMessage, outcome: executors.Outcome, started: int | None, finished: int, *, direct: bool = False
+    ) -> None:
+        """Store the run, its retry entry or dead letter, and the job's state (through the shared batchers, or
+        with ``direct`` straight to the store)."""
+        put_runs = self.store.put_runs if direct else self._runs.enqueue
+        put_states = self.store.update_job_states if direct else self._states.enqueue
         job = run.job
         output, output_ref = outcome.output, None
         if len(output) > self.settings.output_inline_bytes:
@@ -353,7 +410,7 @@ class Worker:
             output=output,
             output_ref=output_ref,
         )
-        writes: list[Awaitable[object]] = [self._runs.enqueue([record])]
+        writes: list[Awaitable[object]] = [put_runs([record])]
         last_run = LastRun(
             run_id=run.run_id,
             status=outcome.status,
@@ -389,7 +446,7 @@ class Worker:
                 state = JobStatus.SCHEDULED if job.recurring else JobStatus.FAILED
         elif outcome.status == RunStatus.CANCELLED and not job.recurring:
             state = JobStatus.FAILED
-        writes.append(self._states.enqueue([JobState(job_id=job.job_id, state=state, last_run=last_run)]))
+        writes.append(put_states([JobState(job_id=job.job_id, state=state, last_run=last_run)]))
         for write in writes:  # futures of shared batches, not tasks: awaiting them in turn costs nothing extra
             await write
 
@@ -490,15 +547,23 @@ class Worker:
 
     # Heartbeat, cancel, shutdown --------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
+        """Keep every message this worker holds invisible to others: from its receipt through deduplication, the
+        wait for its due time (dispatch ahead), the run and its recording, until the ack.
+
+        Every ``visibility_timeout_s / HEARTBEATS_PER_VISIBILITY`` it extends them all to a full visibility timeout
+        from now, each call bounded to half the timeout: a live worker misses several beats before anything it
+        holds reappears elsewhere, while a dead worker's runs reappear within one visibility timeout."""
         visibility = self.settings.visibility_timeout_s
+        interval = visibility / HEARTBEATS_PER_VISIBILITY
         while True:
-            await asyncio.sleep(visibility / 3)
+            await asyncio.sleep(interval)
             receipts = list(self._inflight)
             if receipts:
                 try:
-                    await self.queue.extend(receipts, visibility)
+                    async with asyncio.timeout(visibility / 2):
+                        await self.queue.extend(receipts, visibility)
                 except Exception as exc:
-                    log.warning("extend_failed", error=f"{type(exc).__name__}: {exc}")
+                    log.warning("extend_failed", error=f"{type(exc).__name__}: {exc}", messages=len(receipts))
 
     async def _watch_cancels(self) -> None:
         assert self.coordination is not None

@@ -17,13 +17,14 @@ from pydantic import ValidationError
 from libs import logs
 from libs.clock import now_ms
 from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
-from libs.metrics import WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS
-from libs.models import Job, QueueEntry, Submission
+from libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS
+from libs.models import DeadLetter, Job, QueueEntry, Submission
 from libs.settings import Settings
 from libs.sharding import bucket_for, initial_checkpoint, shard_for
 from libs.store.base import JobStore
 
 GROUP = "dsched-writer"
+PROBE_JOB_ID = "~probe"  # read by the writer to tell a poison record from a store outage
 LAG_SAMPLE_S = 1.0  # how often the writer measures its lag behind the log (dsched_writer_lag_*)
 log = logs.get("writer")
 
@@ -99,13 +100,20 @@ class Writer:
         return total
 
     async def step(self, timeout_s: float) -> int:
-        assert self._consumer is not None, "use `async with writer.open()`"
+        if self._consumer is None:
+            raise RuntimeError("use `async with writer.open()`")
         records = await self._consumer.poll(self.settings.writer_batch, timeout_s)
         if records:
             self._batch_oldest_ms = min(record.timestamp_ms for record in records)
-            await self.persist(records)
-            await self._consumer.commit(records)
-            self._batch_oldest_ms = None
+            try:
+                await self.persist(records)
+                await self._consumer.commit(records)
+                self._batch_oldest_ms = None
+            except BaseException:
+                # The consumer's position is in memory and already past this batch: start over from the last
+                # commit, or a restarted loop would skip the batch (and lose it until the process restarts).
+                await self._rewind()
+                raise
         return len(records)
 
     async def _sample_lag(self) -> None:
@@ -125,51 +133,111 @@ class Writer:
                         WRITER_LAG_SECONDS.set(max(0, now_ms() - oldest) / 1000 if oldest is not None else 0)
             await asyncio.sleep(LAG_SAMPLE_S)
 
+    async def _rewind(self) -> None:
+        consumer, self._consumer = self._consumer, self.log.consumer(GROUP)
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await consumer.shutdown()
+        await self._consumer.startup()
+
     async def persist(self, records: list[ConsumedRecord]) -> None:
-        assert self._consumer is not None
+        """Store the jobs and time-bucket entries of ``records``; park each record that cannot be stored.
+
+        A record that does not decode, or whose job or entry cannot be built, is dead-lettered at once. If the
+        batch write fails, each record is written on its own: one that still fails while the store answers is
+        poison and is dead-lettered; if the store does not answer, the error propagates (an outage: the batch
+        is retried from the last commit, nothing is parked).
+        """
         now = now_ms()
-        jobs: list[Job] = []
-        entries: list[QueueEntry] = []
+        staged: list[tuple[ConsumedRecord, list[Job], list[QueueEntry]]] = []
         for record in records:
             try:
-                sub = Submission.model_validate_json(record.value)
-            except ValidationError as exc:
-                WRITER_RECORDS.labels("dead_letter").inc()
-                log.warning(
-                    "undecodable_record",
-                    partition=record.partition,
-                    offset=record.offset,
-                    error=str(exc).splitlines()[0],
-                )
-                await self._consumer.dead_letter(record, f"undecodable: {str(exc).splitlines()[0]}")
-                continue
-            WRITER_RECORDS.labels(sub.op).inc()
-            job = sub.job
-            if sub.op in ("trigger", "replay"):
-                # Out-of-schedule runs: the definition is unchanged, the occurrence is the acceptance time.
-                entries.append(
-                    self._entry(job, sub.at_ms, scheduled_ms=sub.at_ms, attempt=sub.attempt, kind=sub.op, now=now)
-                )
-                continue
-            # The offset orders every change of one job (same key, same partition): it is the version.
-            job = job.model_copy(update={"version": record.offset})
-            jobs.append(job)
-            if not job.paused and not job.deleted:
-                entries.append(
-                    self._entry(
-                        job,
-                        job.next_fire_ms,
-                        scheduled_ms=job.next_fire_ms,
-                        attempt=0,
-                        kind="schedule",
-                        now=now,
-                    )
-                )
+                staged.append((record, *self._stage(record, now)))
+            except (ValidationError, ValueError, OverflowError, TypeError, ArithmeticError) as exc:
+                await self._dead_letter(record, "undecodable" if isinstance(exc, ValidationError) else "invalid", exc)
+        jobs = [job for _, js, _ in staged for job in js]
+        entries = [entry for _, _, es in staged for entry in es]
+        try:
+            await self._store(jobs, entries)
+        except Exception as exc:
+            if len(staged) == 1 and not await self._store_answers():
+                raise
+            log.warning("batch_write_failed", records=len(staged), error=type(exc).__name__)
+            for record, js, es in staged:
+                try:
+                    await self._store(js, es)
+                except Exception as one:
+                    if not await self._store_answers():
+                        raise
+                    await self._dead_letter(record, "unstorable", one)
+        log.debug("persisted", records=len(records), jobs=len(jobs), entries=len(entries))
+
+    def _stage(self, record: ConsumedRecord, now: int) -> tuple[list[Job], list[QueueEntry]]:
+        """The job definition and queue entry one record asks for (raises if it cannot be built)."""
+        sub = Submission.model_validate_json(record.value)
+        WRITER_RECORDS.labels(sub.op).inc()
+        job = sub.job
+        if sub.op in ("trigger", "replay"):
+            # Out-of-schedule runs: the definition is unchanged, the occurrence is the acceptance time.
+            entry = self._entry(job, sub.at_ms, scheduled_ms=sub.at_ms, attempt=sub.attempt, kind=sub.op, now=now)
+            return [], [entry]
+        # The offset orders every change of one job (same key, same partition): it is the version.
+        job = job.model_copy(update={"version": record.offset})
+        if job.paused or job.deleted:
+            return [job], []
+        entry = self._entry(job, job.next_fire_ms, scheduled_ms=job.next_fire_ms, attempt=0, kind="schedule", now=now)
+        return [job], [entry]
+
+    async def _store(self, jobs: list[Job], entries: list[QueueEntry]) -> None:
         if jobs:
             await self.store.put_jobs(jobs)
         if entries:
             await self.store.put_entries(entries)
-        log.debug("persisted", records=len(records), jobs=len(jobs), entries=len(entries))
+
+    async def _store_answers(self) -> bool:
+        """Whether the store serves a read right now (tells a poison record from an outage)."""
+        try:
+            await self.store.get_jobs([PROBE_JOB_ID])
+        except Exception:
+            return False
+        return True
+
+    async def _dead_letter(self, record: ConsumedRecord, reason: str, exc: BaseException) -> None:
+        detail = (str(exc).splitlines() or [""])[0][:500]
+        WRITER_RECORDS.labels("dead_letter").inc()
+        WRITER_DEAD_LETTERS.labels(reason).inc()
+        log.error(
+            "record_dead_lettered",
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            reason=reason,
+            error=f"{type(exc).__name__}: {detail}",
+        )
+        if self._consumer is None:
+            raise RuntimeError("use `async with writer.open()`")
+        await self._consumer.dead_letter(record, f"{reason}: {type(exc).__name__}: {detail}")
+        await self._notify_owner(record, reason)
+
+    async def _notify_owner(self, record: ConsumedRecord, reason: str) -> None:
+        """A parked submission the owner was told was accepted: show it as a dead letter they can see."""
+        try:
+            sub = Submission.model_validate_json(record.value)
+        except ValidationError:
+            return  # no owner to tell; the log's dead-letter place and the metric keep it
+        now = now_ms()
+        letter = DeadLetter(
+            dead_letter_id=f"rejected-{record.partition}-{record.offset}",
+            job_id=sub.job.job_id,
+            user_id=sub.job.user_id,
+            project_id=sub.job.project_id,
+            scheduled_ms=now,
+            attempts=0,
+            error=f"the submission could not be stored ({reason}); it will not run",
+            dead_ms=now,
+        )
+        with contextlib.suppress(Exception):
+            await self.store.put_dead_letters([letter])
 
     def _entry(self, job: Job, due_ms: int, *, scheduled_ms: int, attempt: int, kind: str, now: int) -> QueueEntry:
         return entry_for(
