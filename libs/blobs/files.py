@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import IO
 
 from libs.blobs.base import BlobNotFound, BlobStore
 
@@ -39,6 +42,23 @@ class FileBlobStore(BlobStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise BlobNotFound(key) from None
 
+    async def put_file(self, key: str, file: IO[bytes]) -> None:
+        await asyncio.to_thread(_put, self._path(key), file)
+
+    async def iter_chunks(self, key: str, chunk_bytes: int = 65536) -> AsyncIterator[bytes]:
+        """Reads the file a chunk at a time (an atomic ``put`` replaces the file, so an open reader keeps
+        reading the version it opened)."""
+        path = self._path(key)
+        try:
+            f = await asyncio.to_thread(path.open, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise BlobNotFound(key) from None
+        try:
+            while chunk := await asyncio.to_thread(f.read, chunk_bytes):
+                yield chunk
+        finally:
+            f.close()
+
     async def delete(self, key: str) -> None:
         path = self._path(key)
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
@@ -56,12 +76,15 @@ class FileBlobStore(BlobStore):
         return self.root.joinpath(*segments)
 
 
-def _put(path: Path, data: bytes) -> None:
+def _put(path: Path, data: bytes | IO[bytes]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f, 1024 * 1024)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
