@@ -149,22 +149,27 @@ class Supervisor:
             }
         return report
 
+    def report(self) -> dict[str, object]:
+        """What ``/health`` answers: ``ok`` only while every supervised loop of every service here is up."""
+        return {"status": "ok" if self.healthy else "degraded", "services": self.health()}
+
     @property
     def healthy(self) -> bool:
         return all(self.service_up(service) for service in self._services)
 
-    async def wait(self, tasks: list[asyncio.Task[None]] | None = None, timeout: float | None = None) -> None:
-        """Wait for ``tasks`` (default: all) to finish, up to ``timeout``; cancel what is left."""
+    async def wait(self, tasks: list[asyncio.Task[None]] | None = None, grace_s: float | None = None) -> None:
+        """Wait for ``tasks`` (default: all) to finish, up to ``grace_s``; cancel what is left."""
         pending = [t for t in (tasks if tasks is not None else self._tasks.values()) if not t.done()]
         if pending:
-            _, left = await asyncio.wait(pending, timeout=timeout)
+            _, left = await asyncio.wait(pending, timeout=grace_s)
             for task in left:
                 task.cancel()
             for task in left:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def close(self, timeout: float | None = None) -> None:
-        await self.wait(timeout=timeout if timeout is not None else 0.0)
+    async def close(self) -> None:
+        """Cancel every loop still running and report the services down."""
+        await self.wait(grace_s=0.0)
         for service in self._services:
             SERVICE_UP.labels(service).set(0)
