@@ -54,28 +54,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
 from libs.blobs.base import BlobStore
+from libs.limits import command_problem
 from libs.models import HttpTarget, Payload, RunStatus
 
-# The kernel's limit on one argv string (MAX_ARG_STRLEN = 32 pages = 128 KiB), its terminating NUL included.
-MAX_COMMAND_BYTES = 128 * 1024
 _CHUNK = 65536
-
-
-def command_problem(command: str) -> str | None:
-    """Why ``command`` can never run as ``/bin/sh -c <command>``, or None if it can.
-
-    Refused: a NUL character (argv strings end at the first NUL), text that has no byte encoding for ``execve``
-    (lone surrogates), and more than ``MAX_COMMAND_BYTES - 1`` bytes (E2BIG from ``execve``).
-    """
-    if "\x00" in command:
-        return "the command contains a NUL character"
-    try:
-        size = len(os.fsencode(command))
-    except UnicodeError:
-        return "the command is not valid text (it contains unpaired surrogates)"
-    if size >= MAX_COMMAND_BYTES:
-        return f"the command is {size} bytes; the limit is {MAX_COMMAND_BYTES - 1} (the kernel's MAX_ARG_STRLEN)"
-    return None
 
 
 @dataclass(slots=True)
@@ -96,6 +78,7 @@ class Outcome:
     retryable: bool = True  # False: a failure retrying cannot fix (refused target, 4xx)
     output_capped: bool = False
     spool: IO[bytes] | None = None
+    output_ref: str | None = None  # set by store_output once the full output is in the blob store
 
 
 class TargetRefused(Exception):
@@ -190,20 +173,25 @@ async def store_output(blobs: BlobStore, key: str, outcome: Outcome, inline_byte
 
     Output longer than ``inline_bytes`` (spooled, or an in-memory ``output`` longer than that) goes to the blob
     store under ``key`` — streamed from the spool file — and the inline text is its first ``inline_bytes``.
-    Always closes ``outcome.spool``.
+    Idempotent: once stored, the spool is closed and later calls (a retried recording) return the same pair.
     """
-    spool, outcome.spool = outcome.spool, None
+    if outcome.output_ref is not None:
+        return outcome.output, outcome.output_ref
+    spool = outcome.spool
     if spool is not None:
-        try:
-            await blobs.put_file(key, spool)
-        finally:
-            spool.close()
+        spool.seek(0)
+        await blobs.put_file(key, spool)
+        outcome.spool = None
+        spool.close()
+        outcome.output_ref = key
         return outcome.output, key
     data = outcome.output.encode("utf-8", errors="replace")
     if len(data) <= inline_bytes:
         return outcome.output, None
     await blobs.put(key, data)
-    return data[:inline_bytes].decode("utf-8", errors="replace"), key
+    outcome.output = data[:inline_bytes].decode("utf-8", errors="replace")
+    outcome.output_ref = key
+    return outcome.output, key
 
 
 # Commands ----------------------------------------------------------------------------------------------------
