@@ -12,10 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+ACCEPTED_VERSION = -1  # Job.version of a job accepted by ingestion and not yet stored by the writer
 RUN_NAMESPACE = uuid.UUID("5b0c6f0e-6a53-4d4f-9a39-7f2d1c1e0d5a")
 
 
 class JobStatus(StrEnum):
+    SUBMITTED = "submitted"  # accepted (durable in the log), not yet stored by the writer
     SCHEDULED = "scheduled"  # waiting for its next occurrence
     QUEUED = "queued"  # handed to the work queue
     RUNNING = "running"
@@ -82,7 +84,9 @@ class Job(Model):
     """A job's definition (written by the writer from the log) plus its runtime state (picker/worker).
 
     ``version`` is the log offset of the definition's latest change; queue entries carry the version they
-    were created for, and a ``schedule`` entry of an older version is dropped by the picker.
+    were created for, and a ``schedule`` entry of an older version is dropped by the picker. ``ACCEPTED_VERSION``
+    (-1) marks the row ingestion writes before it appends a new job, so the job is readable at once; the writer
+    replaces it with the logged definition.
     """
 
     job_id: str
@@ -116,6 +120,8 @@ class Job(Model):
             return JobStatus.DELETED
         if self.paused:
             return JobStatus.PAUSED
+        if self.state is None and self.version == ACCEPTED_VERSION:
+            return JobStatus.SUBMITTED
         return self.state or JobStatus.SCHEDULED
 
     @property
@@ -170,7 +176,8 @@ class Run(Model):
     exit_code: int | None = None
     http_status: int | None = None
     output: str | None = None
-    output_ref: str | None = None  # blob key when the output was too large to keep inline
+    output_ref: str | None = None  # blob key when the output was too large to keep inline (the full output)
+    output_capped: bool = False  # the run produced more than DSCHED_OUTPUT_CAP_BYTES; the rest was discarded
     error: str | None = None
 
 

@@ -107,7 +107,9 @@ class Worker:
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Worker]:
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60))
+        # One guarded DNS answer per connection: the SSRF check and the connect see the same addresses.
+        connector = executors.http_connector(self.settings.allow_private_http, ttl_dns_cache=60)
+        self._session = aiohttp.ClientSession(connector=connector)
         supervise = self.supervisor.start
         self._background = [
             supervise("worker", "heartbeat", self._heartbeat),
@@ -339,14 +341,17 @@ class Worker:
         if payload.blob_key:
             payload = Payload.model_validate_json(await self.blobs.get(payload.blob_key))
         cap = self.settings.output_cap_bytes
+        inline = self.settings.output_inline_bytes
         if payload.kind == "echo":
-            return executors.echo(payload)
+            return executors.echo(payload, cap)
         if payload.kind == "cmd":
             if not self.settings.allow_cmd:
                 return executors.Outcome(
                     RunStatus.FAILED, error="cmd: jobs are disabled here (DSCHED_ALLOW_CMD)", retryable=False
                 )
-            return await executors.run_command(payload.text or "", job.timeout_s, cap, cancellation)
+            return await executors.run_command(
+                payload.text or "", job.timeout_s, cap, cancellation, inline_bytes=inline
+            )
         assert payload.http is not None and self._session is not None
         idempotency_key = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{job.job_id}/{run.scheduled_ms}"))
         headers = {
@@ -364,6 +369,7 @@ class Worker:
             allow_private=self.settings.allow_private_http,
             signing_secrets=self.settings.signing_secrets_for(job.user_id, job.project_id),
             cancellation=cancellation,
+            inline_bytes=inline,
         )
 
     async def _record_or_fail(
@@ -394,11 +400,9 @@ class Worker:
         put_runs = self.store.put_runs if direct else self._runs.enqueue
         put_states = self.store.update_job_states if direct else self._states.enqueue
         job = run.job
-        output, output_ref = outcome.output, None
-        if len(output) > self.settings.output_inline_bytes:
-            output_ref = f"outputs/{run.run_id}"
-            await self.blobs.put(output_ref, output.encode())
-            output = output[: self.settings.output_inline_bytes]
+        output, output_ref = await executors.store_output(
+            self.blobs, f"outputs/{run.run_id}", outcome, self.settings.output_inline_bytes
+        )
         record = self._run_record(
             run,
             outcome.status,
@@ -410,6 +414,7 @@ class Worker:
             output=output,
             output_ref=output_ref,
         )
+        record.output_capped = outcome.output_capped
         writes: list[Awaitable[object]] = [put_runs([record])]
         last_run = LastRun(
             run_id=run.run_id,
