@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     # this while the run is held or running: a run of a dead worker reappears within this (short on purpose).
     visibility_timeout_s: float = 5.0
     max_receives: int = 5  # deliveries before a message goes to the queue's dead-letter store
-    output_cap_bytes: int = 64 * 1024
+    # Output kept per run (the rest is discarded and the run says output_capped); beyond the inline part it is
+    # spooled to a temp file and stored in the blob store.
+    output_cap_bytes: int = 10 * 1024 * 1024
     output_inline_bytes: int = 4096  # larger run outputs go to the blob store
     allow_cmd: bool = False
     allow_private_http: bool = False
@@ -121,11 +123,14 @@ class Settings(BaseSettings):
 
     def with_dev_defaults(self) -> Settings:
         """What ``dsched run all`` uses: ``cmd:`` and loopback HTTP on unless the environment says otherwise."""
+        # "Says otherwise" = the field was set at all: by an environment variable in any case
+        # (dsched_allow_cmd=false counts, as pydantic-settings reads names case-insensitively), a .env or
+        # secrets file, or an explicit override. A case-sensitive os.environ lookup missed the lower-case name
+        # and turned cmd: on against the operator's word.
         updates: dict[str, Any] = {}
-        if "DSCHED_ALLOW_CMD" not in os.environ:
-            updates["allow_cmd"] = True
-        if "DSCHED_ALLOW_PRIVATE_HTTP" not in os.environ:
-            updates["allow_private_http"] = True
+        for name in ("allow_cmd", "allow_private_http"):
+            if name not in self.model_fields_set:
+                updates[name] = True
         return self.model_copy(update=updates)
 
     def signing_secrets_for(self, user_id: str, project_id: str) -> list[str] | None:
