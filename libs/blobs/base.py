@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import IO
 
 
@@ -39,7 +39,7 @@ class BlobStore(ABC):
         """Store the rest of ``file`` (from its current position) under ``key``, atomically like ``put``."""
         await self.put(key, await asyncio.to_thread(file.read))
 
-    async def iter_chunks(self, key: str, chunk_bytes: int = 65536) -> AsyncIterator[bytes]:
+    async def iter_chunks(self, key: str, chunk_bytes: int = 65536) -> AsyncGenerator[bytes, None]:
         """The blob's bytes, in chunks of at most ``chunk_bytes`` (none for an empty blob).
 
         A missing key raises :class:`BlobNotFound` from the first ``__anext__``, before any chunk.

@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import IO
 
@@ -45,7 +45,7 @@ class FileBlobStore(BlobStore):
     async def put_file(self, key: str, file: IO[bytes]) -> None:
         await asyncio.to_thread(_put, self._path(key), file)
 
-    async def iter_chunks(self, key: str, chunk_bytes: int = 65536) -> AsyncIterator[bytes]:
+    async def iter_chunks(self, key: str, chunk_bytes: int = 65536) -> AsyncGenerator[bytes, None]:
         """Reads the file a chunk at a time (an atomic ``put`` replaces the file, so an open reader keeps
         reading the version it opened)."""
         path = self._path(key)
