@@ -442,15 +442,17 @@ class Ingestion:
         run = await self._owned_run(request)
         if run.output_ref is None:
             return web.Response(body=(run.output or "").encode(), content_type="text/plain", charset="utf-8")
-        try:
-            data = await self.blobs.get(run.output_ref)
-        except BlobNotFound as exc:
-            raise ApiError(404, "not_found", "the run's output is no longer stored") from exc
-        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-        response.content_length = len(data)
-        await response.prepare(request)
-        for start in range(0, len(data), 65536):
-            await response.write(data[start : start + 65536])
+        # Streamed from the blob store a chunk at a time (chunked transfer): up to DSCHED_OUTPUT_CAP_BYTES per run.
+        async with contextlib.aclosing(self.blobs.iter_chunks(run.output_ref)) as chunks:
+            try:
+                first = await anext(chunks, b"")
+            except BlobNotFound as exc:
+                raise ApiError(404, "not_found", "the run's output is no longer stored") from exc
+            response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+            await response.prepare(request)
+            await response.write(first)
+            async for chunk in chunks:
+                await response.write(chunk)
         await response.write_eof()
         return response
 
