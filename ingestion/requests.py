@@ -184,7 +184,12 @@ def run_view(run: Run) -> dict[str, Any]:
         "exit_code": run.exit_code,
         "http_status": run.http_status,
         "output": run.output,
+        # output_stored: ``output`` is only the start; the whole output is in the blob store, served by
+        # GET /runs/{id}/output. output_truncated is its old name (same value, kept for compatibility).
+        # output_capped: the run produced more than DSCHED_OUTPUT_CAP_BYTES and the rest was discarded.
+        "output_stored": run.output_ref is not None,
         "output_truncated": run.output_ref is not None,
+        "output_capped": run.output_capped,
         "error": run.error,
     }
 
