@@ -302,6 +302,15 @@ def jobs_wait(
     last run at once. Exit 0 succeeded, 1 failed, 3 timed out."""
     job_id = job_id or args.id
     deadline = time.monotonic() + args.timeout
+    if quiet_json is not None:  # just accepted: tolerate the moment before the job is readable
+        for _ in range(50):
+            try:
+                client.call("GET", f"/jobs/{quote(job_id)}")
+                break
+            except CliError as exc:
+                if not str(exc).startswith("404"):
+                    raise
+                time.sleep(0.1)
     runs = client.call("GET", f"/jobs/{quote(job_id)}/runs?limit=50").get("runs", [])
     job = client.call("GET", f"/jobs/{quote(job_id)}")
     before = {r["run_id"] for r in runs if r.get("status") in FINAL}
