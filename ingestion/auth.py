@@ -29,6 +29,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,6 @@ from libs.settings import Settings
 from libs.store.base import JobStore
 
 log = logs.get("auth")
-PRINCIPAL = "dsched.principal"
 PUBLIC = "public"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MODES = frozenset({"dev", "keys", "jwt"})
@@ -84,6 +84,14 @@ ROUTE_ROLES: dict[tuple[str, str], Role | str] = {
     ("POST", "/runs/{run_id}/cancel"): Role.MEMBER,
     ("POST", "/dead-letters/{dead_letter_id}/replay"): Role.MEMBER,
     ("GET", "/queue/stats"): Role.ADMIN,
+    # The console API (ingestion/console.py, issue 13).
+    ("GET", "/schedule/preview"): Role.VIEWER,
+    ("GET", "/events"): Role.VIEWER,
+    ("POST", "/jobs/bulk"): Role.MEMBER,
+    ("POST", "/dead-letters/replay"): Role.MEMBER,
+    ("GET", "/workers"): Role.ADMIN,
+    ("GET", "/cluster"): Role.ADMIN,
+    ("GET", "/stats"): Role.ADMIN,
 }
 # Static pages (the dashboard's HTML/JS carry no data; its API calls are authenticated like any other).
 PUBLIC_PREFIXES = ("/ui",)
@@ -108,6 +116,9 @@ class AuthFailure(Exception):
         self.status, self.reason, self.detail, self.principal = status, reason, detail, principal
 
 
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("dsched_principal", Principal)
+
+
 def json_error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         body=orjson.dumps({"error": error, "detail": detail}),
@@ -119,8 +130,7 @@ def json_error(status: int, error: str, detail: str, headers: dict[str, str] | N
 
 def principal_of(request: web.Request) -> Principal | None:
     """The caller the middleware authenticated (None in ``dev`` without ``X-User-ID`` and on public routes)."""
-    found = request.get(PRINCIPAL)
-    return found if isinstance(found, Principal) else None
+    return request.get(PRINCIPAL)
 
 
 def parse_modes(text: str) -> frozenset[str]:
@@ -359,6 +369,9 @@ class Authenticator:
             return json_error(503, "unavailable", "the token keys (JWKS) cannot be fetched now; retry")
         if principal is not None:
             request[PRINCIPAL] = principal
+            with warnings.catch_warnings():  # ingestion/console.py reads the role under this plain str key
+                warnings.simplefilter("ignore", web.NotAppKeyWarning)
+                request["role"] = principal.role.value
             if request.method == "POST" and route == "/submit":
                 refused = await self.limits.check_submit(principal.tenant, request.content_length)
                 if refused is not None:
