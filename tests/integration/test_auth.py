@@ -1,4 +1,4 @@
-"""Authentication and roles over HTTP: every route × every kind of caller, in ``keys`` and ``jwt`` modes.
+"""Authentication and roles over HTTP: every route x every kind of caller, in ``keys`` and ``jwt`` modes.
 
 Callers: no credentials, a bad credential, a revoked key (jwt: a token whose signing key left the JWKS), an expired
 one, viewer / member / admin of tenant ``alice`` (who owns the objects the routes name), and a member of tenant
@@ -230,6 +230,8 @@ async def _is_200(call: Any) -> bool:
 # The table ----------------------------------------------------------------------------------------------------
 # (method, path, body, least role or "public", "own" = names alice's object / "any" = the caller's own scope,
 #  status when allowed)
+FUTURE_JOB = {"project_id": "p1", "payload": "x", "next_fire_at": "2099-01-01T00:00:00Z"}
+FUTURE_JOB = {"project_id": "p1", "payload": "x", "next_fire_at": "2099-01-01T00:00:00Z"}
 ROUTES: list[tuple[str, str, Any, str, str, int]] = [
     ("GET", "/health", None, "public", "any", 200),
     ("GET", "/openapi.json", None, "public", "any", 200),
@@ -248,14 +250,7 @@ ROUTES: list[tuple[str, str, Any, str, str, int]] = [
     ("GET", "/dead-letters", None, "viewer", "any", 200),
     ("GET", "/schedule/preview?cron=@hourly", None, "viewer", "any", 200),
     ("GET", "/events?max_s=0", None, "viewer", "any", 200),
-    (
-        "POST",
-        "/submit",
-        {"project_id": "p1", "payload": "x", "next_fire_at": "2099-01-01T00:00:00Z"},
-        "member",
-        "any",
-        202,
-    ),  # fmt: skip
+    ("POST", "/submit", FUTURE_JOB, "member", "any", 202),
     ("PATCH", "/jobs/{J}", {"name": "renamed"}, "member", "own", 202),
     ("POST", "/jobs/{J}/pause", None, "member", "own", 202),
     ("POST", "/jobs/{J}/resume", None, "member", "own", 202),
