@@ -15,6 +15,7 @@ Production modules are imported only when their URL is used, so the embedded pat
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from libs.blobs.base import BlobStore
 from libs.coordination.base import Coordination
 from libs.log.base import SubmissionLog
 from libs.queue.base import WorkQueue
+from libs.retrying import until_up
 from libs.settings import Settings
 from libs.store.base import JobStore
 
@@ -123,6 +125,18 @@ _FACTORIES: dict[str, Callable[[Settings], SubmissionLog | JobStore | Coordinati
 }
 
 
+async def _start(role: str, settings: Settings) -> Any:
+    """A fresh instance of ``role``, started; one that fails to start is shut down (the next try starts anew)."""
+    impl = _FACTORIES[role](settings)
+    try:
+        await impl.startup()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await impl.shutdown()
+        raise
+    return impl
+
+
 @dataclass
 class Backends:
     """The backends one process uses; roles it does not need stay None."""
@@ -139,7 +153,9 @@ class Backends:
     async def open(cls, settings: Settings, roles: set[str]) -> AsyncIterator[Backends]:
         """Build and start the given roles; stops them in reverse order on exit.
 
-        Any failure to build or reach a backend is raised as :class:`BackendConfigError` with one line.
+        A backend that cannot be reached is tried again for ``settings.startup_retry_s`` (each failure logged as
+        ``startup_retry``): a service started during a short outage waits for it instead of exiting. Any failure
+        to build or reach a backend is raised as :class:`BackendConfigError` with one line.
         """
         backends = cls()
         try:
@@ -147,8 +163,12 @@ class Backends:
                 if role not in roles:
                     continue
                 try:
-                    impl = _FACTORIES[role](settings)
-                    await impl.startup()
+                    impl = await until_up(
+                        f"{role} backend",
+                        functools.partial(_start, role, settings),
+                        budget_s=settings.startup_retry_s,
+                        fatal=(BackendConfigError,),
+                    )
                 except BackendConfigError:
                     raise
                 except Exception as exc:  # one clear line instead of a driver's traceback

@@ -76,3 +76,15 @@ class WorkQueue(ABC):
     @abstractmethod
     async def counts(self) -> QueueCounts:
         """Approximate numbers of visible, in-flight and dead-lettered messages."""
+
+    async def take_dead_letters(self, max_messages: int, visibility_s: float) -> list[ReceivedMessage]:
+        """Messages of the dead-letter store to settle (the worker records each as a failed run), up to
+        ``min(max_messages, 10)``; each stays there until :meth:`delete_dead_letters` is called with its receipt.
+        Implementations that can hide them for ``visibility_s`` do (SQS), so concurrent sweepers share the work;
+        others may hand the same message to two sweepers, which the idempotent settling allows. A queue without
+        a dead-letter store returns nothing."""
+        return []
+
+    async def delete_dead_letters(self, receipts: Sequence[str]) -> None:
+        """Remove settled messages from the dead-letter store (receipts from :meth:`take_dead_letters`)."""
+        return None

@@ -201,6 +201,18 @@ class SqliteQueue(WorkQueue):
 
         return await self._db.run(peek)
 
+    async def take_dead_letters(self, max_messages: int, visibility_s: float) -> list[ReceivedMessage]:
+        """The oldest dead messages, receipt ``"<id>:dead"`` (not hidden: the file has no room for it)."""
+        found = await self.dead_letters(min(max_messages, MAX_BATCH))
+        return [ReceivedMessage(m.message_id, f"{m.message_id}:dead", m.body, m.receive_count) for m in found]
+
+    async def delete_dead_letters(self, receipts: Sequence[str]) -> None:
+        idents = [(int(r.partition(":")[0]),) for r in receipts if r.partition(":")[0].isdigit()]
+        if idents:
+            await self._submit(
+                _Op(lambda conn, now: conn.executemany("DELETE FROM dead_messages WHERE id = ?", idents))
+            )
+
     async def counts(self) -> QueueCounts:
         def counts(conn: sqlite3.Connection) -> QueueCounts:
             now = _now_ms()

@@ -366,6 +366,28 @@ class SqsQueue(WorkQueue):
                 await self._fan_out([self._dlq_visible(batch) for batch in _chunks(receipts, MAX_BATCH)])
         return list(found.values())[:max_messages]
 
+    async def take_dead_letters(self, max_messages: int, visibility_s: float) -> list[ReceivedMessage]:
+        """Receive from the DLQ (short poll), hidden for ``visibility_s``: until deleted, they come back later."""
+        count = min(max_messages, MAX_BATCH)
+        if count <= 0:
+            return []
+        reply = await self._api(
+            "receive_message",
+            dlq=True,
+            MaxNumberOfMessages=count,
+            WaitTimeSeconds=0,
+            VisibilityTimeout=_seconds_up(visibility_s, MAX_VISIBILITY_S),
+            AttributeNames=["ApproximateReceiveCount"],
+            MessageAttributeNames=[ENCODING_ATTR],
+        )
+        return [_decode(m) for m in reply.get("Messages") or []]
+
+    async def delete_dead_letters(self, receipts: Sequence[str]) -> None:
+        """DeleteMessageBatch on the DLQ; stale receipts are ignored."""
+        for batch in _chunks(receipts, MAX_BATCH):
+            entries = [{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(batch)]
+            await self._api("delete_message_batch", dlq=True, Entries=entries)
+
     async def _dlq_visible(self, receipts: Sequence[str]) -> None:
         entries = [{"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": 0} for i, r in enumerate(receipts)]
         await self._api("change_message_visibility_batch", dlq=True, Entries=entries)

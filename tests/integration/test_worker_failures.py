@@ -1,0 +1,341 @@
+"""Issue 9, worker half of item 2 and item 10: nothing the worker receives ends parked invisibly.
+
+A run whose execution or recording raises, an undecodable message and a message the queue's redrive parked all
+become a failed run with the reason and a dead letter the job's owner sees (or, for a message naming no known
+job, a counted and logged drop); the heartbeat keeps a held or running message from reappearing elsewhere while
+the worker lives. Embedded backends (SQLite queue and store, file blobs), one worker in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from libs.backends import Backends
+from libs.clock import now_ms
+from libs.metrics import REGISTRY
+from libs.models import Job, JobStatus, Payload, Run, RunMessage, RunStatus, run_id_for
+from libs.queue.base import OutgoingMessage, WorkQueue
+from libs.settings import Settings
+from libs.store.base import JobStore
+from worker import failures
+from worker.executors import Cancellation, Outcome
+from worker.service import Worker
+
+
+@pytest.fixture
+async def backends(tmp_path: Path) -> AsyncIterator[Backends]:
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0, allow_cmd=True)
+    async with Backends.open(settings, {"store", "queue", "blobs"}) as b:
+        yield b
+
+
+@pytest.fixture
+async def worker(backends: Backends, tmp_path: Path) -> AsyncIterator[Worker]:
+    assert backends.queue and backends.store and backends.blobs
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0, allow_cmd=True)
+    async with Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, settings=settings).open() as w:
+        yield w
+
+
+async def new_job(store: JobStore, payload: Payload | None = None, **fields: Any) -> Job:
+    now = now_ms()
+    job = Job.model_validate(
+        {
+            "job_id": str(uuid.uuid4()),
+            "user_id": "owner",
+            "project_id": "p",
+            "payload": payload or Payload(kind="echo", text="hi"),
+            "next_fire_ms": now,
+            "created_ms": now,
+            "max_retries": 0,
+            **fields,
+        }
+    )
+    await store.put_jobs([job])
+    return job
+
+
+def message_for(job: Job, due_ms: int | None = None) -> RunMessage:
+    scheduled = job.next_fire_ms
+    return RunMessage(
+        run_id=run_id_for(job.job_id, scheduled, 0),
+        job=job,
+        scheduled_ms=scheduled,
+        attempt=0,
+        due_ms=due_ms or scheduled,
+    )
+
+
+async def send(queue: WorkQueue, *bodies: bytes) -> None:
+    await queue.send([OutgoingMessage(body) for body in bodies])
+
+
+async def outcome(store: JobStore, job: Job) -> tuple[Run | None, Job, list[str]]:
+    run = (await store.get_runs([run_id_for(job.job_id, job.next_fire_ms, 0)])).get(
+        run_id_for(job.job_id, job.next_fire_ms, 0)
+    )
+    current = (await store.get_jobs([job.job_id]))[job.job_id]
+    letters, _ = await store.list_dead_letters(job.user_id, 100)
+    return run, current, [d.dead_letter_id for d in letters if d.job_id == job.job_id]
+
+
+async def queue_is_empty(queue: WorkQueue) -> bool:
+    counts = await queue.counts()
+    return counts.visible == 0 and counts.in_flight == 0 and counts.dead == 0
+
+
+def poison_count(source: str, outcome_: str) -> float:
+    value = REGISTRY.get_sample_value("dsched_worker_poison_messages_total", {"source": source, "outcome": outcome_})
+    return value or 0.0
+
+
+# Execution and recording raise ------------------------------------------------------------------------------
+async def test_a_run_whose_execution_raises_is_a_failed_run_with_the_reason(
+    worker: Worker, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert backends.store and backends.queue
+    job = await new_job(backends.store)
+
+    async def perform(run: RunMessage, cancellation: Cancellation) -> Outcome:
+        raise RuntimeError("executor bug")
+
+    monkeypatch.setattr(worker, "_perform", perform)
+    await send(backends.queue, message_for(job).model_dump_json().encode())
+    assert await worker.drain() == 1
+    run, current, letters = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.FAILED
+    assert "executor bug" in (run.error or "")
+    assert current.status == JobStatus.FAILED
+    assert letters == [run.run_id]
+    assert await queue_is_empty(backends.queue)
+
+
+async def test_a_run_whose_execution_raises_is_retried_by_its_policy(
+    worker: Worker, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert backends.store and backends.queue
+    job = await new_job(backends.store, max_retries=2)
+
+    async def perform(run: RunMessage, cancellation: Cancellation) -> Outcome:
+        raise OSError("blob store unreachable")
+
+    monkeypatch.setattr(worker, "_perform", perform)
+    await send(backends.queue, message_for(job).model_dump_json().encode())
+    await worker.drain()
+    run, current, letters = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.FAILED and "blob store unreachable" in (run.error or "")
+    assert current.status == JobStatus.SCHEDULED  # a retry entry follows, no dead letter yet
+    assert letters == []
+
+
+async def test_a_run_whose_recording_raises_is_recorded_as_failed(
+    worker: Worker, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert backends.store and backends.queue
+    job = await new_job(backends.store)
+    calls: list[bool] = []
+
+    async def record(
+        run: RunMessage, outcome: Outcome, started: int | None, finished: int, *, direct: bool = False
+    ) -> None:
+        calls.append(direct)
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    monkeypatch.setattr(worker, "_record", record)
+    await send(backends.queue, message_for(job).model_dump_json().encode())
+    await worker.drain()
+    assert calls == [False, True]  # batched, then once on its own
+    run, current, letters = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.FAILED
+    assert "recording the outcome (succeeded) failed: OverflowError" in (run.error or "")
+    assert current.status == JobStatus.FAILED
+    assert letters == [run.run_id]
+    assert await queue_is_empty(backends.queue)  # acked: never redelivered, never parked
+
+
+async def test_a_poison_record_does_not_fail_the_runs_batched_with_it(
+    backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker coalesces run records of concurrent runs into one store write; a record the store refuses
+    must fail only its own run."""
+    assert backends.store and backends.queue and backends.blobs
+    store = backends.store
+    poison = await new_job(store, payload=Payload(kind="echo", text="poison"))
+    good = [await new_job(store) for _ in range(5)]
+    real_put_runs = store.put_runs
+    batches: list[int] = []
+
+    async def put_runs(runs: Sequence[Run]) -> None:
+        batches.append(len(runs))
+        if any(r.job_id == poison.job_id and r.status == RunStatus.SUCCEEDED for r in runs):
+            raise OverflowError("refused record")
+        await real_put_runs(runs)
+
+    monkeypatch.setattr(store, "put_runs", put_runs)  # before the worker binds it to its batcher
+    await send(backends.queue, *(message_for(j).model_dump_json().encode() for j in [poison, *good]))
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0)
+    async with Worker(queue=backends.queue, store=store, blobs=backends.blobs, settings=settings).open() as worker:
+        assert await worker.drain() == 6
+    assert max(batches) > 1  # the poison record did share a batch
+    for job in good:
+        run, current, letters = await outcome(store, job)
+        assert run is not None and run.status == RunStatus.SUCCEEDED, run
+        assert current.status == JobStatus.SUCCEEDED and letters == []
+    run, current, letters = await outcome(store, poison)
+    assert run is not None and run.status == RunStatus.FAILED and "refused record" in (run.error or "")
+    assert current.status == JobStatus.FAILED and letters == [run.run_id]
+    assert await queue_is_empty(backends.queue)
+
+
+async def test_when_not_even_a_failure_can_be_recorded_the_message_stays(
+    backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert backends.store and backends.queue and backends.blobs
+    job = await new_job(backends.store)
+
+    async def put_runs(runs: Sequence[Run]) -> None:
+        raise ConnectionError("store down")
+
+    monkeypatch.setattr(backends.store, "put_runs", put_runs)
+    await send(backends.queue, message_for(job).model_dump_json().encode())
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0)
+    async with Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, settings=settings).open() as w:
+        assert await w.drain() == 1
+        counts = await backends.queue.counts()
+    assert counts.visible + counts.in_flight == 1  # it reappears (and, if it never can be recorded, the sweep)
+
+
+# Undecodable messages ----------------------------------------------------------------------------------------
+async def test_an_undecodable_message_of_a_known_job_is_a_failed_run_and_a_dead_letter(
+    worker: Worker, backends: Backends
+) -> None:
+    assert backends.store and backends.queue
+    job = await new_job(backends.store)
+    run_id = run_id_for(job.job_id, job.next_fire_ms, 0)
+    body = orjson.dumps(
+        {"run_id": run_id, "job": {"job_id": job.job_id, "payload": 7}, "scheduled_ms": job.next_fire_ms}
+    )
+    before = poison_count("queue", "recorded")
+    await send(backends.queue, body)
+    await worker.drain()
+    run, current, letters = await outcome(backends.store, job)
+    assert run is not None and run.run_id == run_id and run.status == RunStatus.FAILED
+    assert (run.error or "").startswith("undecodable work-queue message")
+    assert current.status == JobStatus.FAILED
+    assert letters == [run_id]
+    assert poison_count("queue", "recorded") == before + 1
+    assert await queue_is_empty(backends.queue)
+
+
+async def test_an_undecodable_message_of_no_known_job_is_counted_and_dropped(
+    worker: Worker, backends: Backends, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert backends.queue
+    before = poison_count("queue", "unidentified")
+    await send(backends.queue, b"\xff not json", orjson.dumps({"job": {"job_id": "no-such-job"}}))
+    await worker.drain()
+    assert poison_count("queue", "unidentified") == before + 2
+    assert await queue_is_empty(backends.queue)
+
+
+# What the queue's redrive parks ---------------------------------------------------------------------------------
+async def park(queue: WorkQueue, body: bytes) -> None:
+    """Deliver ``body`` until the redrive (max_receives = 2) moves it to the dead-letter store."""
+    await send(queue, body)
+    end = time.monotonic() + 10
+    while (await queue.counts()).dead == 0:
+        assert time.monotonic() < end
+        for message in await queue.receive(10, 0.1, 30):
+            await queue.nack([message.receipt])
+
+
+async def test_a_run_parked_by_the_redrive_becomes_a_failed_run_and_a_dead_letter(
+    worker: Worker, backends: Backends
+) -> None:
+    assert backends.store and backends.queue
+    job = await new_job(backends.store)
+    await park(backends.queue, message_for(job).model_dump_json().encode())
+    assert await failures.sweep_queue_dead_letters(worker) == 1
+    run, current, letters = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.FAILED
+    assert "the work queue gave up on this run after" in (run.error or "")
+    assert current.status == JobStatus.FAILED
+    assert letters == [run.run_id]
+    assert await queue_is_empty(backends.queue)
+
+
+async def test_a_parked_run_that_did_finish_is_only_removed(worker: Worker, backends: Backends) -> None:
+    assert backends.store and backends.queue
+    job = await new_job(backends.store)
+    message = message_for(job)
+    await backends.store.put_runs(
+        [
+            Run(
+                run_id=message.run_id,
+                job_id=job.job_id,
+                user_id=job.user_id,
+                scheduled_ms=message.scheduled_ms,
+                attempt=0,
+                status=RunStatus.SUCCEEDED,
+                finished_ms=now_ms(),
+            )
+        ]
+    )
+    await park(backends.queue, message.model_dump_json().encode())
+    assert await failures.sweep_queue_dead_letters(worker) == 1
+    run, _, letters = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.SUCCEEDED and letters == []
+    assert await queue_is_empty(backends.queue)
+
+
+async def test_the_worker_sweeps_parked_messages_in_the_background(
+    backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert backends.queue and backends.store and backends.blobs
+    monkeypatch.setattr(failures, "SWEEP_INTERVAL_S", 0.1)
+    job = await new_job(backends.store)
+    await park(backends.queue, message_for(job).model_dump_json().encode())
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0)
+    async with Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, settings=settings).open():
+        end = time.monotonic() + 10
+        while not (await outcome(backends.store, job))[2]:
+            assert time.monotonic() < end, "the parked run never became a dead letter"
+            await asyncio.sleep(0.05)
+    assert await queue_is_empty(backends.queue)
+
+
+# Heartbeat: held and running messages never reappear while the worker lives ------------------------------------
+async def test_held_and_running_messages_stay_hidden_while_the_worker_lives(worker: Worker, backends: Backends) -> None:
+    """Visibility timeout 1 s; one run held 2 s for its due time, one running 2.5 s: another consumer polling
+    all along never sees either, and each runs exactly once."""
+    assert backends.store and backends.queue
+    held = await new_job(backends.store)
+    slow = await new_job(backends.store, payload=Payload(kind="cmd", text="sleep 2.5"))
+    await send(
+        backends.queue,
+        message_for(held, due_ms=now_ms() + 2000).model_dump_json().encode(),
+        message_for(slow).model_dump_json().encode(),
+    )
+    messages = await backends.queue.receive(10, 1.0, 1.0)
+    assert len(messages) == 2
+    start = worker._start(messages)
+    for _ in messages:
+        await worker._slots.acquire()
+    await start
+    end = time.monotonic() + 3.5
+    while time.monotonic() < end:
+        stolen = await backends.queue.receive(10, 0.2, 30)
+        assert stolen == [], "a message reappeared while its worker was alive"
+    await worker.wait_idle()
+    for job in (held, slow):
+        run, _, _ = await outcome(backends.store, job)
+        assert run is not None and run.status == RunStatus.SUCCEEDED, run
+    assert await queue_is_empty(backends.queue)
