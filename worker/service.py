@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 
 import aiohttp
 from pydantic import ValidationError
@@ -452,8 +452,13 @@ class Worker:
         elif outcome.status == RunStatus.CANCELLED and not job.recurring:
             state = JobStatus.FAILED
         writes.append(put_states([JobState(job_id=job.job_id, state=state, last_run=last_run)]))
-        for write in writes:  # futures of shared batches, not tasks: awaiting them in turn costs nothing extra
-            await write
+        try:
+            for write in writes:  # futures of shared batches, not tasks: awaiting them in turn costs nothing extra
+                await write
+        finally:
+            for write in writes:  # a direct write not started because an earlier one failed (no-op once awaited)
+                if isinstance(write, Coroutine):
+                    write.close()
 
     def _retry_due(self, run: RunMessage, outcome: executors.Outcome, now: int) -> int | None:
         job = run.job
