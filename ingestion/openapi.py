@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ingestion import openapi_auth
 from ingestion.requests import JobFields, SubmitRequest
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -70,6 +71,11 @@ def _op(
 
 
 def spec() -> dict[str, Any]:
+    """The document, with security schemes, least roles, 401/403/429 and /admin routes (ingestion/openapi_auth)."""
+    return openapi_auth.secure(_spec())
+
+
+def _spec() -> dict[str, Any]:
     submit_schema = SubmitRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     patch_schema = JobFields.model_json_schema(ref_template="#/components/schemas/{model}")
     components: dict[str, Any] = {
