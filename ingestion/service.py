@@ -20,7 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from coordinator.service import CANCEL_PREFIX
-from ingestion import console, openapi
+from ingestion import console, guards, openapi
 from ingestion.admin import AdminRoutes
 from ingestion.auth import Authenticator, principal_of
 from ingestion.requests import (
@@ -119,7 +119,8 @@ class Ingestion:
 
     def _build_app(self) -> web.Application:
         app = web.Application(
-            client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware, self.auth.middleware]
+            client_max_size=self.settings.max_body_bytes,
+            middlewares=[self._middleware, *guards.middlewares(self.settings), self.auth.middleware],
         )
         self.console = console.register(self, app)  # dashboard /ui and its API (issue 13), before the core routes
         r = app.router
