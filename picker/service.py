@@ -31,6 +31,7 @@ from libs.coordination.base import Coordination
 from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT
 from libs.models import Job, JobState, JobStatus, QueueEntry, Run, RunMessage, RunStatus, run_id_for
 from libs.queue.base import OutgoingMessage, WorkQueue
+from libs.retrying import until_up
 from libs.schedule import ScheduleError, parse_schedule, plan_misfire
 from libs.settings import Settings
 from libs.sharding import bucket_for, initial_checkpoint, shard_for
@@ -80,7 +81,8 @@ class Picker:
     async def open(self) -> AsyncIterator[Picker]:
         if self._pinned is None:
             assert self.coordination is not None, "a picker without pinned shards needs coordination"
-            await self._register()
+            # Started while etcd restarts: wait for it (bounded, logged) instead of exiting.
+            await until_up("picker registration", self._register, budget_s=self.settings.startup_retry_s)
             self._tasks = [
                 self.supervisor.start("picker", "keepalive", self._keepalive_loop),
                 self.supervisor.start("picker", "watch_assignment", self._watch_assignment),
