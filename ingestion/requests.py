@@ -1,29 +1,42 @@
-"""Validation of API request bodies, and the JSON shapes of responses."""
+"""Validation of API request bodies, and the JSON shapes of responses.
+
+Requests are strict: JSON types are not coerced (``true`` is not an integer, ``"5"`` is not a number), unknown
+keys are refused at every level, and every bound of :mod:`libs.limits` is checked, so an accepted definition can
+always be stored, scheduled, retried and rendered. :func:`definition_changes` is the one path for submit and
+PATCH: both are validated the same way, before anything is appended.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from libs import limits
 from libs.clock import parse_rfc3339, to_rfc3339
 from libs.models import DeadLetter, HttpTarget, Job, Payload, RetryPolicy, Run
 from libs.schedule import ScheduleError, next_in_chain, parse_schedule
 
 USER_ID = re.compile(r"^[A-Za-z0-9._@:+\-]{1,128}$")
+# RFC 9110 token characters: what a header name may contain.
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD")
 
 
 class RequestError(ValueError):
     """A 400 with a one-line detail."""
 
 
-class HttpSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class HttpSpec(Strict):
     url: str = Field(min_length=1, max_length=4096)
-    method: Literal[
-        "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "get", "post", "put", "patch", "delete", "head"
-    ] = "GET"
+    method: str = "GET"
     headers: dict[str, str] = Field(default_factory=dict)
     body: str | dict[str, Any] | list[Any] | None = None
     timeout_s: float | None = Field(default=None, gt=0, le=3600)
@@ -33,31 +46,85 @@ class HttpSpec(BaseModel):
     def _http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if any(c in value for c in "\r\n\t\x00 "):
+            raise ValueError("must not contain whitespace or control characters")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc})") from None
+        if not parts.hostname:
+            raise ValueError("must name a host")
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if value.upper() not in HTTP_METHODS:
+            raise ValueError(f"one of {', '.join(HTTP_METHODS)}")
+        return value.upper()
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > limits.MAX_HTTP_HEADERS:
+            raise ValueError(f"at most {limits.MAX_HTTP_HEADERS} headers")
+        for name, text in value.items():
+            if not HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in limits.FORBIDDEN_HTTP_HEADERS:
+                raise ValueError(f"{name!r} is set by the HTTP client itself (framing or hop-by-hop header)")
+            if any(c in text for c in "\r\n\x00"):
+                raise ValueError(f"the value of {name!r} contains CR, LF or NUL")
+            if len(name) + len(text) > limits.MAX_HTTP_HEADER_BYTES:
+                raise ValueError(f"{name!r} is over {limits.MAX_HTTP_HEADER_BYTES} bytes")
         return value
 
 
-class JobFields(BaseModel):
-    """Fields shared by submit and PATCH (PATCH: all optional)."""
+class RetrySpec(Strict):
+    """The request form of :class:`libs.models.RetryPolicy`, with the bounds of :mod:`libs.limits`."""
 
-    model_config = ConfigDict(extra="forbid")
+    backoff: Literal["exponential", "linear", "fixed"] | None = None
+    initial_s: float | None = Field(default=None, ge=0, le=limits.MAX_RETRY_DELAY_S)
+    max_s: float | None = Field(default=None, ge=0, le=limits.MAX_RETRY_DELAY_S)
+    multiplier: float | None = Field(default=None, ge=1, le=limits.MAX_RETRY_MULTIPLIER)
+    jitter: bool | None = None
+    max_age_s: float | None = Field(default=None, gt=0, le=limits.MAX_RETRY_AGE_S)
+    retry_on_status: list[int] | None = Field(default=None, max_length=500)
+
+    @field_validator("retry_on_status")
+    @classmethod
+    def _statuses(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 100 <= status <= 599 for status in value):
+            raise ValueError("HTTP statuses are between 100 and 599")
+        return value
+
+
+class JobFields(Strict):
+    """Fields shared by submit and PATCH (PATCH: all optional; ``null`` means "the default")."""
+
     name: str | None = Field(default=None, max_length=200)
     payload: str | dict[str, Any] | None = None
-    next_fire_at: str | None = None
+    next_fire_at: str | None = Field(default=None, max_length=64)
     cron_schedule: str | None = Field(default=None, max_length=200)
-    timezone: str | None = None
-    max_retries: int | None = Field(default=None, ge=0, le=100)
-    timeout_s: float | None = Field(default=None, gt=0, le=86400)
-    retry: RetryPolicy | None = None
+    timezone: str | None = Field(default=None, max_length=64)
+    max_retries: int | None = Field(default=None, ge=0, le=limits.MAX_RETRIES)
+    timeout_s: float | None = Field(default=None, gt=0, le=limits.MAX_TIMEOUT_S)
+    retry: RetrySpec | None = None
     execution: Literal["at_least_once", "at_most_once"] | None = None
     priority: int | None = Field(default=None, ge=0, le=100)
     overlap: Literal["allow", "skip", "replace"] | None = None
     misfire: Literal["fire_once", "skip", "fire_all"] | None = None
-    max_lateness_s: float | None = Field(default=None, gt=0)
+    max_lateness_s: float | None = Field(default=None, gt=0, le=limits.MAX_LATENESS_S)
 
 
 class SubmitRequest(JobFields):
     project_id: str = Field(min_length=1, max_length=200)
     payload: str | dict[str, Any]
+
+
+# Definition fields copied as given (``null`` = the model's default).
+PLAIN_FIELDS = ("name", "max_retries", "timeout_s", "execution", "priority", "overlap", "misfire", "max_lateness_s")
 
 
 def pydantic_detail(exc: ValidationError) -> str:
@@ -74,6 +141,8 @@ def parse_payload(value: str | dict[str, Any]) -> Payload:
             command = value[4:].strip()
             if not command:
                 raise RequestError("payload: 'cmd:' needs a command after the prefix")
+            if (problem := limits.command_problem(command)) is not None:
+                raise RequestError(f"payload: {problem}")
             return Payload(kind="cmd", text=command)
         return Payload(kind="echo", text=value)
     if set(value) != {"http"} or not isinstance(value["http"], dict):
@@ -84,18 +153,10 @@ def parse_payload(value: str | dict[str, Any]) -> Payload:
         raise RequestError("payload.http: " + pydantic_detail(exc)) from exc
     body = spec.body
     if body is not None and not isinstance(body, str):
-        import orjson
-
         body = orjson.dumps(body).decode()
     return Payload(
         kind="http",
-        http=HttpTarget(
-            url=spec.url,
-            method=spec.method.upper(),
-            headers=spec.headers,
-            body=body,
-            timeout_s=spec.timeout_s,
-        ),
+        http=HttpTarget(url=spec.url, method=spec.method, headers=spec.headers, body=body, timeout_s=spec.timeout_s),
     )
 
 
@@ -111,9 +172,85 @@ def check_schedule(cron: str | None, timezone: str) -> None:
 
 def parse_time(value: str, field: str) -> int:
     try:
-        return parse_rfc3339(value)
-    except ValueError as exc:
-        raise RequestError(f"{field}: not an RFC3339 timestamp ({exc})") from exc
+        ms = parse_rfc3339(value)
+    except (ValueError, OverflowError) as exc:
+        raise RequestError(f"{field}: not an RFC3339 timestamp with an offset ({exc})") from exc
+    if not limits.MIN_INSTANT_MS <= ms <= limits.MAX_INSTANT_MS:
+        raise RequestError(f"{field}: must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z")
+    return ms
+
+
+def first_fire(cron: str | None, timezone: str, next_fire_at: str | None, now: int) -> int:
+    """When a new or rescheduled job fires first: ``next_fire_at`` (one in the past fires now), else the
+    schedule's first occurrence after ``now``, else now."""
+    if next_fire_at:
+        return parse_time(next_fire_at, "next_fire_at")
+    if cron:
+        try:
+            return parse_schedule(cron, timezone).next_after(now)
+        except ScheduleError as exc:
+            raise RequestError(f"cron_schedule: {exc}") from exc
+    return now
+
+
+def definition_changes(fields: JobFields, current: Job | None, now: int, default_retry: RetryPolicy) -> dict[str, Any]:
+    """The definition fields a submit (``current`` None) or PATCH sets, validated; payloads are parsed but not
+    yet offloaded. Raises :class:`RequestError`."""
+    given = fields.model_fields_set - {"project_id"}
+    changes: dict[str, Any] = {}
+    for name in PLAIN_FIELDS:
+        if name in given:
+            value = getattr(fields, name)
+            changes[name] = value if value is not None else Job.model_fields[name].get_default()
+    if "retry" in given:
+        # A given policy replaces the whole policy; what it leaves out takes the model's defaults.
+        spec = fields.retry.model_dump(exclude_none=True) if fields.retry is not None else None
+        changes["retry"] = RetryPolicy(**spec) if spec is not None else default_retry
+    elif current is None:
+        changes["retry"] = default_retry
+    if fields.payload is not None:
+        changes["payload"] = parse_payload(fields.payload)
+    if current is None or {"cron_schedule", "timezone", "next_fire_at"} & given:
+        cron = fields.cron_schedule if "cron_schedule" in given or current is None else current.cron_schedule
+        timezone = fields.timezone if "timezone" in given or current is None else current.timezone
+        timezone = timezone or "UTC"
+        check_schedule(cron, timezone)
+        changes["cron_schedule"] = cron or None
+        changes["timezone"] = timezone
+        changes["next_fire_ms"] = first_fire(cron, timezone, fields.next_fire_at, now)
+    return changes
+
+
+def check_definition(job: Job) -> None:
+    """Bounds that hold across fields: the first fire and every retry of it stay within the instant range
+    (a later occurrence that would not is never scheduled: the schedule ends there)."""
+    retry = job.retry
+    span_ms = int(job.max_retries * max(retry.max_s, retry.initial_s) * 1000)
+    if job.next_fire_ms + span_ms > limits.MAX_INSTANT_MS:
+        raise RequestError("next_fire_at: the first fire and its retries must end before 9999-12-31T23:59:59Z")
+
+
+def definition_key(job: Job) -> dict[str, Any]:
+    """A job's definition as the user set it (no version or runtime state): equal keys = the same definition."""
+    return job.model_dump(include=set(DEFINITION_FIELDS))
+
+
+DEFINITION_FIELDS = (
+    "project_id",
+    "name",
+    "payload",
+    "cron_schedule",
+    "timezone",
+    "next_fire_ms",
+    "max_retries",
+    "timeout_s",
+    "retry",
+    "execution",
+    "priority",
+    "overlap",
+    "misfire",
+    "max_lateness_s",
+)
 
 
 def job_view(job: Job, now: int) -> dict[str, Any]:

@@ -8,8 +8,8 @@ job is a 404, never a 403, so ids cannot be probed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,17 +23,17 @@ from coordinator.service import CANCEL_PREFIX
 from ingestion import console, guards, openapi
 from ingestion.admin import AdminRoutes
 from ingestion.auth import Authenticator, principal_of
+from ingestion.http_errors import JsonErrorAppRunner
 from ingestion.requests import (
     USER_ID,
     JobFields,
     RequestError,
     SubmitRequest,
-    check_schedule,
+    check_definition,
     dead_letter_view,
+    definition_changes,
     job_view,
     next_fire,
-    parse_payload,
-    parse_time,
     pydantic_detail,
     run_view,
 )
@@ -41,13 +41,25 @@ from libs import logs
 from libs.blobs.base import BlobNotFound, BlobStore
 from libs.clock import now_ms, to_rfc3339
 from libs.coordination.base import Coordination
+from libs.limits import MAX_JSON_DEPTH, json_depth_exceeds
 from libs.log.base import SubmissionLog
 from libs.metrics import BLOB_OFFLOADS, HTTP_REQUESTS, REGISTRY, SUBMISSIONS, TENANT_SUBMISSIONS, tenant_label
-from libs.models import Job, JobStatus, Payload, RetryPolicy, Run, RunStatus, Submission
+from libs.models import (
+    ACCEPTED_VERSION,
+    Job,
+    JobStatus,
+    Payload,
+    RetryPolicy,
+    Run,
+    RunStatus,
+    Submission,
+    job_id_ms,
+    new_job_id,
+)
 from libs.queue.base import WorkQueue
 from libs.schedule import ScheduleError, parse_schedule, upcoming
 from libs.settings import Settings
-from libs.store.base import JobStore
+from libs.store.base import InvalidCursor, JobStore
 from libs.supervisor import Supervisor
 
 log = logs.get("ingestion")
@@ -98,7 +110,7 @@ class Ingestion:
     @contextlib.asynccontextmanager
     async def open(self, host: str | None = None, port: int | None = None) -> AsyncIterator[Ingestion]:
         """Serve HTTP on ``host:port`` (settings by default; port 0 picks a free one, see ``self.port``)."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = JsonErrorAppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(
             self._runner,
@@ -158,9 +170,14 @@ class Ingestion:
             response = error_response(413, "payload_too_large", exc.text or "request body too large")
         except web.HTTPException as exc:
             response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-        except Exception as exc:
+            if "Allow" in exc.headers:  # 405
+                response.headers["Allow"] = exc.headers["Allow"]
+        except InvalidCursor:
+            response = error_response(400, "invalid_field", "cursor: not a cursor this API returned")
+        except Exception:
+            # A backend that did not answer; the traceback goes to the log, never into the answer.
             log.exception("request_failed", route=route)
-            response = error_response(503, "unavailable", f"{type(exc).__name__}: {exc}")
+            response = error_response(503, "unavailable", "a backend did not answer; retry later")
         HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
         return response
 
@@ -189,6 +206,8 @@ class Ingestion:
             raise ApiError(400, "invalid_json", f"malformed JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        if json_depth_exceeds(body):
+            raise ApiError(400, "invalid_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
         return body
 
     async def _owned_job(self, request: web.Request, job_id: str | None = None) -> Job:
@@ -210,7 +229,7 @@ class Ingestion:
         content = len((payload.text or "").encode()) if payload.kind != "http" else len(data)
         if content <= self.settings.payload_offload_bytes:
             return payload
-        key = f"payloads/{job_id}/{uuid.uuid4().hex}"
+        key = f"payloads/{job_id}/{hashlib.sha256(data).hexdigest()[:32]}"  # a retried submit writes the same
         await self.blobs.put(key, data)
         BLOB_OFFLOADS.labels("payload").inc()
         return Payload(kind=payload.kind, blob_key=key)
@@ -227,117 +246,105 @@ class Ingestion:
 
     # Submit and change ------------------------------------------------------------------------------------
     async def submit(self, request: web.Request) -> web.Response:
+        """Accept a job: validate, write the accepted row (readable at once, status ``submitted``), append to the
+        log, answer 202. With an ``Idempotency-Key`` a retry gets the same job and never a second occurrence:
+        the job id carries the first attempt's time, from which the retry rebuilds the identical definition."""
         user = self._user(request)
         body = await self._body(request)
         try:
             req = SubmitRequest.model_validate(body)
         except ValidationError as exc:
             raise ApiError(400, "invalid_field", pydantic_detail(exc)) from exc
-        now = now_ms()
-        try:
-            payload = parse_payload(req.payload)
-            timezone = req.timezone or "UTC"
-            check_schedule(req.cron_schedule, timezone)
-            first = self._first_fire(req.cron_schedule, timezone, req.next_fire_at, now)
-        except RequestError as exc:
-            raise ApiError(400, "invalid_field", str(exc)) from exc
-
-        job_id = str(uuid.uuid4())
         idempotency_key = request.headers.get("Idempotency-Key")
-        if idempotency_key:
-            if len(idempotency_key) > 200:
-                raise ApiError(400, "invalid_field", "Idempotency-Key: at most 200 characters")
+        digest = None
+        now = now_ms()
+        job_id = new_job_id(now)
+        if idempotency_key is not None:
+            if not 1 <= len(idempotency_key) <= 200:
+                raise ApiError(400, "invalid_field", "Idempotency-Key: 1 to 200 characters")
+            digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
             bound = await self.store.claim_idempotency_key(user, idempotency_key, job_id, IDEMPOTENCY_TTL_S)
             if bound != job_id:
-                if (await self.store.get_jobs([bound])).get(bound) is not None:
-                    return json_response(
-                        {
-                            "job_id": bound,
-                            "status": "Submitted",
-                            "message": "Job already submitted with this Idempotency-Key",
-                        },
-                        200,
-                    )
-                job_id = bound  # the first attempt may not have reached the log: append it (idempotent)
-
-        job = Job(
-            job_id=job_id,
-            user_id=user,
-            project_id=req.project_id,
-            name=req.name or "",
-            payload=await self._offload(job_id, payload),
-            cron_schedule=req.cron_schedule or None,
-            timezone=timezone,
-            next_fire_ms=first,
-            max_retries=3 if req.max_retries is None else req.max_retries,
-            timeout_s=req.timeout_s or 90.0,
-            retry=req.retry or self._default_retry(),
-            execution=req.execution or "at_least_once",
-            priority=50 if req.priority is None else req.priority,
-            overlap=req.overlap or "allow",
-            misfire=req.misfire or "fire_once",
-            max_lateness_s=req.max_lateness_s,
-            created_ms=now,
-        )
-        await self._append("submit", job)
-        log.info("submitted", job_id=job_id, user_id=user, kind=payload.kind, recurring=job.recurring)
+                job_id, now = bound, job_id_ms(bound) or now
+                existing = (await self.store.get_jobs([bound])).get(bound)
+                if existing is not None and existing.user_id == user:
+                    return await self._resubmitted(existing, digest)
+        job = self._new_job(user, req, job_id, now, digest)
+        job = job.model_copy(update={"payload": await self._offload(job_id, job.payload)})
+        # Readable at once from any ingestion instance; the writer replaces the row with the logged definition.
+        await self.store.put_jobs([job])
+        try:
+            await self._append("submit", job)
+        except Exception:
+            with contextlib.suppress(Exception):  # not accepted: don't leave a job that will never run
+                await self.store.put_jobs([job.model_copy(update={"deleted": True})])
+            raise
+        log.info("submitted", job_id=job_id, user_id=user, kind=job.payload.kind, recurring=job.recurring)
         return json_response({"job_id": job_id, "status": "Submitted", "message": "Job submitted successfully"}, 202)
+
+    async def _resubmitted(self, existing: Job, digest: str) -> web.Response:
+        """A retry of an idempotent submit: the same job if the body is the same, else 422."""
+        if existing.submit_digest != digest:
+            raise ApiError(422, "idempotency_key_reused", "this Idempotency-Key was used with a different request body")
+        if existing.version == ACCEPTED_VERSION and not existing.deleted:
+            await self._append("submit", existing)  # the first attempt may not have reached the log
+        return json_response(
+            {
+                "job_id": existing.job_id,
+                "status": "Submitted",
+                "message": "Job already submitted with this Idempotency-Key",
+            },
+            200,
+        )
+
+    def _new_job(self, user: str, req: SubmitRequest, job_id: str, now: int, digest: str | None) -> Job:
+        """The definition a submit asks for; deterministic in its arguments (idempotent retries rely on it)."""
+        try:
+            changes = definition_changes(req, None, now, self._default_retry())
+            job = Job(
+                job_id=job_id,
+                user_id=user,
+                project_id=req.project_id,
+                created_ms=now,
+                submit_digest=digest,
+                version=ACCEPTED_VERSION,
+                **changes,
+            )
+            check_definition(job)
+        except RequestError as exc:
+            raise ApiError(400, "invalid_field", str(exc)) from exc
+        return job
 
     def _default_retry(self) -> RetryPolicy:
         return RetryPolicy(initial_s=self.settings.retry_initial_s, max_s=self.settings.retry_max_s)
 
-    @staticmethod
-    def _first_fire(cron: str | None, timezone: str, next_fire_at: str | None, now: int) -> int:
-        if next_fire_at:
-            return parse_time(next_fire_at, "next_fire_at")
-        if cron:
-            return parse_schedule(cron, timezone).next_after(now)
-        return now
-
     async def patch_job(self, request: web.Request) -> web.Response:
+        """Change a job's definition: validated exactly like a submit, before anything is appended."""
         job = await self._owned_job(request)
         if job.deleted:
             raise ApiError(409, "conflict", "the job is deleted")
         body = await self._body(request)
+        if not body:
+            raise ApiError(400, "invalid_field", "nothing to change: the body is empty")
         if "project_id" in body:
             raise ApiError(400, "invalid_field", "project_id cannot be changed")
         try:
             fields = JobFields.model_validate(body)
         except ValidationError as exc:
             raise ApiError(400, "invalid_field", pydantic_detail(exc)) from exc
-        given = fields.model_fields_set
         now = now_ms()
-        update: dict[str, Any] = {}
         try:
-            for name in (
-                "name",
-                "max_retries",
-                "timeout_s",
-                "retry",
-                "execution",
-                "priority",
-                "overlap",
-                "misfire",
-                "max_lateness_s",
-            ):
-                if name in given:
-                    update[name] = getattr(fields, name)
-            if "payload" in given and fields.payload is not None:
-                update["payload"] = await self._offload(job.job_id, parse_payload(fields.payload))
-            cron = fields.cron_schedule if "cron_schedule" in given else job.cron_schedule
-            timezone = (fields.timezone or "UTC") if "timezone" in given else job.timezone
-            if {"cron_schedule", "timezone", "next_fire_at"} & given:
-                check_schedule(cron, timezone)
-                update["cron_schedule"] = cron or None
-                update["timezone"] = timezone
-                update["next_fire_ms"] = self._first_fire(cron, timezone, fields.next_fire_at, now)
-        except RequestError as exc:
+            changes = definition_changes(fields, job, now, self._default_retry())
+            if all(getattr(job, name) == value for name, value in changes.items()):
+                raise RequestError("nothing to change: every given field already has that value")
+            if "payload" in changes:
+                changes["payload"] = await self._offload(job.job_id, changes["payload"])
+            updated = job.model_copy(update=changes)
+            if job.recurring and "next_fire_ms" not in changes:
+                updated.next_fire_ms = self._resume_point(updated, now)
+            check_definition(updated)
+        except (RequestError, ScheduleError) as exc:
             raise ApiError(400, "invalid_field", str(exc)) from exc
-        except ScheduleError as exc:
-            raise ApiError(400, "invalid_field", str(exc)) from exc
-        updated = job.model_copy(update=update)
-        if job.recurring and "next_fire_ms" not in update:
-            updated.next_fire_ms = self._resume_point(updated, now)
         await self._append("update", updated)
         return json_response({"job_id": job.job_id, "status": "Updated", "job": job_view(updated, now)}, 202)
 

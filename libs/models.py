@@ -6,6 +6,7 @@ Models are pydantic so that decoding a queue message or a log record validates i
 
 from __future__ import annotations
 
+import os
 import uuid
 from enum import StrEnum
 from typing import Literal
@@ -106,6 +107,8 @@ class Job(Model):
     misfire: Literal["fire_once", "skip", "fire_all"] = "fire_once"
     max_lateness_s: float | None = None
     created_ms: int
+    # sha256 of the submit request when it carried an Idempotency-Key: a retry with another body is refused.
+    submit_digest: str | None = None
     version: int = 0
     paused: bool = False
     deleted: bool = False
@@ -216,3 +219,21 @@ class Submission(Model):
 def run_id_for(job_id: str, scheduled_ms: int, attempt: int) -> str:
     """Deterministic run id: re-dispatching the same occurrence and attempt can never create a second run."""
     return str(uuid.uuid5(RUN_NAMESPACE, f"{job_id}/{scheduled_ms}/{attempt}"))
+
+
+def new_job_id(now_ms: int) -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of ``now_ms``, then random bits. Job ids sort by creation time, and the
+    creation time can be read back (:func:`job_id_ms`): a retried idempotent submit rebuilds the first attempt's
+    definition exactly from it."""
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (now_ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & (2**62 - 1)
+    return str(uuid.UUID(int=value))
+
+
+def job_id_ms(job_id: str) -> int | None:
+    """The creation time inside a :func:`new_job_id` id (None for other ids)."""
+    try:
+        parsed = uuid.UUID(job_id)
+    except ValueError:
+        return None
+    return parsed.int >> 80 if parsed.version == 7 else None

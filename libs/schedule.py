@@ -27,6 +27,8 @@ from datetime import date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
+from libs.limits import MAX_EVERY_S
+
 __all__ = [
     "CronSchedule",
     "IntervalSchedule",
@@ -195,6 +197,8 @@ def _parse_cached(expr: str, timezone: str) -> Schedule:
             interval_ms = round(seconds * 1000)
             if interval_ms < MIN_EVERY_MS:
                 raise ScheduleError(f"@every interval {tokens[1]!r} is below the minimum of 1s")
+            if interval_ms > MAX_EVERY_S * 1000:
+                raise ScheduleError(f"@every interval {tokens[1]!r} is above the maximum of {MAX_EVERY_S // 86_400}d")
             return IntervalSchedule(expr=expr, timezone=timezone, interval_ms=interval_ms)
         if keyword not in _MACROS or len(tokens) != 1:
             supported = ", ".join([*_MACROS, "@every"])

@@ -35,6 +35,10 @@ from libs.apikeys import ApiKey
 from libs.models import DeadLetter, Job, JobState, QueueEntry, Run
 
 
+class InvalidCursor(ValueError):
+    """A paging cursor this store did not hand out (a client error: the API answers 400)."""
+
+
 class LayoutMismatch(RuntimeError):
     """The store was created with another shard count or bucket width; starting would lose jobs."""
 

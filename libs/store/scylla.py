@@ -65,14 +65,15 @@ from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import UNSET_VALUE, dict_factory
 
+from libs.apikeys import ApiKey
 from libs.backends import BackendConfigError
 from libs.clock import now_ms
 from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
 from libs.settings import Settings
 from libs.sharding import bucket_for, initial_checkpoint
-from libs.store.base import JobStore, LayoutMismatch
+from libs.store.base import InvalidCursor, JobStore, LayoutMismatch
 
-SCHEMA_VERSION: Final = "0001"  # the newest db/migrations version this code needs
+SCHEMA_VERSION: Final = "0002"  # the newest db/migrations version this code needs
 MAX_IN_FLIGHT = 64
 REQUEST_TIMEOUT_S = 10.0
 STATS_SAMPLE = 2000
@@ -247,14 +248,27 @@ PARTITION_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "dead_letters": ("user_id",),
     "dead_letters_by_id": ("user_id", "dead_letter_id"),
     "idempotency_keys": ("user_id", "idempotency_key"),
+    "api_keys": ("key_id",),
+    "rate_limits": ("name",),
+    "signing_secrets": ("tenant",),
 }
 
 #: Statements that read a bounded token range instead of one partition (the ``stats`` sample).
-TOKEN_RANGE_STATEMENTS: Final = frozenset({"sample_jobs", "sample_jobs_wrap", "sample_dead", "sample_dead_wrap"})
+TOKEN_RANGE_STATEMENTS: Final = frozenset(
+    {"sample_jobs", "sample_jobs_wrap", "sample_dead", "sample_dead_wrap", "list_api_keys"}
+)
 
 #: Statements whose retry cannot change the outcome (the driver may retry or speculate them).
 NON_IDEMPOTENT: Final = frozenset(
-    {"init_layout", "init_checkpoint", "advance_checkpoint", "claim_run", "claim_idempotency_key"}
+    {
+        "init_layout",
+        "init_checkpoint",
+        "advance_checkpoint",
+        "claim_run",
+        "claim_idempotency_key",
+        "init_rate_limit",
+        "advance_rate_limit",
+    }
 )
 
 _ENTRY_COLUMNS = "due_ms, job_id, scheduled_ms, attempt, kind, version, priority"
@@ -325,6 +339,20 @@ def statements() -> dict[str, str]:
             "SELECT token(user_id, dead_letter_id) AS t FROM dead_letters_by_id "
             "WHERE token(user_id, dead_letter_id) < ? LIMIT ?"
         ),
+        # Tenants (migration 0002): API keys, shared rate limits, usage, signing secrets
+        "put_api_key": "INSERT INTO api_keys (key_id, tenant, body, last_used_ms, revoked_ms) VALUES (?, ?, ?, ?, ?)",
+        "get_api_key": "SELECT body, last_used_ms, revoked_ms FROM api_keys WHERE key_id = ?",
+        "list_api_keys": (
+            "SELECT token(key_id) AS t, body, last_used_ms, revoked_ms FROM api_keys WHERE token(key_id) >= ? LIMIT ?"
+        ),
+        "revoke_api_key": "UPDATE api_keys SET revoked_ms = ? WHERE key_id = ?",
+        "touch_api_key": "UPDATE api_keys SET last_used_ms = ? WHERE key_id = ?",
+        "get_rate_limit": "SELECT tat_ms FROM rate_limits WHERE name = ?",
+        "init_rate_limit": "INSERT INTO rate_limits (name, tat_ms) VALUES (?, ?) IF NOT EXISTS",
+        "advance_rate_limit": "UPDATE rate_limits SET tat_ms = ? WHERE name = ? IF tat_ms = ?",
+        "count_user_jobs": "SELECT COUNT(*) AS n FROM jobs_by_user WHERE user_id = ?",
+        "put_signing_secrets": "INSERT INTO signing_secrets (tenant, secrets) VALUES (?, ?)",
+        "get_signing_secrets": "SELECT secrets FROM signing_secrets WHERE tenant = ?",
     }
 
 
@@ -339,9 +367,9 @@ def decode_cursor(cursor: str, arity: int) -> list[Any]:
     try:
         key = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
     except (ValueError, orjson.JSONDecodeError) as exc:
-        raise ValueError("invalid cursor") from exc
+        raise InvalidCursor("invalid cursor") from exc
     if not isinstance(key, list) or len(key) != arity:
-        raise ValueError("invalid cursor")
+        raise InvalidCursor("invalid cursor")
     return key
 
 
@@ -740,6 +768,83 @@ class ScyllaStore(JobStore):
         if len(rows) < STATS_SAMPLE:
             wrapped = await self._rows(wrap, (start, STATS_SAMPLE - len(rows)))
         return rows + wrapped, sample_coverage(start, rows, wrapped, STATS_SAMPLE)
+
+    # Tenants: API keys, shared rate limits, usage, signing secrets (issue 12) ------------------------------
+    @staticmethod
+    def _api_key(row: dict[str, Any]) -> ApiKey:
+        key = ApiKey.model_validate_json(row["body"])
+        key.last_used_ms = row.get("last_used_ms")
+        key.revoked_ms = row.get("revoked_ms")
+        return key
+
+    async def put_api_key(self, key: ApiKey) -> None:
+        body = key.model_dump_json(exclude={"last_used_ms", "revoked_ms"})
+        await self._rows(
+            "put_api_key",
+            (key.key_id, key.tenant, body, key.last_used_ms, key.revoked_ms),
+        )
+
+    async def get_api_key(self, key_id: str) -> ApiKey | None:
+        rows = await self._rows("get_api_key", (key_id,))
+        return self._api_key(rows[0]) if rows else None
+
+    async def list_api_keys(self, tenant: str | None = None) -> list[ApiKey]:
+        """A token-range walk of the whole (small) ``api_keys`` table, filtered here; an admin operation."""
+        keys: list[ApiKey] = []
+        start = MIN_TOKEN
+        for _ in range(10_000):  # bounded: 10,000 pages of 500 keys
+            rows = await self._rows("list_api_keys", (start, 500))
+            keys.extend(self._api_key(r) for r in rows)
+            if len(rows) < 500 or rows[-1]["t"] >= MAX_TOKEN:
+                break
+            start = rows[-1]["t"] + 1
+        if tenant is not None:
+            keys = [k for k in keys if k.tenant == tenant]
+        return sorted(keys, key=lambda k: (-k.created_ms, k.key_id))
+
+    async def revoke_api_key(self, key_id: str, at_ms: int) -> bool:
+        current = await self.get_api_key(key_id)
+        if current is None:
+            return False
+        if current.revoked_ms is None or current.revoked_ms > at_ms:
+            await self._rows("revoke_api_key", (at_ms, key_id))
+        return True
+
+    async def touch_api_key(self, key_id: str, used_ms: int) -> None:
+        await self._rows("touch_api_key", (used_ms, key_id))
+
+    async def take_rate_token(self, name: str, interval_ms: int, burst: int, now_ms: int) -> int:
+        """GCRA with LWT compare-and-set on ``rate_limits(name)``: a lost race retries with the value the LWT
+        returned (at most 20 rounds; under heavier contention the caller is told to wait one interval)."""
+        rows = await self._rows("get_rate_limit", (name,))
+        stored: int | None = rows[0]["tat_ms"] if rows else None
+        for _ in range(20):
+            tat = max(stored if stored is not None else now_ms, now_ms)
+            new_tat = tat + interval_ms
+            allowed_at = new_tat - burst * interval_ms
+            if allowed_at > now_ms:
+                return allowed_at - now_ms
+            if stored is None:
+                result = await self._rows("init_rate_limit", (name, new_tat))
+            else:
+                result = await self._rows("advance_rate_limit", (new_tat, name, stored))
+            if self._applied(result):
+                return 0
+            stored = result[0].get("tat_ms") if result else None
+        return interval_ms
+
+    async def tenant_usage(self, user_id: str) -> tuple[int, int]:
+        """On Scylla: every job of the tenant still in ``jobs_by_user`` (finished ones included: the store has
+        no per-tenant status index), and 0 bytes (not tracked)."""
+        rows = await self._rows("count_user_jobs", (user_id,))
+        return (int(rows[0]["n"]) if rows else 0), 0
+
+    async def put_signing_secrets(self, tenant: str, secrets: Sequence[str]) -> None:
+        await self._rows("put_signing_secrets", (tenant, orjson.dumps(list(secrets)).decode()))
+
+    async def get_signing_secrets(self, tenant: str) -> list[str]:
+        rows = await self._rows("get_signing_secrets", (tenant,))
+        return [str(s) for s in orjson.loads(rows[0]["secrets"])] if rows and rows[0].get("secrets") else []
 
 
 def _due_page(

@@ -25,7 +25,7 @@ import orjson
 from libs.apikeys import ApiKey
 from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
 from libs.sqlite import SqliteDB
-from libs.store.base import JobStore, LayoutMismatch
+from libs.store.base import InvalidCursor, JobStore, LayoutMismatch
 
 T = TypeVar("T")
 
@@ -126,9 +126,9 @@ def _decode_cursor(cursor: str, arity: int) -> list[Any]:
     try:
         key = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
     except (ValueError, orjson.JSONDecodeError) as exc:
-        raise ValueError("invalid cursor") from exc
+        raise InvalidCursor("invalid cursor") from exc
     if not isinstance(key, list) or len(key) != arity:
-        raise ValueError("invalid cursor")
+        raise InvalidCursor("invalid cursor")
     return key
 
 
