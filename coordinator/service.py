@@ -24,7 +24,7 @@ import orjson
 from libs import logs
 from libs.clock import now_ms
 from libs.coordination.base import Coordination
-from libs.metrics import COORDINATOR_LEADER, SHARD_COUNT
+from libs.metrics import COORDINATOR_LEADER, SHARD_COUNT, export
 from libs.settings import Settings
 
 LEADER_KEY = "leader"
@@ -62,6 +62,7 @@ class Coordinator:
         self.node_id = node_id or settings.node_id
         self.is_leader = False
         self._lease: int | None = None
+        export(COORDINATOR_LEADER, SHARD_COUNT)
         SHARD_COUNT.set(settings.shard_count)  # what the pickers' dsched_picker_owned_shards must add up to
 
     @contextlib.asynccontextmanager

@@ -60,7 +60,7 @@ PICKER_DROPPED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
-PICKER_SHARDS = Gauge("dsched_picker_owned_shards", "Shards this picker currently owns", registry=REGISTRY)
+PICKER_SHARDS = Gauge("dsched_picker_owned_shards", "Shards this picker currently owns", registry=None)  # owned
 DISPATCH_LAG = Histogram(
     "dsched_dispatch_lag_seconds", "Queue send time minus due time", buckets=LAG_BUCKETS, registry=REGISTRY
 )
@@ -87,9 +87,9 @@ DUPLICATE_DELIVERIES = Counter(
     "Deliveries of runs already claimed or finished (not executed again)",
     registry=REGISTRY,
 )
-WORKER_INFLIGHT = Gauge("dsched_worker_inflight_runs", "Runs executing in this worker", registry=REGISTRY)
+WORKER_INFLIGHT = Gauge("dsched_worker_inflight_runs", "Runs executing in this worker", registry=None)  # owned
 WORKER_SLOTS = Gauge(
-    "dsched_worker_slots", "Runs this worker may execute at once (DSCHED_WORKER_CONCURRENCY)", registry=REGISTRY
+    "dsched_worker_slots", "Runs this worker may execute at once (DSCHED_WORKER_CONCURRENCY)", registry=None
 )
 QUEUE_DEPTH = Gauge(
     "dsched_queue_depth",
@@ -98,17 +98,17 @@ QUEUE_DEPTH = Gauge(
     registry=REGISTRY,
 )
 SHARD_COUNT = Gauge(
-    "dsched_shard_count", "Shards of the time-bucket table (set by coordinators and pickers)", registry=REGISTRY
+    "dsched_shard_count", "Shards of the time-bucket table (set by coordinators and pickers)", registry=None
 )
 WRITER_LAG_RECORDS = Gauge(
     "dsched_writer_lag_records",
     "Log records appended but not yet persisted and committed by the writer's consumer group",
-    registry=REGISTRY,
+    registry=None,
 )
 WRITER_LAG_SECONDS = Gauge(
     "dsched_writer_lag_seconds",
     "Age of the oldest log record not yet persisted by the writer (0 when caught up)",
-    registry=REGISTRY,
+    registry=None,
 )
 TENANT_SUBMISSIONS = Counter(
     "dsched_tenant_submissions_total",
@@ -127,9 +127,11 @@ TENANT_FIRE_LAG = Histogram(
     buckets=(0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 300.0),
     registry=REGISTRY,
 )
-COORDINATOR_LEADER = Gauge("dsched_coordinator_is_leader", "1 while this coordinator leads", registry=REGISTRY)
+COORDINATOR_LEADER = Gauge("dsched_coordinator_is_leader", "1 while this coordinator leads", registry=None)  # owned
 SERVICE_UP = Gauge(
-    "dsched_service_up", "1 while every supervised loop of the service runs (0 while one restarts)", ["service"],
+    "dsched_service_up",
+    "1 while every supervised loop of the service runs (0 while one restarts)",
+    ["service"],
     registry=REGISTRY,
 )
 SERVICE_RESTARTS = Counter(
@@ -179,3 +181,24 @@ async def sample_queue_depth(queue: WorkQueue, interval_s: float = QUEUE_DEPTH_I
             QUEUE_DEPTH.labels("in_flight").set(counts.in_flight)
             QUEUE_DEPTH.labels("dead").set(counts.dead)
         await asyncio.sleep(interval_s)
+
+
+# Unlabelled gauges that only the service owning them may export: registered into REGISTRY by that service
+# (:func:`export`), so a process without a writer never claims "writer lag 0" and a process without a picker
+# never adds a 0 to the owned shards. Every other metric is registered at import.
+OWNED_GAUGES: tuple[Gauge, ...] = (
+    *(PICKER_SHARDS, SHARD_COUNT, COORDINATOR_LEADER, WORKER_INFLIGHT, WORKER_SLOTS),
+    *(WRITER_LAG_RECORDS, WRITER_LAG_SECONDS),
+)
+_exported: set[int] = set()
+_exported_lock = threading.Lock()
+
+
+def export(*gauges: Gauge) -> None:
+    """Register ``gauges`` (from :data:`OWNED_GAUGES`) into REGISTRY: this process runs what they measure.
+    Idempotent; several services of one process may export the same gauge."""
+    with _exported_lock:
+        for gauge in gauges:
+            if id(gauge) not in _exported:
+                REGISTRY.register(gauge)
+                _exported.add(id(gauge))

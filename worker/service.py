@@ -41,6 +41,7 @@ from libs.metrics import (
     TENANT_RUNS,
     WORKER_INFLIGHT,
     WORKER_SLOTS,
+    export,
     observe_run_start,
     sample_queue_depth,
     tenant_label,
@@ -121,6 +122,7 @@ class Worker:
             self._background.append(supervise("worker", "presence", lambda: presence.announce(self, coordination)))
         # This process exports the depth of the queue it consumes (dsched_queue_depth), in every deployment mode.
         self._background.append(supervise("worker", "queue_depth", lambda: sample_queue_depth(self.queue)))
+        export(WORKER_INFLIGHT, WORKER_SLOTS)
         WORKER_SLOTS.set(self.settings.worker_concurrency)
         try:
             yield self

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from libs import logs
 from libs.clock import now_ms
 from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
-from libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS
+from libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS, export
 from libs.models import DeadLetter, Job, QueueEntry, Submission
 from libs.settings import Settings
 from libs.sharding import bucket_for, initial_checkpoint, shard_for
@@ -74,6 +74,7 @@ class Writer:
             await self.store.advance_checkpoint(shard, None, start)
         self._consumer = self.log.consumer(GROUP)
         await self._consumer.startup()
+        export(WRITER_LAG_RECORDS, WRITER_LAG_SECONDS)
         lag_sampler = asyncio.create_task(self._sample_lag())
         try:
             yield self
