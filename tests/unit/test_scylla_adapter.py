@@ -779,7 +779,7 @@ URL = "scylla://127.0.0.1:9042/dsched_test"
 @pytest.fixture
 async def store(engine: FakeCql, tmp_path: Path) -> AsyncIterator[ScyllaStore]:
     settings = Settings.from_env(data_dir=tmp_path, shard_count=4, bucket_s=60)
-    assert await migrate(URL, settings) == ["0001"]
+    assert await migrate(URL, settings) == ["0001", "0002"]
     impl = ScyllaStore.from_url(URL, settings)
     await impl.startup()
     try:
@@ -791,7 +791,7 @@ async def store(engine: FakeCql, tmp_path: Path) -> AsyncIterator[ScyllaStore]:
 # Migrate and startup --------------------------------------------------------------------------------------
 async def test_migrate_applies_once_and_records_the_version(engine: FakeCql, tmp_path: Path) -> None:
     settings = Settings.from_env(data_dir=tmp_path)
-    assert await migrate(URL, settings) == ["0001"]
+    assert await migrate(URL, settings) == ["0001", "0002"]
     assert await migrate(URL, settings) == []
     [row] = engine.execute("SELECT version, checksum FROM schema_migrations WHERE version = ?", ("0001",))
     assert row["checksum"] == discover()[0].checksum
@@ -908,3 +908,26 @@ CONTRACT = {
 @pytest.mark.parametrize("case", sorted(CONTRACT))
 async def test_store_contract_on_the_cql_double(case: str, store: ScyllaStore) -> None:
     await CONTRACT[case](store)
+
+
+# Tenants (issue 12) -------------------------------------------------------------------------------------------
+async def test_api_keys_rate_limits_and_signing_secrets(store: ScyllaStore) -> None:
+    from libs.apikeys import Role, create_key
+
+    first, _ = await create_key(store, b"p", tenant="t", role=Role.MEMBER)
+    second, _ = await create_key(store, b"p", tenant="u", role=Role.ADMIN)
+    assert (await store.get_api_key(first.key_id)) == first
+    assert {k.key_id for k in await store.list_api_keys()} == {first.key_id, second.key_id}
+    assert [k.key_id for k in await store.list_api_keys("u")] == [second.key_id]
+    await store.touch_api_key(first.key_id, 123)
+    assert await store.revoke_api_key(first.key_id, 1000)
+    assert await store.revoke_api_key(first.key_id, 2000)  # the earlier revocation is kept
+    got = await store.get_api_key(first.key_id)
+    assert got is not None and got.revoked_ms == 1000 and got.last_used_ms == 123
+    assert not await store.revoke_api_key("000000000000", 1)
+    # GCRA: 100 ms per token, burst 3
+    assert [await store.take_rate_token("r", 100, 3, 10_000) for _ in range(4)] == [0, 0, 0, 100]
+    assert await store.take_rate_token("r", 100, 3, 10_100) == 0
+    await store.put_signing_secrets("t", ["a", "b"])
+    assert await store.get_signing_secrets("t") == ["a", "b"] and await store.get_signing_secrets("x") == []
+    assert await store.tenant_usage("t") == (0, 0)
