@@ -19,12 +19,14 @@ run: install
 	$(BIN)/dsched run all
 
 ## Real servers the tests start on free 127.0.0.1 ports: etcd (Debian), Java 17 + Maven (Debian) for the jars of
-## Kafka, Cassandra and ElasticMQ (deploy/jars/*/pom.xml, cached in .cache/jars); moto comes from PyPI.
+## Kafka, Cassandra and ElasticMQ (deploy/jars/*/pom.xml, cached in .cache/jars); moto comes from PyPI;
+## Prometheus and promtool (Debian's prometheus) for the dashboard and alert-rule tests.
 system-deps: install
 	@missing=""; \
 	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing openjdk-17-jre-headless"; \
 	command -v mvn  >/dev/null 2>&1 || missing="$$missing maven"; \
+	{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
 	    echo "installing$$missing (Debian)"; \
