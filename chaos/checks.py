@@ -552,3 +552,55 @@ def _runs_brief(runs: list[Run]) -> list[dict[str, Any]]:
         {"run_id": r.run_id, "attempt": r.attempt, "status": r.status.value, "error": r.error, "worker": r.worker_id}
         for r in sorted(runs, key=lambda r: (r.scheduled_ms, r.attempt))
     ]
+
+
+# Recovery figures (issue 10) -----------------------------------------------------------------------------------
+def recovery(report: dict[str, Any]) -> dict[str, Any]:
+    """How fast the cluster recovered, from a finished report: one-off lateness p99/max and, per recurring job, the
+    largest gap between consecutive executions beyond its interval — both against lease TTL + 2 s, with **no**
+    allowance for the faults (unlike ``recurring_no_gaps``). Works on old reports too (hits and workload only).
+
+    ``met`` is true when the one-off p99 and every recurring gap excess are within the target. Scenarios whose
+    faults overlap (``mixed``) or take a backend down for longer than a second may exceed it by design; the figures
+    are reported, never failing the run."""
+    ttl_s = float(report.get("cluster", {}).get("lease_ttl_s", 0.0))
+    target_s = ttl_s + 2.0
+    recurring = {
+        str(w["job_id"]): w for w in report.get("workload", []) if w.get("purpose") == "recurring" and w.get("job_id")
+    }
+    first: dict[str, dict[str, int]] = defaultdict(dict)
+    for hit in report.get("hits", []):
+        if hit.get("job_id") in recurring:
+            runs = first[str(hit["job_id"])]
+            runs[str(hit["run_id"])] = min(int(hit["at_ms"]), runs.get(str(hit["run_id"]), int(hit["at_ms"])))
+    timeline = report.get("fault_timeline") or []
+    window_start_ms = int(timeline[0]["start_ms"] - timeline[0]["t_s"] * 1000) if timeline else None
+    gaps: list[dict[str, Any]] = []
+    for job_id, runs in first.items():
+        interval_s = float(recurring[job_id].get("every_s") or 0)
+        for a, b in itertools.pairwise(sorted(runs.values())):
+            gaps.append(
+                {
+                    "key": recurring[job_id].get("key"),
+                    "every_s": interval_s,
+                    "gap_s": round((b - a) / 1000, 3),
+                    "excess_s": round((b - a) / 1000 - interval_s, 3),
+                    "from_t_s": None if window_start_ms is None else round((a - window_start_ms) / 1000, 3),
+                }
+            )
+    gaps.sort(key=lambda g: -float(g["excess_s"]))
+    one_off = report.get("lateness", {}).get("one_off", {})
+    occurrences = report.get("lateness", {}).get("recurring", {})
+    p99 = one_off.get("p99")
+    worst_excess = float(gaps[0]["excess_s"]) if gaps else 0.0
+    return {
+        "target_s": target_s,
+        "one_off_p99_s": p99,
+        "one_off_max_s": one_off.get("max"),
+        "recurring_lateness_p99_s": occurrences.get("p99"),
+        "recurring_lateness_max_s": occurrences.get("max"),
+        "recurring_max_gap_excess_s": round(worst_excess, 3),
+        "recurring_gaps_over_target": sum(1 for g in gaps if float(g["excess_s"]) > target_s),
+        "worst_recurring_gaps": gaps[:5],
+        "met": (p99 is None or float(p99) <= target_s) and worst_excess <= target_s,
+    }

@@ -41,7 +41,7 @@ ROLES_IN_START_ORDER = ("writer", "coordinator", "picker", "worker", "ingestion"
 
 # Short timings so that every failover happens within a few seconds (see docs/chaos.md).
 LEASE_TTL_S = 2.0
-VISIBILITY_TIMEOUT_S = 5.0
+VISIBILITY_TIMEOUT_S = 3.0  # workers extend held and running messages every 0.75 s (issue 10)
 SHARD_COUNT = 8
 BUCKET_S = 10
 BUCKET_GRACE_S = 3.0

@@ -27,7 +27,7 @@ from typing import IO, Any
 import orjson
 import structlog
 
-from chaos.checks import Evidence, analyse, percentiles
+from chaos.checks import Evidence, analyse, percentiles, recovery
 from chaos.cluster import (
     BUCKET_GRACE_S,
     BUCKET_S,
@@ -201,6 +201,7 @@ async def run(cfg: Config) -> dict[str, Any]:
                 "hits": [h.as_dict() for h in target.hits],
             }
         )
+        report["recovery"] = recovery(report)
     except BaseException as exc:
         report.update({"passed": False, "error": f"{type(exc).__name__}: {exc}"})
         raise
@@ -322,6 +323,13 @@ def format_summary(report: dict[str, Any]) -> str:
             lines.append(
                 f"  lateness {name}: n={p['n']} p50={p['p50']}s p90={p['p90']}s p99={p['p99']}s max={p['max']}s"
             )
+    if "recovery" in report:
+        r = report["recovery"]
+        lines.append(
+            f"  recovery (target TTL + 2 s = {r['target_s']}s): one-off p99={r['one_off_p99_s']}s "
+            f"max={r['one_off_max_s']}s; recurring gap beyond interval max={r['recurring_max_gap_excess_s']}s "
+            f"({r['recurring_gaps_over_target']} over target){'' if r['met'] else ' -- NOT MET'}"
+        )
     lines.append(f"  durations: {report.get('durations')}")
     lines.append(f"  report: {report.get('report_path')}")
     lines.append(f"  reproduce: {report['reproduce']}")
