@@ -62,6 +62,7 @@ from libs.queue.base import ReceivedMessage, WorkQueue
 from libs.retry import backoff_s, http_status_retryable, parse_retry_after, should_retry
 from libs.settings import Settings
 from libs.sharding import bucket_for, shard_for
+from libs.signing import SigningSecrets
 from libs.store.base import JobStore
 from libs.supervisor import Supervisor
 from worker import executors, failures, presence
@@ -88,6 +89,7 @@ class Worker:
     ) -> None:
         self.queue = queue
         self.store = store
+        self.signing = SigningSecrets(store, settings)  # per-tenant secrets rotated via /admin (issue 12)
         self.blobs = blobs
         self.supervisor = supervisor or Supervisor()
         self.settings = settings
@@ -369,7 +371,7 @@ class Worker:
             timeout_s=payload.http.timeout_s or job.timeout_s,
             output_cap=cap,
             allow_private=self.settings.allow_private_http,
-            signing_secrets=self.settings.signing_secrets_for(job.user_id, job.project_id),
+            signing_secrets=await self.signing.for_job(job.user_id, job.project_id),
             cancellation=cancellation,
             inline_bytes=inline,
         )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -442,6 +444,38 @@ async def test_signing_secret_rotation(tmp_path: Path) -> None:
         third = (await client.call("POST", url + "/rotate", auth))[1]["secret"]
         assert await client.ingestion.store.get_signing_secrets(ALICE) == [third, second]  # two active at most
         assert first not in str((await client.call("GET", url, auth))[1])  # secrets are never listed
+        # Workers sign alice's outgoing HTTP with both active secrets.
+        _, member = await add_key(client, ALICE, Role.MEMBER)
+        received: list[tuple[dict[str, str], bytes]] = []
+
+        async def hook(request: web.Request) -> web.Response:
+            received.append((dict(request.headers), await request.read()))
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            target = {"http": {"url": f"http://127.0.0.1:{port}/hook", "method": "POST", "body": {"a": 1}}}
+            status, _, _ = await client.call(
+                "POST", "/submit", f"Bearer {member}", {"project_id": "p", "payload": target}
+            )
+            assert status == 202
+
+            async def delivered() -> bool:
+                return bool(received)
+
+            await client.wait_for(delivered)
+        finally:
+            await runner.cleanup()
+        headers, body = received[0]
+        signed = headers["X-Dsched-Timestamp"].encode() + b"." + body
+        expected = {"v1=" + hmac.new(s.encode(), signed, hashlib.sha256).hexdigest() for s in (third, second)}
+        assert set(headers["X-Dsched-Signature"].split(",")) == expected
         await client.call("POST", url + "/retire", auth)
         assert await client.ingestion.store.get_signing_secrets(ALICE) == [third]
 
