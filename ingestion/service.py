@@ -429,8 +429,9 @@ class Ingestion:
         if first is not None:
             times = [first]
             if job.recurring:
-                schedule = parse_schedule(job.cron_schedule or "", job.timezone)
-                times += upcoming(schedule, first, count - 1)
+                with contextlib.suppress(ScheduleError):  # the schedule ends (year 10000) or no longer parses
+                    schedule = parse_schedule(job.cron_schedule or "", job.timezone)
+                    times += upcoming(schedule, first, count - 1)
         return json_response(
             {"job_id": job.job_id, "timezone": job.timezone, "next": [to_rfc3339(t) for t in times[:count]]}
         )

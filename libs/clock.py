@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+from libs.limits import MAX_INSTANT_MS, MIN_INSTANT_MS
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
 def to_rfc3339(ms: int | None) -> str | None:
-    if ms is None or ms < 0:
+    if ms is None or not MIN_INSTANT_MS <= ms <= MAX_INSTANT_MS:
         return None
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

@@ -27,7 +27,7 @@ from datetime import date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from libs.limits import MAX_EVERY_S
+from libs.limits import MAX_EVERY_S, MAX_INSTANT_MS
 
 __all__ = [
     "CronSchedule",
@@ -259,7 +259,10 @@ class IntervalSchedule(Schedule):
     interval_ms: int
 
     def next_after(self, after_ms: int) -> int:
-        return after_ms + self.interval_ms
+        next_ms = after_ms + self.interval_ms
+        if next_ms > MAX_INSTANT_MS:
+            raise ScheduleError(f"schedule {self.expr!r} has no occurrence before year 10000")
+        return next_ms
 
 
 @dataclass(frozen=True)
@@ -547,13 +550,17 @@ def _days_in_month(y: int, mo: int) -> int:
 
 
 def upcoming(schedule: Schedule, after_ms: int, n: int) -> list[int]:
-    """The next ``n`` occurrences strictly after ``after_ms``, in order (each from the previous one)."""
+    """The next ``n`` occurrences strictly after ``after_ms``, in order (each from the previous one); fewer
+    when the schedule ends before year 10000."""
     if n < 0:
         raise ValueError("n must be >= 0")
     out: list[int] = []
     t = after_ms
     for _ in range(n):
-        t = schedule.next_after(t)
+        try:
+            t = schedule.next_after(t)
+        except ScheduleError:
+            break
         out.append(t)
     return out
 
@@ -568,7 +575,7 @@ def next_in_chain(schedule: Schedule, anchor_ms: int, after_ms: int) -> int:
     """
     if isinstance(schedule, IntervalSchedule):
         steps = max(1, (after_ms - anchor_ms) // schedule.interval_ms + 1)
-        return anchor_ms + steps * schedule.interval_ms
+        return schedule.next_after(anchor_ms + (steps - 1) * schedule.interval_ms)
     return schedule.next_after(max(anchor_ms, after_ms))
 
 

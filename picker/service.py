@@ -28,7 +28,7 @@ from coordinator.service import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFI
 from libs import logs
 from libs.clock import now_ms
 from libs.coordination.base import Coordination
-from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT
+from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT, export
 from libs.models import Job, JobState, JobStatus, QueueEntry, Run, RunMessage, RunStatus, run_id_for
 from libs.queue.base import OutgoingMessage, WorkQueue
 from libs.retrying import until_up
@@ -66,6 +66,7 @@ class Picker:
         self.settings = settings
         self.node_id = node_id or settings.node_id
         self._pinned = set(shards) if shards is not None else None
+        export(PICKER_SHARDS, SHARD_COUNT)
         SHARD_COUNT.set(settings.shard_count)  # with dsched_picker_owned_shards: are all shards owned?
         self._assigned: set[int] = set(self._pinned or ())
         self._lease: int | None = None
@@ -426,7 +427,10 @@ class Picker:
             log.warning("bad_schedule", job_id=job.job_id, error=str(exc))
             return [entry.scheduled_ms], [], None
         max_lateness = int(job.max_lateness_s * 1000) if job.max_lateness_s is not None else DEFAULT_MAX_LATENESS_MS
-        plan = plan_misfire(schedule, entry.scheduled_ms, now, job.misfire, max_lateness)
+        try:
+            plan = plan_misfire(schedule, entry.scheduled_ms, now, job.misfire, max_lateness)
+        except ScheduleError:  # no occurrence after this one before year 10000: the schedule ends here
+            return [entry.scheduled_ms], [], None
         skipped = [self._skipped(job, occ, now, reason) for occ, reason in plan.skipped]
         return plan.fire, skipped, self._schedule_entry(job, plan.next_ms, now)
 
