@@ -52,10 +52,13 @@
       return new Intl.DateTimeFormat("sv-SE", {
         timeZone: zone || "UTC", year: "numeric", month: "2-digit", day: "2-digit",
         hour: "2-digit", minute: "2-digit", second: "2-digit",
-      }).format(d) + (zone && zone !== "UTC" ? "" : " UTC");
+      }).format(d) + (zone ? "" : " UTC");  // with a zone, the caller names it
     } catch (_) {
       return iso;
     }
+  }
+  function zoned(iso, zone) {
+    return zone === "UTC" ? fmtTime(iso) : `${fmtTime(iso, zone)} ${zone}  (${fmtTime(iso)})`;
   }
   function ago(iso) {
     if (!iso) return "";
@@ -176,6 +179,9 @@
     run();
   }
   function stopStream() {
+    const el = document.getElementById("live");
+    el.textContent = "";
+    el.classList.remove("on");
     if (state.stream) state.stream.abort();
     state.stream = null;
     state.streamKey = "";
@@ -376,7 +382,7 @@
         h("dl", { class: "def" },
           h("dt", { text: "Cron" }), h("dd", {}, job.cron_schedule ? h("code", { text: job.cron_schedule }) : "once"),
           h("dt", { text: "Time zone" }), h("dd", { text: zone })),
-        h("h2", { text: `Next fire times (${zone}; UTC in brackets)` }), list,
+        h("h2", { text: zone === "UTC" ? "Next fire times (UTC)" : `Next fire times (${zone}; UTC in brackets)` }), list,
         h("h2", { text: "Edit schedule" }),
         h("form", { class: "bar", id: "edit-schedule", onsubmit: async (e) => {
           e.preventDefault();
@@ -385,7 +391,7 @@
         } }, cron, tz, zonesList(), h("button", { type: "submit", text: "Save schedule", disabled: job.status === "deleted" })));
       try {
         const data = await api("GET", `/jobs/${encodeURIComponent(jobId)}/schedule?next=5`);
-        list.replaceChildren(...(data.next.length ? data.next.map((t) => h("li", { text: `${fmtTime(t, zone)} ${zone}  (${fmtTime(t)})` }))
+        list.replaceChildren(...(data.next.length ? data.next.map((t) => h("li", { text: zoned(t, zone) }))
           : [h("li", { class: "muted", text: "none: paused, deleted or already done" })]));
       } catch (e) {
         list.replaceChildren(h("li", { class: "error-text", text: e.message }));
@@ -551,7 +557,7 @@
       }
       try {
         const data = await api("GET", "/schedule/preview?" + params);
-        preview.replaceChildren(...data.next.map((t) => h("li", { text: `${fmtTime(t, zone)} ${zone}  (${fmtTime(t)})` })));
+        preview.replaceChildren(...data.next.map((t) => h("li", { text: zoned(t, zone) })));
       } catch (e) {
         preview.replaceChildren(h("li", { class: "error-text", text: e.message }));
       }
@@ -652,6 +658,7 @@
   // ---------- Cluster ----------
   function clusterPage() {
     stopStream();
+    document.getElementById("live").textContent = "↻ every 5 s";
     const body = h("div", { id: "cluster" });
     let delay = 5000, timer = null, alive = true;
     async function load() {
