@@ -36,17 +36,11 @@ def build_log(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
         from libs.log.sqlite import SqliteLog
 
         return SqliteLog(tmp_path / "log.db", partitions=4)
-    if backend in ("kafka-mock", "kafka"):
+    if backend == "kafka":
         from libs.log.kafka import KafkaLog
 
-        if backend == "kafka-mock":
-            # The mock cannot CreateTopics: the topic is auto-created (4 partitions). Its group joins take
-            # session_timeout_ms - 1 s, hence the short session.
-            servers = request.getfixturevalue("kafka_mock")
-            query = "create_topics=false&session_timeout_ms=4000"
-        else:
-            servers = server_url("DSCHED_TEST_KAFKA").removeprefix("kafka://").strip("/")
-            query = "partitions=4&session_timeout_ms=6000"
+        servers = kafka_bootstrap(request)
+        query = "partitions=4&session_timeout_ms=6000"
         settings = test_settings(tmp_path, log_url=f"kafka://{servers}/{unique('dsched-test')}?{query}")
         return KafkaLog.from_url(settings.log_url, settings)
     raise NotImplementedError(backend)
@@ -65,7 +59,7 @@ def build_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
         from libs.store.migrate import drop_keyspace, migrate
         from libs.store.scylla import ScyllaStore
 
-        hosts = server_url("DSCHED_TEST_SCYLLA").removeprefix("scylla://").strip("/")
+        hosts = cql_contact(request)
         keyspace = unique("dsched_test").replace("-", "_")
         url = f"scylla://{hosts}/{keyspace}?replication=SimpleStrategy:1"
         settings = test_settings(tmp_path, store_url=url)
@@ -75,7 +69,10 @@ def build_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
                 return pool.submit(asyncio.run, coro).result()
 
         in_thread(migrate(settings.store_url, settings))
-        request.addfinalizer(lambda: in_thread(drop_keyspace(settings.store_url, settings)))
+        if os.environ.get("DSCHED_TEST_SCYLLA"):
+            # A shared server outlives the session: clean up. The session's own Cassandra is deleted whole at
+            # the end, and a DROP costs ~2 s of schema agreement per test.
+            request.addfinalizer(lambda: in_thread(drop_keyspace(settings.store_url, settings)))
         return ScyllaStore.from_url(settings.store_url, settings)
     raise NotImplementedError(backend)
 
@@ -106,6 +103,12 @@ def build_queue(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
         url = f"sqs://{unique('q')}?endpoint={moto.endpoint}&region={moto.region}"
         settings = test_settings(tmp_path, queue_url=url)
         return SqsQueue.from_url(settings.queue_url, settings)
+    if backend == "elasticmq":
+        from libs.queue.sqs import SqsQueue
+
+        mq = request.getfixturevalue("elasticmq_server")
+        settings = test_settings(tmp_path, queue_url=mq.url(unique("q")))
+        return SqsQueue.from_url(settings.queue_url, settings)
     raise NotImplementedError(backend)
 
 
@@ -124,17 +127,19 @@ def build_blobs(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
     raise NotImplementedError(backend)
 
 
-def external_server(backend: str, var: str) -> object:
-    """A parameter for a backend whose server cannot run here: collected, and skipped with the reason
-    unless ``var`` names a server."""
-    return pytest.param(
-        backend,
-        marks=pytest.mark.skipif(
-            not os.environ.get(var), reason=f"{backend}: no server here; set {var} to run against one"
-        ),
-    )
+def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
+    """``host:port`` of the Kafka under test: ``$DSCHED_TEST_KAFKA`` (e.g. the compose stack's), else the
+    session's own broker (:func:`tests.servers.kafka_server`)."""
+    external = os.environ.get("DSCHED_TEST_KAFKA")
+    if external:
+        return external.removeprefix("kafka://").strip("/")
+    return str(request.getfixturevalue("kafka_server").bootstrap)
 
 
-def server_url(var: str) -> str:
-    """The server of an :func:`external_server` parameter (only built when that parameter is not skipped)."""
-    return os.environ[var]
+def cql_contact(request: pytest.FixtureRequest) -> str:
+    """``host:port`` of the CQL server under test: ``$DSCHED_TEST_SCYLLA`` (a real ScyllaDB), else the
+    session's Cassandra (:func:`tests.servers.cassandra_server`)."""
+    external = os.environ.get("DSCHED_TEST_SCYLLA")
+    if external:
+        return external.removeprefix("scylla://").strip("/")
+    return str(request.getfixturevalue("cassandra_server").contact)

@@ -2,5 +2,4 @@
 
 from __future__ import annotations
 
-from tests.kafka_mock import kafka_mock  # noqa: F401
 from tests.servers import cassandra_server, elasticmq_server, etcd_server, kafka_server, moto_server  # noqa: F401

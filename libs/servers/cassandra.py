@@ -174,22 +174,23 @@ memtable_offheap_space: 128MiB
 
 def cql_answers(port: int, host: str = "127.0.0.1") -> bool:
     """True if a CQL query answers on ``host:port`` (the driver connects and reads ``system.local``)."""
-    from cassandra.cluster import Cluster, NoHostAvailable
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import WhiteListRoundRobinPolicy
 
+    profile = ExecutionProfile(load_balancing_policy=WhiteListRoundRobinPolicy([host]), request_timeout=5)
     cluster = Cluster(
         [host],
         port=port,
         protocol_version=4,
         connect_timeout=3,
         control_connection_timeout=3,
-        load_balancing_policy=WhiteListRoundRobinPolicy([host]),
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
     )
     try:
         session = cluster.connect()
-        row = session.execute("SELECT release_version FROM system.local", timeout=5).one()
+        row = session.execute("SELECT release_version FROM system.local").one()
         return row is not None
-    except (NoHostAvailable, OSError, Exception):  # the driver raises many kinds while the node warms up
+    except Exception:  # the driver raises many kinds (NoHostAvailable, OperationTimedOut, …) while warming up
         return False
     finally:
         with contextlib.suppress(Exception):

@@ -1,8 +1,9 @@
 """One fixture per role, parametrized over every implementation (dramatiq's way).
 
-The test id names the backend: ``test_x[embedded]``, ``test_x[etcd]``, ``test_x[sqs]``, ``test_x[s3]``,
-``test_x[kafka-mock]``, ``test_x[kafka]``, ``test_x[scylla]``. Real servers come from the session fixtures in
-``tests/servers.py``; a backend whose server cannot exist on this machine is skipped with the reason.
+The test id names the backend: ``test_x[embedded]``, ``test_x[etcd]``, ``test_x[sqs]`` (moto),
+``test_x[elasticmq]``, ``test_x[s3]`` (moto), ``test_x[kafka]`` (Apache Kafka 4), ``test_x[scylla]`` (the Scylla
+adapter on Cassandra 5, or on a ScyllaDB named by ``DSCHED_TEST_SCYLLA``). Real servers come from the session
+fixtures in ``tests/servers.py`` (:mod:`libs.servers`), started once per session; none is ever skipped.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from libs.queue.base import WorkQueue
 from libs.store.base import JobStore
 from tests import backends
 
-LOG_BACKENDS = ["embedded", "kafka-mock", backends.external_server("kafka", "DSCHED_TEST_KAFKA")]
-STORE_BACKENDS = ["embedded", backends.external_server("scylla", "DSCHED_TEST_SCYLLA")]
+LOG_BACKENDS = ["embedded", "kafka"]
+STORE_BACKENDS = ["embedded", "scylla"]
 COORDINATION_BACKENDS = ["embedded", "etcd"]
-QUEUE_BACKENDS = ["embedded", "sqs"]
+QUEUE_BACKENDS = ["embedded", "sqs", "elasticmq"]
 BLOB_BACKENDS = ["embedded", "s3"]
 
 

@@ -1,8 +1,6 @@
 """Kafka-only log behaviour: two members of one consumer group rebalancing.
 
-Runs against a real broker (``DSCHED_TEST_KAFKA=host:port``). The librdkafka mock cluster cannot rebalance a
-two-member group (its SyncGroup answers InvalidRequest), so ``[kafka-mock]`` is skipped with that reason; the
-single-member behaviour is covered for it by ``test_log.py``.
+Runs against the session's Apache Kafka (or ``DSCHED_TEST_KAFKA=host:port``).
 """
 
 from __future__ import annotations
@@ -21,8 +19,7 @@ from tests import backends
 DEADLINE_S = 45.0
 
 
-# Real Kafka only: the librdkafka mock cannot rebalance a two-member group (SyncGroup InvalidRequest).
-@pytest.fixture(params=[backends.external_server("kafka", "DSCHED_TEST_KAFKA")])
+@pytest.fixture(params=["kafka"])
 async def kafka_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[KafkaLog]:
     impl = backends.build_log(request.param, request, tmp_path)
     assert isinstance(impl, KafkaLog)

@@ -1,7 +1,7 @@
 """Work queue checks beyond the common contract: exact bodies, big sends, and SQS-specific behaviour.
 
-The first tests run on every queue backend (``queue`` fixture); the ``sqs`` ones build an SqsQueue on moto
-directly. Tests that restart moto use their own server, never the session one.
+The first tests run on every queue backend (``queue`` fixture); the ``sqs`` ones build an SqsQueue on moto and on
+ElasticMQ directly. Tests that restart a server use their own, never the session one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from libs.queue.base import MAX_BATCH, OutgoingMessage, ReceivedMessage, WorkQueue
 from libs.queue.sqs import SqsQueue
-from libs.servers import MotoServer
+from libs.servers import ElasticMQServer, MotoServer
 from tests import backends
 
 DEADLINE_S = 15.0
@@ -89,30 +89,43 @@ async def _redrive_policy(queue: SqsQueue) -> dict[str, str]:
     return policy
 
 
-async def test_sqs_rejects_a_message_over_256_kib(moto_server: MotoServer, tmp_path: Path) -> None:
-    async with _started(_sqs(moto_server.endpoint, tmp_path)) as queue:
+@pytest.fixture(params=["moto", "elasticmq"])
+def sqs_endpoint(request: pytest.FixtureRequest) -> str:
+    """The SQS endpoint of each SQS server the adapter is tested on: moto and ElasticMQ."""
+    server = request.getfixturevalue(f"{request.param}_server")
+    return str(server.endpoint)
+
+
+async def test_sqs_rejects_a_message_over_256_kib(sqs_endpoint: str, tmp_path: Path) -> None:
+    async with _started(_sqs(sqs_endpoint, tmp_path)) as queue:
         with pytest.raises(ValueError, match="limit"):
             await queue.send([OutgoingMessage(b"x" * (256 * 1024 + 1))])
 
 
-async def test_sqs_startup_sets_the_redrive_policy_on_an_existing_queue(
-    moto_server: MotoServer, tmp_path: Path
-) -> None:
+async def test_sqs_startup_sets_the_redrive_policy_on_an_existing_queue(sqs_endpoint: str, tmp_path: Path) -> None:
     name = backends.unique("q")
-    async with _started(_sqs(moto_server.endpoint, tmp_path, name)) as first:
-        await first._client.set_queue_attributes(QueueUrl=first._url, Attributes={"RedrivePolicy": ""})
-        await first.send([OutgoingMessage(b"kept")])
-        async with _started(_sqs(moto_server.endpoint, tmp_path, name)) as second:  # same queue
-            policy = await _redrive_policy(second)
-            assert int(policy["maxReceiveCount"]) == backends.MAX_RECEIVES
-            assert policy["deadLetterTargetArn"].endswith(f":{name}-dlq")
-            [message] = await receive_all(second, 1)
-            assert message.body == b"kept"
-            await second.ack([message.receipt])
+
+    def create_plain_queue() -> None:  # an existing queue without a redrive policy, holding one message
+        import boto3
+
+        client = boto3.client(
+            "sqs", endpoint_url=sqs_endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+        )
+        url = client.create_queue(QueueName=name)["QueueUrl"]
+        client.send_message(QueueUrl=url, MessageBody="kept")
+
+    await asyncio.to_thread(create_plain_queue)
+    async with _started(_sqs(sqs_endpoint, tmp_path, name)) as queue:
+        policy = await _redrive_policy(queue)
+        assert int(policy["maxReceiveCount"]) == backends.MAX_RECEIVES
+        assert policy["deadLetterTargetArn"].endswith(f":{name}-dlq")
+        [message] = await receive_all(queue, 1)
+        assert message.body == b"kept"
+        await queue.ack([message.receipt])
 
 
-async def test_sqs_dead_letter_peek_is_not_a_removal(moto_server: MotoServer, tmp_path: Path) -> None:
-    async with _started(_sqs(moto_server.endpoint, tmp_path)) as queue:
+async def test_sqs_dead_letter_peek_is_not_a_removal(sqs_endpoint: str, tmp_path: Path) -> None:
+    async with _started(_sqs(sqs_endpoint, tmp_path)) as queue:
         assert await queue.dead_letters(10) == []
         for batch in (range(10), range(10, 13)):
             await queue._client.send_message_batch(
@@ -141,3 +154,22 @@ async def test_sqs_recreates_its_queues_after_the_server_lost_them(own_moto: Mot
         assert message.body == b"after"
         assert int((await _redrive_policy(queue))["maxReceiveCount"]) == backends.MAX_RECEIVES
         await queue.ack([message.receipt])
+
+
+@pytest.fixture(scope="module")
+def own_elasticmq() -> Iterator[ElasticMQServer]:
+    with ElasticMQServer() as server:
+        yield server
+
+
+async def test_elasticmq_keeps_queues_and_messages_across_a_crash(
+    own_elasticmq: ElasticMQServer, tmp_path: Path
+) -> None:
+    name = backends.unique("q")
+    async with _started(_sqs(own_elasticmq.endpoint, tmp_path, name)) as queue:
+        await queue.send([OutgoingMessage(f"m{i}".encode()) for i in range(5)])
+        await own_elasticmq.arestart(kill=True)  # SIGKILL: only what reached its disk survives
+        got = await receive_all(queue, 5)
+        assert sorted(m.body for m in got) == [f"m{i}".encode() for i in range(5)]
+        assert int((await _redrive_policy(queue))["maxReceiveCount"]) == backends.MAX_RECEIVES
+        await queue.ack([m.receipt for m in got])

@@ -1,6 +1,6 @@
 """Kafka adapter pieces that need no broker: URL parsing, record encoding, offsets, acks, DLQ, rebalances.
 
-The broker-facing behaviour runs in the log contract suite (``-k kafka-mock``, and ``[kafka]`` with
+The broker-facing behaviour runs in the log contract suite (``[kafka]``, on the session's Apache Kafka, or on
 ``DSCHED_TEST_KAFKA``).
 """
 
