@@ -7,14 +7,22 @@ that the port is open. :meth:`query` and :meth:`alerts` wrap the HTTP API; :meth
 configuration and reloads it (``/-/reload``) without a restart.
 
 ``promtool`` is found the same way (``$DSCHED_PROMTOOL``, /usr/bin, PATH); :func:`promtool` runs it.
+
+:data:`DSCHED_RULES` are dsched's alerting rules; ``python -m libs.servers.prometheus --target
+ingestion=127.0.0.1:8080 …`` runs a Prometheus with them next to ``make run`` (or any set of processes) until
+Ctrl-C, and ``make stack`` starts one the same way (:meth:`PrometheusServer.for_dsched`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +35,7 @@ import yaml
 from libs.servers.base import ServerError, ServerProcess, free_port, http_ok
 
 PROMETHEUS_ENV = "DSCHED_PROMETHEUS"
+DSCHED_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 PROMTOOL_ENV = "DSCHED_PROMTOOL"
 
 
@@ -85,6 +94,21 @@ class PrometheusServer(ServerProcess):
         self.evaluation_interval_s = evaluation_interval_s
         self.config_path = self.base_dir / "prometheus.yml"
         self.data_dir = self.base_dir / "data"
+
+    @classmethod
+    def for_dsched(
+        cls, targets: Mapping[str, Sequence[str]], base_dir: Path | None = None, *, port: int | None = None
+    ) -> PrometheusServer:
+        """A Prometheus for a running dsched: scrapes ``targets`` (service name → ``host:port`` of each process's
+        ``/metrics``) every 5 s, as deploy/prometheus.yml does, with dsched's alerting rules loaded."""
+        return cls(
+            base_dir,
+            targets=targets,
+            rule_files=[DSCHED_RULES],
+            scrape_interval_s=5,
+            evaluation_interval_s=5,
+            port=port,
+        )
 
     @property
     def url(self) -> str:
@@ -183,3 +207,29 @@ def _duration(seconds: float) -> str:
     """A Prometheus duration: whole milliseconds (``1500ms``), or seconds when whole (``5s``)."""
     ms = round(seconds * 1000)
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m libs.servers.prometheus --target SERVICE=HOST:PORT …``: Prometheus with dsched's rules."""
+    parser = argparse.ArgumentParser(prog="python -m libs.servers.prometheus", description=main.__doc__)
+    parser.add_argument("--target", action="append", default=[], help="SERVICE=HOST:PORT (repeatable)")
+    parser.add_argument("--port", type=int, default=9090, help="where Prometheus listens (default 9090)")
+    parser.add_argument("--data-dir", type=Path, default=Path(".dsched/prometheus"))
+    args = parser.parse_args(argv)
+    targets: dict[str, list[str]] = {}
+    for spec in args.target or ["ingestion=127.0.0.1:8080"]:
+        service, _, address = spec.partition("=")
+        if not address:
+            parser.error(f"--target {spec!r}: expected SERVICE=HOST:PORT")
+        targets.setdefault(service, []).append(address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with PrometheusServer.for_dsched(targets, args.data_dir, port=args.port) as server:
+        print(f"prometheus at {server.url} scraping {targets}, rules {DSCHED_RULES}", file=sys.stderr)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from libs.servers.prometheus import promtool, promtool_binary
+from libs.servers.prometheus import PrometheusServer, promtool, promtool_binary
 from tests.observability.cluster import REPO, RULES, scaled_rules
 from tests.unit.test_deploy import PROMETHEUS_SERIES, exposed_metric_names, metric_names
 
@@ -116,3 +116,14 @@ def test_scaled_rules_keep_expressions_and_shorten_for(tmp_path: Path) -> None:
     assert by_name["DschedShardWithoutOwner"]["for"] == "2s"
     result = promtool("check", "rules", str(tmp_path / "scaled.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_stack_prometheus_loads_the_real_rules_and_scrapes_every_5s() -> None:
+    server = PrometheusServer.for_dsched({"ingestion": ["127.0.0.1:8080"], "worker": ["127.0.0.1:9101"]})
+    try:
+        config = server.config()
+    finally:
+        server.close()
+    assert config["rule_files"] == [str(RULES)]
+    assert config["global"]["scrape_interval"] == "5s"
+    assert {job["job_name"] for job in config["scrape_configs"]} == {"ingestion", "worker"}
