@@ -37,6 +37,7 @@ from libs.settings import Settings
 from libs.sharding import bucket_for, initial_checkpoint, shard_for
 from libs.store.base import JobStore
 from libs.supervisor import Supervisor
+from picker.fair import fair_order
 
 log = logs.get("picker")
 
@@ -269,6 +270,8 @@ class Picker:
         the run until its due time) in batches; returns the number of runs sent."""
         until = now if until is None else until
         sent = 0
+        if self.settings.tenant_fair_dispatch and len(self._heap) > self.settings.picker_batch:
+            return await self._dispatch_fairly(now, until)  # more than one batch may be due: see picker/fair.py
         while self._heap and self._heap[0][0] <= until:
             batch: list[QueueEntry] = []
             while self._heap and self._heap[0][0] <= until and len(batch) < self.settings.picker_batch:
@@ -281,6 +284,30 @@ class Picker:
                     self._loaded.discard(entry.key)
         return sent
 
+    async def _dispatch_fairly(self, now: int, until: int) -> int:
+        """Every loaded entry due by ``until``, ordered round-robin across tenants (``picker.fair``), in batches."""
+        due: list[QueueEntry] = []
+        while self._heap and self._heap[0][0] <= until:
+            due.append(heapq.heappop(self._heap)[3])
+        sent = 0
+        try:
+            if len(due) > self.settings.picker_batch:
+                try:
+                    owners = await self.store.get_job_owners([e.job_id for e in due])
+                except Exception as exc:  # unfair beats late: dispatch in due order
+                    log.warning("fair_order_failed", error=f"{type(exc).__name__}: {exc}")
+                else:
+                    due = fair_order(due, lambda e: owners.get(e.job_id, ""), lambda e: e.priority, self._weights())
+            for start in range(0, len(due), self.settings.picker_batch):
+                sent += await self._dispatch(due[start : start + self.settings.picker_batch], now)
+        finally:
+            for entry in due:  # sent, or (after a failure) re-read from the store by the next load
+                self._loaded.discard(entry.key)
+        return sent
+
+    def _weights(self) -> dict[str, float]:
+        return {t: float(v["weight"]) for t, v in self.settings.tenant_limits.items() if "weight" in v}
+
     async def _dispatch(self, entries: list[QueueEntry], now: int) -> int:
         owned = self.owned_shards()
         entries = [e for e in entries if e.shard in owned]
@@ -288,6 +315,7 @@ class Picker:
             return 0
         jobs = await self.store.get_jobs(list({e.job_id for e in entries}))
         messages: list[OutgoingMessage] = []
+        tenants: list[str] = []  # messages[i]'s tenant, for the fair order
         next_entries: list[QueueEntry] = []
         skipped_runs: list[Run] = []
         queued: dict[str, JobState] = {}
@@ -336,11 +364,17 @@ class Picker:
                     dispatched_ms=now,
                 )
                 messages.append(OutgoingMessage(body=message.model_dump_json().encode(), priority=job.priority))
+                tenants.append(job.user_id)
                 PICKER_DISPATCHED.labels(entry.kind).inc()
                 DISPATCH_LAG.observe(max(0, now - message.due_ms) / 1000)
             if entry.kind == "schedule" and fire:
                 dispatched[job.job_id] = max(dispatched.get(job.job_id, -1), max(fire))
             queued[job.job_id] = JobState(job_id=job.job_id, state=JobStatus.QUEUED)
+        if self.settings.tenant_fair_dispatch and len(set(tenants)) > 1:
+            pairs = fair_order(
+                list(zip(tenants, messages, strict=True)), lambda p: p[0], lambda p: p[1].priority, self._weights()
+            )
+            messages = [message for _, message in pairs]
         # Order matters for crash safety: the next occurrence and the "queued" state are stored before the send,
         # the send before marking the occurrence dispatched, and that before deleting the entries. A crash at
         # any point re-dispatches at most (deduplicated by run id), never loses.

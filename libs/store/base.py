@@ -201,3 +201,8 @@ class JobStore(ABC):
     async def get_signing_secrets(self, tenant: str) -> list[str]:
         """The tenant's signing secrets, newest first (empty when none were set)."""
         raise NotImplementedError(f"{type(self).__name__} does not store signing secrets")
+
+    async def get_job_owners(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """``job_id → user_id`` of the jobs that exist among ``job_ids`` (for fair dispatch). A store may answer
+        without reading whole definitions; this default reads the jobs."""
+        return {job_id: job.user_id for job_id, job in (await self.get_jobs(job_ids)).items()}

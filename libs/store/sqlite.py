@@ -616,6 +616,18 @@ class SqliteStore(JobStore):
             )
         )
 
+    async def get_job_owners(self, job_ids: Sequence[str]) -> dict[str, str]:
+        ids = list(dict.fromkeys(job_ids))
+
+        def owners(conn: sqlite3.Connection) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                found.update(conn.execute(f"SELECT job_id, user_id FROM jobs WHERE job_id IN ({marks})", chunk))
+            return found
+
+        return await self._reader.run(owners) if ids else {}
+
     async def get_signing_secrets(self, tenant: str) -> list[str]:
         def get(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute("SELECT body FROM signing_secrets WHERE tenant = ?", (tenant,)).fetchone()
