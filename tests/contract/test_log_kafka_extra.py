@@ -1,19 +1,22 @@
-"""Kafka-only log behaviour: two members of one consumer group rebalancing.
+"""Kafka-only log behaviour: two members of one group rebalancing, the idempotent producer across a broker
+crash, the dead-letter topic.
 
 Runs against the session's Apache Kafka (or ``DSCHED_TEST_KAFKA=host:port``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from libs.log.base import ConsumedRecord
 from libs.log.kafka import KafkaLog, KafkaLogConsumer
+from libs.servers import KafkaServer
 from tests import backends
 
 DEADLINE_S = 45.0
@@ -95,3 +98,83 @@ async def test_a_leaving_member_hands_its_partitions_over_at_once(kafka_log: Kaf
         assert time.monotonic() - started < 15.0
     finally:
         await second.shutdown()
+
+
+async def test_the_producer_is_idempotent_on_a_real_broker(kafka_log: KafkaLog) -> None:
+    await kafka_log.append([("job-pid", b"v")])
+    producer = kafka_log._producer
+    assert producer is not None
+    txn = producer._txn_manager
+    assert txn is not None, "enable_idempotence is off"
+    assert txn.has_pid(), "the broker granted no producer id (InitProducerId failed)"
+
+
+async def test_a_dead_letter_lands_on_the_dlq_topic_with_its_reason(kafka_log: KafkaLog) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    key = f"job-{uuid.uuid4().hex[:8]}"
+    await kafka_log.append([(key, b"poison")])
+    consumer = kafka_log.consumer(f"g-{uuid.uuid4().hex[:10]}")
+    await consumer.startup()
+    try:
+        [record] = (await poll_until([consumer], lambda got: len(got[0]) >= 1, "the record"))[0]
+        await consumer.dead_letter(record, "undecodable")
+        await consumer.commit([record])
+    finally:
+        await consumer.shutdown()
+    reader = AIOKafkaConsumer(
+        kafka_log.config.dlq_topic,
+        bootstrap_servers=list(kafka_log.config.bootstrap_servers),
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await reader.start()
+    try:
+        batches = await reader.getmany(timeout_ms=int(DEADLINE_S * 1000), max_records=10)
+        [dead] = [m for messages in batches.values() for m in messages]
+    finally:
+        await reader.stop()
+    assert (dead.key, dead.value) == (key.encode(), b"poison")
+    headers = dict(dead.headers)
+    assert headers["dsched-dlq-reason"] == b"undecodable"
+    assert headers["dsched-dlq-topic"] == kafka_log.config.topic.encode()
+    assert headers["dsched-dlq-offset"] == str(record.offset).encode()
+
+
+@pytest.fixture(scope="module")
+def own_kafka() -> Iterator[KafkaServer]:
+    """A broker of this module's own: the test below kills it, which the session's broker must not see."""
+    with KafkaServer(partitions=4) as server:
+        yield server
+
+
+async def test_appends_across_a_broker_crash_arrive_once_and_in_order(own_kafka: KafkaServer, tmp_path: Path) -> None:
+    settings = backends.test_settings(tmp_path, log_url=own_kafka.url(backends.unique("restart"), partitions=4))
+    log = KafkaLog.from_url(settings.log_url, settings)
+    await log.startup()
+    keys = [f"job-{i}" for i in range(8)]
+    rounds = 40
+    try:
+
+        async def produce() -> None:
+            for round_ in range(rounds):
+                await log.append([(k, f"{k}:{round_}".encode()) for k in keys])
+                await asyncio.sleep(0.02)
+
+        producing = asyncio.create_task(produce())
+        await asyncio.sleep(0.2)
+        await own_kafka.arestart(kill=True)  # in-flight batches are retried; idempotence drops the repeats
+        await asyncio.wait_for(producing, DEADLINE_S)
+        consumer = log.consumer("g-restart")
+        await consumer.startup()
+        try:
+            got = await poll_until([consumer], lambda got: len(got[0]) >= rounds * len(keys), "every record")
+            got[0] += await consumer.poll(max_records=500, timeout_s=1.0)  # a duplicate would show up here
+        finally:
+            await consumer.shutdown()
+    finally:
+        await log.shutdown()
+    per_key: dict[str, list[bytes]] = {}
+    for record in got[0]:
+        per_key.setdefault(record.key, []).append(record.value)
+    assert per_key == {k: [f"{k}:{r}".encode() for r in range(rounds)] for k in keys}
