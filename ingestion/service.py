@@ -488,6 +488,8 @@ class Ingestion:
         if letter is None:
             raise ApiError(404, "not_found", "no such dead letter")
         job = await self._owned_job(request, letter.job_id)
+        if job.deleted:
+            raise ApiError(409, "conflict", "the job is deleted; a dead letter of a deleted job cannot be replayed")
         await self._append("replay", job)
         return json_response(
             {

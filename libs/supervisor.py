@@ -55,15 +55,16 @@ class Supervisor:
     def __init__(
         self,
         *,
-        max_restarts: int = MAX_RESTARTS,
-        window_s: float = RESTART_WINDOW_S,
-        backoff_initial_s: float = BACKOFF_INITIAL_S,
-        backoff_max_s: float = BACKOFF_MAX_S,
+        max_restarts: int | None = None,
+        window_s: float | None = None,
+        backoff_initial_s: float | None = None,
+        backoff_max_s: float | None = None,
     ) -> None:
-        self.max_restarts = max_restarts
-        self.window_s = window_s
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        """Unset arguments take the module's constants (read now, so tests can change them)."""
+        self.max_restarts = MAX_RESTARTS if max_restarts is None else max_restarts
+        self.window_s = RESTART_WINDOW_S if window_s is None else window_s
+        self.backoff_initial_s = BACKOFF_INITIAL_S if backoff_initial_s is None else backoff_initial_s
+        self.backoff_max_s = BACKOFF_MAX_S if backoff_max_s is None else backoff_max_s
         self.failed = asyncio.Event()
         self.failure: ServiceFailed | None = None
         self._loops: dict[tuple[str, str], LoopState] = {}

@@ -18,7 +18,7 @@ from libs import logs
 from libs.clock import now_ms
 from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
 from libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS, export
-from libs.models import DeadLetter, Job, QueueEntry, Submission
+from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Submission
 from libs.settings import Settings
 from libs.sharding import bucket_for, initial_checkpoint, shard_for
 from libs.store.base import JobStore
@@ -239,6 +239,8 @@ class Writer:
         )
         with contextlib.suppress(Exception):
             await self.store.put_dead_letters([letter])
+            # The row ingestion wrote at acceptance would say "submitted" forever.
+            await self.store.update_job_states([JobState(job_id=sub.job.job_id, state=JobStatus.FAILED)])
 
     def _entry(self, job: Job, due_ms: int, *, scheduled_ms: int, attempt: int, kind: str, now: int) -> QueueEntry:
         return entry_for(

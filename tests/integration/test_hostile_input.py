@@ -1,0 +1,157 @@
+"""Issue 9: hostile-but-plausible input gets a 4xx with a precise detail, never a 202 for what can never run,
+never a 5xx, and never stops the pipeline for anyone else."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Api
+
+URL = "http://127.0.0.1:9/x"
+DEEP: Any = "leaf"
+for _ in range(40):
+    DEEP = [DEEP]
+
+BAD_SUBMITS: dict[str, tuple[dict[str, Any], str]] = {
+    # id: (body without project_id, a word the detail must contain)
+    "every_overflows": ({"payload": "x", "cron_schedule": "@every 2600000000000h"}, "maximum"),
+    "every_above_a_year": ({"payload": "x", "cron_schedule": "@every 8785h"}, "maximum"),
+    "fire_before_1970": ({"payload": "x", "next_fire_at": "1969-12-31T23:59:59Z"}, "1970"),
+    "fire_without_offset": ({"payload": "x", "next_fire_at": "2030-01-01T00:00:00"}, "offset"),
+    "retries_past_9999": (
+        {"payload": "x", "next_fire_at": "9999-12-31T23:00:00Z", "max_retries": 3, "retry": {"max_s": 86400}},
+        "9999",
+    ),
+    "retry_delay_overflows": ({"payload": "x", "retry": {"initial_s": 1e308}}, "initial_s"),
+    "retry_multiplier_huge": ({"payload": "x", "retry": {"multiplier": 1e300}}, "multiplier"),
+    "retry_unknown_key": ({"payload": "x", "retry": {"initial": 1}}, "initial"),
+    "retry_status_out_of_range": ({"payload": "x", "retry": {"retry_on_status": [600]}}, "599"),
+    "bool_for_int": ({"payload": "x", "max_retries": True}, "max_retries"),
+    "string_for_int": ({"payload": "x", "priority": "5"}, "priority"),
+    "string_for_float": ({"payload": "x", "timeout_s": "10"}, "timeout_s"),
+    "unknown_top_key": ({"payload": "x", "colour": "red"}, "colour"),
+    "cron_never_fires": ({"payload": "x", "cron_schedule": "0 0 30 2 *"}, "cron_schedule"),
+    "cmd_over_arg_limit": ({"payload": "cmd:echo " + "x" * (128 * 1024)}, "MAX_ARG_STRLEN"),
+    "cmd_with_nul": ({"payload": "cmd:echo a\u0000b"}, "NUL"),
+    "http_header_crlf": ({"payload": {"http": {"url": URL, "headers": {"X-A": "a\r\nX-B: b"}}}}, "CR"),
+    "http_header_nul": ({"payload": {"http": {"url": URL, "headers": {"X-A": "a\u0000"}}}}, "NUL"),
+    "http_header_bad_name": ({"payload": {"http": {"url": URL, "headers": {"X A": "a"}}}}, "header name"),
+    "http_host_header": ({"payload": {"http": {"url": URL, "headers": {"Host": "evil"}}}}, "Host"),
+    "http_framing_header": ({"payload": {"http": {"url": URL, "headers": {"Transfer-Encoding": "chunked"}}}}, "hop"),
+    "http_hop_header": ({"payload": {"http": {"url": URL, "headers": {"Connection": "close"}}}}, "hop"),
+    "http_no_host": ({"payload": {"http": {"url": "http:///path"}}}, "host"),
+    "http_bad_port": ({"payload": {"http": {"url": "http://127.0.0.1:99999/x"}}}, "URL"),
+    "http_unknown_key": ({"payload": {"http": {"url": URL, "verb": "GET"}}}, "verb"),
+    "http_bad_method": ({"payload": {"http": {"url": URL, "method": "TRACE"}}}, "method"),
+    "deep_nesting": ({"payload": {"http": {"url": URL, "method": "POST", "body": DEEP}}}, "deeper"),
+}
+
+
+async def _job_count(api: Api) -> int:
+    status, data = await api.call("GET", "/jobs?limit=1000")
+    assert status == 200, data
+    return len(data["jobs"])
+
+
+async def test_each_class_of_bad_input_is_a_400_and_the_pipeline_keeps_running(api: Api) -> None:
+    before = await _job_count(api)
+    for case, (body, word) in BAD_SUBMITS.items():
+        status, data = await api.call("POST", "/submit", json={"project_id": "p", **body})
+        assert status == 400, (case, status, data)
+        assert set(data) == {"error", "detail"}, (case, data)
+        assert word.lower() in data["detail"].lower(), (case, data["detail"])
+    assert await _job_count(api) == before  # nothing was accepted
+    # An ordinary job still runs for everyone, and nothing reports a fault.
+    job_id = await api.submit(payload="still alive")
+    runs = await api.finished_runs(job_id, timeout=15)
+    assert runs[0]["status"] == "succeeded"
+    status, health = await api.call("GET", "/health")
+    assert status == 200 and health["status"] == "ok", health
+
+
+async def test_a_past_fire_time_fires_now(api: Api) -> None:
+    job_id = await api.submit(payload="late", next_fire_at="2001-01-01T00:00:00Z")
+    runs = await api.finished_runs(job_id, timeout=15)
+    assert runs[0]["status"] == "succeeded"
+
+
+async def test_patch_is_validated_like_submit_and_refuses_empty_or_no_op(api: Api) -> None:
+    job_id = await api.submit(payload="x", name="n", next_fire_at="2099-01-01T00:00:00Z")
+    for body, word in [
+        ({}, "empty"),
+        ({"name": "n"}, "nothing to change"),
+        ({"cron_schedule": "@every 2600000000000h"}, "maximum"),
+        ({"max_retries": True}, "max_retries"),
+        ({"retry": {"bogus": 1}}, "bogus"),
+        ({"payload": "cmd:" + "x" * (128 * 1024)}, "MAX_ARG_STRLEN"),
+        ({"next_fire_at": "1900-01-01T00:00:00Z"}, "1970"),
+        ({"project_id": "other"}, "project_id"),
+    ]:
+        status, data = await api.call("PATCH", f"/jobs/{job_id}", json=body)
+        assert status == 400, (body, data)
+        assert word.lower() in data["detail"].lower(), (body, data)
+    status, data = await api.call("PATCH", f"/jobs/{job_id}", json={"name": "renamed"})
+    assert status == 202, data
+
+
+async def test_client_errors_are_json_4xx_and_never_leak_internals(api: Api) -> None:
+    status, data = await api.call("GET", "/jobs?cursor=not-a-cursor")
+    assert status == 400 and "cursor" in data["detail"], data
+    status, data = await api.call("PUT", "/submit", json={})
+    assert status == 405 and set(data) == {"error", "detail"}, data
+    async with api.session.request("PUT", api.base + "/submit", headers={"X-User-ID": "alice"}) as resp:
+        assert "POST" in resp.headers.get("Allow", ""), dict(resp.headers)
+    status, data = await api.call("POST", "/submit", data=b"[1, 2", headers={"Content-Type": "application/json"})
+    assert status == 400 and data["error"] == "invalid_json", data
+
+
+async def _raw(api: Api, request: bytes) -> tuple[int, bytes]:
+    host, port = api.base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), timeout=5)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"G\x00T / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
+    ],
+    ids=["bad_request_line", "bad_method", "header_too_long"],
+)
+async def test_errors_raised_by_the_http_layer_are_json(api: Api, request_bytes: bytes) -> None:
+    status, body = await _raw(api, request_bytes)
+    assert 400 <= status < 500
+    assert body.startswith(b'{"error":'), body[:200]
+
+
+async def test_replaying_a_dead_letter_of_a_deleted_job_is_a_conflict(api: Api) -> None:
+    job_id = await api.submit(payload="cmd:exit 3", max_retries=0)
+    await api.finished_runs(job_id, timeout=15)
+
+    async def letters() -> list[dict[str, Any]]:
+        _, data = await api.call("GET", "/dead-letters")
+        return [d for d in data["dead_letters"] if d["job_id"] == job_id]
+
+    letter = (await api.wait_for(letters))[0]
+    status, _ = await api.call("DELETE", f"/jobs/{job_id}")
+    assert status == 202
+
+    async def deleted() -> bool:
+        _, job = await api.call("GET", f"/jobs/{job_id}")
+        return bool(job["status"] == "deleted")
+
+    await api.wait_for(deleted)
+    status, data = await api.call("POST", f"/dead-letters/{letter['id']}/replay")
+    assert status == 409, data
