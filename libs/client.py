@@ -428,8 +428,8 @@ def cluster_status(client: Client, args: argparse.Namespace) -> int:
     lines = [
         f"leader:   {cluster.get('leader') or '(none)'}",
         f"queue:    {queue.get('visible', '-')} waiting, {queue.get('in_flight', '-')} in flight",
-        f"last 15m: {sum(stats.get('runs', {}).values())} runs "
-        + (", ".join(f"{k} {v}" for k, v in stats.get("runs", {}).items()) or "")
+        f"last 15m: {sum(stats.get('runs', {}).values())} runs"
+        + (" (" + ", ".join(f"{k} {v}" for k, v in stats.get("runs", {}).items()) + ")" if stats.get("runs") else "")
         + f"; fire lag p50 {fmt_ms(stats.get('fire_lag_p50_ms'))}, p99 {fmt_ms(stats.get('fire_lag_p99_ms'))}",
         "",
         table(
