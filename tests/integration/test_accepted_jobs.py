@@ -44,7 +44,7 @@ async def test_an_accepted_job_is_readable_at_once_before_the_writer_stores_it(t
             assert job["status"] == "submitted" and job["name"] == "early"
         status, page = await api.call("GET", "/jobs")
         assert [j["job_id"] for j in page["jobs"]] == [job_id]
-        status, other = await api.call("GET", f"/jobs/{job_id}", user="mallory")
+        status, _ = await api.call("GET", f"/jobs/{job_id}", user="mallory")
         assert status == 404
     async with running(settings, ["ingestion", *BACKEND_SERVICES]) as instances, aiohttp.ClientSession() as session:
         api = Api(base=f"http://127.0.0.1:{instances['ingestion'].port}", session=session)  # type: ignore[attr-defined]
