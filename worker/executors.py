@@ -14,7 +14,7 @@ starts — including ones that called ``setsid`` or double-forked — is killed 
 the shell exits while some are still alive:
 
 - **cgroup v2** where the hierarchy is mounted and writable (probed once per process): each run gets its own
-  cgroup ``dsched-run-<id>`` under this process's cgroup; the shell joins it before it runs the command, every
+  cgroup ``dsched-run-<pid>-<id>`` under this process's cgroup; the shell joins it before it runs the command, every
   descendant inherits it, and ``cgroup.kill`` (or SIGKILL to each member, repeated until empty) ends them all;
 - **otherwise a child subreaper**: the command runs under a small helper process (:data:`_REAPER`) that marks
   itself ``PR_SET_CHILD_SUBREAPER``, so every orphan of the tree is re-parented to it rather than to init; when the
@@ -320,11 +320,33 @@ def cgroup_parent() -> Path | None:
                 timeout=5,
                 check=False,
             )
-            return parent if done.returncode == 0 else None
+            if done.returncode != 0:
+                return None
         finally:
             _remove_cgroup_sync(probe)
+        _sweep_cgroups(parent)
+        return parent
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
+
+
+def _discard_cgroup(path: Path) -> None:
+    _kill_cgroup(path)
+    _remove_cgroup_sync(path)
+
+
+def _sweep_cgroups(parent: Path) -> None:
+    """Discard the run cgroups of worker processes that no longer exist (killed before they could clean up)."""
+    for entry in parent.glob("dsched-run-*-*"):
+        pid = entry.name.split("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _discard_cgroup(entry)
+        except OSError:
+            continue
 
 
 def _remove_cgroup_sync(path: Path) -> None:
@@ -345,7 +367,7 @@ class _Tree:
         self.cgroup: Path | None = None
         parent = cgroup_parent()
         if parent is not None:
-            cgroup = parent / f"dsched-run-{uuid.uuid4().hex}"
+            cgroup = parent / f"dsched-run-{os.getpid()}-{uuid.uuid4().hex}"
             try:
                 cgroup.mkdir()
                 self.cgroup = cgroup
@@ -378,9 +400,9 @@ class _Tree:
             await asyncio.wait_for(proc.wait(), timeout=5)
 
     async def close(self) -> None:
+        """Kill what is left and remove the cgroup: one thread job, so it completes even if we are cancelled."""
         if self.cgroup is not None:
-            await asyncio.to_thread(_kill_cgroup, self.cgroup)
-            await asyncio.to_thread(_remove_cgroup_sync, self.cgroup)
+            await asyncio.to_thread(_discard_cgroup, self.cgroup)
 
 
 async def _exited(pid: int) -> None:
