@@ -79,6 +79,12 @@ def _frozen_picker(rng: random.Random, window_s: float, backends: Backends) -> l
     ]
 
 
+def _frozen_picker_long(rng: random.Random, window_s: float, backends: Backends) -> list[FaultSpec]:
+    # Frozen for four lease TTLs (issue 10: an @every 2s job had a 10.5 s gap after a picker was frozen for 8 s):
+    # its shards must move within about a TTL and keep firing while it sleeps, and come back when it wakes.
+    return [FaultSpec(rng.uniform(3.0, 3.5), "freeze", {"role": "picker", "frozen_s": round(4 * LEASE_TTL_S, 3)})]
+
+
 def _etcd_restart(rng: random.Random, window_s: float, backends: Backends) -> list[FaultSpec]:
     first = rng.uniform(2.5, 3.5)
     second = first + rng.uniform(5.0, 6.0)
@@ -167,6 +173,15 @@ SCENARIOS: dict[str, Scenario] = {
             Shape(coordinators=2, pickers=3, workers=2),
             14.0,
             _frozen_picker,
+        ),
+        Scenario(
+            "frozen-picker-long",
+            "SIGSTOP a picker for four lease TTLs while recurring jobs run: its shards fail over within about a "
+            "TTL and keep firing (no gap beyond interval + TTL + 2 s), then come back when it wakes.",
+            Shape(coordinators=2, pickers=3, workers=2),
+            16.0,
+            _frozen_picker_long,
+            recurring=6,
         ),
         Scenario(
             "etcd-restart",
