@@ -39,6 +39,8 @@ from libs.store.base import JobStore
 from libs.supervisor import Supervisor
 from picker.fair import fair_order
 
+FAIR_FIRST_BATCH = 100  # first batch of a fair burst; each next one doubles (up to DSCHED_PICKER_BATCH)
+
 log = logs.get("picker")
 
 # A recurring occurrence is "missed" (misfire policy applies) when dispatched later than this by default.
@@ -298,8 +300,12 @@ class Picker:
                     log.warning("fair_order_failed", error=f"{type(exc).__name__}: {exc}")
                 else:
                     due = fair_order(due, lambda e: owners.get(e.job_id, ""), lambda e: e.priority, self._weights())
-            for start in range(0, len(due), self.settings.picker_batch):
-                sent += await self._dispatch(due[start : start + self.settings.picker_batch], now)
+            # Small batches first, doubling up to DSCHED_PICKER_BATCH: the head of the fair order (every tenant's
+            # first runs) reaches the queue after a short batch instead of after a full one.
+            start, size = 0, min(FAIR_FIRST_BATCH, self.settings.picker_batch)
+            while start < len(due):
+                sent += await self._dispatch(due[start : start + size], now)
+                start, size = start + size, min(2 * size, self.settings.picker_batch)
         finally:
             for entry in due:  # sent, or (after a failure) re-read from the store by the next load
                 self._loaded.discard(entry.key)
