@@ -24,6 +24,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Middleware
 
 from libs.settings import Settings
 
@@ -90,6 +91,6 @@ async def loopback_json_only(request: web.Request, handler: Handler) -> web.Stre
     return await handler(request)
 
 
-def middlewares(settings: Settings) -> list[Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]]:
+def middlewares(settings: Settings) -> list[Middleware]:
     """The guards to install for ``settings``: :func:`loopback_json_only` while ``cmd:`` is on, else none."""
     return [loopback_json_only] if settings.allow_cmd else []
