@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -17,11 +18,16 @@ import urllib.request
 import uuid
 from typing import Any
 
+API_KEY = os.environ.get("DSCHED_API_KEY", "")  # set by --key: the stack runs with DSCHED_AUTH=keys
+
 
 def call(base: str, method: str, path: str, user: str, body: dict[str, Any] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(f"{base}{path}", data=data, method=method)
-    request.add_header("X-User-ID", user)
+    if API_KEY:
+        request.add_header("Authorization", f"Bearer {API_KEY}")
+    else:
+        request.add_header("X-User-ID", user)  # DSCHED_AUTH=dev
     if data is not None:
         request.add_header("Content-Type", "application/json")
         request.add_header("Idempotency-Key", str(uuid.uuid4()))
@@ -45,7 +51,11 @@ def main() -> None:
     parser.add_argument("api", nargs="?", default="http://127.0.0.1:8080")
     parser.add_argument("--jobs", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=180.0)
+    parser.add_argument("--key", default=None, help="API key (default: $DSCHED_API_KEY; none: X-User-ID, dev mode)")
     args = parser.parse_args()
+    if args.key:
+        global API_KEY
+        API_KEY = args.key
     base = args.api.rstrip("/")
     deadline = time.monotonic() + args.timeout
     wait_healthy(base, deadline)
