@@ -234,6 +234,8 @@ class Authenticator:
         self._pepper: bytes | None = None
         self.keys = KeyVerifier(store, self.pepper, settings.auth_cache_s) if "keys" in self.modes else None
         self.jwt = JwtVerifier(settings) if "jwt" in self.modes else None
+        if settings.jwt_default_role and settings.jwt_default_role not in Role._value2member_map_:
+            raise BackendConfigError(f"DSCHED_JWT_DEFAULT_ROLE={settings.jwt_default_role!r}: viewer, member or admin")
         self.limits = TenantLimits(store, settings)
         self.proxies = [ipaddress.ip_network(p.strip(), strict=False) for p in settings.trusted_proxies if p.strip()]
         self.realm = 'Bearer realm="dsched"'
