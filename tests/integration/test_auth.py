@@ -28,11 +28,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from ingestion.auth import AUTH_FAILURES, Authenticator
+from ingestion.service import Ingestion
 from libs.apikeys import Role, create_key
 from libs.backends import BackendConfigError
 from libs.metrics import REGISTRY
 from libs.runner import started
 from libs.settings import SERVICES, Settings
+from libs.store.sqlite import SqliteStore
 from tests.integration.conftest import cluster_settings
 
 ALICE, BOB = "alice", "bob"
@@ -515,6 +517,26 @@ async def test_submit_rate_limit_and_quota(tmp_path: Path) -> None:
         assert bob_statuses == [202, 202, 429]
         big = {**body, "payload": "y" * 600}
         assert (await client.call("POST", "/submit", f"Bearer {bob}", big))[0] == 413
+
+
+async def test_rate_limit_is_shared_by_two_ingestion_instances(tmp_path: Path) -> None:
+    """Two ingestion instances, each with its own connection to the store file, draw from one bucket."""
+    async with cluster(tmp_path, auth="keys", tenant_submit_rate=0.2, tenant_submit_burst=4) as client:
+        first = client.ingestion
+        other_store = SqliteStore(first.settings.data_dir / "store.db")
+        await other_store.startup()
+        try:
+            second = Ingestion(log=first.log, store=other_store, blobs=first.blobs, settings=first.settings)
+            async with second.open(port=0):
+                _, key = await add_key(client, ALICE, Role.MEMBER)
+                bases = [client.base, f"http://127.0.0.1:{second.port}"]
+                statuses = []
+                for i in range(8):
+                    other = Client(bases[i % 2], client.session, first)
+                    statuses.append((await other.call("POST", "/submit", f"Bearer {key}", FUTURE_JOB))[0])
+                assert sorted(statuses) == [202] * 4 + [429] * 4, statuses
+        finally:
+            await other_store.shutdown()
 
 
 async def test_dev_mode_is_loopback_only(tmp_path: Path) -> None:
