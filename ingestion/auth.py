@@ -10,7 +10,7 @@ Modes (``DSCHED_AUTH``, comma-separated):
 ``jwt``
     ``Authorization: Bearer <JWT>`` verified by :mod:`ingestion.oidc`; claims carry tenant and role.
 
-``keys,jwt`` accepts both (a key is recognised by its ``dsk_`` prefix). Independently of the mode, a deployment
+``keys,jwt`` accepts both (a key is recognised by its ``dsk_`` prefix). In ``keys``/``jwt`` modes, a deployment
 behind an authenticating proxy may name a header (``DSCHED_TRUSTED_USER_HEADER``) that is believed only when the
 connection comes from ``DSCHED_TRUSTED_PROXIES``; from anywhere else it is ignored.
 
