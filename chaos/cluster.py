@@ -29,9 +29,9 @@ from typing import IO, Any, Literal
 import aiohttp
 import orjson
 
-from coordinator.service import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
 from libs.backends import make_coordination, make_queue
 from libs.coordination.base import Coordination
+from libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
 from libs.queue.base import QueueCounts
 from libs.settings import Settings
 from libs.store.sqlite import SqliteStore

@@ -32,7 +32,7 @@ from typing import Any
 
 from chaos.cluster import LEASE_TTL_S, SHARD_COUNT, Cluster, ServiceProcess, now_ms
 from chaos.target import Target
-from coordinator.service import LEADER_KEY
+from libs.coordination.keys import LEADER_KEY
 
 KINDS = ("kill", "kill-leader", "kill-busy-worker", "freeze", "etcd-restart", "moto-pause", "moto-restart")
 BACKEND_KINDS = frozenset({"etcd-restart", "moto-pause", "moto-restart"})

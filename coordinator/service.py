@@ -24,13 +24,10 @@ import orjson
 from libs import logs
 from libs.clock import now_ms
 from libs.coordination.base import Coordination
+from libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
 from libs.metrics import COORDINATOR_LEADER, SHARD_COUNT, export
 from libs.settings import Settings
 
-LEADER_KEY = "leader"
-PICKERS_PREFIX = "pickers/"
-ASSIGNMENTS_PREFIX = "assignments/"
-CANCEL_PREFIX = "cancel/"  # cancel/<run_id>: ask the worker running it to stop (short-lived, leased)
 log = logs.get("coordinator")
 
 

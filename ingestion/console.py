@@ -10,8 +10,8 @@ Routes (registered by :func:`register` before the core routes, so ``/jobs/bulk``
 
 - ``GET /jobs?q=…`` — search the caller's jobs by id (exact), name, project or payload text (case-insensitive
   substring), with the usual ``status``/``project_id`` filters and cursor paging. Without ``q`` the core handler
-  answers. A search request reads at most ``SEARCH_SCAN`` jobs; when it stops early it returns ``next_cursor`` to
-  continue, so a page is fast at any size (100,000 jobs: a few keyset pages per request).
+  answers. The store matches (``JobStore.search_jobs``: one SQL query on the embedded store; elsewhere a scan of at
+  most ``SEARCH_SCAN`` jobs per request that returns ``next_cursor`` to continue), so a page stays fast at any size.
 - ``POST /jobs/bulk`` ``{"action": "pause|resume|trigger|delete", "job_ids": [...]}`` — per-job results.
 - ``POST /dead-letters/replay`` ``{"ids": [...]}`` — replay several dead letters.
 - ``GET /schedule/preview?cron=&timezone=&at=&next=`` — the fire times a submit would get, before submitting.
@@ -38,18 +38,16 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from coordinator.service import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
 from ingestion.requests import RequestError, check_schedule, dead_letter_view, job_view, parse_time, run_view
 from libs.clock import now_ms, to_rfc3339
+from libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX, WORKERS_PREFIX
 from libs.models import Job, JobStatus
 from libs.schedule import parse_schedule, upcoming
-from worker.presence import WORKERS_PREFIX
 
 if TYPE_CHECKING:
     from ingestion.service import Ingestion
 
 SEARCH_SCAN = 5000  # jobs read per search request at most
-SEARCH_PAGE = 1000
 BULK_MAX = 500
 SAMPLE_S = 10.0
 WINDOW_MAX_S = 3600
@@ -208,32 +206,11 @@ class Console:
             exact = (await self.ingestion.store.get_jobs([query])).get(query)
             if exact is not None and exact.user_id == user:
                 found = [exact] if _matches_filters(exact, status, project, now) else []
-                return _json({"jobs": [job_view(j, now) for j in found], "next_cursor": None, "scanned": 1})
-        needle = query.lower()
-        matches: list[Job] = []
-        scanned = 0
-        next_cursor = cursor
-        while scanned < SEARCH_SCAN and len(matches) < limit:
-            page_start = next_cursor
-            jobs, next_cursor = await self.ingestion.store.list_jobs(
-                user, SEARCH_PAGE, page_start, status=status, project_id=project
-            )
-            for index, job in enumerate(jobs):
-                if _matches(job, needle):
-                    matches.append(job)
-                    if len(matches) == limit:
-                        if index + 1 < len(jobs) or next_cursor is not None:
-                            # resume right after this job: the store's cursor for a page ending here
-                            _, next_cursor = await self.ingestion.store.list_jobs(
-                                user, index + 1, page_start, status=status, project_id=project
-                            )
-                        scanned += index + 1
-                        break
-            else:
-                scanned += len(jobs)
-            if next_cursor is None or len(matches) == limit:
-                break
-        return _json({"jobs": [job_view(j, now) for j in matches], "next_cursor": next_cursor, "scanned": scanned})
+                return _json({"jobs": [job_view(j, now) for j in found], "next_cursor": None})
+        matches, next_cursor = await self.ingestion.store.search_jobs(
+            user, query, limit, cursor, status=status, project_id=project, scan=SEARCH_SCAN
+        )
+        return _json({"jobs": [job_view(j, now) for j in matches], "next_cursor": next_cursor})
 
     # Bulk -------------------------------------------------------------------------------------------------
     async def bulk_jobs(self, request: web.Request) -> web.Response:
@@ -519,11 +496,6 @@ def _apply(action: str, job: Job, now: int) -> Job:
     if action == "delete":
         return job.model_copy(update={"deleted": True})
     return job
-
-
-def _matches(job: Job, needle: str) -> bool:
-    text = job.payload.text or (job.payload.http.url if job.payload.http is not None else "")
-    return any(needle in value.lower() for value in (job.job_id, job.name, job.project_id, text or ""))
 
 
 def _matches_filters(job: Job, status: str | None, project: str | None, now: int) -> bool:

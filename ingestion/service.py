@@ -19,7 +19,6 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from coordinator.service import CANCEL_PREFIX
 from ingestion import console, guards, openapi
 from ingestion.admin import AdminRoutes
 from ingestion.auth import Authenticator, principal_of
@@ -37,10 +36,11 @@ from ingestion.requests import (
     pydantic_detail,
     run_view,
 )
-from libs import logs
+from libs import logs, tracing
 from libs.blobs.base import BlobNotFound, BlobStore
 from libs.clock import now_ms, to_rfc3339
 from libs.coordination.base import Coordination
+from libs.coordination.keys import CANCEL_PREFIX
 from libs.limits import MAX_JSON_DEPTH, json_depth_exceeds
 from libs.log.base import SubmissionLog
 from libs.metrics import BLOB_OFFLOADS, HTTP_REQUESTS, REGISTRY, SUBMISSIONS, TENANT_SUBMISSIONS, tenant_label
@@ -219,8 +219,14 @@ class Ingestion:
         return job
 
     async def _append(self, op: str, job: Job, attempt: int = 0) -> None:
+        span = tracing.start("ingestion", "dsched.submit", None, {"dsched.job_id": job.job_id, "dsched.op": op})
+        if span is not None:  # the log record carries the trace to the writer (libs/tracing.py)
+            job = job.model_copy(update={"traceparent": tracing.traceparent_of(span)})
         submission = Submission(op=op, job=job, at_ms=now_ms(), attempt=attempt)  # type: ignore[arg-type]
-        await self.log.append([(job.job_id, submission.model_dump_json().encode())])
+        try:
+            await self.log.append([(job.job_id, submission.model_dump_json().encode())])
+        finally:
+            tracing.end(span)
         SUBMISSIONS.labels(op).inc()
         TENANT_SUBMISSIONS.labels(tenant_label(job.user_id), op).inc()
 

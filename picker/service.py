@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import orjson
 
-from coordinator.service import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
-from libs import logs
+from libs import logs, tracing
 from libs.clock import now_ms
 from libs.coordination.base import Coordination
+from libs.coordination.keys import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
 from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT, export
 from libs.models import Job, JobState, JobStatus, QueueEntry, Run, RunMessage, RunStatus, run_id_for
 from libs.queue.base import OutgoingMessage, WorkQueue
@@ -368,6 +368,10 @@ class Picker:
                     due_ms=entry.due_ms if scheduled == entry.scheduled_ms else scheduled,
                     kind=entry.kind,
                     dispatched_ms=now,
+                    # The queue message carries the trace on to the worker (libs/tracing.py); None while off.
+                    traceparent=tracing.instant("picker", "dsched.dispatch", job.traceparent, {"dsched.run_id": run_id})
+                    if tracing.ENABLED
+                    else None,
                 )
                 messages.append(OutgoingMessage(body=message.model_dump_json().encode(), priority=job.priority))
                 tenants.append(job.user_id)

@@ -23,12 +23,12 @@ import orjson
 from libs import logs
 from libs.clock import now_ms, to_rfc3339
 from libs.coordination.base import Coordination
+from libs.coordination.keys import WORKERS_PREFIX
 from libs.metrics import REGISTRY
 
 if TYPE_CHECKING:
     from worker.service import Worker
 
-WORKERS_PREFIX = "workers/"
 MAX_LISTED_RUNS = 50
 log = logs.get("worker")
 

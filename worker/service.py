@@ -26,12 +26,12 @@ from collections.abc import AsyncIterator, Awaitable, Coroutine
 import aiohttp
 from pydantic import ValidationError
 
-from coordinator.service import CANCEL_PREFIX
-from libs import logs
+from libs import logs, tracing
 from libs.batching import Batcher
 from libs.blobs.base import BlobStore
 from libs.clock import now_ms
 from libs.coordination.base import Coordination
+from libs.coordination.keys import CANCEL_PREFIX
 from libs.metrics import (
     DEAD_LETTERS,
     DUPLICATE_DELIVERIES,
@@ -230,6 +230,12 @@ class Worker:
                         log.warning("record_failed", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
                         continue
                 to_ack.append(message.receipt)
+            elif run.job.execution == "at_most_once" and any(r.run_id == run.run_id for _, r in runnable):
+                # Two messages for one run in one batch (a picker re-dispatched it): the claim above was won once,
+                # for both of them; only the first may run.
+                DUPLICATE_DELIVERIES.inc()
+                log.warning("at_most_once_duplicate_in_batch", job_id=run.job.job_id, run_id=run.run_id)
+                to_ack.append(message.receipt)
             else:
                 runnable.append((message, run))
         for _ in range(len(messages) - len(runnable)):
@@ -293,6 +299,14 @@ class Worker:
         WORKER_INFLIGHT.inc()
         executing = True
         job = run.job
+        # The run's span: child of the picker's dispatch span, current (log lines, the HTTP call's traceparent)
+        # until the attempt is recorded. None while tracing is off (libs/tracing.py).
+        span = (
+            tracing.start("worker", "dsched.run", run.traceparent, {"dsched.run_id": run.run_id})
+            if tracing.ENABLED
+            else None
+        )
+        trace_token = tracing.attach(span)
         try:
             started = now_ms()
             # A job submitted with its due time already past is late by the client's doing: not in the SLO.
@@ -306,6 +320,7 @@ class Worker:
                 error = f"the worker could not run this job: {type(exc).__name__}: {exc}"[:1000]
                 outcome = executors.Outcome(RunStatus.FAILED, error=error, retryable=True)
             self._started.pop(run.run_id, None)  # before the final record: no "running" may follow it
+            tracing.end(span, None if outcome.status == RunStatus.SUCCEEDED else outcome.status.value)
             finished = now_ms()
             RUN_DURATION.observe((finished - started) / 1000)
             RUNS_FINISHED.labels(outcome.status.value).inc()
@@ -332,6 +347,7 @@ class Worker:
                 "run_failed_to_record", job_id=job.job_id, run_id=run.run_id, error=f"{type(exc).__name__}: {exc}"
             )
         finally:
+            tracing.detach(trace_token)
             self._inflight.pop(message.receipt, None)
             self._receipts_by_run.pop(run.run_id, None)
             self._started.pop(run.run_id, None)
@@ -364,6 +380,8 @@ class Worker:
             "Idempotency-Key": idempotency_key,
             "X-Dsched-Attempt": str(run.attempt),
         }
+        if (traceparent := tracing.current_traceparent()) is not None:  # the target joins the job's trace
+            headers["traceparent"] = traceparent
         return await executors.call_http(
             self._session,
             payload.http,
