@@ -15,6 +15,7 @@ new one) and strongly read-after-write consistent; DELETE of a missing key succe
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -23,8 +24,8 @@ from botocore.exceptions import ClientError
 
 from libs import logs
 from libs.aws import create_client, default_region, error_code, start_client
-from libs.backends import BackendConfigError
 from libs.blobs.base import BlobNotFound, BlobStore
+from libs.errors import BackendConfigError
 from libs.settings import Settings
 
 __all__ = ["S3BlobStore", "S3Unavailable"]
@@ -149,6 +150,18 @@ class S3BlobStore(BlobStore):
         async with reply["Body"] as stream:
             data: bytes = await stream.read()
         return data
+
+    async def iter_chunks(self, key: str, chunk_bytes: int = 65536) -> AsyncGenerator[bytes, None]:
+        """Streams the object's body (one GET; nothing but the current chunk is held in memory)."""
+        try:
+            reply = await self._s3().get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if error_code(exc) in _MISSING_KEY:
+                raise BlobNotFound(key) from None
+            raise
+        async with reply["Body"] as stream:
+            while chunk := await stream.read(chunk_bytes):
+                yield chunk
 
     async def delete(self, key: str) -> None:
         await self._s3().delete_object(Bucket=self.bucket, Key=self._key(key))
