@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncGenerator
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from botocore.exceptions import ClientError
@@ -150,6 +150,21 @@ class S3BlobStore(BlobStore):
         async with reply["Body"] as stream:
             data: bytes = await stream.read()
         return data
+
+    async def put_file(self, key: str, file: IO[bytes]) -> None:
+        """One PUT whose body is read from ``file`` (from its current position) as it is sent."""
+        full = self._key(key)
+        start = file.tell()
+        try:
+            await self._s3().put_object(Bucket=self.bucket, Key=full, Body=file)
+            return
+        except ClientError as exc:
+            if error_code(exc) != "NoSuchBucket":
+                raise
+        log.warning("s3_bucket_missing", bucket=self.bucket)
+        await self._ensure_bucket()
+        file.seek(start)
+        await self._s3().put_object(Bucket=self.bucket, Key=full, Body=file)
 
     async def iter_chunks(self, key: str, chunk_bytes: int = 65536) -> AsyncGenerator[bytes, None]:
         """Streams the object's body (one GET; nothing but the current chunk is held in memory)."""
