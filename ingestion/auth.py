@@ -42,7 +42,7 @@ from ingestion.oidc import InvalidToken, JwtVerifier, TokenUnavailable
 from ingestion.requests import USER_ID
 from libs import logs
 from libs.apikeys import KEY_PREFIX, InvalidKey, KeyVerifier, Role, load_pepper
-from libs.backends import BackendConfigError
+from libs.errors import BackendConfigError
 from libs.metrics import REGISTRY
 from libs.settings import Settings
 from libs.store.base import JobStore

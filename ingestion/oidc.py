@@ -21,7 +21,7 @@ import jwt
 from jwt.algorithms import get_default_algorithms
 
 from libs import logs
-from libs.backends import BackendConfigError
+from libs.errors import BackendConfigError
 from libs.settings import Settings
 
 log = logs.get("auth")

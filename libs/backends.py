@@ -24,15 +24,12 @@ from urllib.parse import urlsplit
 
 from libs.blobs.base import BlobStore
 from libs.coordination.base import Coordination
+from libs.errors import BackendConfigError
 from libs.log.base import SubmissionLog
 from libs.queue.base import WorkQueue
 from libs.retrying import until_up
 from libs.settings import Settings
 from libs.store.base import JobStore
-
-
-class BackendConfigError(ValueError):
-    """A backend URL that cannot be used; the message is one line meant for the operator."""
 
 
 def _scheme(url: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from libs import client, keys_cli, logs
-from libs.backends import BackendConfigError
+from libs.errors import BackendConfigError
 from libs.settings import SERVICES, Settings
 from libs.supervisor import ServiceFailed
 

@@ -40,8 +40,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import aetcd
 
 from libs import logs
-from libs.backends import BackendConfigError
 from libs.coordination.base import Coordination, LeaseNotFound, WatchCompacted, WatchEvent
+from libs.errors import BackendConfigError
 from libs.settings import Settings
 
 __all__ = ["EtcdCoordination", "EtcdEndpoint", "EtcdUnavailable", "LeaseNotFound", "WatchCompacted"]

@@ -45,7 +45,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from libs import logs
-from libs.backends import BackendConfigError
+from libs.errors import BackendConfigError
 from libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
 from libs.settings import Settings
 

@@ -45,7 +45,7 @@ from botocore.exceptions import ClientError
 
 from libs import logs
 from libs.aws import create_client, default_region, error_code, start_client
-from libs.backends import BackendConfigError
+from libs.errors import BackendConfigError
 from libs.queue.base import MAX_BATCH, OutgoingMessage, QueueCounts, ReceivedMessage, WorkQueue
 from libs.settings import Settings
 

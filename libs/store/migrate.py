@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from libs import logs
-from libs.backends import BackendConfigError
 from libs.clock import now_ms
+from libs.errors import BackendConfigError
 from libs.settings import Settings
 from libs.store.scylla import ScyllaConfig, build_cluster, parse_url
 

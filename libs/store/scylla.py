@@ -66,8 +66,8 @@ from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import UNSET_VALUE, dict_factory
 
 from libs.apikeys import ApiKey
-from libs.backends import BackendConfigError
 from libs.clock import now_ms
+from libs.errors import BackendConfigError
 from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
 from libs.settings import Settings
 from libs.sharding import bucket_for, initial_checkpoint
@@ -274,8 +274,22 @@ NON_IDEMPOTENT: Final = frozenset(
 _ENTRY_COLUMNS = "due_ms, job_id, scheduled_ms, attempt, kind, version, priority"
 
 
-def statements() -> dict[str, str]:
-    """The CQL of every prepared statement, by name (unqualified: the session's keyspace applies)."""
+_TABLE_REF = re.compile(r"\b(FROM|INTO|UPDATE) ([a-z_]+)\b")
+
+
+def statements(keyspace: str | None = None) -> dict[str, str]:
+    """The CQL of every prepared statement, by name; table names qualified with ``keyspace`` when given.
+
+    The store prepares them qualified and never switches the session's keyspace: Cassandra 5 warns about
+    every statement prepared under ``USE <keyspace>`` (ambiguous for prepared-statement caching).
+    """
+    texts = _statements()
+    if keyspace is None:
+        return texts
+    return {name: _TABLE_REF.sub(rf"\1 {keyspace}.\2", cql) for name, cql in texts.items()}
+
+
+def _statements() -> dict[str, str]:
     return {
         "schema_version": "SELECT version FROM schema_migrations WHERE version = ?",
         "init_layout": (
@@ -470,7 +484,7 @@ class ScyllaStore(JobStore):
         self._cluster, self._session = await asyncio.to_thread(self._connect)
         try:
             await self._check_schema()
-            texts = statements()
+            texts = statements(self.config.keyspace)
             names = [name for name in texts if name != "schema_version"]
             prepared = await asyncio.gather(*(asyncio.to_thread(self._session.prepare, texts[n]) for n in names))
             for name, statement in zip(names, prepared, strict=True):
@@ -481,13 +495,12 @@ class ScyllaStore(JobStore):
             raise
 
     def _connect(self) -> tuple[Any, Any]:
-        """Blocking: build the cluster, connect, and switch to the keyspace (run in a thread)."""
+        """Blocking: build the cluster, connect, check the keyspace exists (run in a thread)."""
         cluster = build_cluster(self.config)
         try:
             session = cluster.connect()
             if self.config.keyspace not in cluster.metadata.keyspaces:
                 raise SchemaNotMigrated(f"keyspace {self.config.keyspace!r} does not exist: run `dsched db migrate`")
-            session.set_keyspace(self.config.keyspace)
             return cluster, session
         except BaseException:
             cluster.shutdown()
@@ -495,7 +508,9 @@ class ScyllaStore(JobStore):
 
     async def _check_schema(self) -> None:
         try:
-            statement = await asyncio.to_thread(self._session.prepare, statements()["schema_version"])
+            statement = await asyncio.to_thread(
+                self._session.prepare, statements(self.config.keyspace)["schema_version"]
+            )
         except InvalidRequest as exc:  # no schema_migrations table
             raise SchemaNotMigrated(
                 f"keyspace {self.config.keyspace!r} has no dsched schema: run `dsched db migrate`"

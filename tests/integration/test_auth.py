@@ -30,7 +30,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from ingestion.auth import AUTH_FAILURES, Authenticator
 from ingestion.service import Ingestion
 from libs.apikeys import Role, create_key
-from libs.backends import BackendConfigError
+from libs.errors import BackendConfigError
 from libs.metrics import REGISTRY
 from libs.runner import started
 from libs.settings import SERVICES, Settings

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from libs.backends import BackendConfigError, Backends
+from libs.backends import Backends
 from libs.blobs.s3 import S3BlobStore
 from libs.coordination.etcd import EtcdCoordination, EtcdEndpoint
+from libs.errors import BackendConfigError
 from libs.queue.sqs import SqsQueue
 from libs.servers import free_port
 from libs.settings import Settings

@@ -16,7 +16,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaTimeoutError
 
-from libs.backends import BackendConfigError
+from libs.errors import BackendConfigError
 from libs.log.base import ConsumedRecord
 from libs.log.kafka import (
     REASON_HEADER,

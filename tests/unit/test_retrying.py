@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from libs import backends as backends_module
-from libs.backends import BackendConfigError, Backends
+from libs.backends import Backends
+from libs.errors import BackendConfigError
 from libs.queue.sqlite import SqliteQueue
 from libs.retrying import until_up
 from libs.settings import Settings

@@ -30,7 +30,7 @@ from cassandra import InvalidRequest
 from cassandra.murmur3 import murmur3
 from cassandra.query import UNSET_VALUE
 
-from libs.backends import BackendConfigError
+from libs.errors import BackendConfigError
 from libs.models import Job, JobState, JobStatus, LastRun, Payload, RunStatus
 from libs.settings import Settings
 from libs.store import migrate as migrate_module
@@ -512,7 +512,11 @@ class FakeCql:
 
     # Prepared statements
     def prepare(self, cql: str) -> Prepared:
-        found = [(kind, m) for kind, pattern in _SHAPES.items() if (m := re.match(pattern, cql))]
+        qualified = re.search(r"\b(?:FROM|INTO|UPDATE) (\w+)\.\w+", cql)
+        if qualified and qualified.group(1) not in self.keyspaces:
+            raise InvalidRequest(f"Keyspace {qualified.group(1)} does not exist")
+        shape = re.sub(r"\b(FROM|INTO|UPDATE) \w+\.(\w+)", r"\1 \2", cql)  # the store qualifies its tables
+        found = [(kind, m) for kind, pattern in _SHAPES.items() if (m := re.match(pattern, shape))]
         if not found:
             raise InvalidRequest(f"unsupported statement {cql}")
         kind, match = found[0]
@@ -835,7 +839,7 @@ async def test_put_jobs_writes_definition_columns_only(store: ScyllaStore, engin
     cluster = engine.clusters[-1]
     cluster.executed.clear()
     await store.put_jobs([make_job()])
-    assert sorted(cluster.executed) == sorted([statements()["put_job"], statements()["put_job_by_user"]])
+    assert sorted(cluster.executed) == sorted([statements("dsched_test")["put_job"], statements("dsched_test")["put_job_by_user"]])
     assert "state" not in statements()["put_job"]
 
 
@@ -844,7 +848,7 @@ async def test_a_batch_writes_each_key_once_with_its_last_value(store: ScyllaSto
     cluster.executed.clear()
     first, second = make_job(name="v1", version=1), make_job(name="v2", version=2)
     await store.put_jobs([first, second])
-    assert cluster.executed.count(statements()["put_job"]) == 1
+    assert cluster.executed.count(statements("dsched_test")["put_job"]) == 1
     assert (await store.get_jobs(["j1"]))["j1"].name == "v2"
 
 
