@@ -2,8 +2,10 @@
 
     python -m bench.fairness --big 20000 --small 20 [--scenarios idle,fair,unfair]
 
-Scenarios, each on a fresh ``dsched run all`` (dev mode, embedded backends), all jobs ``echo`` (no I/O) and due at
-one instant ``--lead`` seconds after the start (enough to submit them all; tenant B's jobs are submitted last):
+Scenarios, each on a fresh ``dsched run all`` (embedded backends), all jobs ``echo`` (no I/O) and due at one instant
+``--lead`` seconds after the scheduler is up. The jobs and their time-bucket entries are written straight into the
+store (as the writer would), so the measurement is dispatch and execution only, not HTTP submission (measured by
+``bench.burst``; on a loaded machine 20,000 submits take longer than any sensible lead):
 
 - ``idle``: only tenant B's ``--small`` jobs: the fire lag of an idle system;
 - ``fair``: tenant A's ``--big`` jobs and B's, with fair dispatch on (the default);
@@ -17,35 +19,56 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-
-import aiohttp
+import uuid
+from pathlib import Path
 
 from bench.common import Scheduler, percentile
 from libs.cli import run_loop
-from libs.clock import to_rfc3339
-from libs.models import run_id_for
+from libs.models import Job, Payload, QueueEntry, run_id_for
+from libs.settings import Settings
+from libs.sharding import bucket_for, shard_for
 from libs.store.sqlite import SqliteStore
 
 
-async def submit(base: str, bodies: list[tuple[str, dict[str, object]]], concurrency: int = 64) -> list[str | None]:
-    """POST each (tenant, body); returns the job ids (None = refused)."""
-    ids: list[str | None] = [None] * len(bodies)
-    sem = asyncio.Semaphore(concurrency)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-
-        async def one(i: int) -> None:
-            tenant, body = bodies[i]
-            async with sem:
-                for attempt in range(3):
-                    try:
-                        async with session.post(f"{base}/submit", json=body, headers={"X-User-ID": tenant}) as resp:
-                            if resp.status == 202:
-                                ids[i] = (await resp.json())["job_id"]
-                            return
-                    except aiohttp.ClientError:
-                        await asyncio.sleep(0.1 * (attempt + 1))
-
-        await asyncio.gather(*(one(i) for i in range(len(bodies))))
+async def seed(data_dir: Path, tenants: list[tuple[str, int]], due_ms: int) -> dict[str, list[str]]:
+    """Write each tenant's one-shot echo jobs due at ``due_ms`` and their queue entries; tenant → job ids."""
+    settings = Settings.from_env(data_dir=data_dir)
+    store = SqliteStore(data_dir / "store.db")
+    await store.startup()
+    ids: dict[str, list[str]] = {}
+    try:
+        await store.check_layout(settings.shard_count, settings.bucket_ms)
+        bucket = bucket_for(due_ms, settings.bucket_ms)
+        for tenant, count in tenants:
+            jobs = [
+                Job(
+                    job_id=str(uuid.uuid4()),
+                    user_id=tenant,
+                    project_id="bench",
+                    payload=Payload(kind="echo", text="noop"),
+                    next_fire_ms=due_ms,
+                    created_ms=int(time.time() * 1000),
+                )
+                for _ in range(count)
+            ]
+            for start in range(0, len(jobs), 2000):
+                chunk = jobs[start : start + 2000]
+                await store.put_jobs(chunk)
+                await store.put_entries(
+                    [
+                        QueueEntry(
+                            shard=shard_for(j.job_id, settings.shard_count),
+                            bucket_ms=bucket,
+                            due_ms=due_ms,
+                            job_id=j.job_id,
+                            scheduled_ms=due_ms,
+                        )
+                        for j in chunk
+                    ]
+                )
+            ids[tenant] = [j.job_id for j in jobs]
+    finally:
+        await store.shutdown()
     return ids
 
 
@@ -70,18 +93,13 @@ async def scenario(name: str, big: int, small: int, lead: float) -> dict[str, fl
     env = {"DSCHED_TENANT_FAIR_DISPATCH": "false"} if name == "unfair" else {}
     scheduler = Scheduler(env)
     await scheduler.start()
-    base = f"http://127.0.0.1:{scheduler.port}"
     try:
         due_ms = int(time.time() * 1000 + lead * 1000)
-        body = {"project_id": "bench", "payload": "noop", "next_fire_at": to_rfc3339(due_ms)}
-        bodies = [("tenant-a", body)] * (0 if name == "idle" else big) + [("tenant-b", body)] * small
-        started = time.monotonic()
-        ids = await submit(base, bodies)
-        took = time.monotonic() - started
-        if time.time() * 1000 > due_ms:
-            print(f"warning: submission took {took:.1f}s, longer than the lead; raise --lead")
-        a_ids = [j for (tenant, _), j in zip(bodies, ids, strict=True) if j and tenant == "tenant-a"]
-        b_ids = [j for (tenant, _), j in zip(bodies, ids, strict=True) if j and tenant == "tenant-b"]
+        tenants = [("tenant-a", 0 if name == "idle" else big), ("tenant-b", small)]
+        ids = await seed(scheduler.data_dir, tenants, due_ms)
+        if time.time() * 1000 > due_ms - 2000:
+            print("warning: seeding ended less than 2 s before the due time; raise --lead")
+        a_ids, b_ids = ids["tenant-a"], ids["tenant-b"]
         lags = await wait_finished(scheduler, a_ids + b_ids, due_ms, timeout_s=180)
     finally:
         scheduler.stop()
@@ -116,7 +134,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--big", type=int, default=20000, help="tenant A's jobs")
     parser.add_argument("--small", type=int, default=20, help="tenant B's jobs")
-    parser.add_argument("--lead", type=float, default=30.0)
+    parser.add_argument("--lead", type=float, default=10.0, help="seconds from the start to the due instant")
     parser.add_argument("--scenarios", default="idle,fair,unfair")
     args = parser.parse_args()
     run_loop(main(args.big, args.small, args.lead, args.scenarios.split(",")))
