@@ -283,7 +283,9 @@
     function draw() {
       for (const id of [...selected]) if (!rows.some((j) => j.job_id === id)) selected.delete(id);
       bulkButtons.forEach((b) => (b.disabled = selected.size === 0));
-      count.textContent = selected.size ? `${selected.size} selected` : `page ${page + 1}`;
+      const partial = search.value.trim() && rows.length < q.limit && nextCursor;
+      count.textContent = selected.size ? `${selected.size} selected`
+        : partial ? "searched a window of jobs; “Older →” searches further" : `page ${page + 1}`;
       prev.disabled = page === 0;
       next.disabled = !nextCursor;
       allBox.checked = rows.length > 0 && rows.every((j) => selected.has(j.job_id));

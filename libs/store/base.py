@@ -79,6 +79,43 @@ class JobStore(ABC):
     ) -> tuple[list[Job], str | None]:
         """A user's jobs, newest first; returns the page and the cursor of the next page (None at the end)."""
 
+    async def search_jobs(
+        self,
+        user_id: str,
+        text: str,
+        limit: int,
+        cursor: str | None = None,
+        status: str | None = None,
+        project_id: str | None = None,
+        scan: int = 5000,
+    ) -> tuple[list[Job], str | None]:
+        """A user's jobs whose id, name, project or payload text/URL contains ``text`` (case-insensitive),
+        newest first, reading at most about ``scan`` jobs per call: fewer than ``limit`` matches with a cursor
+        means "not found yet, continue from the cursor". This default pages through :meth:`list_jobs`; stores
+        that can filter server-side override it (the embedded store does it in one SQL query)."""
+        needle = text.lower()
+        matches: list[Job] = []
+        scanned = 0
+        next_cursor = cursor
+        page = max(1, min(1000, scan))
+        while scanned < scan:
+            start = next_cursor
+            size = min(page, scan - scanned)
+            jobs, next_cursor = await self.list_jobs(user_id, size, start, status=status, project_id=project_id)
+            scanned += len(jobs)
+            for index, job in enumerate(jobs):
+                if job_matches(job, needle):
+                    matches.append(job)
+                    if len(matches) == limit:
+                        if index + 1 < len(jobs):  # resume right after this job
+                            _, next_cursor = await self.list_jobs(
+                                user_id, index + 1, start, status=status, project_id=project_id
+                            )
+                        return matches, next_cursor
+            if next_cursor is None:
+                break
+        return matches, next_cursor
+
     # Queue entries ----------------------------------------------------------------------------------------
     @abstractmethod
     async def put_entries(self, entries: Sequence[QueueEntry]) -> None:
@@ -206,3 +243,9 @@ class JobStore(ABC):
         """``job_id → user_id`` of the jobs that exist among ``job_ids`` (for fair dispatch). A store may answer
         without reading whole definitions; this default reads the jobs."""
         return {job_id: job.user_id for job_id, job in (await self.get_jobs(job_ids)).items()}
+
+
+def job_matches(job: Job, needle: str) -> bool:
+    """Whether ``needle`` (lower case) is in the job's id, name, project, payload text or HTTP URL."""
+    text = job.payload.text or (job.payload.http.url if job.payload.http is not None else "") or ""
+    return any(needle in value.lower() for value in (job.job_id, job.name, job.project_id, text))

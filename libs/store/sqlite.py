@@ -265,6 +265,70 @@ class SqliteStore(JobStore):
         )
         return [_job_from_row(*row) for row in rows], next_cursor
 
+    async def search_jobs(
+        self,
+        user_id: str,
+        text: str,
+        limit: int,
+        cursor: str | None = None,
+        status: str | None = None,
+        project_id: str | None = None,
+        scan: int = 5000,
+    ) -> tuple[list[Job], str | None]:
+        """The match runs in SQL (``instr`` over id, name, project, payload text and URL) over a window of the
+        user's next ``scan`` jobs in index order (reading a job costs a primary-key lookup, so a window keeps a
+        miss from reading all of them): fewer than ``limit`` matches with a cursor means "continue from there"."""
+        if limit <= 0:
+            return [], cursor
+        needle = text.lower()
+        where = ["j.user_id = ?"]
+        params: list[Any] = [user_id]
+        window_sql = "SELECT created_ms, job_id FROM jobs WHERE user_id = ?"
+        window_args: list[Any] = [user_id]
+        if cursor is not None:
+            window_sql += " AND (created_ms, job_id) < (?, ?)"
+            window_args += _decode_cursor(cursor, 2)
+        window_sql += " ORDER BY created_ms DESC, job_id DESC LIMIT 1 OFFSET ?"
+        window_args.append(max(1, scan) - 1)
+
+        def window_end(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row = conn.execute(window_sql, window_args).fetchone()
+            return tuple(row) if row is not None else None
+
+        boundary = await self._reader.run(window_end)  # the last job of the window (index only, cheap)
+        if boundary is not None:
+            where.append("(j.created_ms, j.job_id) >= (?, ?)")
+            params += list(boundary)
+        if not any(c in needle for c in '"\\') and needle.isprintable():
+            # cheap prefilter on the raw JSON (the needle appears there verbatim), before parsing any of it
+            where.append("instr(lower(CAST(j.definition AS TEXT)), ?) > 0")
+            params.append(needle)
+        where += [
+            "instr(lower(j.job_id || ' ' || j.project_id || ' ' || "
+            "coalesce(json_extract(CAST(j.definition AS TEXT), '$.name'), '') || ' ' || "
+            "coalesce(json_extract(CAST(j.definition AS TEXT), '$.payload.text'), '') || ' ' || "
+            "coalesce(json_extract(CAST(j.definition AS TEXT), '$.payload.http.url'), '')), ?) > 0",
+        ]
+        params.append(needle)
+        if status is not None:
+            where.append(f"{_STATUS_SQL} = ?")
+            params.append(JobStatus(status).value)
+        if project_id is not None:
+            where.append("j.project_id = ?")
+            params.append(project_id)
+        rows, next_cursor = await self._page(
+            select=_JOB_COLUMNS,
+            source=_JOBS_FROM,
+            keys=("j.created_ms", "j.job_id"),
+            where=where,
+            params=params,
+            limit=limit,
+            cursor=cursor,
+        )
+        if next_cursor is None and boundary is not None:
+            next_cursor = _encode_cursor(*boundary)  # window searched; more jobs follow it
+        return [_job_from_row(*row) for row in rows], next_cursor
+
     async def _page(
         self,
         *,
@@ -533,7 +597,6 @@ class SqliteStore(JobStore):
 
         return await self._reader.run(stats)
 
-
     # Tenants: API keys, rate limits, usage, signing secrets ------------------------------------------------
     async def put_api_key(self, key: ApiKey) -> None:
         row = (key.key_id, key.tenant, key.created_ms, key.model_dump_json().encode())
@@ -635,6 +698,7 @@ class SqliteStore(JobStore):
 
         body = await self._reader.run(get)
         return [] if body is None else [str(s) for s in orjson.loads(body)]
+
 
 _STATS_STATUSES = (
     JobStatus.SCHEDULED,

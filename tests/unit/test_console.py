@@ -1,14 +1,22 @@
-"""Console API helpers: histogram quantiles, windowed deltas across worker restarts; client CLI formatting."""
+"""Console API helpers: histogram quantiles, windowed deltas across worker restarts, job search (SQLite query and
+the base class's scan); client CLI formatting."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ingestion.console import Sample, _delta, quantile
 from libs.client import parse_at, shard_ranges, table
+from libs.models import HttpTarget, Job, Payload
+from libs.store.base import JobStore
+from libs.store.sqlite import SqliteStore
 
 
 def test_quantile_interpolates_inside_the_bucket() -> None:
@@ -54,3 +62,59 @@ def test_client_helpers() -> None:
     at = datetime.fromisoformat(parse_at("+90s").replace("Z", "+00:00"))
     assert 85 < (at - datetime.now(UTC)).total_seconds() <= 90
     assert parse_at("2030-01-01T00:00:00Z") == "2030-01-01T00:00:00Z"
+
+
+def make_job(i: int, **fields: object) -> Job:
+    return Job.model_validate(
+        {
+            "job_id": f"job-{i:04d}",
+            "user_id": "u",
+            "project_id": f"proj-{i % 3}",
+            "name": f"name-{i}",
+            "payload": Payload(kind="cmd", text=f"echo Payload-{i}"),
+            "next_fire_ms": 10**13,
+            "created_ms": 1000 + i,
+            **fields,
+        }
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "store.db")
+    await s.startup()
+    yield s
+    await s.shutdown()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["sqlite-sql", "base-scan"])
+async def test_search_jobs_matches_fields_pages_and_continues_past_a_window(store: SqliteStore, native: bool) -> None:
+    http = Payload(kind="http", http=HttpTarget(url="https://hooks.example.com/Deploy"))
+    await store.put_jobs([make_job(i) for i in range(60)] + [make_job(60, payload=http, name="deployer")])
+    await store.put_jobs([make_job(1000, user_id="other", name="name-1")])
+    search = store.search_jobs if native else functools.partial(JobStore.search_jobs, store)
+
+    async def ids(text: str, limit: int = 100, **kw: Any) -> list[str]:
+        jobs, _ = await search("u", text, limit, **kw)
+        return [j.job_id for j in jobs]
+
+    assert await ids("NAME-5") == ["job-0059", "job-0058", "job-0057", "job-0056", "job-0055", "job-0054",
+                                   "job-0053", "job-0052", "job-0051", "job-0050", "job-0005"]  # fmt: skip
+    assert await ids("payload-42") == ["job-0042"]  # payload text, case-insensitive
+    assert await ids("hooks.example.com/deploy") == ["job-0060"]  # HTTP URL
+    assert await ids("job-0007") == ["job-0007"]
+    assert await ids("name-1", project_id="proj-1") == ["job-0019", "job-0016", "job-0013", "job-0010", "job-0001"]
+    assert await ids("name-1", status="paused") == []
+    assert await ids("nothing") == []
+    # paging: limit 4 of the 11 "name-5" matches, then continue from the cursor
+    first, cursor = await search("u", "name-5", 4)
+    second, _ = await search("u", "name-5", 4, cursor)
+    assert [j.job_id for j in first + second] == [f"job-00{n}" for n in (59, 58, 57, 56, 55, 54, 53, 52)]
+    # a window of 10 jobs holds no match for "name-1": no result yet, but a cursor to search further
+    found, cursor = await search("u", "name-1", 5, scan=10)
+    assert found == [] and cursor is not None
+    rounds = 0
+    while not found and cursor is not None and rounds < 10:
+        found, cursor = await search("u", "name-1", 5, cursor, scan=10)
+        rounds += 1
+    assert [j.job_id for j in found][:1] == ["job-0019"]
