@@ -29,10 +29,12 @@ from worker import failures
 from worker.executors import Cancellation, Outcome
 from worker.service import Worker
 
+VISIBILITY_S = 2.0  # short, so that a lapse of the heartbeat would show within the tests
+
 
 @pytest.fixture
 async def backends(tmp_path: Path) -> AsyncIterator[Backends]:
-    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0, allow_cmd=True)
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=VISIBILITY_S, allow_cmd=True)
     async with Backends.open(settings, {"store", "queue", "blobs"}) as b:
         yield b
 
@@ -40,7 +42,7 @@ async def backends(tmp_path: Path) -> AsyncIterator[Backends]:
 @pytest.fixture
 async def worker(backends: Backends, tmp_path: Path) -> AsyncIterator[Worker]:
     assert backends.queue and backends.store and backends.blobs
-    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0, allow_cmd=True)
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=VISIBILITY_S, allow_cmd=True)
     async with Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, settings=settings).open() as w:
         yield w
 
@@ -181,7 +183,7 @@ async def test_a_poison_record_does_not_fail_the_runs_batched_with_it(
 
     monkeypatch.setattr(store, "put_runs", put_runs)  # before the worker binds it to its batcher
     await send(backends.queue, *(message_for(j).model_dump_json().encode() for j in [poison, *good]))
-    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0)
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=VISIBILITY_S)
     async with Worker(queue=backends.queue, store=store, blobs=backends.blobs, settings=settings).open() as worker:
         assert await worker.drain() == 6
     assert max(batches) > 1  # the poison record did share a batch
@@ -206,7 +208,7 @@ async def test_when_not_even_a_failure_can_be_recorded_the_message_stays(
 
     monkeypatch.setattr(backends.store, "put_runs", put_runs)
     await send(backends.queue, message_for(job).model_dump_json().encode())
-    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0)
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=VISIBILITY_S)
     async with Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, settings=settings).open() as w:
         assert await w.drain() == 1
         counts = await backends.queue.counts()
@@ -303,7 +305,7 @@ async def test_the_worker_sweeps_parked_messages_in_the_background(
     monkeypatch.setattr(failures, "SWEEP_INTERVAL_S", 0.1)
     job = await new_job(backends.store)
     await park(backends.queue, message_for(job).model_dump_json().encode())
-    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=1.0)
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=VISIBILITY_S)
     async with Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, settings=settings).open():
         end = time.monotonic() + 10
         while not (await outcome(backends.store, job))[2]:
@@ -314,23 +316,23 @@ async def test_the_worker_sweeps_parked_messages_in_the_background(
 
 # Heartbeat: held and running messages never reappear while the worker lives ------------------------------------
 async def test_held_and_running_messages_stay_hidden_while_the_worker_lives(worker: Worker, backends: Backends) -> None:
-    """Visibility timeout 1 s; one run held 2 s for its due time, one running 2.5 s: another consumer polling
+    """Visibility timeout 2 s; one run held 4 s for its due time, one running 4.5 s: another consumer polling
     all along never sees either, and each runs exactly once."""
     assert backends.store and backends.queue
     held = await new_job(backends.store)
-    slow = await new_job(backends.store, payload=Payload(kind="cmd", text="sleep 2.5"))
+    slow = await new_job(backends.store, payload=Payload(kind="cmd", text="sleep 4.5"))
     await send(
         backends.queue,
-        message_for(held, due_ms=now_ms() + 2000).model_dump_json().encode(),
+        message_for(held, due_ms=now_ms() + 4000).model_dump_json().encode(),
         message_for(slow).model_dump_json().encode(),
     )
-    messages = await backends.queue.receive(10, 1.0, 1.0)
+    messages = await backends.queue.receive(10, 1.0, VISIBILITY_S)
     assert len(messages) == 2
     start = worker._start(messages)
     for _ in messages:
         await worker._slots.acquire()
     await start
-    end = time.monotonic() + 3.5
+    end = time.monotonic() + 5.5
     while time.monotonic() < end:
         stolen = await backends.queue.receive(10, 0.2, 30)
         assert stolen == [], "a message reappeared while its worker was alive"
@@ -338,4 +340,30 @@ async def test_held_and_running_messages_stay_hidden_while_the_worker_lives(work
     for job in (held, slow):
         run, _, _ = await outcome(backends.store, job)
         assert run is not None and run.status == RunStatus.SUCCEEDED, run
+    assert await queue_is_empty(backends.queue)
+
+
+# Two messages for one at-most-once run in one batch ----------------------------------------------------------------
+async def test_two_messages_of_one_at_most_once_run_in_one_batch_run_it_once(
+    worker: Worker, backends: Backends, tmp_path: Path
+) -> None:
+    """A picker that re-dispatches (it woke after its shard moved) can put a second message for the same run in
+    the queue; when one receive returns both, the run's claim is won once and must let only one of them run."""
+    assert backends.store and backends.queue
+    marker = tmp_path / "ran.log"
+    job = await new_job(
+        backends.store, payload=Payload(kind="cmd", text=f"echo x >> {marker}"), execution="at_most_once"
+    )
+    body = message_for(job).model_dump_json().encode()
+    await send(backends.queue, body, body)
+    messages = await backends.queue.receive(10, 1.0, 30.0)
+    assert len(messages) == 2
+    start = worker._start(messages)
+    for _ in messages:
+        await worker._slots.acquire()
+    await start
+    await worker.wait_idle()
+    assert marker.read_text().count("x") == 1
+    run, current, _ = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.SUCCEEDED and current.status == JobStatus.SUCCEEDED
     assert await queue_is_empty(backends.queue)
