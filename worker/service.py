@@ -236,12 +236,6 @@ class Worker:
                 DUPLICATE_DELIVERIES.inc()
                 log.warning("at_most_once_duplicate_in_batch", job_id=run.job.job_id, run_id=run.run_id)
                 to_ack.append(message.receipt)
-            elif run.job.execution == "at_most_once" and any(r.run_id == run.run_id for _, r in runnable):
-                # Two messages for one run in one batch (a picker re-dispatched it): the claim above was won once,
-                # for both of them; only the first may run.
-                DUPLICATE_DELIVERIES.inc()
-                log.warning("at_most_once_duplicate_in_batch", job_id=run.job.job_id, run_id=run.run_id)
-                to_ack.append(message.receipt)
             else:
                 runnable.append((message, run))
         for _ in range(len(messages) - len(runnable)):
