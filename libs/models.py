@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Why a time-bucket entry / queue message exists: a schedule occurrence, a retry, a manual trigger or a replay.
+EntryKind = Literal["schedule", "retry", "trigger", "replay"]
 ACCEPTED_VERSION = -1  # Job.version of a job accepted by ingestion and not yet stored by the writer
 RUN_NAMESPACE = uuid.UUID("5b0c6f0e-6a53-4d4f-9a39-7f2d1c1e0d5a")
 
@@ -109,6 +111,8 @@ class Job(Model):
     created_ms: int
     # sha256 of the submit request when it carried an Idempotency-Key: a retry with another body is refused.
     submit_digest: str | None = None
+    # W3C trace context of the hop that last handled this definition (see libs.tracing); None while tracing is off.
+    traceparent: str | None = None
     version: int = 0
     paused: bool = False
     deleted: bool = False
@@ -154,7 +158,7 @@ class QueueEntry(Model):
     job_id: str
     scheduled_ms: int
     attempt: int = 0
-    kind: Literal["schedule", "retry", "trigger", "replay"] = "schedule"
+    kind: EntryKind = "schedule"
     version: int = 0
     priority: int = 50
 
@@ -192,8 +196,9 @@ class RunMessage(Model):
     scheduled_ms: int
     attempt: int
     due_ms: int
-    kind: Literal["schedule", "retry", "trigger", "replay"] = "schedule"
+    kind: EntryKind = "schedule"
     dispatched_ms: int = 0
+    traceparent: str | None = None  # the picker's dispatch span (libs.tracing); None while tracing is off
 
 
 class DeadLetter(Model):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import zlib
 
+from libs.models import EntryKind, Job, QueueEntry
+
 
 def shard_for(job_id: str, shard_count: int) -> int:
     """Stable across processes, restarts and Python versions (unlike ``hash``)."""
@@ -22,3 +24,33 @@ def initial_checkpoint(now_ms: int, bucket_ms: int, grace_ms: int) -> int:
     exists, no entry can be written behind it.
     """
     return bucket_for(now_ms - grace_ms, bucket_ms)
+
+
+def entry_for(
+    job: Job,
+    due_ms: int,
+    *,
+    scheduled_ms: int,
+    attempt: int,
+    kind: EntryKind,
+    shard_count: int,
+    bucket_ms: int,
+    now: int,
+) -> QueueEntry:
+    """The time-bucket entry firing ``job``'s occurrence ``scheduled_ms`` (attempt ``attempt``) at ``due_ms``.
+
+    The one place the bucket rule lives: an entry goes into the bucket of ``max(due_ms, now)``, so one already due
+    lands in the current bucket, which pickers still scan, never in a past bucket a picker may have checkpointed
+    past (see :func:`initial_checkpoint`). Writer, picker and worker all build entries here.
+    """
+    return QueueEntry(
+        shard=shard_for(job.job_id, shard_count),
+        bucket_ms=bucket_for(max(due_ms, now), bucket_ms),
+        due_ms=due_ms,
+        job_id=job.job_id,
+        scheduled_ms=scheduled_ms,
+        attempt=attempt,
+        kind=kind,
+        version=job.version,
+        priority=job.priority,
+    )

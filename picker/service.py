@@ -34,7 +34,7 @@ from libs.queue.base import OutgoingMessage, WorkQueue
 from libs.retrying import until_up
 from libs.schedule import ScheduleError, parse_schedule, plan_misfire
 from libs.settings import Settings
-from libs.sharding import bucket_for, initial_checkpoint, shard_for
+from libs.sharding import bucket_for, entry_for, initial_checkpoint
 from libs.store.base import JobStore
 from libs.supervisor import Supervisor
 from picker.fair import fair_order
@@ -479,16 +479,16 @@ class Picker:
         return plan.fire, skipped, self._schedule_entry(job, plan.next_ms, now)
 
     def _schedule_entry(self, job: Job, next_ms: int, now: int) -> QueueEntry:
-        return QueueEntry(
-            shard=shard_for(job.job_id, self.settings.shard_count),
-            bucket_ms=bucket_for(max(next_ms, now), self.settings.bucket_ms),
-            due_ms=next_ms,
-            job_id=job.job_id,
+        settings = self.settings
+        return entry_for(
+            job,
+            next_ms,
             scheduled_ms=next_ms,
             attempt=0,
             kind="schedule",
-            version=job.version,
-            priority=job.priority,
+            shard_count=settings.shard_count,
+            bucket_ms=settings.bucket_ms,
+            now=now,
         )
 
     def _chain_entry(self, job: Job, now: int) -> QueueEntry | None:

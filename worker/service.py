@@ -61,7 +61,7 @@ from libs.models import (
 from libs.queue.base import ReceivedMessage, WorkQueue
 from libs.retry import backoff_s, http_status_retryable, parse_retry_after, should_retry
 from libs.settings import Settings
-from libs.sharding import bucket_for, shard_for
+from libs.sharding import entry_for
 from libs.signing import SigningSecrets
 from libs.store.base import JobStore
 from libs.supervisor import Supervisor
@@ -498,17 +498,16 @@ class Worker:
         return due
 
     def _retry_entry(self, run: RunMessage, due: int, now: int) -> QueueEntry:
-        job = run.job
-        return QueueEntry(
-            shard=shard_for(job.job_id, self.settings.shard_count),
-            bucket_ms=bucket_for(max(due, now), self.settings.bucket_ms),
-            due_ms=due,
-            job_id=job.job_id,
+        settings = self.settings
+        return entry_for(
+            run.job,
+            due,
             scheduled_ms=run.scheduled_ms,
             attempt=run.attempt + 1,
             kind="retry",
-            version=job.version,
-            priority=job.priority,
+            shard_count=settings.shard_count,
+            bucket_ms=settings.bucket_ms,
+            now=now,
         )
 
     def _run_record(

@@ -14,48 +14,19 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
-from libs import logs
+from libs import logs, tracing
 from libs.clock import now_ms
 from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
 from libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS, export
-from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Submission
+from libs.models import DeadLetter, EntryKind, Job, JobState, JobStatus, QueueEntry, Submission
 from libs.settings import Settings
-from libs.sharding import bucket_for, initial_checkpoint, shard_for
+from libs.sharding import entry_for, initial_checkpoint
 from libs.store.base import JobStore
 
 GROUP = "dsched-writer"
 PROBE_JOB_ID = "~probe"  # read by the writer to tell a poison record from a store outage
 LAG_SAMPLE_S = 1.0  # how often the writer measures its lag behind the log (dsched_writer_lag_*)
 log = logs.get("writer")
-
-
-def entry_for(
-    job: Job,
-    due_ms: int,
-    *,
-    scheduled_ms: int,
-    attempt: int,
-    kind: str,
-    bucket_ms: int,
-    shard_count: int,
-    now: int,
-) -> QueueEntry:
-    """The queue entry firing ``job`` at ``due_ms``.
-
-    The bucket is that of ``max(due_ms, now)``: an entry already due lands in the current bucket, which pickers
-    still scan, never in a past bucket a picker may have checkpointed past.
-    """
-    return QueueEntry(
-        shard=shard_for(job.job_id, shard_count),
-        bucket_ms=bucket_for(max(due_ms, now), bucket_ms),
-        due_ms=due_ms,
-        job_id=job.job_id,
-        scheduled_ms=scheduled_ms,
-        attempt=attempt,
-        kind=kind,  # type: ignore[arg-type]
-        version=job.version,
-        priority=job.priority,
-    )
 
 
 class Writer:
@@ -183,7 +154,11 @@ class Writer:
             entry = self._entry(job, sub.at_ms, scheduled_ms=sub.at_ms, attempt=sub.attempt, kind=sub.op, now=now)
             return [], [entry]
         # The offset orders every change of one job (same key, same partition): it is the version.
-        job = job.model_copy(update={"version": record.offset})
+        update: dict[str, object] = {"version": record.offset}
+        if tracing.ENABLED and job.traceparent:  # the stored definition names this hop (libs/tracing.py)
+            attributes: tracing.Attributes = {"dsched.job_id": job.job_id, "dsched.offset": record.offset}
+            update["traceparent"] = tracing.instant("writer", "dsched.store", job.traceparent, attributes)
+        job = job.model_copy(update=update)
         if job.paused or job.deleted:
             return [job], []
         entry = self._entry(job, job.next_fire_ms, scheduled_ms=job.next_fire_ms, attempt=0, kind="schedule", now=now)
@@ -242,7 +217,9 @@ class Writer:
             # The row ingestion wrote at acceptance would say "submitted" forever.
             await self.store.update_job_states([JobState(job_id=sub.job.job_id, state=JobStatus.FAILED)])
 
-    def _entry(self, job: Job, due_ms: int, *, scheduled_ms: int, attempt: int, kind: str, now: int) -> QueueEntry:
+    def _entry(
+        self, job: Job, due_ms: int, *, scheduled_ms: int, attempt: int, kind: EntryKind, now: int
+    ) -> QueueEntry:
         return entry_for(
             job,
             due_ms,
