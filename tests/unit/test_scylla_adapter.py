@@ -839,7 +839,8 @@ async def test_put_jobs_writes_definition_columns_only(store: ScyllaStore, engin
     cluster = engine.clusters[-1]
     cluster.executed.clear()
     await store.put_jobs([make_job()])
-    assert sorted(cluster.executed) == sorted([statements("dsched_test")["put_job"], statements("dsched_test")["put_job_by_user"]])
+    qualified = statements("dsched_test")
+    assert sorted(cluster.executed) == sorted([qualified["put_job"], qualified["put_job_by_user"]])
     assert "state" not in statements()["put_job"]
 
 
