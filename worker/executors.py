@@ -205,8 +205,10 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: the worker died -> clean up like a timeout
 class Stop(Exception): pass
+waiting = [True]
 def stop(*_):
-    raise Stop
+    if waiting[0]:
+        raise Stop
 signal.signal(signal.SIGTERM, stop)
 def children():
     me = os.getpid()
@@ -251,8 +253,10 @@ try:
         pid, status = os.waitpid(-1, 0)
         if pid == shell:
             result[0] = status
+    waiting[0] = False
 except Stop:
     pass
+waiting[0] = False
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 for _ in range(10000):
     alive = children()
@@ -405,11 +409,19 @@ class _Tree:
             await asyncio.to_thread(_discard_cgroup, self.cgroup)
 
 
-async def _exited(pid: int) -> None:
-    """Returns when process ``pid`` (a child of ours) has exited; at once if there is no such process."""
+async def _exited(proc: asyncio.subprocess.Process) -> None:
+    """Returns when ``proc`` has exited, whether or not its stdout is still held open by something it started.
+
+    Through a pidfd (Linux 5.3+); without one, ``proc.wait()`` (which also waits for stdout to close).
+    """
+    if proc.returncode is not None:
+        return
     try:
-        fd = os.pidfd_open(pid)
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return  # exited and reaped already
     except (OSError, AttributeError):
+        await proc.wait()
         return
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
@@ -500,11 +512,7 @@ async def _supervise(
             if tree.cgroup is not None:
                 # The shell is done: what it left running goes too (and stops holding stdout open). Process.wait()
                 # would also wait for stdout to close, so the shell's exit is watched through a pidfd.
-                exited = asyncio.ensure_future(_exited(proc.pid))
-                try:
-                    await asyncio.wait([pumping, exited], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    exited.cancel()
+                await _exited(proc)
                 await asyncio.to_thread(_kill_cgroup, tree.cgroup)
             await pumping
             await proc.wait()

@@ -145,6 +145,11 @@ async def test_what_a_finished_command_left_running_dies_with_it(mode: str) -> N
         kill_leftovers(seconds)
 
 
+async def test_a_shell_that_closes_its_output_still_runs_to_its_end(mode: str) -> None:
+    outcome = await run_command("echo before; exec >/dev/null 2>&1; sleep 0.5; exit 4", timeout_s=10, output_cap=100)
+    assert (outcome.status, outcome.exit_code, outcome.output) == (RunStatus.FAILED, 4, "before\n")
+
+
 async def test_exit_codes_and_signals_are_reported_as_before(mode: str) -> None:
     assert (await run_command("exit 3", timeout_s=5, output_cap=100)).exit_code == 3
     outcome = await run_command("kill -TERM $$", timeout_s=5, output_cap=100)
