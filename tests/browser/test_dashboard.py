@@ -239,3 +239,36 @@ def test_dev_mode_asks_for_a_user_and_remembers_it(server: Http, page: Any) -> N
     page.reload()
     page.wait_for_selector("#jobs-table")
     assert page.input_value("#who-input") == "ui-remember"
+
+
+def test_keys_mode_asks_for_a_key_and_keeps_it_for_the_session(tmp_path: Path, browser: Any, expect: Any) -> None:
+    import subprocess
+
+    from tests.acceptance.conftest import DSCHED
+
+    port = free_port()
+    env = base_env(tmp_path / "data", port, DSCHED_NODE_ID="ui-keys", DSCHED_AUTH="keys")
+    made = subprocess.run(
+        [DSCHED, "keys", "create", "--tenant", "acme", "--role", "member"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    key = made.stdout.strip().splitlines()[-1]
+    service = Service("all", env, tmp_path, "all").start()
+    context = browser.new_context()
+    try:
+        Http(port).wait_healthy()
+        tab = context.new_page()
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(f"http://127.0.0.1:{port}/ui")
+        assert tab.get_attribute("#signin-input", "type") == "password"
+        tab.fill("#signin-input", key)
+        tab.press("#signin-input", "Enter")
+        tab.click("text=+ Submit a job")
+        tab.fill("#submit-payload", "echo keyed-browser")
+        tab.click("#submit-button")
+        expect(tab.locator("#runs-table span[data-status=succeeded]").first).to_be_visible()
+        stored = tab.evaluate("[sessionStorage.getItem('dsched.token'), localStorage.getItem('dsched.user')]")
+        assert stored == [key, None]  # the key lives in the session only
+    finally:
+        context.close()
+        service.stop(timeout=10)
