@@ -491,7 +491,7 @@ def _apply(action: str, job: Job, now: int) -> Job:
         return job.model_copy(update={"paused": True})
     if action == "resume":
         resumed = job.model_copy(update={"paused": False})
-        resumed.next_fire_ms = Ingestion._resume_point(resumed, now)
+        resumed.next_fire_ms = Ingestion._resume_point(resumed)
         return resumed
     if action == "delete":
         return job.model_copy(update={"deleted": True})

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from libs import limits
 from libs.clock import parse_rfc3339, to_rfc3339
 from libs.models import DeadLetter, HttpTarget, Job, Payload, RetryPolicy, Run
-from libs.schedule import ScheduleError, next_in_chain, parse_schedule
+from libs.schedule import ScheduleError, first_undispatched, next_in_chain, parse_schedule
 
 USER_ID = re.compile(r"^[A-Za-z0-9._@:+\-]{1,128}$")
 # RFC 9110 token characters: what a header name may contain.
@@ -297,11 +297,10 @@ def next_fire(job: Job, now: int) -> int | None:
     """The next occurrence the user can expect (derived: the store keeps the definition's first fire time)."""
     if job.deleted or job.paused:
         return None
-    if job.dispatched_through_ms < job.next_fire_ms:
-        return job.next_fire_ms
-    if not job.recurring:
-        return None
-    try:
+    first = first_undispatched(job)
+    if first is None or first > now or job.dispatched_through_ms < job.next_fire_ms:
+        return first
+    try:  # already late: the misfire policy decides about it; show the next one after now
         return next_in_chain(parse_schedule(job.cron_schedule or "", job.timezone), job.dispatched_through_ms, now)
     except ScheduleError:
         return None

@@ -57,7 +57,7 @@ from libs.models import (
     new_job_id,
 )
 from libs.queue.base import WorkQueue
-from libs.schedule import ScheduleError, parse_schedule, upcoming
+from libs.schedule import ScheduleError, first_undispatched, parse_schedule, upcoming
 from libs.settings import Settings
 from libs.store.base import InvalidCursor, JobStore
 from libs.supervisor import Supervisor
@@ -347,7 +347,7 @@ class Ingestion:
                 changes["payload"] = await self._offload(job.job_id, changes["payload"])
             updated = job.model_copy(update=changes)
             if job.recurring and "next_fire_ms" not in changes:
-                updated.next_fire_ms = self._resume_point(updated, now)
+                updated.next_fire_ms = self._resume_point(updated)
             check_definition(updated)
         except (RequestError, ScheduleError) as exc:
             raise ApiError(400, "invalid_field", str(exc)) from exc
@@ -355,12 +355,11 @@ class Ingestion:
         return json_response({"job_id": job.job_id, "status": "Updated", "job": job_view(updated, now)}, 202)
 
     @staticmethod
-    def _resume_point(job: Job, now: int) -> int:
-        """Where a recurring job's schedule continues after a change: the first occurrence not yet dispatched
+    def _resume_point(job: Job) -> int:
+        """Where a job's schedule continues after a change or a resume: the first occurrence not yet dispatched
         (the picker's misfire policy then handles any that are already late)."""
-        if not job.recurring or job.dispatched_through_ms < job.next_fire_ms:
-            return job.next_fire_ms
-        return parse_schedule(job.cron_schedule or "", job.timezone).next_after(job.dispatched_through_ms)
+        first = first_undispatched(job) if job.recurring else None
+        return job.next_fire_ms if first is None else first
 
     async def delete_job(self, request: web.Request) -> web.Response:
         job = await self._owned_job(request)
@@ -381,7 +380,7 @@ class Ingestion:
         if job.deleted:
             raise ApiError(409, "conflict", "the job is deleted")
         resumed = job.model_copy(update={"paused": False})
-        resumed.next_fire_ms = self._resume_point(resumed, now_ms())
+        resumed.next_fire_ms = self._resume_point(resumed)
         await self._append("resume", resumed)
         return json_response({"job_id": job.job_id, "status": "Resumed"}, 202)
 

@@ -25,9 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from functools import lru_cache
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from libs.limits import MAX_EVERY_S, MAX_INSTANT_MS
+
+if TYPE_CHECKING:
+    from libs.models import Job
 
 __all__ = [
     "CronSchedule",
@@ -577,6 +581,24 @@ def next_in_chain(schedule: Schedule, anchor_ms: int, after_ms: int) -> int:
         steps = max(1, (after_ms - anchor_ms) // schedule.interval_ms + 1)
         return schedule.next_after(anchor_ms + (steps - 1) * schedule.interval_ms)
     return schedule.next_after(max(anchor_ms, after_ms))
+
+
+def first_undispatched(job: Job) -> int | None:
+    """The first occurrence of ``job`` not yet handed to the work queue — the one rule for "what comes next"
+    (the picker's chain, where a changed or resumed job continues, the next fire time users see).
+
+    ``next_fire_ms`` until that occurrence was dispatched; after it, for a recurring job, the occurrence after
+    the last dispatched one (possibly already late: the picker's misfire policy decides); None for a one-off
+    job already dispatched, or a schedule that has ended or no longer parses.
+    """
+    if job.dispatched_through_ms < job.next_fire_ms:
+        return job.next_fire_ms
+    if not job.cron_schedule:
+        return None
+    try:
+        return parse_schedule(job.cron_schedule, job.timezone).next_after(job.dispatched_through_ms)
+    except ScheduleError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------- misfires

@@ -32,7 +32,7 @@ from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER
 from libs.models import Job, JobState, JobStatus, QueueEntry, Run, RunMessage, RunStatus, run_id_for
 from libs.queue.base import OutgoingMessage, WorkQueue
 from libs.retrying import until_up
-from libs.schedule import ScheduleError, parse_schedule, plan_misfire
+from libs.schedule import ScheduleError, first_undispatched, parse_schedule, plan_misfire
 from libs.settings import Settings
 from libs.sharding import bucket_for, entry_for, initial_checkpoint
 from libs.store.base import JobStore
@@ -492,8 +492,5 @@ class Picker:
         )
 
     def _chain_entry(self, job: Job, now: int) -> QueueEntry | None:
-        try:
-            schedule = parse_schedule(job.cron_schedule or "", job.timezone)
-            return self._schedule_entry(job, schedule.next_after(job.dispatched_through_ms), now)
-        except ScheduleError:
-            return None
+        first = first_undispatched(job)
+        return None if first is None else self._schedule_entry(job, first, now)
