@@ -272,3 +272,12 @@ def test_keys_mode_asks_for_a_key_and_keeps_it_for_the_session(tmp_path: Path, b
     finally:
         context.close()
         service.stop(timeout=10)
+
+
+def test_cancel_a_running_run_from_the_job_page(server: Http, page: Any, expect: Any) -> None:
+    api = as_user(server, "ui-cancel")
+    job_id = api.submit(payload="cmd:sleep 60", name="long", max_retries=0)
+    page.goto(server.base + f"/ui?user=ui-cancel#/jobs/{job_id}")
+    page.click("[data-cancel]")  # appears once the run is reported running (live)
+    expect(page.locator('#run-timeline .tick[data-status="cancelled"]')).to_have_count(1)
+    assert api.runs(job_id)[0]["status"] == "cancelled"
