@@ -7,10 +7,20 @@ import sys
 
 import orjson
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from libs import tracing
 
 
 def _dumps(obj: object, default: object = None) -> str:
     return orjson.dumps(obj, default=str).decode()
+
+
+def _trace_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """``trace_id``/``span_id`` of the active span (only while tracing is on: one boolean test otherwise)."""
+    if tracing.ENABLED:
+        event.update(tracing.log_ids())
+    return event
 
 
 def configure(level: str = "INFO") -> None:
@@ -18,6 +28,7 @@ def configure(level: str = "INFO") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from coordinator.service import Coordinator
 from ingestion.service import Ingestion
-from libs import logs
+from libs import logs, tracing
 from libs.backends import Backends
 from libs.metrics import REGISTRY
 from libs.settings import SERVICES, Settings
@@ -139,6 +139,7 @@ async def serve(settings: Settings, services: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tracing.configure(settings, services)  # no-op unless DSCHED_OTLP_ENDPOINT is set
     supervisor = Supervisor()
     give_up = asyncio.ensure_future(supervisor.failed.wait())
     give_up.add_done_callback(lambda _: stop.set())
@@ -152,6 +153,7 @@ async def serve(settings: Settings, services: list[str]) -> None:
         await stop.wait()
         log.info("stopping", services=services)
     give_up.cancel()
+    tracing.shutdown()  # flushes the spans still batched for DSCHED_OTLP_ENDPOINT
     log.info("stopped", services=services)
     if supervisor.failure is not None:
         raise supervisor.failure

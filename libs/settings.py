@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     metrics_port: int = 0  # services other than ingestion serve /metrics and /health here; 0 = off
     data_dir: Path = Path("./.dsched")
     log_level: str = "INFO"
+    otlp_endpoint: str = ""  # OTLP/HTTP collector for traces (e.g. http://127.0.0.1:4318); "" = tracing off
 
     # Backend URLs; "" = embedded (SQLite / local files under data_dir).
     log_url: str = ""
