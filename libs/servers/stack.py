@@ -1,0 +1,344 @@
+"""The production topology on one machine, without Docker: ``make stack`` (``python -m libs.servers.stack``).
+
+Starts the real servers — etcd (coordination), Apache Kafka (submissions log), Apache Cassandra (the Scylla
+store), ElasticMQ (the SQS work queue), moto (S3 blobs) and, when installed, Prometheus — then applies the CQL
+migrations, creates the topics, and starts the services as separate ``dsched run <service>`` processes:
+ingestion x1 (the API, on ``DSCHED_PORT``, default 8080), writer x2, coordinator x2, picker x2, worker x2.
+Each service process gets the environment the compose stack gives its containers (``deploy/docker-compose.yml``)
+with 127.0.0.1 URLs, plus ``DSCHED_ALLOW_CMD`` / ``DSCHED_ALLOW_PRIVATE_HTTP`` on unless the environment says
+otherwise (as ``dsched run all`` does), so every README example works against it.
+
+Everything lives under ``<DSCHED_DATA_DIR>/stack`` (default ``.dsched/stack``); the ports chosen on the first
+start are kept in ``stack.json`` there, so a second ``make stack`` resumes with the same data and URLs —
+except S3: moto keeps blobs in memory, so offloaded payloads and outputs of an earlier run are gone.
+
+A service process that exits is started again after a second (at most ``MAX_RESTARTS`` times per service), as
+the compose stack's ``restart: unless-stopped`` does. Ctrl-C or SIGTERM stops the services first (SIGTERM: runs
+in flight finish or are handed back), then the servers.
+
+The :class:`Stack` class is what the production acceptance test and ``chaos --backends production`` use: its
+``services`` and servers can be killed, paused and restarted one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from libs.servers.base import ServerProcess, free_port, http_ok
+from libs.servers.cassandra import CassandraServer
+from libs.servers.elasticmq import ElasticMQServer
+from libs.servers.etcd import EtcdServer
+from libs.servers.kafka import KafkaServer
+from libs.servers.moto import MotoServer
+
+REPLICAS = {"ingestion": 1, "writer": 2, "coordinator": 2, "picker": 2, "worker": 2}
+TOPIC = "dsched.submissions"
+KEYSPACE = "dsched"
+QUEUE = "dsched-runs"
+BUCKET = "dsched-blobs"
+MAX_RESTARTS = 20
+# Fixed at creation, as in deploy/docker-compose.yml: every service must agree (the store refuses another layout).
+LAYOUT = {"DSCHED_SHARD_COUNT": "16", "DSCHED_BUCKET_S": "60", "DSCHED_LOG_PARTITIONS": "8"}
+
+
+class ServiceProcess(ServerProcess):
+    """One ``dsched run <service>`` process; ready once its ``/health`` answers 200."""
+
+    start_timeout_s = 120.0
+    stop_timeout_s = 30.0  # SIGTERM: the worker finishes or hands back its runs
+    probe_interval_s = 0.1
+
+    def __init__(self, base_dir: Path, service: str, index: int, env: dict[str, str], health_port: int) -> None:
+        self.name = f"{service}-{index}"
+        self.service = service
+        self.index = index
+        self.env = env
+        self.health_port = health_port
+        super().__init__(base_dir)
+        self.restarts = 0
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "libs.cli", "run", self.service]
+
+    def _env(self) -> dict[str, str]:
+        return self.env
+
+    def _healthy(self) -> bool:
+        return http_ok(f"http://127.0.0.1:{self.health_port}/health") is not None
+
+    @property
+    def exited(self) -> bool:
+        """Started once and no longer running (crashed, or killed by a test)."""
+        return self._proc is not None and self._proc.poll() is not None
+
+
+@dataclass
+class Ports:
+    """Every port of the stack; persisted so a restarted stack keeps its URLs (and etcd its peer URL)."""
+
+    api: int
+    etcd_client: int = field(default_factory=free_port)
+    etcd_peer: int = field(default_factory=free_port)
+    kafka: int = field(default_factory=free_port)
+    kafka_controller: int = field(default_factory=free_port)
+    cassandra: int = field(default_factory=free_port)
+    cassandra_storage: int = field(default_factory=free_port)
+    elasticmq: int = field(default_factory=free_port)
+    moto: int = field(default_factory=free_port)
+    prometheus: int = field(default_factory=free_port)
+    metrics: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load_or_create(cls, path: Path, api: int) -> Ports:
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data["api"] = api
+            ports = cls(**data)
+        else:
+            ports = cls(api=api)
+        for service, count in REPLICAS.items():
+            for i in range(count):
+                if service != "ingestion":
+                    ports.metrics.setdefault(f"{service}-{i}", free_port())
+        path.write_text(json.dumps(ports.__dict__, indent=2))
+        return ports
+
+
+class Stack:
+    """The servers and the service processes of the production topology, under ``data_dir``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        api_port: int | None = None,
+        replicas: dict[str, int] | None = None,
+        prometheus: bool = True,
+        extra_env: dict[str, str] | None = None,
+        kafka_session_timeout_ms: int = 10_000,
+        unsafe_system: bool = False,
+    ) -> None:
+        self.data_dir = data_dir.resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.replicas = {**REPLICAS, **(replicas or {})}
+        self.ports = Ports.load_or_create(self.data_dir / "stack.json", api_port or free_port())
+        p = self.ports
+        self.etcd = EtcdServer(
+            self.data_dir / "etcd", client_port=p.etcd_client, peer_port=p.etcd_peer, member_name="dsched-stack"
+        )
+        self.kafka = KafkaServer(
+            self.data_dir / "kafka", port=p.kafka, controller_port=p.kafka_controller, partitions=8, log_level="WARN"
+        )
+        self.cassandra = CassandraServer(
+            self.data_dir / "cassandra",
+            port=p.cassandra,
+            storage_port=p.cassandra_storage,
+            unsafe_system=unsafe_system,
+            log_level="WARN",
+        )
+        self.elasticmq = ElasticMQServer(self.data_dir / "elasticmq", port=p.elasticmq)
+        self.moto = MotoServer(self.data_dir / "moto")
+        self.moto.port = p.moto
+        self.prometheus: ServerProcess | None = None
+        self._want_prometheus = prometheus
+        self.kafka_session_timeout_ms = kafka_session_timeout_ms
+        self.extra_env = dict(extra_env or {})
+        self.services: list[ServiceProcess] = []
+        self._stopping = False
+
+    # -- URLs and environment
+
+    def urls(self) -> dict[str, str]:
+        return {
+            "DSCHED_LOG_URL": self.kafka.url(TOPIC, partitions=8, session_timeout_ms=self.kafka_session_timeout_ms),
+            "DSCHED_STORE_URL": self.cassandra.url(KEYSPACE),
+            "DSCHED_COORDINATION_URL": f"{self.etcd.url}/dsched",
+            "DSCHED_QUEUE_URL": self.elasticmq.url(QUEUE),
+            "DSCHED_BLOBS_URL": f"s3://{BUCKET}?endpoint={self.moto.endpoint}&region={self.moto.region}",
+        }
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.api}"
+
+    def service_env(self, name: str) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "DSCHED_HOST": "127.0.0.1",
+            "DSCHED_DATA_DIR": str(self.data_dir / "dsched"),
+            "DSCHED_LOG_LEVEL": os.environ.get("DSCHED_LOG_LEVEL", "INFO"),
+            **LAYOUT,
+            **self.urls(),
+        }
+        # What `dsched run all` does: cmd: and loopback HTTP on unless the environment says otherwise.
+        env.setdefault("DSCHED_ALLOW_CMD", "true")
+        env.setdefault("DSCHED_ALLOW_PRIVATE_HTTP", "true")
+        if name == "ingestion-0":
+            env["DSCHED_PORT"] = str(self.ports.api)
+            env["DSCHED_METRICS_PORT"] = "0"  # /metrics and /health are on the API port
+        else:
+            env["DSCHED_METRICS_PORT"] = str(self.ports.metrics[name])
+        env.update(self.extra_env)
+        return env
+
+    def metrics_targets(self) -> dict[str, list[str]]:
+        targets: dict[str, list[str]] = {"ingestion": [f"127.0.0.1:{self.ports.api}"]}
+        for name, port in sorted(self.ports.metrics.items()):
+            targets.setdefault(name.rsplit("-", 1)[0], []).append(f"127.0.0.1:{port}")
+        return targets
+
+    # -- lifecycle
+
+    @property
+    def servers(self) -> list[ServerProcess]:
+        found: list[ServerProcess] = [self.etcd, self.kafka, self.cassandra, self.elasticmq, self.moto]
+        return found + ([self.prometheus] if self.prometheus is not None else [])
+
+    async def start_servers(self) -> None:
+        """Start every server at once (each waits for its own readiness), then schema and topics."""
+        await asyncio.gather(*(s.astart() for s in self.servers))
+        await self._init_backends()
+
+    async def _init_backends(self) -> None:
+        """The compose stack's init jobs: ``dsched db migrate`` and the topics (both idempotent)."""
+        from libs.log.kafka import KafkaLog
+        from libs.settings import Settings
+        from libs.store.migrate import migrate
+
+        settings = Settings.from_env(data_dir=self.data_dir / "dsched", log_partitions=8)
+        await migrate(self.cassandra.url(KEYSPACE), settings)
+        log = KafkaLog.from_url(self.kafka.url(TOPIC, partitions=8), settings)
+        await log.startup()  # creates the topic and its .dlq topic
+        await log.shutdown()
+
+    async def start_services(self) -> None:
+        """Start the service processes; ingestion first, so the API answers while the others join."""
+        self.services = []
+        for service, count in self.replicas.items():
+            for i in range(count):
+                name = f"{service}-{i}"
+                port = self.ports.api if service == "ingestion" else self.ports.metrics[name]
+                self.services.append(
+                    ServiceProcess(self.data_dir / "services" / name, service, i, self.service_env(name), port)
+                )
+        await asyncio.gather(*(s.astart() for s in self.services))
+
+    async def start(self) -> float:
+        """Servers, then services; returns the seconds it took."""
+        started = time.monotonic()
+        if self._want_prometheus:
+            self._make_prometheus()
+        await self.start_servers()
+        await self.start_services()
+        return time.monotonic() - started
+
+    def _make_prometheus(self) -> None:
+        try:
+            from libs.servers.prometheus import PrometheusServer, prometheus_binary
+        except ImportError:
+            return
+        if prometheus_binary() is None:
+            return
+        self.prometheus = PrometheusServer.for_dsched(
+            self.metrics_targets(), self.data_dir / "prometheus", port=self.ports.prometheus
+        )
+
+    async def stop(self) -> None:
+        """Services first (SIGTERM, in parallel), then the servers."""
+        self._stopping = True
+        await asyncio.gather(*(s.astop() for s in self.services), return_exceptions=True)
+        await asyncio.gather(*(s.astop() for s in reversed(self.servers)), return_exceptions=True)
+
+    def close(self) -> None:
+        """Synchronous last resort (atexit, a failed start): kill whatever still runs."""
+        for process in [*self.services, *self.servers]:
+            with contextlib.suppress(Exception):
+                process.stop(kill=True)
+
+    def service(self, name: str) -> ServiceProcess:
+        return next(s for s in self.services if s.name == name)
+
+    async def supervise(self, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+        """Until ``stop``: start again any service process that exited (bounded by ``MAX_RESTARTS``)."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+            if stop.is_set() or self._stopping:
+                return
+            for process in self.services:
+                if process.exited and process.restarts < MAX_RESTARTS:
+                    process.restarts += 1
+                    print(f"dsched stack: {process.name} exited; starting it again ({process.restarts})", flush=True)
+                    with contextlib.suppress(Exception):
+                        await process.astop()
+                        await process.astart()
+
+    def describe(self) -> list[str]:
+        """One line per server and service: where it listens."""
+        lines = [
+            f"etcd         {self.etcd.url}",
+            f"kafka        {self.kafka.bootstrap}  (KRaft, topic {TOPIC})",
+            f"cassandra    {self.cassandra.contact}  (CQL, keyspace {KEYSPACE})",
+            f"elasticmq    {self.elasticmq.endpoint}  (SQS, queue {QUEUE})",
+            f"moto (S3)    {self.moto.endpoint}  (bucket {BUCKET})",
+        ]
+        if self.prometheus is not None:
+            lines.append(f"prometheus   http://127.0.0.1:{self.ports.prometheus}")
+        for process in self.services:
+            where = "API " + self.api_url if process.service == "ingestion" else f"metrics :{process.health_port}"
+            lines.append(f"{process.name:<12} pid {process.pid}  {where}")
+        lines.append(f"data         {self.data_dir}")
+        return lines
+
+
+async def run(data_dir: Path, api_port: int, prometheus: bool) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stack = Stack(data_dir, api_port=api_port, prometheus=prometheus)
+    print(f"dsched stack: starting servers and services under {stack.data_dir}", flush=True)
+    try:
+        starting = asyncio.ensure_future(stack.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+        else:
+            took = starting.result()
+            for line in stack.describe():
+                print(f"  {line}", flush=True)
+            print(f"dsched stack: ready in {took:.1f} s — API at {stack.api_url}; Ctrl-C stops everything", flush=True)
+            await stack.supervise(stop)
+        stopped.cancel()
+    finally:
+        print("dsched stack: stopping", flush=True)
+        await stack.stop()
+        stack.close()
+    print("dsched stack: stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m libs.servers.stack", description=__doc__.splitlines()[0])
+    default_dir = Path(os.environ.get("DSCHED_DATA_DIR", ".dsched")) / "stack"
+    parser.add_argument("--data-dir", type=Path, default=default_dir)
+    parser.add_argument("--port", type=int, default=int(os.environ.get("DSCHED_PORT", "8080")))
+    parser.add_argument("--no-prometheus", action="store_true")
+    args = parser.parse_args(argv)
+    return asyncio.run(run(args.data_dir, args.port, not args.no_prometheus))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
