@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast lint system-deps bench chaos compose-test clean
+.PHONY: install run stack test test-fast lint system-deps bench chaos compose-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ install: $(STAMP)
 ## Start the whole pipeline on embedded backends at http://127.0.0.1:8080
 run: install
 	$(BIN)/dsched run all
+
+## The production topology on this machine (no Docker): Kafka, Cassandra, etcd, ElasticMQ, S3 (moto), Prometheus
+## and separate dsched processes; API on DSCHED_PORT (default 8080), data under .dsched/stack. Ctrl-C stops it.
+stack: install system-deps
+	$(BIN)/python -m libs.servers.stack
 
 ## Real servers the tests start on free 127.0.0.1 ports: etcd (Debian), Java 17 + Maven (Debian) for the jars of
 ## Kafka, Cassandra and ElasticMQ (deploy/jars/*/pom.xml, cached in .cache/jars); moto comes from PyPI;
