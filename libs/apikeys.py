@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from libs import clock
+
 if TYPE_CHECKING:
     from libs.settings import Settings
     from libs.store.base import JobStore
@@ -143,10 +145,6 @@ def key_id_of(key: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 async def create_key(
     store: JobStore,
     pepper: bytes,
@@ -158,7 +156,7 @@ async def create_key(
 ) -> tuple[ApiKey, str]:
     """Store a new key; returns its record and the key itself (shown once, never stored)."""
     key_id, key = new_key()
-    now = _now_ms()
+    now = clock.now_ms()
     record = ApiKey(
         key_id=key_id,
         tenant=tenant,
@@ -206,7 +204,7 @@ class KeyVerifier:
         presented = hash_key(self.pepper, key)
         if record is None or not hmac.compare_digest(presented, record.key_hash):
             raise InvalidKey("unknown")
-        now = _now_ms()
+        now = clock.now_ms()
         if record.revoked_ms is not None and record.revoked_ms <= now:
             raise InvalidKey("revoked")
         if record.expires_ms is not None and record.expires_ms <= now:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from libs import clock
 from libs.coordination.base import Coordination, LeaseNotFound, WatchCompacted, WatchEvent
 from libs.sqlite import SqliteDB
 
@@ -49,10 +50,6 @@ CREATE TABLE IF NOT EXISTS changes (
     at_ms INTEGER NOT NULL
 )
 """
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _prefix_end(prefix: str) -> str | None:
@@ -99,7 +96,7 @@ class SqliteCoordination(Coordination):
             self._last_prune = time.monotonic()
 
         def run(conn: sqlite3.Connection) -> tuple[T, int]:
-            now = _now_ms()
+            now = clock.now_ms()
             _purge_expired(conn, now)
             result = fn(conn, now)
             if prune:

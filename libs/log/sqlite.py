@@ -19,12 +19,12 @@ import contextlib
 import heapq
 import itertools
 import sqlite3
-import time
 import zlib
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from libs import clock
 from libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
 from libs.sqlite import SqliteDB
 
@@ -67,10 +67,6 @@ _INSERT_DEAD_LETTER = (
     "INSERT INTO dead_letters (grp, partition, offset, key, value, timestamp_ms, reason, dead_ms) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def partition_for(key: str, partitions: int) -> int:
@@ -154,7 +150,7 @@ class SqliteLog(SubmissionLog):
         woken.set()
 
     def _insert(self, conn: sqlite3.Connection, records: list[tuple[str, bytes]]) -> None:
-        now = _now_ms()
+        now = clock.now_ms()
         next_offset: dict[int, int] = {}
         rows = []
         for key, value in records:
@@ -283,6 +279,6 @@ class SqliteLogConsumer(LogConsumer):
             record.value,
             record.timestamp_ms,
             reason,
-            _now_ms(),
+            clock.now_ms(),
         )
         await self._db.write(lambda conn: conn.execute(_INSERT_DEAD_LETTER, row))

@@ -24,12 +24,12 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from libs import clock
 from libs.queue.base import (
     MAX_BATCH,
     OutgoingMessage,
@@ -82,10 +82,6 @@ class _Op:
     receive: bool = False
     wakes: bool = False  # may make messages visible: wake this process's waiting receivers
     fut: asyncio.Future[Any] | None = None  # None: nobody waits (internal hand-back of an abandoned receive)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _parse_receipts(receipts: Sequence[str]) -> list[_Handle]:
@@ -215,7 +211,7 @@ class SqliteQueue(WorkQueue):
 
     async def counts(self) -> QueueCounts:
         def counts(conn: sqlite3.Connection) -> QueueCounts:
-            now = _now_ms()
+            now = clock.now_ms()
             visible, in_flight = conn.execute(
                 "SELECT COALESCE(SUM(visible_at_ms <= ?), 0), "
                 "COALESCE(SUM(visible_at_ms > ? AND receipt IS NOT NULL), 0) FROM messages",
@@ -280,7 +276,7 @@ def _nack_fn(handles: list[_Handle], delay_ms: int) -> _OpFn:
 
 def _run_batch(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
     """Run ``batch`` in order in one transaction (none if it only receives and nothing is visible)."""
-    now = _now_ms()
+    now = clock.now_ms()
     if all(op.receive for op in batch):
         if conn.execute("SELECT 1 FROM messages WHERE visible_at_ms <= ? LIMIT 1", (now,)).fetchone() is None:
             return [[] for _ in batch]

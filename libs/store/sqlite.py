@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import base64
 import sqlite3
-import time
 from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
+from libs import clock
 from libs.apikeys import ApiKey
 from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
 from libs.sqlite import SqliteDB
@@ -107,10 +107,6 @@ CREATE TABLE IF NOT EXISTS signing_secrets (tenant TEXT PRIMARY KEY, body BLOB N
 _STATUS_SQL = "CASE WHEN j.deleted THEN 'deleted' WHEN j.paused THEN 'paused' ELSE COALESCE(s.state, 'scheduled') END"
 _JOB_COLUMNS = "j.definition, s.state, s.last_run, COALESCE(s.dispatched_through_ms, -1)"
 _JOBS_FROM = "jobs AS j LEFT JOIN job_states AS s ON s.job_id = j.job_id"
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
@@ -499,7 +495,7 @@ class SqliteStore(JobStore):
             return set()
 
         def claim(conn: sqlite3.Connection) -> set[str]:
-            now = _now_ms()
+            now = clock.now_ms()
             won = set()
             # One statement per id inside the one transaction: rowcount tells which inserts this call made.
             for run_id in ids:
@@ -555,7 +551,7 @@ class SqliteStore(JobStore):
     # Idempotent submit ------------------------------------------------------------------------------------
     async def claim_idempotency_key(self, user_id: str, key: str, job_id: str, ttl_s: int) -> str:
         def claim(conn: sqlite3.Connection) -> str:
-            now = _now_ms()
+            now = clock.now_ms()
             row = conn.execute(
                 "SELECT job_id, expires_ms FROM idempotency_keys WHERE user_id = ? AND key = ?",
                 (user_id, key),
