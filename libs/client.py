@@ -625,3 +625,23 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 130
     except BrokenPipeError:
         return 0
+
+
+FAST = ("jobs", "runs", "dlq", "cluster")
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The ``dsched`` console script. Client commands and ``--version`` are parsed here, without importing the
+    services (the server side's imports cost seconds on a busy machine); everything else goes to
+    :func:`libs.cli.main`, whose parser also knows these commands (``dsched --help``, completion)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        print(f"dsched {version()}")
+        sys.exit(0)
+    if argv[:1] and argv[0] in FAST:
+        parser = argparse.ArgumentParser(prog="dsched", description="Distributed job scheduler (client)")
+        add_commands(parser.add_subparsers(dest="command", required=True))
+        sys.exit(run(parser.parse_args(argv), parser))
+    from libs.cli import main
+
+    main(argv)
