@@ -42,9 +42,6 @@ from libs.servers.moto import MotoServer
 
 REPLICAS = {"ingestion": 1, "writer": 2, "coordinator": 2, "picker": 2, "worker": 2}
 TOPIC = "dsched.submissions"
-KEYSPACE = "dsched"
-QUEUE = "dsched-runs"
-BUCKET = "dsched-blobs"
 MAX_RESTARTS = 20
 # Fixed at creation, as in deploy/docker-compose.yml: every service must agree (the store refuses another layout).
 LAYOUT = {"DSCHED_SHARD_COUNT": "16", "DSCHED_BUCKET_S": "60", "DSCHED_LOG_PARTITIONS": "8"}
@@ -98,19 +95,30 @@ class Ports:
     metrics: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def load_or_create(cls, path: Path, api: int) -> Ports:
+    def load_or_create(cls, path: Path, api: int, replicas: dict[str, int]) -> Ports:
         if path.is_file():
             data = json.loads(path.read_text())
             data["api"] = api
             ports = cls(**data)
         else:
             ports = cls(api=api)
-        for service, count in REPLICAS.items():
+        for service, count in replicas.items():
             for i in range(count):
                 if service != "ingestion":
                     ports.metrics.setdefault(f"{service}-{i}", free_port())
         path.write_text(json.dumps(ports.__dict__, indent=2))
         return ports
+
+
+@dataclass
+class StackServers:
+    """The backend servers of a stack."""
+
+    etcd: EtcdServer
+    kafka: KafkaServer
+    cassandra: CassandraServer
+    elasticmq: ElasticMQServer
+    moto: MotoServer
 
 
 class Stack:
@@ -125,29 +133,22 @@ class Stack:
         prometheus: bool = True,
         extra_env: dict[str, str] | None = None,
         kafka_session_timeout_ms: int = 10_000,
-        unsafe_system: bool = False,
+        servers: StackServers | None = None,
+        namespace: str = "dsched",
     ) -> None:
+        """``servers``: run on servers someone else started (and stops), e.g. a test session's; then
+        ``namespace`` keeps this stack's topic, keyspace, queue, bucket and etcd prefix apart from others'."""
         self.data_dir = data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.replicas = {**REPLICAS, **(replicas or {})}
-        self.ports = Ports.load_or_create(self.data_dir / "stack.json", api_port or free_port())
-        p = self.ports
-        self.etcd = EtcdServer(
-            self.data_dir / "etcd", client_port=p.etcd_client, peer_port=p.etcd_peer, member_name="dsched-stack"
-        )
-        self.kafka = KafkaServer(
-            self.data_dir / "kafka", port=p.kafka, controller_port=p.kafka_controller, partitions=8, log_level="WARN"
-        )
-        self.cassandra = CassandraServer(
-            self.data_dir / "cassandra",
-            port=p.cassandra,
-            storage_port=p.cassandra_storage,
-            unsafe_system=unsafe_system,
-            log_level="WARN",
-        )
-        self.elasticmq = ElasticMQServer(self.data_dir / "elasticmq", port=p.elasticmq)
-        self.moto = MotoServer(self.data_dir / "moto")
-        self.moto.port = p.moto
+        self.ports = Ports.load_or_create(self.data_dir / "stack.json", api_port or free_port(), self.replicas)
+        self.namespace = namespace
+        self.topic = TOPIC if namespace == "dsched" else f"{namespace}.submissions"
+        self.keyspace = namespace.replace("-", "_")
+        self.queue = f"{namespace}-runs"
+        self.bucket = f"{namespace}-blobs"
+        self.owns_servers = servers is None
+        self.backends = servers or self._own_servers()
         self.prometheus: ServerProcess | None = None
         self._want_prometheus = prometheus
         self.kafka_session_timeout_ms = kafka_session_timeout_ms
@@ -155,15 +156,59 @@ class Stack:
         self.services: list[ServiceProcess] = []
         self._stopping = False
 
+    def _own_servers(self) -> StackServers:
+        p = self.ports
+        moto = MotoServer(self.data_dir / "moto")
+        moto.port = p.moto
+        return StackServers(
+            etcd=EtcdServer(
+                self.data_dir / "etcd", client_port=p.etcd_client, peer_port=p.etcd_peer, member_name="dsched-stack"
+            ),
+            kafka=KafkaServer(
+                self.data_dir / "kafka",
+                port=p.kafka,
+                controller_port=p.kafka_controller,
+                partitions=8,
+                log_level="WARN",
+            ),
+            cassandra=CassandraServer(
+                self.data_dir / "cassandra", port=p.cassandra, storage_port=p.cassandra_storage, log_level="WARN"
+            ),
+            elasticmq=ElasticMQServer(self.data_dir / "elasticmq", port=p.elasticmq),
+            moto=moto,
+        )
+
+    @property
+    def etcd(self) -> EtcdServer:
+        return self.backends.etcd
+
+    @property
+    def kafka(self) -> KafkaServer:
+        return self.backends.kafka
+
+    @property
+    def cassandra(self) -> CassandraServer:
+        return self.backends.cassandra
+
+    @property
+    def elasticmq(self) -> ElasticMQServer:
+        return self.backends.elasticmq
+
+    @property
+    def moto(self) -> MotoServer:
+        return self.backends.moto
+
     # -- URLs and environment
 
     def urls(self) -> dict[str, str]:
         return {
-            "DSCHED_LOG_URL": self.kafka.url(TOPIC, partitions=8, session_timeout_ms=self.kafka_session_timeout_ms),
-            "DSCHED_STORE_URL": self.cassandra.url(KEYSPACE),
-            "DSCHED_COORDINATION_URL": f"{self.etcd.url}/dsched",
-            "DSCHED_QUEUE_URL": self.elasticmq.url(QUEUE),
-            "DSCHED_BLOBS_URL": f"s3://{BUCKET}?endpoint={self.moto.endpoint}&region={self.moto.region}",
+            "DSCHED_LOG_URL": self.kafka.url(
+                self.topic, partitions=8, session_timeout_ms=self.kafka_session_timeout_ms
+            ),
+            "DSCHED_STORE_URL": self.cassandra.url(self.keyspace),
+            "DSCHED_COORDINATION_URL": f"{self.etcd.url}/{self.namespace}",
+            "DSCHED_QUEUE_URL": self.elasticmq.url(self.queue),
+            "DSCHED_BLOBS_URL": f"s3://{self.bucket}?endpoint={self.moto.endpoint}&region={self.moto.region}",
         }
 
     @property
@@ -172,14 +217,17 @@ class Stack:
 
     def service_env(self, name: str) -> dict[str, str]:
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")},
             "DSCHED_HOST": "127.0.0.1",
+            "DSCHED_NODE_ID": name,
             "DSCHED_DATA_DIR": str(self.data_dir / "dsched"),
             "DSCHED_LOG_LEVEL": os.environ.get("DSCHED_LOG_LEVEL", "INFO"),
             **LAYOUT,
             **self.urls(),
         }
-        # What `dsched run all` does: cmd: and loopback HTTP on unless the environment says otherwise.
+        # The operator's DSCHED_* settings apply (but never the URLs the stack owns), and `dsched run all`'s
+        # dev defaults: cmd: and loopback HTTP on unless the environment says otherwise.
+        env.update({k: v for k, v in os.environ.items() if k.startswith("DSCHED_") and k not in self.urls()})
         env.setdefault("DSCHED_ALLOW_CMD", "true")
         env.setdefault("DSCHED_ALLOW_PRIVATE_HTTP", "true")
         if name == "ingestion-0":
@@ -200,8 +248,9 @@ class Stack:
 
     @property
     def servers(self) -> list[ServerProcess]:
+        """The servers this stack started and stops (none when it runs on someone else's)."""
         found: list[ServerProcess] = [self.etcd, self.kafka, self.cassandra, self.elasticmq, self.moto]
-        return found + ([self.prometheus] if self.prometheus is not None else [])
+        return (found if self.owns_servers else []) + ([self.prometheus] if self.prometheus is not None else [])
 
     async def start_servers(self) -> None:
         """Start every server at once (each waits for its own readiness), then schema and topics."""
@@ -215,8 +264,8 @@ class Stack:
         from libs.store.migrate import migrate
 
         settings = Settings.from_env(data_dir=self.data_dir / "dsched", log_partitions=8)
-        await migrate(self.cassandra.url(KEYSPACE), settings)
-        log = KafkaLog.from_url(self.kafka.url(TOPIC, partitions=8), settings)
+        await migrate(self.cassandra.url(self.keyspace), settings)
+        log = KafkaLog.from_url(self.kafka.url(self.topic, partitions=8), settings)
         await log.startup()  # creates the topic and its .dlq topic
         await log.shutdown()
 
@@ -286,10 +335,10 @@ class Stack:
         """One line per server and service: where it listens."""
         lines = [
             f"etcd         {self.etcd.url}",
-            f"kafka        {self.kafka.bootstrap}  (KRaft, topic {TOPIC})",
-            f"cassandra    {self.cassandra.contact}  (CQL, keyspace {KEYSPACE})",
-            f"elasticmq    {self.elasticmq.endpoint}  (SQS, queue {QUEUE})",
-            f"moto (S3)    {self.moto.endpoint}  (bucket {BUCKET})",
+            f"kafka        {self.kafka.bootstrap}  (KRaft, topic {self.topic})",
+            f"cassandra    {self.cassandra.contact}  (CQL, keyspace {self.keyspace})",
+            f"elasticmq    {self.elasticmq.endpoint}  (SQS, queue {self.queue})",
+            f"moto (S3)    {self.moto.endpoint}  (bucket {self.bucket})",
         ]
         if self.prometheus is not None:
             lines.append(f"prometheus   http://127.0.0.1:{self.ports.prometheus}")
