@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from libs.models import HttpTarget, RunStatus
 from worker.executors import GuardedResolver, TargetRefused, call_http, http_connector
@@ -169,3 +176,73 @@ async def test_the_resolver_returns_only_what_it_checked() -> None:
         await guard.resolve("example.test", 443)
     allowing = GuardedResolver(allow_private=True, inner=ScriptedDns(["127.0.0.1"]))
     assert [a["host"] for a in await allowing.resolve("example.test", 80)] == ["127.0.0.1"]
+
+
+def tls_pair(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for ``name`` from a throwaway CA, and a client context trusting it."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dsched test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "leaf.pem", tmp_path / "leaf.key"
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(cadata=ca.public_bytes(serialization.Encoding.PEM).decode())
+    return server, client
+
+
+async def test_tls_verifies_the_url_host_name_not_the_checked_address(tmp_path: Path) -> None:
+    server_ctx, client_ctx = tls_pair(tmp_path, "internal.example")
+    names: list[str | None] = []
+    sni: list[str | None] = []
+    server_ctx.sni_callback = lambda sock, name, ctx: sni.append(name)
+
+    async def handle(request: web.Request) -> web.Response:
+        names.append(request.host)
+        return web.Response(text="tls ok")
+
+    app = web.Application()
+    app.router.add_get("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+    port = runner.addresses[0][1]
+    try:
+        dns = ScriptedDns(["127.0.0.1"])
+        connector = http_connector(True, resolver=dns, use_dns_cache=False, ssl=client_ctx)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            good = await call(session, f"https://internal.example:{port}/", allow_private=True)
+            assert good.status == RunStatus.SUCCEEDED and good.output == "tls ok", good
+            assert names == [f"internal.example:{port}"] and sni == ["internal.example"]
+            # The certificate is checked against the URL's name: a name it does not cover fails, same address.
+            wrong = await call(session, f"https://other.example:{port}/", allow_private=True)
+            assert wrong.status == RunStatus.FAILED and "connection error" in (wrong.error or "")
+            assert names == [f"internal.example:{port}"]
+    finally:
+        await runner.cleanup()
