@@ -380,7 +380,7 @@ class _Tree:
         if self.cgroup is not None:
             self.argv = ["/bin/sh", "-c", _CGROUP_TRAMPOLINE, str(self.cgroup / "cgroup.procs"), command]
             self.helper = False
-        elif sys.platform == "linux":
+        elif sys.platform == "linux" and sys.executable:
             self.argv = [sys.executable, "-I", "-S", "-c", _REAPER, command, str(os.getpid())]
             self.helper = True
         else:
