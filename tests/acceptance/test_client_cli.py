@@ -260,3 +260,34 @@ def test_api_keys_and_roles(keyed: tuple[str, dict[str, str]]) -> None:
     assert bad.returncode == 1 and bad.stderr.startswith("dsched: 401 ") and "--api-key" in bad.stderr
     # dev-mode identity is not accepted in keys mode
     assert dsched(url, "jobs", "list", user="acme").returncode == 1
+
+
+def test_wait_shows_a_live_progress_line_on_a_terminal_and_times_out_with_3(server: str) -> None:
+    import os
+    import pty
+    import select
+
+    job_id = ok(dsched(server, "jobs", "submit", "later", "--at", "+1h")).strip()
+    master, slave = pty.openpty()
+    env = {"PATH": "/usr/bin:/bin", "DSCHED_URL": server, "DSCHED_USER": "cli"}
+    proc = subprocess.Popen(
+        [DSCHED, "jobs", "wait", job_id, "--timeout", "2"], env=env, stdin=slave, stderr=slave,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    assert proc.wait(10) == 3
+    text = seen.decode(errors="replace")
+    assert f"job {job_id[:8]}: waiting for the next run" in text and "\r\x1b[K" in text
+    assert "timed out after 2s" in text
