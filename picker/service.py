@@ -77,6 +77,7 @@ class Picker:
         self._checkpoints: dict[int, int] = {}
         self._heap: list[tuple[int, int, tuple[int, int, int, str, int, int], QueueEntry]] = []
         self._loaded: set[tuple[int, int, int, str, int, int]] = set()
+        self._owners: dict[str, str] = {}  # job id -> tenant of loaded entries, read ahead for fair dispatch
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -239,6 +240,11 @@ class Picker:
                     advance_to = bucket + bucket_ms
             if advance_to != checkpoint:
                 await self._advance(shard, checkpoint, advance_to)
+        if self.settings.tenant_fair_dispatch and len(self._heap) > self.settings.picker_batch:
+            try:  # read ahead, off the due instant's path (dispatch reads what is still missing)
+                await self._read_owners([item[3] for item in self._heap])
+            except Exception as exc:
+                log.warning("fair_owners_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _checkpoint(self, shard: int, now: int) -> int:
         if shard not in self._checkpoints:
@@ -295,10 +301,11 @@ class Picker:
         try:
             if len(due) > self.settings.picker_batch:
                 try:
-                    owners = await self.store.get_job_owners([e.job_id for e in due])
+                    await self._read_owners(due)
                 except Exception as exc:  # unfair beats late: dispatch in due order
                     log.warning("fair_order_failed", error=f"{type(exc).__name__}: {exc}")
                 else:
+                    owners = self._owners
                     due = fair_order(due, lambda e: owners.get(e.job_id, ""), lambda e: e.priority, self._weights())
             # Small batches first, doubling up to DSCHED_PICKER_BATCH: the head of the fair order (every tenant's
             # first runs) reaches the queue after a short batch instead of after a full one.
@@ -309,7 +316,16 @@ class Picker:
         finally:
             for entry in due:  # sent, or (after a failure) re-read from the store by the next load
                 self._loaded.discard(entry.key)
+                self._owners.pop(entry.job_id, None)
         return sent
+
+    async def _read_owners(self, entries: list[QueueEntry]) -> None:
+        missing = list({e.job_id for e in entries if e.job_id not in self._owners})
+        if missing:
+            self._owners.update(await self.store.get_job_owners(missing))
+        if len(self._owners) > 4 * len(self._heap) + 10_000:  # entries left another way (unowned shards)
+            loaded = {item[3].job_id for item in self._heap}
+            self._owners = {job: tenant for job, tenant in self._owners.items() if job in loaded}
 
     def _weights(self) -> dict[str, float]:
         return {t: float(v["weight"]) for t, v in self.settings.tenant_limits.items() if "weight" in v}
