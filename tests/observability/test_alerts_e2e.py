@@ -1,4 +1,5 @@
-"""End to end on a real Prometheus: stop the only picker and "shard without owner" fires; start it, it resolves.
+"""End to end on a real Prometheus: stop the only picker and "shard without owner" fires; start it, it resolves;
+stop the only coordinator and "no leader" fires.
 
 The rules are the real ``deploy/prometheus/alerts.yml`` with each ``for:`` divided by 15 (``for: 30s`` becomes
 2 s: see ``cluster.scaled_rules``); the expressions are unchanged. Prometheus scrapes and evaluates every second.
@@ -17,7 +18,7 @@ from tests.observability.cluster import running_cluster, wait_until
 ALERT = "DschedShardWithoutOwner"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_stopping_the_only_picker_fires_shard_without_owner(tmp_path: Path) -> None:
     if prometheus_binary() is None:
         pytest.fail("prometheus is not installed: run `make test` (make system-deps installs it)", pytrace=False)
@@ -40,4 +41,8 @@ def test_stopping_the_only_picker_fires_shard_without_owner(tmp_path: Path) -> N
         cluster.processes["picker"].start()
         wait_until(lambda: cluster.alert_state(ALERT) is None, 30, f"{ALERT} resolved after the restart")
         assert cluster.value("sum(dsched_picker_owned_shards)") == 4
-    assert time.monotonic() - started < 90
+
+        # The same for the leader: the only coordinator stops, no process reports a leader, "no leader" fires.
+        cluster.processes["coordinator"].stop()
+        wait_until(lambda: cluster.alert_state("DschedNoLeader") == "firing", 20, "DschedNoLeader firing")
+    assert time.monotonic() - started < 100
