@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 
@@ -75,6 +76,12 @@ IDEMPOTENCY_NAMESPACE = uuid.UUID("0f6f3f1c-9a8e-4a51-8c0b-6f7b2f4f9d11")
 log = logs.get("worker")
 
 
+def _trace(exc: BaseException) -> str:
+    """The end of ``exc``'s traceback as plain text: cheap, unlike a rendered ``exc_info`` (a console renderer can
+    block the event loop for seconds, longer than the heartbeat may wait)."""
+    return "".join(traceback.format_exception(exc))[-2000:]
+
+
 class Worker:
     def __init__(
         self,
@@ -99,6 +106,7 @@ class Worker:
         self._recording = asyncio.Semaphore(4 * settings.worker_concurrency)  # finished runs not yet acked
         self._inflight: dict[str, executors.Cancellation] = {}  # receipt -> its run's cancellation
         self._receipts_by_run: dict[str, str] = {}
+        self._receiving: set[str] = set()  # receipts of batches being decoded and deduplicated (see _start)
         self._held = 0  # runs received ahead of their due time, waiting for it (see _hold)
         self._started: dict[str, tuple[RunMessage, int]] = {}  # runs whose "running" record is not written yet
         self._tasks: set[asyncio.Task[None]] = set()
@@ -180,7 +188,15 @@ class Worker:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _start(self, messages: list[ReceivedMessage]) -> None:
-        """Decode and deduplicate one received batch, then start its runs (each holds one slot)."""
+        """Decode and deduplicate one received batch, then start its runs (each holds one slot). The heartbeat
+        keeps the whole batch hidden from here on, through the deduplication's store round trips."""
+        self._receiving.update(m.receipt for m in messages)
+        try:
+            await self._start_batch(messages)
+        finally:
+            self._receiving.difference_update(m.receipt for m in messages)
+
+    async def _start_batch(self, messages: list[ReceivedMessage]) -> None:
         decoded: list[tuple[ReceivedMessage, RunMessage]] = []
         to_ack: list[str] = []
         for message in messages:
@@ -316,7 +332,7 @@ class Worker:
             try:
                 outcome = await self._perform(run, cancellation)
             except Exception as exc:  # a bug, an unreadable payload blob: a failed attempt that says why
-                log.error("run_raised", job_id=job.job_id, run_id=run.run_id, error=repr(exc)[:500], exc_info=True)
+                log.error("run_raised", job_id=job.job_id, run_id=run.run_id, error=repr(exc)[:500], trace=_trace(exc))
                 error = f"the worker could not run this job: {type(exc).__name__}: {exc}"[:1000]
                 outcome = executors.Outcome(RunStatus.FAILED, error=error, retryable=True)
             self._started.pop(run.run_id, None)  # before the final record: no "running" may follow it
@@ -410,7 +426,9 @@ class Worker:
             await self._record(run, outcome, started, finished, direct=True)
             return
         except Exception as exc:
-            log.error("record_failed", job_id=run.job.job_id, run_id=run.run_id, error=repr(exc)[:300], exc_info=True)
+            log.error(
+                "record_failed", job_id=run.job.job_id, run_id=run.run_id, error=repr(exc)[:300], trace=_trace(exc)
+            )
             reason = f"recording the outcome ({outcome.status.value}) failed: {type(exc).__name__}: {exc}"[:1000]
         await failures.record_failure(self, run, reason, started, finished)
 
@@ -582,19 +600,31 @@ class Worker:
         wait for its due time (dispatch ahead), the run and its recording, until the ack.
 
         Every ``visibility_timeout_s / HEARTBEATS_PER_VISIBILITY`` it extends them all to a full visibility timeout
-        from now, each call bounded to half the timeout: a live worker misses several beats before anything it
-        holds reappears elsewhere, while a dead worker's runs reappear within one visibility timeout."""
+        from now: a live worker misses several beats before anything it holds reappears elsewhere, while a dead
+        worker's runs reappear within one visibility timeout. A beat whose call is still waiting for a slow queue
+        is not cancelled (it may still land, and cancelling would leave the queue the work anyway); the next beats
+        are skipped until it returns, so calls never pile up on an overloaded queue."""
         visibility = self.settings.visibility_timeout_s
         interval = visibility / HEARTBEATS_PER_VISIBILITY
-        while True:
-            await asyncio.sleep(interval)
-            receipts = list(self._inflight)
-            if receipts:
-                try:
-                    async with asyncio.timeout(visibility / 2):
-                        await self.queue.extend(receipts, visibility)
-                except Exception as exc:
-                    log.warning("extend_failed", error=f"{type(exc).__name__}: {exc}", messages=len(receipts))
+        beat: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                if beat is not None and not beat.done():
+                    log.warning("extend_slow", waiting_s=interval)
+                    continue
+                receipts = [*self._inflight, *self._receiving]
+                if receipts:
+                    beat = asyncio.create_task(self._extend(receipts, visibility))
+        finally:
+            if beat is not None:
+                beat.cancel()
+
+    async def _extend(self, receipts: list[str], visibility: float) -> None:
+        try:
+            await self.queue.extend(receipts, visibility)
+        except Exception as exc:
+            log.warning("extend_failed", error=f"{type(exc).__name__}: {exc}", messages=len(receipts))
 
     async def _watch_cancels(self) -> None:
         assert self.coordination is not None

@@ -367,3 +367,70 @@ async def test_two_messages_of_one_at_most_once_run_in_one_batch_run_it_once(
     run, current, _ = await outcome(backends.store, job)
     assert run is not None and run.status == RunStatus.SUCCEEDED and current.status == JobStatus.SUCCEEDED
     assert await queue_is_empty(backends.queue)
+
+
+async def test_a_batch_stays_hidden_while_its_deduplication_waits_for_a_slow_store(
+    worker: Worker, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At-most-once runs are looked up and claimed before they start; a store slower than the visibility timeout
+    must not let the message reappear elsewhere meanwhile."""
+    assert backends.store and backends.queue
+    job = await new_job(backends.store, execution="at_most_once")
+    real_get_runs = backends.store.get_runs
+
+    async def slow_get_runs(run_ids: Sequence[str]) -> dict[str, Run]:
+        await asyncio.sleep(2.5 * VISIBILITY_S)
+        return await real_get_runs(run_ids)
+
+    monkeypatch.setattr(backends.store, "get_runs", slow_get_runs)
+    await send(backends.queue, message_for(job).model_dump_json().encode())
+    messages = await backends.queue.receive(10, 1.0, VISIBILITY_S)
+    assert len(messages) == 1
+    await worker._slots.acquire()
+    start = asyncio.create_task(worker._start(messages))
+    end = time.monotonic() + 2.5 * VISIBILITY_S
+    while time.monotonic() < end:
+        assert await backends.queue.receive(10, 0.2, 30) == [], "a message reappeared during its deduplication"
+    await start
+    await worker.wait_idle()
+    run, _, _ = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.SUCCEEDED
+
+
+async def test_heartbeat_calls_never_pile_up_on_a_slow_queue(
+    backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An extend slower than the beat is neither cancelled nor joined by more calls; when it lands the message is
+    still hidden."""
+    assert backends.store and backends.queue and backends.blobs
+    queue = backends.queue
+    real_extend = queue.extend
+    calls: list[int] = []
+    in_flight = 0
+
+    async def slow_extend(receipts: Sequence[str], visibility_s: float) -> None:
+        nonlocal in_flight
+        in_flight += 1
+        calls.append(in_flight)
+        try:
+            await asyncio.sleep(0.4 * VISIBILITY_S)  # longer than a beat (a quarter of the timeout)
+            await real_extend(receipts, visibility_s)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(queue, "extend", slow_extend)
+    job = await new_job(backends.store, payload=Payload(kind="cmd", text="sleep 3"))
+    await send(queue, message_for(job).model_dump_json().encode())
+    settings = Settings.from_env(data_dir=tmp_path, visibility_timeout_s=VISIBILITY_S, allow_cmd=True)
+    async with Worker(queue=queue, store=backends.store, blobs=backends.blobs, settings=settings).open() as w:
+        messages = await queue.receive(10, 1.0, VISIBILITY_S)
+        await w._slots.acquire()
+        await w._start(messages)
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            assert await queue.receive(10, 0.2, 30) == [], "the message reappeared while its run was alive"
+        await w.wait_idle()
+    assert len(calls) >= 3
+    assert max(calls) == 1  # never two extends at once
+    run, _, _ = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.SUCCEEDED
