@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ingestion import openapi_auth
+from ingestion import openapi_auth, openapi_responses
 from ingestion.requests import JobFields, SubmitRequest
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -71,8 +71,9 @@ def _op(
 
 
 def spec() -> dict[str, Any]:
-    """The document, with security schemes, least roles, 401/403/429 and /admin routes (ingestion/openapi_auth)."""
-    return openapi_auth.secure(_spec())
+    """The document, with security schemes, least roles, 401/403/429 and /admin routes (ingestion/openapi_auth),
+    then each operation's id, answer schemas, examples and error statuses (ingestion/openapi_responses)."""
+    return openapi_responses.complete(openapi_auth.secure(_spec()))
 
 
 def _spec() -> dict[str, Any]:
@@ -131,6 +132,7 @@ def _spec() -> dict[str, Any]:
                             "schema": {
                                 "type": "string",
                                 "enum": [
+                                    "submitted",
                                     "scheduled",
                                     "queued",
                                     "running",

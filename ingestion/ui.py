@@ -66,4 +66,4 @@ def register(app: web.Application, settings: Settings) -> None:
     app.router.add_get("/ui", index)
     app.router.add_get("/ui/config.json", config)
     app.router.add_get("/ui/static/{name}", asset)
-    app.router.add_get("/ui/{path:.*}", index)
+    app.router.add_get("/ui/{path:(?s:.*)}", index)  # any deep link, even one with an encoded newline

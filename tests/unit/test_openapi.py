@@ -22,3 +22,30 @@ def test_submit_schema_comes_from_the_validating_model() -> None:
     assert {"cron_schedule", "timezone", "retry", "execution", "overlap", "misfire", "priority"} <= set(
         submit["properties"]
     )
+
+
+def test_every_operation_has_an_id_and_documented_answers() -> None:
+    document = spec()
+    ids = []
+    for path, ops in document["paths"].items():
+        for method, op in ops.items():
+            where = f"{method.upper()} {path}"
+            assert op.get("operationId"), f"{where}: no operationId (ingestion/openapi_responses.ANSWERS)"
+            ids.append(op["operationId"])
+            successes = [s for s in op["responses"] if s.startswith("2")]
+            assert successes, f"{where}: no success answer"
+            for status, response in op["responses"].items():
+                assert response.get("content"), f"{where} {status}: no content type / schema"
+                if status[0] in "45":
+                    assert response["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/Error"
+                    } or (path, status) == ("/health", "503"), f"{where} {status}: errors are Error bodies"
+    assert len(ids) == len(set(ids)), "operationIds are unique"
+
+
+def test_the_document_is_valid_openapi() -> None:
+    import schemathesis
+
+    schema = schemathesis.openapi.from_dict(spec())
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == sum(len(ops) for ops in spec()["paths"].values())
