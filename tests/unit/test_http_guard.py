@@ -246,3 +246,15 @@ async def test_tls_verifies_the_url_host_name_not_the_checked_address(tmp_path: 
             assert names == [f"internal.example:{port}"]
     finally:
         await runner.cleanup()
+
+
+async def test_refusal_holds_with_the_workers_dns_cache(server: tuple[int, list[web.Request]]) -> None:
+    port, hits = server
+    dns = ScriptedDns(["127.0.0.1"])
+    connector = http_connector(False, resolver=dns, ttl_dns_cache=60)  # as the worker builds it
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(2):  # a refused answer is not cached as usable either
+            outcome = await call(session, f"http://cached.example:{port}/", allow_private=False)
+            assert outcome.status == RunStatus.FAILED and outcome.retryable is False
+            assert "non-public address 127.0.0.1" in (outcome.error or "")
+    assert hits == []
