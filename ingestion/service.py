@@ -162,6 +162,7 @@ class Ingestion:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        tracing.remember_inbound(request.headers.get("traceparent"))  # a caller's trace continues (if tracing)
         try:
             response = await handler(request)
         except ApiError as exc:
@@ -219,7 +220,9 @@ class Ingestion:
         return job
 
     async def _append(self, op: str, job: Job, attempt: int = 0) -> None:
-        span = tracing.start("ingestion", "dsched.submit", None, {"dsched.job_id": job.job_id, "dsched.op": op})
+        span = tracing.start(
+            "ingestion", "dsched.submit", tracing.inbound(), {"dsched.job_id": job.job_id, "dsched.op": op}
+        )
         if span is not None:  # the log record carries the trace to the writer (libs/tracing.py)
             job = job.model_copy(update={"traceparent": tracing.traceparent_of(span)})
         submission = Submission(op=op, job=job, at_ms=now_ms(), attempt=attempt)  # type: ignore[arg-type]

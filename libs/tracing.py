@@ -2,12 +2,13 @@
 
 A job's trace follows the job through every hop, each hop a span whose parent travels with the data:
 
-``dsched.submit`` (ingestion: the log append; its ``traceparent`` is written into the job definition in the log
-record) → ``dsched.store`` (writer: the job stored; the stored definition carries this span's ``traceparent``) →
-``dsched.dispatch`` (picker: one per run sent; the queue message carries its ``traceparent``) → ``dsched.run``
-(worker: the attempt) → the outgoing HTTP call, which carries a ``traceparent`` header naming the run span, so the
-target's own spans join the trace. A recurring job's runs stay in the trace of its latest change; a retry is a new
-``dsched.dispatch``/``dsched.run`` pair in the same trace. The coordinator is on no job's path (it assigns shards).
+``dsched.submit`` (ingestion: the log append, child of the request's own ``traceparent`` header when the caller
+sent one; its ``traceparent`` is written into the job definition in the log record) → ``dsched.store`` (writer:
+the job stored; the stored definition carries this span's ``traceparent``) → ``dsched.dispatch`` (picker: one per
+run sent; the queue message carries its ``traceparent``) → ``dsched.run`` (worker: the attempt) → the outgoing HTTP
+call, which carries a ``traceparent`` header naming the run span, so the target's own spans join the trace. A
+recurring job's runs stay in the trace of its latest change; a retry is a new ``dsched.dispatch``/``dsched.run``
+pair in the same trace. The coordinator is on no job's path (it assigns shards).
 
 Off unless configured: :func:`configure` with ``DSCHED_OTLP_ENDPOINT`` set (an OTLP/HTTP collector, e.g.
 ``http://127.0.0.1:4318``) installs the SDK with a batching OTLP exporter; :func:`configure_exporter` installs any
@@ -20,6 +21,7 @@ Log lines carry ``trace_id`` and ``span_id`` of the active span (:func:`log_ids`
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 ENABLED = False
 _provider: TracerProvider | None = None
+_inbound: contextvars.ContextVar[str | None] = contextvars.ContextVar("dsched_inbound_traceparent", default=None)
 _propagator = TraceContextTextMapPropagator()
 Attributes = Mapping[str, str | int | float | bool]
 
@@ -139,6 +142,17 @@ def active(span: Span | None) -> Iterator[None]:
         yield
     finally:
         context.detach(token)
+
+
+def remember_inbound(traceparent: str | None) -> None:
+    """The ``traceparent`` header of the request being served (the API's caller may already be in a trace)."""
+    if ENABLED:
+        _inbound.set(traceparent or None)
+
+
+def inbound() -> str | None:
+    """What :func:`remember_inbound` kept for this request (None while off or without the header)."""
+    return _inbound.get() if ENABLED else None
 
 
 def current_traceparent() -> str | None:

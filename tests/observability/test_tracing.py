@@ -66,15 +66,19 @@ def settings_for(tmp_path: Path) -> Settings:
     ).with_dev_defaults()
 
 
+CALLER = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"  # the API caller's own span (W3C example)
+
+
 async def run_http_job(tmp_path: Path) -> tuple[str, list[dict[str, str]]]:
-    """Submit one HTTP job to all five services in this process; returns its id and what the target received."""
+    """Submit one HTTP job to all five services in this process (the caller sends its ``traceparent``); returns
+    the job id and the headers the target received."""
     stop = asyncio.Event()
     async with hook_server() as (url, received), started(settings_for(tmp_path), list(SERVICES), stop) as services:
         port = services["ingestion"].port  # type: ignore[attr-defined]
         async with aiohttp.ClientSession() as session:
             body = {"project_id": "p", "payload": {"http": {"url": url, "method": "POST", "body": "{}"}}}
             async with session.post(
-                f"http://127.0.0.1:{port}/submit", json=body, headers={"X-User-ID": "alice"}
+                f"http://127.0.0.1:{port}/submit", json=body, headers={"X-User-ID": "alice", "traceparent": CALLER}
             ) as resp:
                 assert resp.status == 202, await resp.text()
                 job_id = str((await resp.json())["job_id"])
@@ -106,8 +110,8 @@ async def test_one_jobs_spans_form_one_trace_from_submit_to_the_http_target(
     run = by_name(spans, "dsched.run", **{"dsched.run_id": str((dispatch.attributes or {})["dsched.run_id"])})
 
     chain = [submit, store, dispatch, run]
-    assert {s.context.trace_id for s in chain} == {submit.context.trace_id}, "one trace"
-    assert submit.parent is None
+    assert {f"{s.context.trace_id:032x}" for s in chain} == {CALLER.split("-")[1]}, "one trace: the caller's"
+    assert submit.parent is not None and f"{submit.parent.span_id:016x}" == CALLER.split("-")[2]
     for parent, child in itertools.pairwise(chain):
         assert child.parent is not None and child.parent.span_id == parent.context.span_id, child.name
     scopes = [s.instrumentation_scope.name if s.instrumentation_scope else "" for s in chain]
