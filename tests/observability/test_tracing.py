@@ -6,18 +6,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
+import os
+import signal
+import subprocess
+import threading
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from libs import logs, tracing
 from libs.runner import started
+from libs.servers.base import free_port, http_ok
 from libs.settings import SERVICES, Settings
+from tests.observability.cluster import DSCHED, wait_until
 
 
 @pytest.fixture
@@ -158,3 +168,89 @@ def test_an_otlp_endpoint_turns_tracing_on() -> None:
     assert not tracing.ENABLED
     assert tracing.configure(Settings.from_env(node_id="n1"), ["worker"]) is False
     assert not tracing.ENABLED
+
+
+class OtlpReceiver:
+    """A minimal OTLP/HTTP trace receiver: keeps every ``POST /v1/traces`` body (protobuf), answers 200."""
+
+    def __init__(self) -> None:
+        bodies: list[bytes] = []
+        self.bodies = bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path == "/v1/traces":
+                    bodies.append(body)
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def spans(self) -> list[tuple[str, str, str]]:
+        """``(service.name, span name, trace id hex)`` of every span received."""
+        found = []
+        for body in self.bodies:
+            request = ExportTraceServiceRequest.FromString(body)
+            for resource_spans in request.resource_spans:
+                attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        found.append((attributes.get("service.name", ""), span.name, span.trace_id.hex()))
+        return found
+
+
+@pytest.mark.timeout(90)
+def test_dsched_run_exports_spans_over_otlp_when_an_endpoint_is_set(tmp_path: Path) -> None:
+    """The real CLI (``dsched run all``) with ``DSCHED_OTLP_ENDPOINT``: one submitted job's spans reach the
+    collector over OTLP/HTTP (flushed at the latest on SIGTERM), in one trace."""
+    receiver = OtlpReceiver()
+    receiver.thread.start()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")}
+    env |= {"DSCHED_DATA_DIR": str(tmp_path / "data"), "DSCHED_PORT": str(port), "DSCHED_OTLP_ENDPOINT": receiver.url}
+    env |= {"DSCHED_NODE_ID": "otlp-test", "DSCHED_LEASE_TTL_S": "2", "DSCHED_LOG_LEVEL": "WARNING"}
+    base = f"http://127.0.0.1:{port}"
+    with (tmp_path / "dsched.log").open("wb") as log:
+        proc = subprocess.Popen([DSCHED, "run", "all"], env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        wait_until(lambda: http_ok(f"{base}/health") is not None, 30, "dsched run all healthy")
+        request = urllib.request.Request(
+            f"{base}/submit",
+            data=json.dumps({"project_id": "p", "payload": "hello"}).encode(),
+            headers={"X-User-ID": "alice", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            job_id = json.loads(resp.read())["job_id"]
+
+        def succeeded() -> bool:
+            req = urllib.request.Request(f"{base}/jobs/{job_id}/runs", headers={"X-User-ID": "alice"})
+            with urllib.request.urlopen(req, timeout=10) as answer:
+                runs = json.loads(answer.read())["runs"]
+            return any(run["status"] == "succeeded" for run in runs)
+
+        wait_until(succeeded, 30, "the job ran")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        receiver.server.shutdown()
+        receiver.server.server_close()
+    assert proc.returncode == 0, (tmp_path / "dsched.log").read_text()[-2000:]
+    spans = receiver.spans()
+    names = {name for _, name, _ in spans}
+    assert {"dsched.submit", "dsched.store", "dsched.dispatch", "dsched.run"} <= names, spans
+    traces = {trace for _, _, trace in spans}
+    assert len(traces) == 1, spans
+    assert {service for service, _, _ in spans} == {"dsched"}
