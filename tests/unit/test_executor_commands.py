@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,3 +221,26 @@ def test_the_cgroups_of_a_dead_worker_are_swept(tmp_path: Path) -> None:
         for path in (leftover, mine):
             if path.exists():
                 path.rmdir()
+
+
+async def test_concurrent_large_outputs_are_not_held_in_memory() -> None:
+    """16 runs printing 12 MiB each at once (10 MiB kept per run): Python allocations stay far below 16 x 10 MiB."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        outcomes = await asyncio.gather(
+            *(
+                run_command("head -c 12582912 /dev/zero", timeout_s=60, output_cap=10 * 1024 * 1024, inline_bytes=4096)
+                for _ in range(16)
+            )
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert all(o.status == RunStatus.SUCCEEDED and o.output_capped and o.spool is not None for o in outcomes)
+        assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB of Python allocations"
+    finally:
+        for outcome in outcomes:
+            if outcome.spool is not None:
+                outcome.spool.close()
