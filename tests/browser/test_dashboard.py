@@ -194,17 +194,25 @@ def test_skipped_runs_are_shown_with_their_reason(server: Http, page: Any) -> No
     api.call("DELETE", f"/jobs/{job_id}")
 
 
-def test_replay_a_dead_letter(server: Http, page: Any) -> None:
+def test_replay_dead_letters_one_and_many(server: Http, page: Any, expect: Any) -> None:
     api = as_user(server, "ui-dlq")
-    job_id = api.submit(payload="cmd:echo broken; exit 4", name="broken", max_retries=0)
-    wait_api(lambda: api.call("GET", "/dead-letters")[1]["dead_letters"])
+    job_ids = [
+        api.submit(payload=f"cmd:echo broken; exit {4 + i}", name=f"broken-{i}", max_retries=0) for i in range(3)
+    ]
+    wait_api(lambda: len(api.call("GET", "/dead-letters")[1]["dead_letters"]) == 3)
     page.goto(server.base + "/ui?user=ui-dlq#/dead-letters")
-    page.wait_for_selector("#dead-letters-table tr[data-letter]")
+    rows = page.locator("#dead-letters-table tr[data-letter]")
+    expect(rows).to_have_count(3)
     assert "exit code 4" in page.locator("#dead-letters-table").inner_text()
     shot(page, "dead-letters")
-    page.click("[data-replay]")
+    page.click(f"tr:has(a[href='#/jobs/{job_ids[0]}']) [data-replay]")
     page.wait_for_selector(".toast >> text=replayed")
-    assert wait_api(lambda: len(api.runs(job_id)) == 2)
+    assert wait_api(lambda: len(api.runs(job_ids[0])) == 2)
+    for job_id in job_ids[1:]:
+        page.check(f"tr:has(a[href='#/jobs/{job_id}']) input[type=checkbox]")
+    page.click("#replay-selected")
+    page.wait_for_selector(".toast >> text=replayed 2")
+    assert wait_api(lambda: all(len(api.runs(j)) == 2 for j in job_ids[1:]))
 
 
 def test_bulk_pause_from_the_jobs_page(server: Http, page: Any, expect: Any) -> None:
