@@ -32,7 +32,7 @@ from libs.batching import Batcher
 from libs.blobs.base import BlobStore
 from libs.clock import now_ms
 from libs.coordination.base import Coordination
-from libs.coordination.keys import CANCEL_PREFIX
+from libs.coordination.keys import CANCEL_PREFIX, WORKERS_PREFIX
 from libs.metrics import (
     DEAD_LETTERS,
     DUPLICATE_DELIVERIES,
@@ -107,6 +107,7 @@ class Worker:
         self._inflight: dict[str, executors.Cancellation] = {}  # receipt -> its run's cancellation
         self._receipts_by_run: dict[str, str] = {}
         self._receiving: set[str] = set()  # receipts of batches being decoded and deduplicated (see _start)
+        self._watching: set[str] = set()  # redelivered at-most-once runs whose claimer lives (see _watch_claimed)
         self._held = 0  # runs received ahead of their due time, waiting for it (see _hold)
         self._started: dict[str, tuple[RunMessage, int]] = {}  # runs whose "running" record is not written yet
         self._tasks: set[asyncio.Task[None]] = set()
@@ -226,6 +227,7 @@ class Worker:
             for _ in messages:
                 self._slots.release()
             return
+        watching: list[tuple[ReceivedMessage, RunMessage]] = []
         for message, run in decoded:
             previous = existing.get(run.run_id)
             if previous is not None and previous.status in FINISHED_RUN_STATUSES:
@@ -235,6 +237,14 @@ class Worker:
                 DUPLICATE_DELIVERIES.inc()
                 log.warning("at_most_once_redelivery", job_id=run.job.job_id, run_id=run.run_id)
                 if message.receive_count > 1 and (previous is None or previous.status == RunStatus.RUNNING):
+                    if await self._claimer_alive(run.run_id, previous):
+                        # Its worker lives (its extends failed, e.g. the queue was briefly unreachable): keep the
+                        # message hidden here until that run finishes or its worker dies, then settle it.
+                        log.info(
+                            "at_most_once_claimer_alive", run_id=run.run_id, claimer=previous and previous.worker_id
+                        )
+                        watching.append((message, run))
+                        continue
                     # This message's earlier holder claimed the run and stopped extending it (crashed or stalled):
                     # it may or may not have run, and never runs again, so it failed for good (dead letter, job
                     # state). A first delivery is another message for the same run (a re-dispatch), settled by its
@@ -258,6 +268,11 @@ class Worker:
             self._slots.release()
         if to_ack:
             await self._acks.submit_many(to_ack)
+        for message, run in watching:
+            self._watching.add(message.receipt)
+            task = asyncio.create_task(self._watch_claimed(message, run))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         now = now_ms()
         for message, run in runnable:
             # In flight from here on (the heartbeat extends it), before its task first runs.
@@ -302,6 +317,46 @@ class Worker:
                 self._slots.release()
             raise
         await self._execute(message, run, cancellation)
+
+    async def _claimer_alive(self, run_id: str, previous: Run | None) -> bool:
+        """Whether the worker that claimed this at-most-once run still lives: it runs here, or its ``running``
+        record names another worker whose presence key (``workers/<node>``, under its lease) still exists. Unknown
+        (no record yet, no coordination) counts as dead, as before; a failed presence lookup counts as alive (wait
+        rather than declare a live run lost)."""
+        if run_id in self._receipts_by_run:
+            return True
+        if previous is None or not previous.worker_id or previous.worker_id == self.node_id:
+            return False  # our own id but not running here: this process restarted, the run died with the old one
+        if self.coordination is None:
+            return False
+        try:
+            return await self.coordination.get(WORKERS_PREFIX + previous.worker_id) is not None
+        except Exception as exc:
+            log.warning("presence_lookup_failed", error=f"{type(exc).__name__}: {exc}")
+            return True
+
+    async def _watch_claimed(self, message: ReceivedMessage, run: RunMessage) -> None:
+        """A redelivered at-most-once message whose run still executes on a live worker (that worker can no longer
+        extend this delivery): keep it hidden (the heartbeat extends ``_watching``) and look again every half
+        visibility timeout; ack it once the run finished, record the run lost if its worker died (or once the run
+        outlived its timeout by far). If the store fails, the message is left to reappear."""
+        interval = self.settings.visibility_timeout_s / 2
+        rounds = int((run.job.timeout_s + 60) / interval) + 1
+        try:
+            for number in range(rounds + 1):
+                await asyncio.sleep(interval)
+                previous = (await self.store.get_runs([run.run_id])).get(run.run_id)
+                if previous is not None and previous.status in FINISHED_RUN_STATUSES:
+                    break
+                if number == rounds or not await self._claimer_alive(run.run_id, previous):
+                    lost = executors.Outcome(RunStatus.FAILED, error=CLAIM_LOST, retryable=False)
+                    await self._record(run, lost, previous.started_ms if previous else None, now_ms())
+                    break
+            await self._acks.enqueue([message.receipt])
+        except Exception as exc:
+            log.warning("claim_watch_failed", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._watching.discard(message.receipt)
 
     # One run ----------------------------------------------------------------------------------------------
     async def _execute(
@@ -613,7 +668,7 @@ class Worker:
                 if beat is not None and not beat.done():
                     log.warning("extend_slow", waiting_s=interval)
                     continue
-                receipts = [*self._inflight, *self._receiving]
+                receipts = [*self._inflight, *self._receiving, *self._watching]
                 if receipts:
                     beat = asyncio.create_task(self._extend(receipts, visibility))
         finally:

@@ -434,3 +434,94 @@ async def test_heartbeat_calls_never_pile_up_on_a_slow_queue(
     assert max(calls) == 1  # never two extends at once
     run, _, _ = await outcome(backends.store, job)
     assert run is not None and run.status == RunStatus.SUCCEEDED
+
+
+# A redelivered at-most-once run whose worker still lives ---------------------------------------------------------
+@pytest.fixture
+async def cluster_backends(tmp_path: Path) -> AsyncIterator[Backends]:
+    settings = Settings.from_env(data_dir=tmp_path, visibility_timeout_s=VISIBILITY_S, lease_ttl_s=2.0)
+    async with Backends.open(settings, {"store", "queue", "blobs", "coordination"}) as b:
+        yield b
+
+
+def two_workers(b: Backends, tmp_path: Path) -> tuple[Worker, Worker]:
+    assert b.queue and b.store and b.blobs and b.coordination
+    settings = Settings.from_env(data_dir=tmp_path, visibility_timeout_s=VISIBILITY_S, lease_ttl_s=2.0, allow_cmd=True)
+    return tuple(  # type: ignore[return-value]
+        Worker(queue=b.queue, store=b.store, blobs=b.blobs, coordination=b.coordination, settings=settings, node_id=n)
+        for n in ("w1", "w2")
+    )
+
+
+async def test_a_redelivered_at_most_once_run_whose_worker_lives_is_not_declared_lost(
+    cluster_backends: Backends, tmp_path: Path
+) -> None:
+    """Worker 1 runs an at-most-once job; its delivery lapses (as when the queue was unreachable for its extends)
+    and worker 2 receives the message again. Worker 2 sees worker 1 alive, keeps the message hidden and, once the
+    run finished, acks it: the run succeeds once, with no dead letter."""
+    b = cluster_backends
+    assert b.queue and b.store
+    marker = tmp_path / "ran.log"
+    job = await new_job(
+        b.store, payload=Payload(kind="cmd", text=f"sleep 3; echo x >> {marker}"), execution="at_most_once"
+    )
+    await send(b.queue, message_for(job).model_dump_json().encode())
+    w1, w2 = two_workers(b, tmp_path)
+    async with w1.open(), w2.open():
+        first = await b.queue.receive(10, 1.0, VISIBILITY_S)
+        await w1._slots.acquire()
+        await w1._start(first)
+        run_id = message_for(job).run_id
+        end = time.monotonic() + 5
+        while (run := (await b.store.get_runs([run_id])).get(run_id)) is None:
+            assert time.monotonic() < end, "the run was never reported running"
+            await asyncio.sleep(0.05)
+        assert run.status == RunStatus.RUNNING and run.worker_id == "w1"
+        await b.queue.nack([first[0].receipt], 0)  # the lapse: visible again while worker 1 still runs it
+        again = await b.queue.receive(10, 1.0, VISIBILITY_S)
+        assert len(again) == 1 and again[0].receive_count == 2
+        await w2._slots.acquire()
+        await w2._start(again)
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            assert await b.queue.receive(10, 0.2, 30) == [], "the watched message reappeared"
+        await w1.wait_idle()
+        await w2.wait_idle()
+    run, current, letters = await outcome(b.store, job)
+    assert run is not None and run.status == RunStatus.SUCCEEDED, run
+    assert current.status == JobStatus.SUCCEEDED and letters == []
+    assert marker.read_text().count("x") == 1
+    assert await queue_is_empty(b.queue)
+
+
+async def test_a_redelivered_at_most_once_run_whose_worker_died_is_a_failed_run(
+    cluster_backends: Backends, tmp_path: Path
+) -> None:
+    b = cluster_backends
+    assert b.queue and b.store
+    job = await new_job(b.store, execution="at_most_once")
+    message = message_for(job)
+    assert await b.store.claim_runs([message.run_id], "ghost") == {message.run_id}
+    await b.store.put_runs(
+        [
+            Run(
+                run_id=message.run_id,
+                job_id=job.job_id,
+                user_id=job.user_id,
+                scheduled_ms=message.scheduled_ms,
+                attempt=0,
+                status=RunStatus.RUNNING,
+                started_ms=now_ms(),
+                worker_id="ghost",
+            )
+        ]
+    )
+    await send(b.queue, message.model_dump_json().encode())
+    first = await b.queue.receive(10, 1.0, 30)
+    await b.queue.nack([first[0].receipt], 0)
+    _, w2 = two_workers(b, tmp_path)
+    async with w2.open():
+        assert await w2.drain() == 1
+    run, current, letters = await outcome(b.store, job)
+    assert run is not None and run.status == RunStatus.FAILED and (run.error or "").startswith("at_most_once")
+    assert current.status == JobStatus.FAILED and letters == [run.run_id]
