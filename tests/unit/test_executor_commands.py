@@ -238,8 +238,8 @@ async def test_concurrent_large_outputs_are_not_held_in_memory() -> None:
     finally:
         tracemalloc.stop()
     try:
-        assert all(o.status == RunStatus.SUCCEEDED and o.output_capped and o.spool is not None for o in outcomes)
         assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB of Python allocations"
+        assert all(o.status == RunStatus.SUCCEEDED and o.output_capped and o.spool is not None for o in outcomes)
     finally:
         for outcome in outcomes:
             if outcome.spool is not None:
