@@ -29,7 +29,7 @@ from typing import IO, Any, Literal
 import aiohttp
 import orjson
 
-from libs.backends import make_coordination, make_queue
+from libs.backends import make_backend
 from libs.coordination.base import Coordination
 from libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
 from libs.queue.base import QueueCounts
@@ -319,7 +319,7 @@ class Cluster:
         await self._wait(lambda: self.processes["writer"].has_started(), 60.0, "the writer did not start")
         for process in self.processes.values():
             process.start()
-        self.coordination = make_coordination(self.settings())
+        self.coordination = make_backend("coordination", self.settings())
         await self.coordination.startup()
         self._supervisor = asyncio.create_task(self._supervise())
         await self._wait_ready(ready_timeout_s - (time.monotonic() - started))
@@ -484,7 +484,7 @@ class Cluster:
 
     async def queue_counts(self) -> QueueCounts | None:
         """Visible / in-flight / dead-lettered messages of the work queue (None if it cannot be read)."""
-        queue = make_queue(self.settings())
+        queue = make_backend("queue", self.settings())
         try:
             await asyncio.wait_for(queue.startup(), 10)
             return await asyncio.wait_for(queue.counts(), 10)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 from urllib.parse import urlsplit
 
 from libs.blobs.base import BlobStore
@@ -31,100 +32,76 @@ from libs.retrying import until_up
 from libs.settings import Settings
 from libs.store.base import JobStore
 
+Role = Literal["log", "store", "coordination", "queue", "blobs"]
+Backend = SubmissionLog | JobStore | Coordination | WorkQueue | BlobStore
+ROLES: tuple[Role, ...] = ("log", "store", "coordination", "queue", "blobs")
 
-def _scheme(url: str) -> str:
-    return urlsplit(url).scheme if url else ""
 
-
-def _sqlite_path(url: str, default: Path) -> Path:
+def _embedded_path(url: str, default: Path) -> Path:
     if not url:
         return default
     parts = urlsplit(url)
     return Path(parts.netloc + parts.path) if parts.netloc else Path(parts.path)
 
 
-def make_log(settings: Settings) -> SubmissionLog:
-    url = settings.log_url
-    scheme = _scheme(url)
-    if scheme in ("", "sqlite"):
-        from libs.log.sqlite import SqliteLog
-
-        return SqliteLog(_sqlite_path(url, settings.data_dir / "log.db"), partitions=settings.log_partitions)
-    if scheme == "kafka":
-        from libs.log.kafka import KafkaLog
-
-        return KafkaLog.from_url(url, settings)
-    raise BackendConfigError(f"DSCHED_LOG_URL: unsupported scheme {scheme!r} (use sqlite:// or kafka://)")
+def _class(module: str, name: str) -> Any:
+    """Production modules are imported only when their URL is used (the embedded path needs none of them)."""
+    return getattr(importlib.import_module(module), name)
 
 
-def make_store(settings: Settings) -> JobStore:
-    url = settings.store_url
-    scheme = _scheme(url)
-    if scheme in ("", "sqlite"):
-        from libs.store.sqlite import SqliteStore
-
-        return SqliteStore(_sqlite_path(url, settings.data_dir / "store.db"))
-    if scheme == "scylla":
-        from libs.store.scylla import ScyllaStore
-
-        return ScyllaStore.from_url(url, settings)
-    raise BackendConfigError(f"DSCHED_STORE_URL: unsupported scheme {scheme!r} (use sqlite:// or scylla://)")
-
-
-def make_coordination(settings: Settings) -> Coordination:
-    url = settings.coordination_url
-    scheme = _scheme(url)
-    if scheme in ("", "sqlite"):
-        from libs.coordination.sqlite import SqliteCoordination
-
-        return SqliteCoordination(_sqlite_path(url, settings.data_dir / "coordination.db"))
-    if scheme == "etcd":
-        from libs.coordination.etcd import EtcdCoordination
-
-        return EtcdCoordination.from_url(url, settings)
-    raise BackendConfigError(f"DSCHED_COORDINATION_URL: unsupported scheme {scheme!r} (use sqlite:// or etcd://)")
-
-
-def make_queue(settings: Settings) -> WorkQueue:
-    url = settings.queue_url
-    scheme = _scheme(url)
-    if scheme in ("", "sqlite"):
-        from libs.queue.sqlite import SqliteQueue
-
-        return SqliteQueue(_sqlite_path(url, settings.data_dir / "queue.db"), max_receives=settings.max_receives)
-    if scheme == "sqs":
-        from libs.queue.sqs import SqsQueue
-
-        return SqsQueue.from_url(url, settings)
-    raise BackendConfigError(f"DSCHED_QUEUE_URL: unsupported scheme {scheme!r} (use sqlite:// or sqs://)")
-
-
-def make_blobs(settings: Settings) -> BlobStore:
-    url = settings.blobs_url
-    scheme = _scheme(url)
-    if scheme in ("", "file"):
-        from libs.blobs.files import FileBlobStore
-
-        return FileBlobStore(_sqlite_path(url, settings.data_dir / "blobs"))
-    if scheme == "s3":
-        from libs.blobs.s3 import S3BlobStore
-
-        return S3BlobStore.from_url(url, settings)
-    raise BackendConfigError(f"DSCHED_BLOBS_URL: unsupported scheme {scheme!r} (use file:// or s3://)")
-
-
-_FACTORIES: dict[str, Callable[[Settings], SubmissionLog | JobStore | Coordination | WorkQueue | BlobStore]] = {
-    "log": make_log,
-    "store": make_store,
-    "coordination": make_coordination,
-    "queue": make_queue,
-    "blobs": make_blobs,
+# (role, URL scheme) -> how to build it. The first scheme of each role is its embedded default (empty URL).
+_BUILDERS: dict[tuple[Role, str], Callable[[str, Settings], Any]] = {
+    ("log", "sqlite"): lambda url, s: _class("libs.log.sqlite", "SqliteLog")(
+        _embedded_path(url, s.data_dir / "log.db"), partitions=s.log_partitions
+    ),
+    ("log", "kafka"): lambda url, s: _class("libs.log.kafka", "KafkaLog").from_url(url, s),
+    ("store", "sqlite"): lambda url, s: _class("libs.store.sqlite", "SqliteStore")(
+        _embedded_path(url, s.data_dir / "store.db")
+    ),
+    ("store", "scylla"): lambda url, s: _class("libs.store.scylla", "ScyllaStore").from_url(url, s),
+    ("coordination", "sqlite"): lambda url, s: _class("libs.coordination.sqlite", "SqliteCoordination")(
+        _embedded_path(url, s.data_dir / "coordination.db")
+    ),
+    ("coordination", "etcd"): lambda url, s: _class("libs.coordination.etcd", "EtcdCoordination").from_url(url, s),
+    ("queue", "sqlite"): lambda url, s: _class("libs.queue.sqlite", "SqliteQueue")(
+        _embedded_path(url, s.data_dir / "queue.db"), max_receives=s.max_receives
+    ),
+    ("queue", "sqs"): lambda url, s: _class("libs.queue.sqs", "SqsQueue").from_url(url, s),
+    ("blobs", "file"): lambda url, s: _class("libs.blobs.files", "FileBlobStore")(
+        _embedded_path(url, s.data_dir / "blobs")
+    ),
+    ("blobs", "s3"): lambda url, s: _class("libs.blobs.s3", "S3BlobStore").from_url(url, s),
 }
 
 
-async def _start(role: str, settings: Settings) -> Any:
+@overload
+def make_backend(role: Literal["log"], settings: Settings) -> SubmissionLog: ...
+@overload
+def make_backend(role: Literal["store"], settings: Settings) -> JobStore: ...
+@overload
+def make_backend(role: Literal["coordination"], settings: Settings) -> Coordination: ...
+@overload
+def make_backend(role: Literal["queue"], settings: Settings) -> WorkQueue: ...
+@overload
+def make_backend(role: Literal["blobs"], settings: Settings) -> BlobStore: ...
+@overload
+def make_backend(role: Role, settings: Settings) -> Backend: ...
+def make_backend(role: Role, settings: Settings) -> Backend:
+    """The implementation of ``role`` that ``DSCHED_<ROLE>_URL`` selects (not started)."""
+    url = getattr(settings, f"{role}_url")
+    schemes = [scheme for r, scheme in _BUILDERS if r == role]
+    scheme = urlsplit(url).scheme if url else schemes[0]
+    build = _BUILDERS.get((role, scheme))
+    if build is None:
+        choices = " or ".join(f"{s}://" for s in schemes)
+        raise BackendConfigError(f"DSCHED_{role.upper()}_URL: unsupported scheme {scheme!r} (use {choices})")
+    backend: Backend = build(url, settings)
+    return backend
+
+
+async def _start(role: Role, settings: Settings) -> Any:
     """A fresh instance of ``role``, started; one that fails to start is shut down (the next try starts anew)."""
-    impl = _FACTORIES[role](settings)
+    impl = make_backend(role, settings)
     try:
         await impl.startup()
     except BaseException:
@@ -156,7 +133,7 @@ class Backends:
         """
         backends = cls()
         try:
-            for role in ("log", "store", "coordination", "queue", "blobs"):
+            for role in ROLES:
                 if role not in roles:
                     continue
                 try:

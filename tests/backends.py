@@ -1,4 +1,4 @@
-"""Build one implementation of a role for a contract test, by backend id.
+"""Build one implementation of a role for a contract test, by backend id, through the product's factory.
 
 Each backend gets a fresh namespace (file, key prefix, queue, bucket, topic, keyspace) per test, so tests never
 see each other's data even when they share one server.
@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from libs.backends import Backend, Role, make_backend
 from libs.blobs.base import BlobStore
 from libs.coordination.base import Coordination
 from libs.log.base import SubmissionLog
@@ -31,100 +33,70 @@ def test_settings(tmp_path: Path, **overrides: object) -> Settings:
     return Settings.from_env(data_dir=tmp_path, max_receives=MAX_RECEIVES, **overrides)
 
 
-def build_log(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> SubmissionLog:
+def _url(role: Role, backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The ``DSCHED_<ROLE>_URL`` of backend id ``backend`` in a fresh namespace ("" = the embedded default)."""
     if backend == "embedded":
-        from libs.log.sqlite import SqliteLog
-
-        return SqliteLog(tmp_path / "log.db", partitions=4)
+        return ""
     if backend == "kafka":
-        from libs.log.kafka import KafkaLog
-
-        servers = kafka_bootstrap(request)
-        query = "partitions=4&session_timeout_ms=6000"
-        settings = test_settings(tmp_path, log_url=f"kafka://{servers}/{unique('dsched-test')}?{query}")
-        return KafkaLog.from_url(settings.log_url, settings)
+        return f"kafka://{kafka_bootstrap(request)}/{unique('dsched-test')}?partitions=4&session_timeout_ms=6000"
+    if backend == "scylla":
+        keyspace = unique("dsched_test").replace("-", "_")
+        return f"scylla://{cql_contact(request)}/{keyspace}?replication=SimpleStrategy:1"
+    if backend == "etcd":
+        return f"{request.getfixturevalue('etcd_server').url}/{unique('test')}"
+    if backend in ("sqs", "s3"):
+        moto = request.getfixturevalue("moto_server")
+        name = unique("q" if backend == "sqs" else "b")
+        return f"{backend}://{name}?endpoint={moto.endpoint}&region={moto.region}"
+    if backend == "elasticmq":
+        return str(request.getfixturevalue("elasticmq_server").url(unique("q")))
     raise NotImplementedError(backend)
+
+
+def build(role: Role, backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """The implementation of ``role`` for backend id ``backend``, built by the product's own factory."""
+    settings = test_settings(tmp_path, **{f"{role}_url": _url(role, backend, request, tmp_path)})
+    if backend == "scylla":
+        _prepare_keyspace(settings, request)
+    return make_backend(role, settings)
+
+
+def _prepare_keyspace(settings: Settings, request: pytest.FixtureRequest) -> None:
+    import asyncio
+    import concurrent.futures
+    from typing import Any
+
+    from libs.store.migrate import drop_keyspace, migrate
+
+    def in_thread(coro: Any) -> Any:  # the fixture's event loop is running: use a private one
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coro).result()
+
+    in_thread(migrate(settings.store_url, settings))
+    if os.environ.get("DSCHED_TEST_SCYLLA"):
+        # A shared server outlives the session: clean up. The session's own Cassandra is deleted whole at
+        # the end, and a DROP costs ~2 s of schema agreement per test.
+        request.addfinalizer(lambda: in_thread(drop_keyspace(settings.store_url, settings)))
+
+
+def build_log(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> SubmissionLog:
+    return cast(SubmissionLog, build("log", backend, request, tmp_path))
 
 
 def build_store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> JobStore:
-    if backend == "embedded":
-        from libs.store.sqlite import SqliteStore
-
-        return SqliteStore(tmp_path / "store.db")
-    if backend == "scylla":
-        import asyncio
-        import concurrent.futures
-        from typing import Any
-
-        from libs.store.migrate import drop_keyspace, migrate
-        from libs.store.scylla import ScyllaStore
-
-        hosts = cql_contact(request)
-        keyspace = unique("dsched_test").replace("-", "_")
-        url = f"scylla://{hosts}/{keyspace}?replication=SimpleStrategy:1"
-        settings = test_settings(tmp_path, store_url=url)
-
-        def in_thread(coro: Any) -> Any:  # the fixture's event loop is running: use a private one
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                return pool.submit(asyncio.run, coro).result()
-
-        in_thread(migrate(settings.store_url, settings))
-        if os.environ.get("DSCHED_TEST_SCYLLA"):
-            # A shared server outlives the session: clean up. The session's own Cassandra is deleted whole at
-            # the end, and a DROP costs ~2 s of schema agreement per test.
-            request.addfinalizer(lambda: in_thread(drop_keyspace(settings.store_url, settings)))
-        return ScyllaStore.from_url(settings.store_url, settings)
-    raise NotImplementedError(backend)
+    return cast(JobStore, build("store", backend, request, tmp_path))
 
 
 def build_coordination(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Coordination:
-    if backend == "embedded":
-        from libs.coordination.sqlite import SqliteCoordination
-
-        return SqliteCoordination(tmp_path / "coordination.db")
-    if backend == "etcd":
-        from libs.coordination.etcd import EtcdCoordination
-
-        etcd = request.getfixturevalue("etcd_server")
-        settings = test_settings(tmp_path, coordination_url=f"{etcd.url}/{unique('test')}")
-        return EtcdCoordination.from_url(settings.coordination_url, settings)
-    raise NotImplementedError(backend)
+    return cast(Coordination, build("coordination", backend, request, tmp_path))
 
 
 def build_queue(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> WorkQueue:
-    if backend == "embedded":
-        from libs.queue.sqlite import SqliteQueue
-
-        return SqliteQueue(tmp_path / "queue.db", max_receives=MAX_RECEIVES)
-    if backend == "sqs":
-        from libs.queue.sqs import SqsQueue
-
-        moto = request.getfixturevalue("moto_server")
-        url = f"sqs://{unique('q')}?endpoint={moto.endpoint}&region={moto.region}"
-        settings = test_settings(tmp_path, queue_url=url)
-        return SqsQueue.from_url(settings.queue_url, settings)
-    if backend == "elasticmq":
-        from libs.queue.sqs import SqsQueue
-
-        mq = request.getfixturevalue("elasticmq_server")
-        settings = test_settings(tmp_path, queue_url=mq.url(unique("q")))
-        return SqsQueue.from_url(settings.queue_url, settings)
-    raise NotImplementedError(backend)
+    return cast(WorkQueue, build("queue", backend, request, tmp_path))
 
 
 def build_blobs(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
-    if backend == "embedded":
-        from libs.blobs.files import FileBlobStore
-
-        return FileBlobStore(tmp_path / "blobs")
-    if backend == "s3":
-        from libs.blobs.s3 import S3BlobStore
-
-        moto = request.getfixturevalue("moto_server")
-        url = f"s3://{unique('b')}?endpoint={moto.endpoint}&region={moto.region}"
-        settings = test_settings(tmp_path, blobs_url=url)
-        return S3BlobStore.from_url(settings.blobs_url, settings)
-    raise NotImplementedError(backend)
+    return cast(BlobStore, build("blobs", backend, request, tmp_path))
 
 
 def kafka_bootstrap(request: pytest.FixtureRequest) -> str:

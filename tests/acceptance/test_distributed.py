@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from libs.backends import make_coordination
+from libs.backends import make_backend
 from libs.servers import EtcdServer, MotoServer
 from libs.settings import Settings
 from libs.sharding import shard_for
@@ -73,7 +73,7 @@ def read_coordination(url: str) -> tuple[str | None, dict[str, list[int]]]:
     """The current leader and shard assignment, read straight from etcd."""
 
     async def read() -> tuple[str | None, dict[str, list[int]]]:
-        coordination = make_coordination(Settings.from_env(coordination_url=url))
+        coordination = make_backend("coordination", Settings.from_env(coordination_url=url))
         await coordination.startup()
         try:
             leader = await coordination.get("leader")

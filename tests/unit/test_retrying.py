@@ -72,7 +72,9 @@ async def test_backends_wait_for_a_backend_that_comes_up(tmp_path: Path, monkeyp
             await super().startup()
 
     monkeypatch.setitem(
-        backends_module._FACTORIES, "queue", lambda s: FlakyQueue(s.data_dir / "queue.db", s.max_receives)
+        backends_module._BUILDERS,
+        ("queue", "sqlite"),
+        lambda url, s: FlakyQueue(s.data_dir / "queue.db", s.max_receives),
     )
     settings = Settings.from_env(data_dir=tmp_path, startup_retry_s=10)
     async with Backends.open(settings, {"queue"}) as b:
@@ -87,7 +89,9 @@ async def test_backends_give_up_after_the_budget(tmp_path: Path, monkeypatch: py
             raise ConnectionError("queue unreachable")
 
     monkeypatch.setitem(
-        backends_module._FACTORIES, "queue", lambda s: DownQueue(s.data_dir / "queue.db", s.max_receives)
+        backends_module._BUILDERS,
+        ("queue", "sqlite"),
+        lambda url, s: DownQueue(s.data_dir / "queue.db", s.max_receives),
     )
     settings = Settings.from_env(data_dir=tmp_path, startup_retry_s=0.5)
     with pytest.raises(BackendConfigError, match="queue unreachable"):
