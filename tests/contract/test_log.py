@@ -203,3 +203,20 @@ async def test_a_dead_lettered_record_does_not_stall_its_partition(log: Submissi
 
 async def test_append_of_nothing_is_a_no_op(log: SubmissionLog) -> None:
     await log.append([])
+
+
+async def test_lag_counts_what_the_group_has_not_committed(log: SubmissionLog) -> None:
+    """``lag()`` (the writer's ``dsched_writer_lag_*``): polled is not enough, only a commit removes records."""
+    consumer = await started(log, group())
+    try:
+        await log.append([(f"lag-{uuid.uuid4().hex[:8]}", b"x") for _ in range(6)])
+        got = await poll_n(consumer, 6)
+        lag = await consumer.lag()
+        assert lag is not None and lag.records == 6
+        if lag.oldest_ms is not None:  # the embedded log knows it; Kafka reports records only
+            assert lag.oldest_ms <= min(r.timestamp_ms for r in got) + 1
+        await consumer.commit(got)
+        lag = await consumer.lag()
+        assert lag is not None and (lag.records, lag.oldest_ms) == (0, None)
+    finally:
+        await consumer.shutdown()
