@@ -29,14 +29,14 @@ def test_stopping_the_only_picker_fires_shard_without_owner(tmp_path: Path) -> N
         wait_until(lambda: cluster.value("sum(dsched_picker_owned_shards)") == 4, 20, "picker owns every shard")
         wait_until(lambda: cluster.value("sum(dsched_coordinator_is_leader)") == 1, 20, "one leader")
         time.sleep(3)  # longer than the scaled `for:` (2 s): a false positive would be firing by now
-        assert cluster.alert_state(ALERT) is None
+        assert cluster.alert_state(ALERT) != "firing"
 
         cluster.processes["picker"].stop()
         wait_until(lambda: cluster.alert_state(ALERT) == "firing", 20, f"{ALERT} firing")
         [alert] = [a for a in cluster.prometheus.alerts() if a["labels"]["alertname"] == ALERT]
         assert alert["labels"]["severity"] == "critical"
         assert alert["annotations"]["summary"] == "4 shard(s) owned by no live picker for 30 s"
-        assert cluster.alert_state("DschedNoLeader") is None  # the coordinator still leads
+        assert cluster.alert_state("DschedNoLeader") != "firing"  # the coordinator still leads
 
         cluster.processes["picker"].start()
         wait_until(lambda: cluster.alert_state(ALERT) is None, 30, f"{ALERT} resolved after the restart")

@@ -181,5 +181,5 @@ def test_every_panel_query_returns_data_on_a_cluster_after_a_mixed_workload(tmp_
         # A healthy cluster pages nobody (rules loaded with `for:` scaled down; see cluster.scaled_rules).
         assert all(group["rules"] for group in cluster.prometheus.rules())
         for alert in ("DschedNoLeader", "DschedShardWithoutOwner", "DschedServiceDown", "DschedWriterLagGrowing"):
-            assert cluster.alert_state(alert) is None, alert
+            assert cluster.alert_state(alert) != "firing", alert
     assert time.monotonic() - started < 150
