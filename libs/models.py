@@ -123,13 +123,10 @@ class Job(Model):
 
     @property
     def status(self) -> JobStatus:
-        if self.deleted:
-            return JobStatus.DELETED
-        if self.paused:
-            return JobStatus.PAUSED
-        if self.state is None and self.version == ACCEPTED_VERSION:
-            return JobStatus.SUBMITTED
-        return self.state or JobStatus.SCHEDULED
+        """What the user sees (:func:`libs.job_states.status_of`)."""
+        from libs.job_states import status_of  # the state machine imports this module
+
+        return status_of(self)
 
     @property
     def recurring(self) -> bool:

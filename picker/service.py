@@ -24,12 +24,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import orjson
 
-from libs import logs, tracing
+from libs import job_states, logs, tracing
 from libs.clock import now_ms
 from libs.coordination.base import Coordination
 from libs.coordination.keys import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
 from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT, export
-from libs.models import Job, JobState, JobStatus, QueueEntry, Run, RunMessage, RunStatus, run_id_for
+from libs.models import Job, JobState, QueueEntry, Run, RunMessage, RunStatus, run_id_for
 from libs.queue.base import OutgoingMessage, WorkQueue
 from libs.retrying import until_up
 from libs.schedule import ScheduleError, first_undispatched, parse_schedule, plan_misfire
@@ -395,7 +395,7 @@ class Picker:
                 DISPATCH_LAG.observe(max(0, now - message.due_ms) / 1000)
             if entry.kind == "schedule" and fire:
                 dispatched[job.job_id] = max(dispatched.get(job.job_id, -1), max(fire))
-            queued[job.job_id] = JobState(job_id=job.job_id, state=JobStatus.QUEUED)
+            queued[job.job_id] = JobState(job_id=job.job_id, state=job_states.dispatched())
         if self.settings.tenant_fair_dispatch and len(set(tenants)) > 1:
             pairs = fair_order(
                 list(zip(tenants, messages, strict=True)), lambda p: p[0], lambda p: p[1].priority, self._weights()

@@ -28,14 +28,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import Counter
 
-from libs import logs
+from libs import job_states, logs
 from libs.clock import now_ms
 from libs.metrics import DEAD_LETTERS, REGISTRY
 from libs.models import (
     FINISHED_RUN_STATUSES,
     DeadLetter,
     JobState,
-    JobStatus,
     LastRun,
     RunMessage,
     RunStatus,
@@ -98,7 +97,7 @@ async def record_failure(worker: Worker, run: RunMessage, reason: str, started: 
         scheduled_ms=run.scheduled_ms,
         finished_ms=finished,
     )
-    state = JobStatus.SCHEDULED if job.recurring else JobStatus.FAILED
+    state = job_states.finished(recurring=job.recurring, outcome=RunStatus.FAILED, retry_coming=False)
     await worker.store.update_job_states([JobState(job_id=job.job_id, state=state, last_run=last_run)])
 
 

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Coroutine
 import aiohttp
 from pydantic import ValidationError
 
-from libs import logs, tracing
+from libs import job_states, logs, tracing
 from libs.batching import Batcher
 from libs.blobs.base import BlobStore
 from libs.clock import now_ms
@@ -51,7 +51,6 @@ from libs.models import (
     FINISHED_RUN_STATUSES,
     DeadLetter,
     JobState,
-    JobStatus,
     LastRun,
     Payload,
     QueueEntry,
@@ -518,13 +517,13 @@ class Worker:
             scheduled_ms=run.scheduled_ms,
             finished_ms=finished,
         )
-        state = JobStatus.SCHEDULED if job.recurring else JobStatus.SUCCEEDED
+        retry_coming = False
         if outcome.status not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED):
             retry_due = self._retry_due(run, outcome, finished)
             if retry_due is not None:
                 RETRIES.inc()
                 writes.append(self.store.put_entries([self._retry_entry(run, retry_due, finished)]))
-                state = JobStatus.SCHEDULED
+                retry_coming = True
             else:
                 DEAD_LETTERS.inc()
                 writes.append(
@@ -543,9 +542,7 @@ class Worker:
                         ]
                     )
                 )
-                state = JobStatus.SCHEDULED if job.recurring else JobStatus.FAILED
-        elif outcome.status == RunStatus.CANCELLED and not job.recurring:
-            state = JobStatus.FAILED
+        state = job_states.finished(recurring=job.recurring, outcome=outcome.status, retry_coming=retry_coming)
         writes.append(put_states([JobState(job_id=job.job_id, state=state, last_run=last_run)]))
         try:
             for write in writes:  # futures of shared batches, not tasks: awaiting them in turn costs nothing extra
@@ -633,7 +630,7 @@ class Worker:
                 [
                     JobState(
                         job_id=run.job.job_id,
-                        state=JobStatus.RUNNING,
+                        state=job_states.running(),
                         last_run=LastRun(
                             run_id=run.run_id,
                             status=RunStatus.RUNNING,

@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
-from libs import logs, tracing
+from libs import job_states, logs, tracing
 from libs.clock import now_ms
 from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
 from libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS, export
-from libs.models import DeadLetter, EntryKind, Job, JobState, JobStatus, QueueEntry, Submission
+from libs.models import DeadLetter, EntryKind, Job, JobState, QueueEntry, Submission
 from libs.settings import Settings
 from libs.sharding import entry_for, initial_checkpoint
 from libs.store.base import JobStore
@@ -215,7 +215,7 @@ class Writer:
         with contextlib.suppress(Exception):
             await self.store.put_dead_letters([letter])
             # The row ingestion wrote at acceptance would say "submitted" forever.
-            await self.store.update_job_states([JobState(job_id=sub.job.job_id, state=JobStatus.FAILED)])
+            await self.store.update_job_states([JobState(job_id=sub.job.job_id, state=job_states.rejected())])
 
     def _entry(
         self, job: Job, due_ms: int, *, scheduled_ms: int, attempt: int, kind: EntryKind, now: int
