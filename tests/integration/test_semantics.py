@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -103,10 +104,28 @@ async def test_at_most_once_runs_once_across_five_redeliveries(tmp_path: Path) -
         assert runs[message.run_id].status == "succeeded"
 
 
+class StuckRecording:
+    """A store where a run's final record never lands: the worker executed it, then was lost before recording."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def put_runs(self, runs: Any) -> None:
+        if any(run.status != "running" for run in runs):
+            await asyncio.Event().wait()  # never returns: the worker dies before the record is durable
+        await self.inner.put_runs(runs)
+
+
 async def test_at_least_once_runs_again_after_a_lost_delivery(tmp_path: Path) -> None:
-    """Control for the test above: the same lost acks re-run an at-least-once job until it is recorded."""
+    """Control for the test above: an at-least-once run whose worker was lost after executing it, before
+    recording it, is delivered again and executed a second time (at-most-once would run it once)."""
     marker = tmp_path / "executions"
-    settings = Settings.from_env(data_dir=tmp_path, allow_cmd=True, visibility_timeout_s=0.3, max_receives=10)
+    settings = Settings.from_env(
+        data_dir=tmp_path, allow_cmd=True, visibility_timeout_s=0.3, max_receives=10, shutdown_grace_s=0.2
+    )
     async with Backends.open(settings, {"queue", "store", "blobs"}) as b:
         assert b.queue and b.store and b.blobs
         now = int(time.time() * 1000)
@@ -120,10 +139,24 @@ async def test_at_least_once_runs_again_after_a_lost_delivery(tmp_path: Path) ->
         )
         message = RunMessage(run_id=run_id_for(job.job_id, now, 0), job=job, scheduled_ms=now, attempt=0, due_ms=now)
         await b.queue.send([OutgoingMessage(body=message.model_dump_json().encode())])
-        worker = Worker(queue=LosingAcks(b.queue), store=b.store, blobs=b.blobs, settings=settings)
-        async with worker.open():
-            assert await worker.drain() == 1
+        lost = Worker(queue=b.queue, store=StuckRecording(b.store), blobs=b.blobs, settings=settings)
+        async with lost.open():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.drain(), timeout=2.0)  # executes, then hangs recording
         assert marker.read_text().splitlines() == ["x"]
+        assert (await b.store.get_runs([message.run_id])).get(message.run_id) is None  # nothing recorded
+        second = Worker(queue=b.queue, store=b.store, blobs=b.blobs, settings=settings)
+        async with second.open():
+            handled = 0
+            for _ in range(50):  # bounded: the message is visible again at once (handed back) or within 0.3 s
+                handled += await second.drain()
+                if handled:
+                    break
+                await asyncio.sleep(0.1)
+        assert handled == 1
+        assert marker.read_text().splitlines() == ["x", "x"]  # delivered again and executed again
+        runs = await b.store.get_runs([message.run_id])
+        assert runs[message.run_id].status == "succeeded"
 
 
 async def test_http_signature_with_two_active_keys(make_cluster: Any, target: Any) -> None:
