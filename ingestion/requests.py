@@ -217,7 +217,11 @@ def definition_changes(fields: JobFields, current: Job | None, now: int, default
         check_schedule(cron, timezone)
         changes["cron_schedule"] = cron or None
         changes["timezone"] = timezone
-        changes["next_fire_ms"] = first_fire(cron, timezone, fields.next_fire_at, now)
+        if current is not None and not cron and not current.recurring and "next_fire_at" not in given:
+            # A one-off job stays one-off at its time: a new time zone neither moves it nor runs it again.
+            changes["next_fire_ms"] = current.next_fire_ms
+        else:
+            changes["next_fire_ms"] = first_fire(cron, timezone, fields.next_fire_at, now)
     return changes
 
 
