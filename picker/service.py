@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import heapq
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -47,6 +48,24 @@ log = logs.get("picker")
 DEFAULT_MAX_LATENESS_MS = 60_000
 # A run still marked running this long after its timeout is treated as abandoned by overlap checks.
 OVERLAP_STALE_MS = 30_000
+
+
+@dataclass
+class DispatchPlan:
+    """What one dispatch round writes and sends, built by :meth:`Picker._plan`, carried out by
+    :meth:`Picker._apply`."""
+
+    done: list[QueueEntry]  # entries handled (sent, skipped or dropped): deleted last
+    messages: list[OutgoingMessage] = field(default_factory=list)
+    tenants: list[str] = field(default_factory=list)  # messages[i]'s tenant, for the fair order
+    next_entries: list[QueueEntry] = field(default_factory=list)
+    skipped_runs: list[Run] = field(default_factory=list)
+    queued: dict[str, JobState] = field(default_factory=dict)
+    dispatched: dict[str, int] = field(default_factory=dict)  # job id -> latest occurrence sent
+    cancels: list[str] = field(default_factory=list)  # run ids to stop (overlap: replace)
+
+    def mark_dispatched(self, job_id: str, occurrence: int) -> None:
+        self.dispatched[job_id] = max(self.dispatched.get(job_id, -1), occurrence)
 
 
 class Picker:
@@ -331,107 +350,130 @@ class Picker:
         return {t: float(v["weight"]) for t, v in self.settings.tenant_limits.items() if "weight" in v}
 
     async def _dispatch(self, entries: list[QueueEntry], now: int) -> int:
+        """Dispatch ``entries`` (due by now) of the shards this picker owns; returns the runs sent."""
         owned = self.owned_shards()
         entries = [e for e in entries if e.shard in owned]
         if not entries:
             return 0
         jobs = await self.store.get_jobs(list({e.job_id for e in entries}))
-        messages: list[OutgoingMessage] = []
-        tenants: list[str] = []  # messages[i]'s tenant, for the fair order
-        next_entries: list[QueueEntry] = []
-        skipped_runs: list[Run] = []
-        queued: dict[str, JobState] = {}
-        dispatched: dict[str, int] = {}
-        done: list[QueueEntry] = []
-        cancels: list[str] = []
+        plan = self._plan(entries, jobs, now)
+        if self.settings.tenant_fair_dispatch and len(set(plan.tenants)) > 1:
+            pairs = fair_order(
+                list(zip(plan.tenants, plan.messages, strict=True)),
+                lambda p: p[0],
+                lambda p: p[1].priority,
+                self._weights(),
+            )
+            plan.messages = [message for _, message in pairs]
+        sent = await self._apply(plan, {e.shard for e in entries})
+        if sent:
+            log.debug("dispatched", count=sent)
+        return sent
+
+    def _plan(self, entries: list[QueueEntry], jobs: dict[str, Job], now: int) -> DispatchPlan:
+        """What dispatching ``entries`` writes and sends (no I/O): runs to send, the next occurrences, skipped
+        runs, job states, the previous runs to cancel (``overlap: replace``) and the entries done."""
+        plan = DispatchPlan(done=list(entries))
         for entry in entries:
-            done.append(entry)
             job = jobs.get(entry.job_id)
             reason = self._drop_reason(entry, job)
-            if reason is not None:
-                PICKER_DROPPED.labels(reason).inc()
+            if job is None or reason is not None:
+                PICKER_DROPPED.labels(reason or "unknown_job").inc()
                 if reason == "already_dispatched" and job is not None and job.recurring:
                     # Keep the chain alive (a replayed or duplicate submission): the next entry after what was
                     # dispatched has the same key as the chain's own, so this write is idempotent.
                     chained = self._chain_entry(job, now)
                     if chained is not None:
-                        next_entries.append(chained)
+                        plan.next_entries.append(chained)
                 continue
-            assert job is not None
             fire = [entry.scheduled_ms]
             if entry.kind == "schedule" and job.recurring:
                 fire, skipped, next_entry = self._plan_recurring(job, entry, now)
-                skipped_runs.extend(skipped)
+                plan.skipped_runs.extend(skipped)
                 if next_entry is not None:
-                    next_entries.append(next_entry)
-                if fire and job.overlap != "allow" and self._still_running(job, now):
-                    assert job.last_run is not None
+                    plan.next_entries.append(next_entry)
+                if fire and job.overlap != "allow" and job.last_run is not None and self._still_running(job, now):
                     if job.overlap == "skip":
-                        skipped_runs.extend(
-                            self._skipped(job, occ, now, "overlap: previous run still running") for occ in fire
-                        )
-                        dispatched[job.job_id] = max(dispatched.get(job.job_id, -1), max(fire))
+                        reason = "overlap: previous run still running"
+                        plan.skipped_runs.extend(self._skipped(job, occ, now, reason) for occ in fire)
+                        plan.mark_dispatched(job.job_id, max(fire))
                         fire = []
                     else:
-                        cancels.append(job.last_run.run_id)
+                        plan.cancels.append(job.last_run.run_id)
             for scheduled in fire:
-                run_id = run_id_for(job.job_id, scheduled, entry.attempt)
-                message = RunMessage(
-                    run_id=run_id,
-                    job=job,
-                    scheduled_ms=scheduled,
-                    attempt=entry.attempt,
-                    due_ms=entry.due_ms if scheduled == entry.scheduled_ms else scheduled,
-                    kind=entry.kind,
-                    dispatched_ms=now,
-                    # The queue message carries the trace on to the worker (libs/tracing.py); None while off.
-                    traceparent=tracing.instant("picker", "dsched.dispatch", job.traceparent, {"dsched.run_id": run_id})
-                    if tracing.ENABLED
-                    else None,
-                )
-                messages.append(OutgoingMessage(body=message.model_dump_json().encode(), priority=job.priority))
-                tenants.append(job.user_id)
+                plan.messages.append(self._message(job, entry, scheduled, now))
+                plan.tenants.append(job.user_id)
                 PICKER_DISPATCHED.labels(entry.kind).inc()
-                DISPATCH_LAG.observe(max(0, now - message.due_ms) / 1000)
             if entry.kind == "schedule" and fire:
-                dispatched[job.job_id] = max(dispatched.get(job.job_id, -1), max(fire))
-            queued[job.job_id] = JobState(job_id=job.job_id, state=job_states.dispatched())
-        if self.settings.tenant_fair_dispatch and len(set(tenants)) > 1:
-            pairs = fair_order(
-                list(zip(tenants, messages, strict=True)), lambda p: p[0], lambda p: p[1].priority, self._weights()
-            )
-            messages = [message for _, message in pairs]
-        # Order matters for crash safety: the next occurrence and the "queued" state are stored before the send,
-        # the send before marking the occurrence dispatched, and that before deleting the entries. A crash at
-        # any point re-dispatches at most (deduplicated by run id), never loses.
-        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
-        if cancels and self.coordination is not None:
-            steps.append(("cancels", lambda: self._request_cancels(cancels)))
-        if next_entries:
-            steps.append(("next_entries", lambda: self.store.put_entries(next_entries)))
-        if skipped_runs:
-            steps.append(("skipped_runs", lambda: self.store.put_runs(skipped_runs)))
-        if queued:
-            steps.append(("queued", lambda: self.store.update_job_states(list(queued.values()))))
-        if messages:
-            steps.append(("send", lambda: self.queue.send(messages)))
-        if dispatched:
-            states = [JobState(job_id=job_id, dispatched_through_ms=ms) for job_id, ms in dispatched.items()]
-            steps.append(("dispatched", lambda: self.store.update_job_states(states)))
-        steps.append(("delete", lambda: self.store.delete_entries(done)))
-        shards = {e.shard for e in entries}
-        for step, write in steps:
-            # Any await may stall past the lease (GC pause, SIGSTOP, slow backend) while the shards move to another
-            # picker; finishing then would send runs twice and set job states back to "queued" after their runs
-            # finished. Stopping is a crash at this step: the entries stay in the store for the new owner.
-            if not shards <= self.owned_shards():
-                PICKER_DROPPED.labels("ownership_lost").inc(len(entries))
-                log.warning("dispatch_abandoned", node=self.node_id, step=step, entries=len(entries))
+                plan.mark_dispatched(job.job_id, max(fire))
+            plan.queued[job.job_id] = JobState(job_id=job.job_id, state=job_states.dispatched())
+        return plan
+
+    @staticmethod
+    def _message(job: Job, entry: QueueEntry, scheduled: int, now: int) -> OutgoingMessage:
+        run_id = run_id_for(job.job_id, scheduled, entry.attempt)
+        message = RunMessage(
+            run_id=run_id,
+            job=job,
+            scheduled_ms=scheduled,
+            attempt=entry.attempt,
+            due_ms=entry.due_ms if scheduled == entry.scheduled_ms else scheduled,
+            kind=entry.kind,
+            dispatched_ms=now,
+            # The queue message carries the trace on to the worker (libs/tracing.py); None while off.
+            traceparent=tracing.instant("picker", "dsched.dispatch", job.traceparent, {"dsched.run_id": run_id})
+            if tracing.ENABLED
+            else None,
+        )
+        DISPATCH_LAG.observe(max(0, now - message.due_ms) / 1000)
+        return OutgoingMessage(body=message.model_dump_json().encode(), priority=job.priority)
+
+    async def _apply(self, plan: DispatchPlan, shards: set[int]) -> int:
+        """Carry out ``plan`` in the order that makes a crash harmless: the next occurrences, skipped runs and the
+        "queued" state before the send; the send before marking occurrences dispatched; that before deleting the
+        entries. A crash at any point re-dispatches at most (deduplicated by run id), never loses.
+
+        Before each step the picker checks it still owns ``shards``: any await may stall past the lease (GC pause,
+        SIGSTOP, slow backend) while the shards move to another picker, and finishing then would send runs twice
+        and set job states back to "queued" after their runs finished. Stopping is a crash at that step: the
+        entries stay in the store for the new owner. Returns the runs sent (0 if abandoned).
+        """
+        if plan.cancels and self.coordination is not None:
+            if not self._still_owns(shards, "cancels", plan):
                 return 0
-            await write()
-        if messages:
-            log.debug("dispatched", count=len(messages))
-        return len(messages)
+            await self._request_cancels(plan.cancels)
+        if plan.next_entries:
+            if not self._still_owns(shards, "next_entries", plan):
+                return 0
+            await self.store.put_entries(plan.next_entries)
+        if plan.skipped_runs:
+            if not self._still_owns(shards, "skipped_runs", plan):
+                return 0
+            await self.store.put_runs(plan.skipped_runs)
+        if plan.queued:
+            if not self._still_owns(shards, "queued", plan):
+                return 0
+            await self.store.update_job_states(list(plan.queued.values()))
+        if plan.messages:
+            if not self._still_owns(shards, "send", plan):
+                return 0
+            await self.queue.send(plan.messages)
+        if plan.dispatched:
+            if not self._still_owns(shards, "dispatched", plan):
+                return 0
+            states = [JobState(job_id=job_id, dispatched_through_ms=ms) for job_id, ms in plan.dispatched.items()]
+            await self.store.update_job_states(states)
+        if not self._still_owns(shards, "delete", plan):
+            return 0
+        await self.store.delete_entries(plan.done)
+        return len(plan.messages)
+
+    def _still_owns(self, shards: set[int], step: str, plan: DispatchPlan) -> bool:
+        if shards <= self.owned_shards():
+            return True
+        PICKER_DROPPED.labels("ownership_lost").inc(len(plan.done))
+        log.warning("dispatch_abandoned", node=self.node_id, step=step, entries=len(plan.done))
+        return False
 
     @staticmethod
     def _skipped(job: Job, occurrence: int, now: int, reason: str) -> Run:

@@ -1,0 +1,140 @@
+"""Picker._dispatch directly: the order of its writes (what makes a crash harmless), what it sends, and that it
+stops at the step where it no longer owns the shards."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from libs.models import Job, JobStatus, Payload, QueueEntry
+from libs.queue.sqlite import SqliteQueue
+from libs.settings import Settings
+from libs.sharding import bucket_for, entry_for
+from libs.store.sqlite import SqliteStore
+from picker.service import Picker
+
+NOW = 1_800_000_000_000
+
+
+class Recording:
+    """Wraps a backend and records the name of every write, in order."""
+
+    WRITES = {"put_entries", "put_runs", "update_job_states", "send", "delete_entries"}
+
+    def __init__(self, inner: Any, calls: list[str], on_call: Any = None) -> None:
+        self.inner, self.calls, self.on_call = inner, calls, on_call
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self.WRITES:
+            return attr
+
+        async def recorded(*args: Any, **kwargs: Any) -> Any:
+            label = name
+            if name == "update_job_states":
+                label += ":" + ("dispatched" if args[0][0].dispatched_through_ms is not None else "state")
+            self.calls.append(label)
+            if self.on_call is not None:
+                self.on_call(label)
+            return await attr(*args, **kwargs)
+
+        return recorded
+
+
+@pytest.fixture
+async def backends(tmp_path: Path) -> AsyncIterator[tuple[Settings, SqliteStore, SqliteQueue]]:
+    settings = Settings.from_env(data_dir=tmp_path, shard_count=1, bucket_s=60)
+    store, queue = SqliteStore(tmp_path / "store.db"), SqliteQueue(tmp_path / "queue.db", max_receives=5)
+    await store.startup()
+    await queue.startup()
+    try:
+        yield settings, store, queue
+    finally:
+        await queue.shutdown()
+        await store.shutdown()
+
+
+def _job(job_id: str, **fields: Any) -> Job:
+    base: dict[str, Any] = dict(
+        job_id=job_id, user_id="u", project_id="p", payload=Payload(kind="echo", text="x"), next_fire_ms=NOW
+    )
+    return Job.model_validate({**base, "created_ms": NOW - 1000, **fields})
+
+
+def _entry(job: Job, settings: Settings) -> QueueEntry:
+    return entry_for(
+        job, NOW, scheduled_ms=NOW, attempt=0, kind="schedule", shard_count=1, bucket_ms=settings.bucket_ms, now=NOW
+    )
+
+
+async def test_writes_run_in_crash_safe_order_and_send_each_due_run(
+    backends: tuple[Settings, SqliteStore, SqliteQueue],
+) -> None:
+    settings, store, queue = backends
+    recurring = _job("rec", cron_schedule="@every 10s")
+    one_off = _job("once")
+    await store.put_jobs([recurring, one_off])
+    entries = [_entry(recurring, settings), _entry(one_off, settings)]
+    await store.put_entries(entries)
+    calls: list[str] = []
+    picker = Picker(
+        store=Recording(store, calls), queue=Recording(queue, calls), coordination=None, settings=settings, shards=[0]
+    )
+    assert await picker._dispatch(entries, NOW) == 2
+    assert calls == [
+        "put_entries",  # the recurring job's next occurrence, before anything is sent
+        "update_job_states:state",  # "queued"
+        "send",
+        "update_job_states:dispatched",  # only after the send
+        "delete_entries",  # last: a crash before it re-dispatches (deduplicated by run id), never loses
+    ]
+    sent = await queue.receive(10, 0.0, 30.0)
+    assert sorted(orjson.loads(m.body)["job"]["job_id"] for m in sent) == ["once", "rec"]
+    jobs = await store.get_jobs(["rec", "once"])
+    assert jobs["rec"].dispatched_through_ms == NOW and jobs["once"].status == JobStatus.QUEUED
+    bucket = bucket_for(NOW + 10_000, settings.bucket_ms)
+    remaining = await store.due_entries(0, bucket, NOW + 10_000, 10)
+    assert [(e.job_id, e.scheduled_ms) for e in remaining] == [("rec", NOW + 10_000)]
+
+
+async def test_a_picker_that_loses_its_shards_mid_dispatch_stops_before_the_send(
+    backends: tuple[Settings, SqliteStore, SqliteQueue],
+) -> None:
+    settings, store, queue = backends
+    job = _job("once")
+    await store.put_jobs([job])
+    entries = [_entry(job, settings)]
+    await store.put_entries(entries)
+    calls: list[str] = []
+    picker = Picker(store=store, queue=queue, coordination=None, settings=settings, shards=[0])
+
+    def lose_shards(label: str) -> None:
+        if label == "update_job_states:state":
+            picker._pinned = set()  # as if the lease lapsed while this write was in flight
+
+    picker.store = Recording(store, calls, lose_shards)  # type: ignore[assignment]
+    picker.queue = Recording(queue, calls)  # type: ignore[assignment]
+    assert await picker._dispatch(entries, NOW) == 0
+    assert calls == ["update_job_states:state"]  # no send, no "dispatched", no delete
+    assert await queue.receive(10, 0.0, 30.0) == []
+    still_there = await store.due_entries(0, entries[0].bucket_ms, NOW, 10)
+    assert [e.job_id for e in still_there] == ["once"]  # left for the new owner
+
+
+async def test_deleted_paused_and_superseded_entries_are_dropped_not_sent(
+    backends: tuple[Settings, SqliteStore, SqliteQueue],
+) -> None:
+    settings, store, queue = backends
+    jobs = [_job("del", deleted=True), _job("pau", paused=True), _job("old", version=5)]
+    await store.put_jobs(jobs)
+    entries = [_entry(j, settings) for j in jobs]
+    entries[2] = entries[2].model_copy(update={"version": 4})  # written for an older definition
+    await store.put_entries(entries)
+    picker = Picker(store=store, queue=queue, coordination=None, settings=settings, shards=[0])
+    assert await picker._dispatch(entries, NOW) == 0
+    assert await queue.receive(10, 0.0, 30.0) == []
+    assert await store.due_entries(0, entries[0].bucket_ms, NOW, 10) == []  # handled: deleted from the table
