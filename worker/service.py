@@ -659,12 +659,18 @@ class Worker:
         visibility = self.settings.visibility_timeout_s
         interval = visibility / HEARTBEATS_PER_VISIBILITY
         beat: asyncio.Task[None] | None = None
+        skipped = 0  # beats skipped in a row while one call waits (logged once per streak)
         try:
             while True:
                 await asyncio.sleep(interval)
                 if beat is not None and not beat.done():
-                    log.warning("extend_slow", waiting_s=interval)
+                    skipped += 1
+                    if skipped == 1:
+                        log.warning("extend_slow", waiting_s=interval)
                     continue
+                if skipped:
+                    log.info("extend_caught_up", skipped_beats=skipped)
+                    skipped = 0
                 receipts = [*self._inflight, *self._receiving, *self._watching]
                 if receipts:
                     beat = asyncio.create_task(self._extend(receipts, visibility))
