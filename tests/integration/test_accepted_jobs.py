@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from libs.clock import now_ms
 from libs.runner import started
 from libs.settings import Settings
 from tests.integration.conftest import Api, cluster_settings
@@ -73,9 +74,15 @@ async def test_fast_idempotent_retries_run_the_job_once(tmp_path: Path) -> None:
         # A retry after the writer stored it is still the same job, and still not a second run.
         status, data = await api.call("POST", "/submit", json=body, headers=headers)
         assert status == 200 and data["job_id"] == job_id
-        worker = instances["worker"]
-        await asyncio.sleep(1.0)  # a second occurrence, if one had been appended, would be due by now
-        await worker.wait_idle()  # type: ignore[attr-defined]
+        # Nothing else can run it: no time-bucket entry is left and the work queue is empty.
+        ingestion: Any = instances["ingestion"]
+
+        async def drained() -> bool:
+            counts = await ingestion.queue.counts()
+            due = (await ingestion.store.stats(now_ms()))["due"]
+            return bool((counts.visible, counts.in_flight, due) == (0, 0, 0))
+
+        await api.wait_for(drained, timeout=10)
         runs = await api.runs(job_id)
         assert [r["output"] for r in runs] == ["once\n"], runs
 
