@@ -516,7 +516,11 @@ class Picker:
         if job.paused and entry.kind != "trigger":
             return "paused"
         if entry.kind == "schedule":
-            if entry.version != job.version:
+            # An older definition's entry is superseded only if it fires another occurrence than the job's
+            # current one: for the same occurrence the newer definition's entry has the same key (the version
+            # is not part of it), i.e. it is this very row, overwritten by the writer after it was loaded.
+            # Dropping it would delete that row and the job would never run (a PATCH right after a submit).
+            if entry.version != job.version and entry.scheduled_ms != job.next_fire_ms:
                 return "superseded"
             if entry.scheduled_ms <= job.dispatched_through_ms:
                 return "already_dispatched"

@@ -327,6 +327,7 @@ def _assert_pipeline_whole(server: FuzzServer, session: requests.Session, accept
 
     def never_ran() -> list[str]:
         dead = {d["job_id"] for d in get("/dead-letters?limit=1000")["dead_letters"]}
-        return [job_id for job_id in due if job_id not in dead and not get(f"/jobs/{job_id}/runs")["runs"]]
+        missing = [job_id for job_id in due if job_id not in dead and not get(f"/jobs/{job_id}/runs")["runs"]]
+        return [f"{accepted[job_id]} -> {get(f'/jobs/{job_id}')}" for job_id in missing]
 
     _eventually(never_ran, "accepted jobs due now never ran")

@@ -129,7 +129,8 @@ async def test_deleted_paused_and_superseded_entries_are_dropped_not_sent(
     backends: tuple[Settings, SqliteStore, SqliteQueue],
 ) -> None:
     settings, store, queue = backends
-    jobs = [_job("del", deleted=True), _job("pau", paused=True), _job("old", version=5)]
+    # "old" was rescheduled (version 5, a minute later): the entry of version 4 fires an occurrence it no longer has
+    jobs = [_job("del", deleted=True), _job("pau", paused=True), _job("old", version=5, next_fire_ms=NOW + 60_000)]
     await store.put_jobs(jobs)
     entries = [_entry(j, settings) for j in jobs]
     entries[2] = entries[2].model_copy(update={"version": 4})  # written for an older definition
@@ -138,3 +139,25 @@ async def test_deleted_paused_and_superseded_entries_are_dropped_not_sent(
     assert await picker._dispatch(entries, NOW) == 0
     assert await queue.receive(10, 0.0, 30.0) == []
     assert await store.due_entries(0, entries[0].bucket_ms, NOW, 10) == []  # handled: deleted from the table
+
+
+async def test_an_older_definitions_entry_for_the_current_occurrence_is_sent_with_the_new_definition(
+    backends: tuple[Settings, SqliteStore, SqliteQueue],
+) -> None:
+    """Found by tests/integration/test_fuzz_pipeline.py: a PATCH right after a submit (same first fire) left the
+    job "scheduled" forever. The picker had loaded the submit's entry; the writer then stored the PATCH's entry
+    under the same key (the version is not part of it); the picker dropped its copy as superseded and deleted
+    the row, which was now the PATCH's entry."""
+    settings, store, queue = backends
+    patched = _job("patched", version=7, timeout_s=5.0)
+    await store.put_jobs([patched])
+    loaded = _entry(patched, settings).model_copy(update={"version": 6})  # what the picker read before the PATCH
+    await store.put_entries([_entry(patched, settings)])  # the row now: the PATCH's entry, same key
+    picker = Picker(store=store, queue=queue, coordination=None, settings=settings, shards=[0])
+    assert await picker._dispatch([loaded], NOW) == 1
+    [message] = await queue.receive(10, 0.0, 30.0)
+    body = orjson.loads(message.body)
+    assert (body["job"]["job_id"], body["job"]["version"], body["job"]["timeout_s"]) == ("patched", 7, 5.0)
+    assert await store.due_entries(0, loaded.bucket_ms, NOW, 10) == []  # handled once
+    jobs = await store.get_jobs(["patched"])
+    assert jobs["patched"].dispatched_through_ms == NOW
