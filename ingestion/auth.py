@@ -76,6 +76,7 @@ ROUTE_ROLES: dict[tuple[str, str], Role | str] = {
     ("GET", "/runs/{run_id}/output"): Role.VIEWER,
     ("GET", "/dead-letters"): Role.VIEWER,
     ("POST", "/submit"): Role.MEMBER,
+    ("POST", "/submit/batch"): Role.MEMBER,
     ("PATCH", "/jobs/{job_id}"): Role.MEMBER,
     ("DELETE", "/jobs/{job_id}"): Role.MEMBER,
     ("POST", "/jobs/{job_id}/pause"): Role.MEMBER,

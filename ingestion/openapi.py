@@ -115,6 +115,29 @@ def _spec() -> dict[str, Any]:
                     'other string (echo), or {"http": {url, method, headers, body, timeout_s}}.',
                 )
             },
+            "/submit/batch": {
+                "post": _op(
+                    "Submit up to 1,000 jobs at once",
+                    body={
+                        "type": "object",
+                        "required": ["jobs"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "jobs": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": 1000,
+                                "items": {"$ref": "#/components/schemas/SubmitRequest"},
+                            }
+                        },
+                    },
+                    ok="202",
+                    description="Each item is validated like a POST /submit body and answered in `results` (same "
+                    "order, with its `index`): a `job_id`, or its own `error`/`detail`/`status`. The accepted items "
+                    "are durable in the log together before the 202; if none is accepted the answer is the first "
+                    "item's error status, still with every item's result. No Idempotency-Key (400).",
+                )
+            },
             "/job": {
                 "get": _op(
                     "Get a job (seed 004 form)",

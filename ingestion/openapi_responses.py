@@ -243,6 +243,7 @@ ERROR_TEXT = {
     415: "a request body that is not Content-Type: application/json (while cmd: jobs are enabled)",
     421: "Host is not a loopback name (while cmd: jobs are enabled: DNS-rebinding guard)",
     422: "the Idempotency-Key was used with a different request body",
+    429: "a tenant limit (rate or quota) refused every item of a batch",
     503: "a backend did not answer; retry later (never for client input)",
 }
 JOB_EXAMPLE = {
@@ -330,6 +331,39 @@ ANSWERS: dict[tuple[str, str], Answer] = {
         errors=(400, 413, 415, 422),
         example={"job_id": JOB_EXAMPLE["job_id"], "status": "Submitted", "message": "Job submitted successfully"},
         also={"200": "an earlier submit with the same Idempotency-Key and body: its job"},
+    ),
+    ("post", "/submit/batch"): Answer(
+        "submitJobBatch",
+        "202",
+        _obj(
+            ["accepted", "refused", "results"],
+            {
+                "accepted": INT,
+                "refused": INT,
+                "results": {
+                    "type": "array",
+                    "items": _obj(
+                        ["index", "status"],
+                        {
+                            "index": INT,
+                            "job_id": STR,
+                            "status": {"type": ["string", "integer"]},
+                            "error": STR,
+                            "detail": STR,
+                        },
+                    ),
+                },
+            },
+        ),
+        errors=(400, 413, 415, 429),
+        example={
+            "accepted": 1,
+            "refused": 1,
+            "results": [
+                {"index": 0, "job_id": JOB_EXAMPLE["job_id"], "status": "Submitted"},
+                {"index": 1, "error": "invalid_field", "detail": "project_id: Field required", "status": 400},
+            ],
+        },
     ),
     ("get", "/job"): Answer("getJobByQuery", schema=_ref("Job"), errors=(400, 404), example=JOB_EXAMPLE),
     ("get", "/jobs"): Answer(
@@ -432,6 +466,7 @@ REQUEST_EXAMPLES: dict[tuple[str, str], Any] = {
         "max_retries": 5,
         "retry": {"backoff": "exponential", "initial_s": 2, "max_s": 120, "jitter": True},
     },
+    ("post", "/submit/batch"): {"jobs": [{"project_id": "demo", "payload": "cmd:echo hi"}]},
     ("patch", "/jobs/{job_id}"): {"cron_schedule": "@every 5m", "max_retries": 1},
     ("post", "/jobs/bulk"): {"action": "pause", "job_ids": ["01a22b23-4bd8-7db1-9c29-bfbc84a00077"]},
 }

@@ -64,6 +64,7 @@ from libs.supervisor import Supervisor
 
 log = logs.get("ingestion")
 IDEMPOTENCY_TTL_S = 86_400
+MAX_BATCH_JOBS = 1000  # items per POST /submit/batch (the body limit DSCHED_MAX_BODY_BYTES applies too)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -137,6 +138,7 @@ class Ingestion:
         self.console = console.register(self, app)  # dashboard /ui and its API (issue 13), before the core routes
         r = app.router
         r.add_post("/submit", self.submit)
+        r.add_post("/submit/batch", self.submit_batch)
         r.add_get("/job", self.get_job_query)
         r.add_get("/jobs", self.list_jobs)
         r.add_get("/jobs/{job_id}", self.get_job)
@@ -220,18 +222,30 @@ class Ingestion:
         return job
 
     async def _append(self, op: str, job: Job, attempt: int = 0) -> None:
-        span = tracing.start(
-            "ingestion", "dsched.submit", tracing.inbound(), {"dsched.job_id": job.job_id, "dsched.op": op}
-        )
-        if span is not None:  # the log record carries the trace to the writer (libs/tracing.py)
-            job = job.model_copy(update={"traceparent": tracing.traceparent_of(span)})
-        submission = Submission(op=op, job=job, at_ms=now_ms(), attempt=attempt)  # type: ignore[arg-type]
+        await self._append_many(op, [job], attempt)
+
+    async def _append_many(self, op: str, jobs: list[Job], attempt: int = 0) -> None:
+        """Append one record per job in one call to the log: returns when all are durable, raises if any is not."""
+        spans = []
+        records = []
+        at = now_ms()
+        for job in jobs:
+            span = tracing.start(
+                "ingestion", "dsched.submit", tracing.inbound(), {"dsched.job_id": job.job_id, "dsched.op": op}
+            )
+            if span is not None:  # the log record carries the trace to the writer (libs/tracing.py)
+                job = job.model_copy(update={"traceparent": tracing.traceparent_of(span)})
+                spans.append(span)
+            submission = Submission(op=op, job=job, at_ms=at, attempt=attempt)  # type: ignore[arg-type]
+            records.append((job.job_id, submission.model_dump_json().encode()))
         try:
-            await self.log.append([(job.job_id, submission.model_dump_json().encode())])
+            await self.log.append(records)
         finally:
-            tracing.end(span)
-        SUBMISSIONS.labels(op).inc()
-        TENANT_SUBMISSIONS.labels(tenant_label(job.user_id), op).inc()
+            for span in spans:
+                tracing.end(span)
+        SUBMISSIONS.labels(op).inc(len(jobs))
+        for job in jobs:
+            TENANT_SUBMISSIONS.labels(tenant_label(job.user_id), op).inc()
 
     async def _offload(self, job_id: str, payload: Payload) -> Payload:
         data = payload.model_dump_json().encode()
@@ -290,6 +304,67 @@ class Ingestion:
             raise
         log.info("submitted", job_id=job_id, user_id=user, kind=job.payload.kind, recurring=job.recurring)
         return json_response({"job_id": job_id, "status": "Submitted", "message": "Job submitted successfully"}, 202)
+
+    async def submit_batch(self, request: web.Request) -> web.Response:
+        """Accept up to :data:`MAX_BATCH_JOBS` jobs in one request: ``{"jobs": [<submit body>, ...]}``.
+
+        Each item is validated exactly as ``POST /submit`` validates a body (:meth:`_new_job`); an invalid item gets
+        its own ``{"index", "error", "detail"}`` and does not stop the others. The valid ones are written to the
+        store (readable at once, status ``submitted``) and appended to the log together, in one call each: the
+        ``202`` means every accepted item is durable; if the append fails, none is accepted (their rows are
+        marked deleted) and the answer is 503. Tenant limits (``DSCHED_AUTH`` keys/jwt) count every item.
+        ``Idempotency-Key`` is not supported here (400)."""
+        user = self._user(request)
+        body = await self._body(request)
+        if "Idempotency-Key" in request.headers:
+            raise ApiError(400, "invalid_field", "Idempotency-Key: not supported by /submit/batch")
+        items = body.get("jobs")
+        if set(body) != {"jobs"} or not isinstance(items, list):
+            raise ApiError(400, "invalid_field", 'body: {"jobs": [<submit body>, ...]} and nothing else')
+        if not 1 <= len(items) <= MAX_BATCH_JOBS:
+            raise ApiError(400, "invalid_field", f"jobs: 1 to {MAX_BATCH_JOBS} items")
+        principal = principal_of(request)
+        results: list[dict[str, Any]] = []
+        jobs: list[Job] = []
+        now = now_ms()
+        for index, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise ApiError(400, "invalid_field", "jobs[]: each item is a JSON object")
+                try:
+                    req = SubmitRequest.model_validate(item)
+                except ValidationError as exc:
+                    raise ApiError(400, "invalid_field", pydantic_detail(exc)) from exc
+                if principal is not None:  # the same per-tenant limits as a single submit, one token per job
+                    refused = await self.auth.limits.check_submit(principal.tenant, None)
+                    if refused is not None:
+                        detail = orjson.loads(refused.body) if isinstance(refused.body, bytes) else {}
+                        raise ApiError(refused.status, detail.get("error", "refused"), detail.get("detail", ""))
+                job = self._new_job(user, req, new_job_id(now), now, None)
+            except ApiError as exc:
+                results.append({"index": index, "error": exc.error, "detail": exc.detail, "status": exc.status})
+                continue
+            job = job.model_copy(update={"payload": await self._offload(job.job_id, job.payload)})
+            jobs.append(job)
+            results.append({"index": index, "job_id": job.job_id, "status": "Submitted"})
+        if jobs:
+            await self.store.put_jobs(jobs)
+            try:
+                await self._append_many("submit", jobs)
+            except Exception:
+                with contextlib.suppress(Exception):  # not accepted: don't leave jobs that will never run
+                    await self.store.put_jobs([job.model_copy(update={"deleted": True}) for job in jobs])
+                raise
+            if principal is not None:
+                for _ in jobs:
+                    self.auth.limits.accepted(principal.tenant)
+        log.info("submitted_batch", user_id=user, accepted=len(jobs), refused=len(items) - len(jobs))
+        answer: dict[str, Any] = {"accepted": len(jobs), "refused": len(items) - len(jobs), "results": results}
+        if not jobs:  # nothing accepted: an error answer that still gives every item's reason
+            first = results[0]
+            detail = f"no job accepted; jobs[{first['index']}]: {first['detail']}"
+            return json_response({"error": first["error"], "detail": detail, **answer}, int(first["status"]))
+        return json_response(answer, 202)
 
     async def _resubmitted(self, existing: Job, digest: str) -> web.Response:
         """A retry of an idempotent submit: the same job if the body is the same, else 422."""
