@@ -34,9 +34,10 @@ from libs.coordination.base import Coordination
 from libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
 from libs.queue.base import QueueCounts
 from libs.settings import Settings
+from libs.store.base import JobStore
 from libs.store.sqlite import SqliteStore
 
-Backends = Literal["distributed", "embedded"]
+Backends = Literal["distributed", "embedded", "production"]
 ROLES_IN_START_ORDER = ("writer", "coordinator", "picker", "worker", "ingestion")
 
 # Short timings so that every failover happens within a few seconds (see docs/chaos.md).
@@ -231,13 +232,17 @@ class Cluster:
         self.log_dir = run_dir / "logs"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.etcd: Any = None  # tests.servers.EtcdServer when distributed
-        self.moto: Any = None  # tests.servers.MotoServer when distributed
+        self.etcd: Any = None  # libs.servers.EtcdServer unless embedded
+        self.moto: Any = None  # libs.servers.MotoServer unless embedded (production: S3 only)
+        # production: libs.servers.KafkaServer / CassandraServer / ElasticMQServer (log, store, queue)
+        self.kafka: Any = None
+        self.cassandra: Any = None
+        self.elasticmq: Any = None
         self.port = _free_port()
         self.unique = uuid.uuid4().hex[:10]
         self.processes: dict[str, ServiceProcess] = {}
         self.coordination: Coordination | None = None
-        self._store: SqliteStore | None = None
+        self._store: JobStore | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self.env: dict[str, str] = {}
 
@@ -247,11 +252,16 @@ class Cluster:
             return {}
         assert self.etcd is not None and self.moto is not None
         endpoint = self.moto.endpoint
-        return {
+        urls = {
             "DSCHED_COORDINATION_URL": f"{self.etcd.url}/chaos-{self.unique}",
             "DSCHED_QUEUE_URL": f"sqs://chaos-{self.unique}?endpoint={endpoint}&region=us-east-1",
             "DSCHED_BLOBS_URL": f"s3://chaos-{self.unique}?endpoint={endpoint}&region=us-east-1",
         }
+        if self.backends == "production":
+            urls["DSCHED_LOG_URL"] = self.kafka.url(f"chaos-{self.unique}", partitions=4, session_timeout_ms=6000)
+            urls["DSCHED_STORE_URL"] = self.cassandra.url(f"chaos_{self.unique}")
+            urls["DSCHED_QUEUE_URL"] = self.elasticmq.url(f"chaos-{self.unique}")
+        return urls
 
     def settings(self) -> Settings:
         """Settings equal to the services' (for the runner's own backend clients)."""
@@ -264,8 +274,9 @@ class Cluster:
             coordination_url=urls.get("DSCHED_COORDINATION_URL", ""),
             queue_url=urls.get("DSCHED_QUEUE_URL", ""),
             blobs_url=urls.get("DSCHED_BLOBS_URL", ""),
-            store_url="",
-            log_url="",
+            store_url=urls.get("DSCHED_STORE_URL", ""),
+            log_url=urls.get("DSCHED_LOG_URL", ""),
+            log_partitions=4,
         )
 
     def _base_env(self) -> dict[str, str]:
@@ -296,17 +307,30 @@ class Cluster:
     async def start_backends(self) -> None:
         if self.backends == "embedded":
             return
-        from libs.servers import EtcdServer, MotoServer
+        from libs.servers import CassandraServer, ElasticMQServer, EtcdServer, KafkaServer, MotoServer
 
         self.etcd = EtcdServer(self.run_dir / "etcd")
         self.moto = MotoServer(self.run_dir / "moto")
-        await self.etcd.astart()
-        await self.moto.astart()
+        servers = [self.etcd, self.moto]
+        if self.backends == "production":
+            self.kafka = KafkaServer(self.run_dir / "kafka", partitions=4, log_level="WARN")
+            self.cassandra = CassandraServer(self.run_dir / "cassandra", unsafe_system=True, log_level="WARN")
+            self.elasticmq = ElasticMQServer(self.run_dir / "elasticmq")
+            servers += [self.kafka, self.cassandra, self.elasticmq]
+        await asyncio.gather(*(server.astart() for server in servers))
+        if self.backends == "production":  # what `dsched db migrate` and the topic init job do
+            from libs.store.migrate import migrate
+
+            settings = self.settings()
+            await migrate(settings.store_url, settings)
+            log = make_backend("log", settings)
+            await log.startup()
+            await log.shutdown()
 
     async def start(self, ready_timeout_s: float = 90.0) -> float:
-        """Start backends and every service; wait until ready; returns the seconds it took."""
-        started = time.monotonic()
+        """Start backends and every service; wait until ready; returns the seconds it took (the services')."""
         await self.start_backends()
+        started = time.monotonic()  # the JVM servers' start-up (production) is not the services' readiness
         self.env = self._base_env()
         slots: list[tuple[str, str]] = [("writer", "writer"), ("ingestion", "ingestion")]
         slots += [(f"coordinator-{i + 1}", "coordinator") for i in range(self.shape.coordinators)]
@@ -419,7 +443,7 @@ class Cluster:
         if self._store is not None:
             await self._store.shutdown()
             self._store = None
-        for server in (self.moto, self.etcd):
+        for server in (self.moto, self.etcd, self.kafka, self.cassandra, self.elasticmq):
             if server is not None:
                 with contextlib.suppress(Exception):
                     server.resume()
@@ -474,10 +498,15 @@ class Cluster:
                     result[node] = shards
         return result
 
-    async def store(self) -> SqliteStore:
-        """The embedded job store, opened read-mostly by the runner (WAL: never blocks the services)."""
+    async def store(self) -> JobStore:
+        """The job store, opened by the runner: the embedded one read-mostly (WAL: never blocks the services),
+        or a client of the production store."""
         if self._store is None:
-            store = SqliteStore(self.data_dir / "store.db")
+            store: JobStore
+            if self.backends == "production":
+                store = make_backend("store", self.settings())
+            else:
+                store = SqliteStore(self.data_dir / "store.db")
             await store.startup()
             self._store = store
         return self._store
