@@ -1,26 +1,42 @@
-"""N jobs due at one instant: how fast are they all executed?
+"""N jobs due at one instant: how fast are they all executed, against the floor measured in the same run?
 
-    python -m bench.burst --jobs 20000 [--kind http|echo] [--split]
+    python -m bench.burst --jobs 20000 [--kind http|echo] [--split] [--submit batch|single] [--no-floor]
 
-All jobs are submitted first (due ``--lead`` seconds after the start, enough to submit them all); throughput
-= N / (last execution - due instant). ``http`` jobs call a local target, whose arrival time is the execution time;
-``echo`` jobs (no I/O: the scheduler's own overhead, comparable to a no-op Celery task) are timed by their runs'
-finish times, read from the embedded store afterwards.
+For ``http`` jobs the floor runs first (:mod:`bench.floor`: a bare ``loop.call_at`` loop with one aiohttp session
+in its own process, the same GETs to the same target at one due instant), then dsched. All of dsched's jobs are
+submitted first (due ``--lead`` seconds after the start, enough to submit them all; by default through
+``POST /submit/batch``); throughput = N / (last execution - due instant). ``http`` jobs call the local target, whose
+arrival time is the execution time; ``echo`` jobs (no I/O: the scheduler's own overhead) are timed by their runs'
+finish times, read from the embedded store afterwards. CPU is reported per job for the submit phase and the fire
+phase, per process and per thread group (event loop vs helper threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 
 import aiohttp
+import orjson
 
-from bench.common import Scheduler, Target, report, submit_all, wait_hits
+from bench.common import (
+    Scheduler,
+    Target,
+    load_average,
+    print_cpu,
+    report,
+    submit_all,
+    submit_batches,
+    wait_hits,
+)
 from libs.cli import run_loop
 from libs.clock import to_rfc3339
 from libs.models import run_id_for
 from libs.store.sqlite import SqliteStore
+
+FLOOR_LEAD_S = 3.0  # the floor process starts and schedules its calls within this
 
 
 async def wait_succeeded(base: str, expected: int, timeout_s: float) -> None:
@@ -33,27 +49,65 @@ async def wait_succeeded(base: str, expected: int, timeout_s: float) -> None:
             await asyncio.sleep(0.5)
 
 
-async def main(jobs: int, lead: float, split: bool, kind: str) -> None:
+async def floor(target: Target, jobs: int) -> dict[str, float]:
+    """The bare loop's burst through ``target``: executed/s and CPU ms per job."""
+    target.hits.clear()
+    due_ms = int(time.time() * 1000 + FLOOR_LEAD_S * 1000)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.floor",
+        "--url",
+        target.url,
+        "--jobs",
+        str(jobs),
+        "--due-ms",
+        str(due_ms),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    result = orjson.loads(out.splitlines()[-1])
+    hits = [at for job_id, at in target.hits if job_id.startswith("floor-")]
+    target.hits.clear()
+    span_s = (max(hits) - due_ms) / 1000 if hits else float("nan")
+    rate = len(hits) / span_s if span_s > 0 else float("nan")
+    cpu_ms = 1000 * result["cpu_s"] / max(1, jobs)
+    print(f"== floor (bare call_at loop): {len(hits)} of {jobs} hit, {rate:,.0f}/s, cpu {cpu_ms:.3f} ms/job")
+    return {"executed_per_s": rate, "cpu_ms_per_job": cpu_ms}
+
+
+async def main(jobs: int, lead: float, split: bool, kind: str, submit: str, with_floor: bool) -> None:
+    print(f"load average at start: {load_average()}")
     target = Target()
     await target.start()
+    floor_result = await floor(target, jobs) if with_floor and kind == "http" else None
     scheduler = Scheduler(split=split)
     await scheduler.start()
     cpu_before = scheduler.cpu_s()
+    parts_before = scheduler.cpu_breakdown()
     base = f"http://127.0.0.1:{scheduler.port}"
     try:
         due_ms = int(time.time() * 1000 + lead * 1000)
         payload: object = {"http": {"url": target.url}} if kind == "http" else "noop"
-        bodies = [{"project_id": "bench", "payload": payload, "next_fire_at": to_rfc3339(due_ms)} for _ in range(jobs)]
-        ids, took = await submit_all(base, bodies, rate=None)
+        bodies: list[dict[str, object]] = [
+            {"project_id": "bench", "payload": payload, "next_fire_at": to_rfc3339(due_ms)} for _ in range(jobs)
+        ]
+        if submit == "batch":
+            ids, took, _ = await submit_batches(base, bodies)
+        else:
+            ids, took = await submit_all(base, bodies, rate=None)
         if time.time() * 1000 > due_ms:
             print(f"warning: submission took {took:.1f}s, longer than the lead; raise --lead")
+        await asyncio.sleep(max(0.0, due_ms / 1000 - time.time() - 0.05))
+        cpu_at_due = scheduler.cpu_s()
+        parts_at_due = scheduler.cpu_breakdown()
         due_by_id = {job_id: float(due_ms) for job_id in ids if job_id}
         if kind == "http":
-            await wait_hits(target, len(due_by_id), timeout_s=120, not_before_ms=due_ms)
+            await wait_hits(target, len(due_by_id), timeout_s=600, not_before_ms=due_ms)
             hits = target.hits
         else:
             await asyncio.sleep(max(0.0, due_ms / 1000 - time.time()))
-            await wait_succeeded(base, len(due_by_id), timeout_s=120)
+            await wait_succeeded(base, len(due_by_id), timeout_s=600)
             store = SqliteStore(scheduler.data_dir / "store.db")
             await store.startup()
             try:
@@ -61,10 +115,23 @@ async def main(jobs: int, lead: float, split: bool, kind: str) -> None:
             finally:
                 await store.shutdown()
             hits = [(r.job_id, float(r.finished_ms or 0)) for r in runs.values() if r.status == "succeeded"]
-        report(f"burst: {jobs} {kind} jobs due at one instant", due_by_id, hits, len(due_by_id), took, float(due_ms))
-        cpu_ms = 1000 * (scheduler.cpu_s() - cpu_before) / max(1, len(due_by_id))
-        print(f"{'scheduler_cpu_ms_per_job':>20}: {cpu_ms:.2f}")
+        result = report(
+            f"burst: {jobs} {kind} jobs due at one instant", due_by_id, hits, len(due_by_id), took, float(due_ms)
+        )
+        cpu_end = scheduler.cpu_s()
+        count = max(1, len(due_by_id))
+        print(f"{'scheduler_cpu_ms_per_job':>36}: {1000 * (cpu_end - cpu_before) / count:.3f}")
+        print(f"{'  of which submit phase':>36}: {1000 * (cpu_at_due - cpu_before) / count:.3f}")
+        print(f"{'  of which fire phase':>36}: {1000 * (cpu_end - cpu_at_due) / count:.3f}")
+        print("submit phase by process/thread:")
+        print_cpu(parts_before, parts_at_due, count)
+        print("fire phase by process/thread:")
+        print_cpu(parts_at_due, scheduler.cpu_breakdown(), count)
+        if floor_result is not None:
+            ratio = result["executed_per_s"] / floor_result["executed_per_s"]
+            print(f"{'ratio to the floor':>36}: {100 * ratio:.0f} %")
         print(await scheduler.lag_summary())
+        print(f"load average at end: {load_average()}")
     finally:
         scheduler.stop()
         await target.stop()
@@ -75,6 +142,8 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--split", action="store_true", help="one process per service instead of `run all`")
     parser.add_argument("--kind", choices=["http", "echo"], default="http")
+    parser.add_argument("--submit", choices=["batch", "single"], default="batch")
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare-loop floor (http only)")
     parser.add_argument("--lead", type=float, default=30.0)
     args = parser.parse_args()
-    run_loop(main(args.jobs, args.lead, args.split, args.kind))
+    run_loop(main(args.jobs, args.lead, args.split, args.kind, args.submit, not args.no_floor))

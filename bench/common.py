@@ -126,6 +126,32 @@ class Scheduler:
             total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
         return total / os.sysconf("SC_CLK_TCK")
 
+    def cpu_breakdown(self) -> dict[str, float]:
+        """CPU seconds so far per process (``--split``: per service) and, within each, its event-loop (main) thread
+        versus its helper threads (SQLite calls run on those)."""
+        out: dict[str, float] = {}
+        tick = os.sysconf("SC_CLK_TCK")
+        names = ["ingestion", "writer", "coordinator", "picker", "worker"] if self.split else ["all"]
+        for name, proc in zip(names, self.procs, strict=False):
+            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                try:
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:  # the thread ended meanwhile
+                    continue
+                kind = "loop" if task.name == str(proc.pid) else "threads"
+                key = f"{name}/{kind}"
+                out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+    def rss_mb(self) -> float:
+        """Resident memory of the scheduler processes, in MiB (Linux /proc)."""
+        total = 0
+        for proc in self.procs:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total / 1024
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -135,6 +161,18 @@ class Scheduler:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def print_cpu(before: dict[str, float], after: dict[str, float], jobs: int) -> None:
+    """CPU ms per job of each process/thread group between two :meth:`Scheduler.cpu_breakdown` readings."""
+    for key in sorted(after):
+        used = after[key] - before.get(key, 0.0)
+        print(f"{'cpu_ms_per_job ' + key:>36}: {1000 * used / max(1, jobs):.3f}")
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages now (other work on the machine skews wall-clock figures)."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -207,6 +245,43 @@ async def submit_all(
 
         await asyncio.gather(*(one(i) for i in range(len(bodies))))
     return ids, time.monotonic() - start
+
+
+async def submit_batches(
+    base: str, bodies: list[dict[str, object]], *, batch: int = 1000, concurrency: int = 4
+) -> tuple[list[str | None], float, list[float]]:
+    """POST the bodies to /submit/batch in batches of ``batch`` from ``concurrency`` clients; returns job ids in
+    order (None = refused), the seconds it took, and each request's latency in ms."""
+    ids: list[str | None] = [None] * len(bodies)
+    latencies: list[float] = []
+    chunks = [range(i, min(i + batch, len(bodies))) for i in range(0, len(bodies), batch)]
+    queue: asyncio.Queue[range] = asyncio.Queue()
+    for chunk in chunks:
+        queue.put_nowait(chunk)
+    start = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+
+        async def client() -> None:
+            while not queue.empty():
+                chunk = queue.get_nowait()
+                for _attempt in range(3):
+                    began = time.monotonic()
+                    try:
+                        async with session.post(
+                            f"{base}/submit/batch",
+                            json={"jobs": [bodies[i] for i in chunk]},
+                            headers={"X-User-ID": "bench"},
+                        ) as resp:
+                            if resp.status == 202:
+                                for result in (await resp.json())["results"]:
+                                    ids[chunk[result["index"]]] = result.get("job_id")
+                            latencies.append(1000 * (time.monotonic() - began))
+                            break
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.1)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return ids, time.monotonic() - start, latencies
 
 
 async def wait_hits(target: Target, expected: int, timeout_s: float, not_before_ms: float = 0.0) -> None:

@@ -1,9 +1,11 @@
 """N HTTP jobs due at a steady rate to a local target: submit rate, throughput, lost, duplicates, fire lag.
 
-    python -m bench.fire_lag --jobs 20000 --rate 1000
+    python -m bench.fire_lag --jobs 20000 --rate 1000 [--repeat 3] [--split]
+    python -m bench.fire_lag --rates 1000,1500,2000,2500 --seconds 20     # rising rates, one run each
 
-Job i is submitted at start + i/rate and is due ``--lead`` seconds after that, so ingestion, writer, picker and
-worker all work concurrently at the target rate. Fire lag = arrival at the target minus the due time.
+Job i is submitted (``POST /submit``, 64 clients) at start + i/rate and is due ``--lead`` seconds after that, so
+ingestion, writer, picker and worker all work concurrently at the target rate. Fire lag = arrival at the target
+minus the due time. Each run starts a fresh scheduler; CPU is reported per job, per process and thread group.
 """
 
 from __future__ import annotations
@@ -12,21 +14,23 @@ import argparse
 import asyncio
 import time
 
-from bench.common import Scheduler, Target, report, submit_all, wait_hits
+from bench.common import Scheduler, Target, load_average, print_cpu, report, submit_all, wait_hits
 from libs.cli import run_loop
 from libs.clock import to_rfc3339
 
 
-async def main(jobs: int, rate: float, lead: float, split: bool) -> None:
+async def one_run(jobs: int, rate: float, lead: float, split: bool) -> dict[str, float]:
+    print(f"load average at start: {load_average()}")
     target = Target()
     await target.start()
     scheduler = Scheduler(split=split)
     await scheduler.start()
     cpu_before = scheduler.cpu_s()
+    parts_before = scheduler.cpu_breakdown()
     try:
         start_ms = time.time() * 1000 + 500
         due = [start_ms + i * 1000 / rate + lead * 1000 for i in range(jobs)]
-        bodies = [
+        bodies: list[dict[str, object]] = [
             {
                 "project_id": "bench",
                 "payload": {"http": {"url": target.url}},
@@ -38,7 +42,7 @@ async def main(jobs: int, rate: float, lead: float, split: bool) -> None:
         ids, took = await submit_all(f"http://127.0.0.1:{scheduler.port}", bodies, rate=rate)
         due_by_id = {job_id: float(int(d)) for job_id, d in zip(ids, due, strict=True) if job_id}
         await wait_hits(target, len(due_by_id), timeout_s=60 + jobs / rate)
-        report(
+        result = report(
             f"fire lag: {jobs} HTTP jobs at {rate:g}/s (lead {lead:g}s)",
             due_by_id,
             target.hits,
@@ -46,12 +50,30 @@ async def main(jobs: int, rate: float, lead: float, split: bool) -> None:
             took,
             min(due_by_id.values()) if due_by_id else 0,
         )
-        cpu_ms = 1000 * (scheduler.cpu_s() - cpu_before) / max(1, len(due_by_id))
-        print(f"{'scheduler_cpu_ms_per_job':>20}: {cpu_ms:.2f}")
+        count = max(1, len(due_by_id))
+        cpu_ms = 1000 * (scheduler.cpu_s() - cpu_before) / count
+        print(f"{'scheduler_cpu_ms_per_job':>20}: {cpu_ms:.3f}")
+        print_cpu(parts_before, scheduler.cpu_breakdown(), count)
         print(await scheduler.lag_summary())
+        print(f"load average at end: {load_average()}")
+        return {**result, "cpu_ms_per_job": cpu_ms}
     finally:
         scheduler.stop()
         await target.stop()
+
+
+async def main(jobs: int, rates: list[float], seconds: float | None, lead: float, split: bool, repeat: int) -> None:
+    rows = []
+    for rate in rates:
+        for _ in range(repeat):
+            count = int(rate * seconds) if seconds else jobs
+            rows.append((rate, await one_run(count, rate, lead, split)))
+    print("\nrate  executed/s  lost  dup  p50_ms  p99_ms  max_ms  cpu_ms/job")
+    for rate, r in rows:
+        print(
+            f"{rate:>5g} {r['executed_per_s']:>10,.0f} {r['lost']:>5.0f} {r['duplicates']:>4.0f} "
+            f"{r['lag_p50_ms']:>7.1f} {r['lag_p99_ms']:>7.1f} {r['lag_max_ms']:>7.1f} {r['cpu_ms_per_job']:>10.3f}"
+        )
 
 
 if __name__ == "__main__":
@@ -59,6 +81,10 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--split", action="store_true", help="one process per service instead of `run all`")
     parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--rates", help="comma-separated rates, one run each (overrides --rate)")
+    parser.add_argument("--seconds", type=float, help="jobs = rate x seconds (overrides --jobs)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per rate")
     parser.add_argument("--lead", type=float, default=2.0)
     args = parser.parse_args()
-    run_loop(main(args.jobs, args.rate, args.lead, args.split))
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
+    run_loop(main(args.jobs, rates, args.seconds, args.lead, args.split, args.repeat))
