@@ -1,0 +1,51 @@
+"""Benchmarks on the production backends: Kafka, Cassandra (the Scylla store), etcd, ElasticMQ, S3 (moto).
+
+    python -m bench.production fire_lag --split --rates 50,100,200 --seconds 20
+    python -m bench.production burst --split --jobs 20000
+
+Starts the servers (:class:`libs.servers.stack.Stack`, without its service processes), applies the schema and
+creates the topics, then runs the named benchmark module (``bench.fire_lag``, ``bench.burst``) with the
+``DSCHED_*_URL`` of these servers in its environment, so the services it starts use them. Each benchmark run
+gets a namespace of its own (topic, keyspace, queue, bucket, etcd prefix). The servers are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from libs.servers.stack import LAYOUT, Stack
+
+
+async def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("fire_lag", "burst"):
+        print(__doc__)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="dsched-bench-prod-") as tmp:
+        servers = Stack(Path(tmp) / "servers", prometheus=False)
+        await asyncio.gather(*(s.astart() for s in servers.servers))
+        try:
+            stack = Stack(
+                Path(tmp) / "run",
+                prometheus=False,
+                servers=servers.backends,
+                namespace=f"bench-{uuid.uuid4().hex[:6]}",
+                kafka_session_timeout_ms=6000,
+            )
+            await stack.start_servers()  # schema and topics in the run's namespace
+            env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")}
+            env.update({**LAYOUT, **stack.urls(), "DSCHED_LEASE_TTL_S": "3"})
+            command = [sys.executable, "-m", f"bench.{argv[0]}", *argv[1:]]
+            return (await asyncio.to_thread(subprocess.run, command, env=env, check=False)).returncode
+        finally:
+            await servers.stop()
+            servers.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(asyncio.run(main(sys.argv[1:])))
