@@ -160,7 +160,7 @@ class Stack:
         p = self.ports
         moto = MotoServer(self.data_dir / "moto")
         moto.port = p.moto
-        return StackServers(
+        servers = StackServers(
             etcd=EtcdServer(
                 self.data_dir / "etcd", client_port=p.etcd_client, peer_port=p.etcd_peer, member_name="dsched-stack"
             ),
@@ -177,6 +177,9 @@ class Stack:
             elasticmq=ElasticMQServer(self.data_dir / "elasticmq", port=p.elasticmq),
             moto=moto,
         )
+        for jvm in (servers.kafka, servers.cassandra, servers.elasticmq):
+            jvm.quick_start = False  # long-running: peak speed over start-up time
+        return servers
 
     @property
     def etcd(self) -> EtcdServer:
