@@ -3,9 +3,11 @@
 A service that starts while a backend is briefly down (an etcd restart, moto still booting, a store failing over)
 waits for it instead of exiting: :func:`until_up` calls ``attempt()`` again after a growing pause (``initial_s``
 doubling up to ``max_s``) and logs every failure as one ``startup_retry`` warning line (what, attempt, error,
-next pause). After ``budget_s`` seconds of failures it gives up and raises the last error, so a backend that stays
-down (or a wrong URL that only looks like an outage) still ends the process with that error — the deployment's
-restart policy then takes over. Exceptions of a ``fatal`` type (configuration errors) are raised at once.
+next pause). After ``budget_s`` seconds of failures — and at least ``MIN_ATTEMPTS`` attempts, since one attempt of a
+client with its own retries can take the whole budget — it gives up and raises the last error, so a backend that
+stays down (or a wrong URL that only looks like an outage) still ends the process with that error; the deployment's
+restart policy then takes over. A budget of 0 means one attempt. Exceptions of a ``fatal`` type (configuration
+errors) are raised at once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ T = TypeVar("T")
 
 INITIAL_S = 0.2
 MAX_S = 2.0
+MIN_ATTEMPTS = 3  # with a positive budget
 
 log = logs.get("startup")
 
@@ -34,7 +37,8 @@ async def until_up(
     initial_s: float = INITIAL_S,
     max_s: float = MAX_S,
 ) -> T:
-    """``await attempt()`` until it succeeds, for at most ``budget_s`` seconds of failures (at least one call).
+    """``await attempt()`` until it succeeds, for at most ``budget_s`` seconds of failures (at least one call, and at
+    least ``MIN_ATTEMPTS`` when ``budget_s`` is positive).
 
     Returns its result; raises its last exception once the budget is spent, or at once for a ``fatal`` one.
     Cancellation is never swallowed.
@@ -48,6 +52,8 @@ async def until_up(
             raise
         except Exception as exc:
             remaining = deadline - time.monotonic()
+            if budget_s > 0 and number < MIN_ATTEMPTS:
+                remaining = max(remaining, initial_s)
             if remaining <= 0:
                 log.error("startup_gave_up", what=what, attempts=number, error=f"{type(exc).__name__}: {exc}")
                 raise

@@ -266,7 +266,12 @@ class Worker:
         for _ in range(len(messages) - len(runnable)):
             self._slots.release()
         if to_ack:
-            await self._acks.submit_many(to_ack)
+            try:
+                await self._acks.submit_many(to_ack)
+            except Exception as exc:  # queue unreachable: they reappear and are settled again; the batch goes on
+                # (raising here would drop the runnable messages with their execution slots: a leak that stops
+                # the worker's receive loop for good once every slot is gone)
+                log.warning("ack_failed", messages=len(to_ack), error=f"{type(exc).__name__}: {exc}")
         for message, run in watching:
             self._watching.add(message.receipt)
             task = asyncio.create_task(self._watch_claimed(message, run))

@@ -525,3 +525,57 @@ async def test_a_redelivered_at_most_once_run_whose_worker_died_is_a_failed_run(
     run, current, letters = await outcome(b.store, job)
     assert run is not None and run.status == RunStatus.FAILED and (run.error or "").startswith("at_most_once")
     assert current.status == JobStatus.FAILED and letters == [run.run_id]
+
+
+async def test_a_failing_ack_of_duplicates_neither_drops_the_batch_nor_leaks_slots(
+    backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch holds a duplicate of a finished run (acked, not run) and a new run; the queue refuses the ack. The
+    new run still runs, and every execution slot comes back (a leak would stop the receive loop for good)."""
+    assert backends.store and backends.queue and backends.blobs
+    queue = backends.queue
+    done, fresh = await new_job(backends.store), await new_job(backends.store)
+    finished = message_for(done)
+    await backends.store.put_runs(
+        [
+            Run(
+                run_id=finished.run_id,
+                job_id=done.job_id,
+                user_id=done.user_id,
+                scheduled_ms=finished.scheduled_ms,
+                attempt=0,
+                status=RunStatus.SUCCEEDED,
+                finished_ms=now_ms(),
+            )
+        ]
+    )
+    await send(queue, finished.model_dump_json().encode())
+    first = await queue.receive(10, 1.0, 30)
+    await queue.nack([first[0].receipt], 0)  # a redelivery: receive_count 2, so it is looked up and found done
+    await send(queue, message_for(fresh).model_dump_json().encode())
+    real_ack = queue.ack
+    refused = 0
+
+    async def ack(receipts: Sequence[str]) -> None:
+        nonlocal refused
+        if refused == 0:
+            refused += 1
+            raise ConnectionError("queue unreachable")
+        await real_ack(receipts)
+
+    monkeypatch.setattr(queue, "ack", ack)  # before the worker binds it to its batcher
+    settings = Settings.from_env(data_dir=tmp_path, visibility_timeout_s=VISIBILITY_S, worker_concurrency=4)
+    async with Worker(queue=queue, store=backends.store, blobs=backends.blobs, settings=settings).open() as w:
+        messages: list[Any] = []
+        end = time.monotonic() + 5
+        while len(messages) < 2:
+            assert time.monotonic() < end
+            messages += await queue.receive(10, 0.5, VISIBILITY_S)
+        for _ in messages:
+            await w._slots.acquire()
+        await w._start(messages)
+        await w.wait_idle()
+        assert refused == 1
+        assert w._slots._value == 4  # every slot returned
+    run, _, _ = await outcome(backends.store, fresh)
+    assert run is not None and run.status == RunStatus.SUCCEEDED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -97,3 +98,20 @@ async def test_backends_give_up_after_the_budget(tmp_path: Path, monkeypatch: py
     with pytest.raises(BackendConfigError, match="queue unreachable"):
         async with Backends.open(settings, {"queue"}):
             pass
+
+
+async def test_a_slow_first_attempt_does_not_spend_the_whole_budget() -> None:
+    """One attempt of a client with its own retries can outlast the budget: still three attempts in all."""
+    calls = 0
+
+    async def attempt() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.3)  # longer than the whole budget
+        if calls < 3:
+            raise ConnectionError("refused")
+        return "up"
+
+    assert await until_up("thing", attempt, budget_s=0.1, initial_s=0.01) == "up"
+    assert calls == 3
