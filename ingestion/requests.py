@@ -8,6 +8,7 @@ PATCH: both are validated the same way, before anything is appended.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -34,6 +35,26 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+URL_CACHE_SIZE = 4096  # distinct target URLs whose check is remembered (a batch often repeats one URL)
+
+
+@functools.lru_cache(maxsize=URL_CACHE_SIZE)
+def url_problem(value: str) -> str | None:
+    """Why ``value`` is not an acceptable HTTP target URL, or None. Pure, so its answers are cached."""
+    if not value.startswith(("http://", "https://")):
+        return "must start with http:// or https://"
+    if any(c in value for c in "\r\n\t\x00 "):
+        return "must not contain whitespace or control characters"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if not parts.hostname:
+        return "must name a host"
+    return None
+
+
 class HttpSpec(Strict):
     url: str = Field(min_length=1, max_length=4096)
     method: str = "GET"
@@ -44,17 +65,8 @@ class HttpSpec(Strict):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        if any(c in value for c in "\r\n\t\x00 "):
-            raise ValueError("must not contain whitespace or control characters")
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError for a port out of range
-        except ValueError as exc:
-            raise ValueError(f"not a valid URL ({exc})") from None
-        if not parts.hostname:
-            raise ValueError("must name a host")
+        if (problem := url_problem(value)) is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("method")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -244,13 +245,17 @@ class Ingestion:
             for span in spans:
                 tracing.end(span)
         SUBMISSIONS.labels(op).inc(len(jobs))
-        for job in jobs:
-            TENANT_SUBMISSIONS.labels(tenant_label(job.user_id), op).inc()
+        for user_id, count in Counter(job.user_id for job in jobs).items():
+            TENANT_SUBMISSIONS.labels(tenant_label(user_id), op).inc(count)
 
     async def _offload(self, job_id: str, payload: Payload) -> Payload:
+        """``payload`` itself when it is small enough to stay inline, else a reference to a blob holding it."""
+        limit = self.settings.payload_offload_bytes
+        if payload.kind != "http" and len(payload.text or "") * 4 <= limit:  # UTF-8: at most 4 bytes a character
+            return payload
         data = payload.model_dump_json().encode()
         content = len((payload.text or "").encode()) if payload.kind != "http" else len(data)
-        if content <= self.settings.payload_offload_bytes:
+        if content <= limit:
             return payload
         key = f"payloads/{job_id}/{hashlib.sha256(data).hexdigest()[:32]}"  # a retried submit writes the same
         await self.blobs.put(key, data)
@@ -293,7 +298,8 @@ class Ingestion:
                 if existing is not None and existing.user_id == user:
                     return await self._resubmitted(existing, digest)
         job = self._new_job(user, req, job_id, now, digest)
-        job = job.model_copy(update={"payload": await self._offload(job_id, job.payload)})
+        if (payload := await self._offload(job_id, job.payload)) is not job.payload:
+            job = job.model_copy(update={"payload": payload})
         # Readable at once from any ingestion instance; the writer replaces the row with the logged definition.
         await self.store.put_jobs([job])
         try:
@@ -324,6 +330,13 @@ class Ingestion:
         if not 1 <= len(items) <= MAX_BATCH_JOBS:
             raise ApiError(400, "invalid_field", f"jobs: 1 to {MAX_BATCH_JOBS} items")
         principal = principal_of(request)
+        limits = self.auth.limits
+        if principal is not None and not any(
+            limits.limit(principal.tenant, name) > 0 for name in ("submit_rate", "max_active_jobs")
+        ):
+            principal_limited = None  # nothing to count per item (the size limit is the whole body's)
+        else:
+            principal_limited = principal
         results: list[dict[str, Any]] = []
         jobs: list[Job] = []
         now = now_ms()
@@ -335,8 +348,8 @@ class Ingestion:
                     req = SubmitRequest.model_validate(item)
                 except ValidationError as exc:
                     raise ApiError(400, "invalid_field", pydantic_detail(exc)) from exc
-                if principal is not None:  # the same per-tenant limits as a single submit, one token per job
-                    refused = await self.auth.limits.check_submit(principal.tenant, None)
+                if principal_limited is not None:  # the same per-tenant limits as a single submit, one per job
+                    refused = await limits.check_submit(principal_limited.tenant, None)
                     if refused is not None:
                         detail = orjson.loads(refused.body) if isinstance(refused.body, bytes) else {}
                         raise ApiError(refused.status, detail.get("error", "refused"), detail.get("detail", ""))
@@ -344,7 +357,8 @@ class Ingestion:
             except ApiError as exc:
                 results.append({"index": index, "error": exc.error, "detail": exc.detail, "status": exc.status})
                 continue
-            job = job.model_copy(update={"payload": await self._offload(job.job_id, job.payload)})
+            if (payload := await self._offload(job.job_id, job.payload)) is not job.payload:
+                job = job.model_copy(update={"payload": payload})
             jobs.append(job)
             results.append({"index": index, "job_id": job.job_id, "status": "Submitted"})
         if jobs:
@@ -357,7 +371,7 @@ class Ingestion:
                 raise
             if principal is not None:
                 for _ in jobs:
-                    self.auth.limits.accepted(principal.tenant)
+                    limits.accepted(principal.tenant)
         log.info("submitted_batch", user_id=user, accepted=len(jobs), refused=len(items) - len(jobs))
         answer: dict[str, Any] = {"accepted": len(jobs), "refused": len(items) - len(jobs), "results": results}
         if not jobs:  # nothing accepted: an error answer that still gives every item's reason
