@@ -41,6 +41,7 @@ from libs.supervisor import Supervisor
 from picker.fair import fair_order
 
 FAIR_FIRST_BATCH = 100  # first batch of a fair burst; each next one doubles (up to DSCHED_PICKER_BATCH)
+OWNERS_SLACK = 10_000  # tenants of entries no longer loaded that may stay cached before a clean-up
 
 log = logs.get("picker")
 
@@ -261,6 +262,9 @@ class Picker:
                 await self._advance(shard, checkpoint, advance_to)
         if self.settings.tenant_fair_dispatch and len(self._heap) > self.settings.picker_batch:
             try:  # read ahead, off the due instant's path (dispatch reads what is still missing)
+                if len(self._owners) > 2 * len(self._heap) + OWNERS_SLACK:  # left by entries gone another way
+                    loaded = {item[3].job_id for item in self._heap}
+                    self._owners = {job: tenant for job, tenant in self._owners.items() if job in loaded}
                 await self._read_owners([item[3] for item in self._heap])
             except Exception as exc:
                 log.warning("fair_owners_failed", error=f"{type(exc).__name__}: {exc}")
@@ -342,9 +346,6 @@ class Picker:
         missing = list({e.job_id for e in entries if e.job_id not in self._owners})
         if missing:
             self._owners.update(await self.store.get_job_owners(missing))
-        if len(self._owners) > 4 * len(self._heap) + 10_000:  # entries left another way (unowned shards)
-            loaded = {item[3].job_id for item in self._heap}
-            self._owners = {job: tenant for job, tenant in self._owners.items() if job in loaded}
 
     def _weights(self) -> dict[str, float]:
         return {t: float(v["weight"]) for t, v in self.settings.tenant_limits.items() if "weight" in v}

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 
 from libs.models import Job, Payload, QueueEntry
 from libs.queue.sqlite import SqliteQueue
 from libs.settings import Settings
 from libs.sharding import bucket_for, shard_for
 from libs.store.sqlite import SqliteStore
+from picker import service as picker_service
 from picker.fair import fair_order
 from picker.service import Picker
 
@@ -25,9 +27,10 @@ def test_round_robin_keeps_priority_and_each_tenants_order() -> None:
     assert fair_order([], lambda x: "", lambda x: 0) == []
 
 
-async def test_picker_sends_a_burst_round_robin_across_tenants(tmp_path: Path) -> None:
+async def test_picker_sends_a_burst_round_robin_across_tenants(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tenant a has 300 runs due at one instant, tenant b 5: b's runs are among the first ten sent, although the
     due set spans four dispatch batches (and b's entries sort last by key)."""
+    monkeypatch.setattr(picker_service, "OWNERS_SLACK", 0)  # clean the tenant cache as eagerly as possible
     settings = Settings.from_env(data_dir=tmp_path, shard_count=4, bucket_s=60, picker_batch=100)
     store, queue = SqliteStore(tmp_path / "store.db"), SqliteQueue(tmp_path / "queue.db", max_receives=5)
     await store.startup()
