@@ -3,7 +3,8 @@
 Every operation of ``GET /openapi.json`` gets requests generated from its description, schema-valid (positive)
 and schema-invalid (negative), and every answer must: not be a 5xx, have a status the document lists for that
 operation, have the content type the document lists for that status, and match the document's response schema.
-Bounded: a fixed seed and ``MAX_EXAMPLES`` per operation and mode (``DSCHED_FUZZ_EXAMPLES`` overrides).
+Bounded: a fixed seed and ``MAX_EXAMPLES`` per operation and mode (``DSCHED_FUZZ_SEED`` and
+``DSCHED_FUZZ_EXAMPLES`` override them for a longer hunt).
 
 The services run without a worker, so nothing a generated job says is ever executed; ingestion, writer,
 coordinator and picker are the real ones, on embedded backends, on 127.0.0.1.
@@ -35,7 +36,7 @@ from ingestion import console
 from ingestion.openapi import spec
 from tests.integration.fuzz_server import FuzzServer, fuzz_server
 
-SEED = 20261130
+SEED = int(os.environ.get("DSCHED_FUZZ_SEED", "20261130"))
 MAX_EXAMPLES = int(os.environ.get("DSCHED_FUZZ_EXAMPLES", "12"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 USER = "fuzzer"

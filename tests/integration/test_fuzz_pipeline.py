@@ -35,7 +35,7 @@ from schemathesis import GenerationMode
 from libs.settings import SERVICES
 from tests.integration.fuzz_server import FuzzServer, fuzz_server
 
-SEED = 20261130
+SEED = int(os.environ.get("DSCHED_FUZZ_SEED", "20261130"))
 MAX_EXAMPLES = int(os.environ.get("DSCHED_FUZZ_EXAMPLES_PIPELINE", "80"))
 USER = "fuzz-pipeline"
 HTTP_TIMEOUT_S = 10.0
