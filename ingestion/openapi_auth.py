@@ -117,7 +117,7 @@ def secure(document: dict[str, Any]) -> dict[str, Any]:
                 "content": _ERROR,
             }
             responses["403"] = {"description": f"the caller's role is below {role.value}", "content": _ERROR}
-            if (method, route) == ("post", "/submit"):
+            if method == "post" and route in ("/submit", "/submit/batch"):
                 responses["429"] = {
                     "description": "the tenant's submit rate limit (`Retry-After` seconds) or active-job quota",
                     "headers": {"Retry-After": {"schema": {"type": "integer"}}},

@@ -255,6 +255,7 @@ ROUTES: list[tuple[str, str, Any, str, str, int]] = [
     ("GET", "/schedule/preview?cron=@hourly", None, "viewer", "any", 200),
     ("GET", "/events?max_s=0", None, "viewer", "any", 200),
     ("POST", "/submit", FUTURE_JOB, "member", "any", 202),
+    ("POST", "/submit/batch", {"jobs": [FUTURE_JOB, FUTURE_JOB]}, "member", "any", 202),
     ("PATCH", "/jobs/{J}", {"name": "renamed"}, "member", "own", 202),
     ("POST", "/jobs/{J}/pause", None, "member", "own", 202),
     ("POST", "/jobs/{J}/resume", None, "member", "own", 202),
