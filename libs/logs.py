@@ -23,6 +23,19 @@ def _trace_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+class _Stderr:
+    """Writes each line to whatever ``sys.stderr`` is at that moment, not the stream of the first call: a
+    logger cached by structlog must not keep writing to a stream that was replaced and closed (test capture,
+    daemonizing)."""
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
 def configure(level: str = "INFO") -> None:
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
     structlog.configure(
@@ -35,7 +48,7 @@ def configure(level: str = "INFO") -> None:
             structlog.processors.JSONRenderer(serializer=_dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: _Stderr(),
         cache_logger_on_first_use=True,
     )
 
