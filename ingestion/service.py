@@ -65,6 +65,7 @@ from libs.supervisor import Supervisor
 
 log = logs.get("ingestion")
 IDEMPOTENCY_TTL_S = 86_400
+PAYLOAD_JSON_FRAMING = 256  # bytes of an HTTP payload's JSON besides its strings (names, method, nulls)
 MAX_BATCH_JOBS = 1000  # items per POST /submit/batch (the body limit DSCHED_MAX_BODY_BYTES applies too)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -253,6 +254,10 @@ class Ingestion:
         limit = self.settings.payload_offload_bytes
         if payload.kind != "http" and len(payload.text or "") * 4 <= limit:  # UTF-8: at most 4 bytes a character
             return payload
+        if (http := payload.http) is not None:  # a bound on its JSON size: 6 bytes a character (\uXXXX) + framing
+            chars = len(http.url) + len(http.body or "") + sum(len(k) + len(v) for k, v in http.headers.items())
+            if 6 * chars + PAYLOAD_JSON_FRAMING + 8 * len(http.headers) <= limit:
+                return payload
         data = payload.model_dump_json().encode()
         content = len((payload.text or "").encode()) if payload.kind != "http" else len(data)
         if content <= limit:

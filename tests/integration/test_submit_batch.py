@@ -113,3 +113,21 @@ async def test_nothing_is_accepted_when_the_log_append_fails(tmp_path: Path) -> 
             assert status == 503, data
             status, page = await api.call("GET", "/jobs")
             assert status == 200 and [j for j in page["jobs"] if j["status"] != "deleted"] == []
+
+
+async def test_large_payloads_of_a_batch_go_to_the_blob_store_and_small_ones_stay_inline(api: Api) -> None:
+    big_http = {"http": {"url": "http://127.0.0.1:9/x", "method": "POST", "body": "b" * 2000}}
+    small_http = {"http": {"url": "http://127.0.0.1:9/x"}}
+    jobs = [
+        {"project_id": "p", "payload": big_http, "next_fire_at": "2099-01-01T00:00:00Z"},
+        {"project_id": "p", "payload": small_http, "next_fire_at": "2099-01-01T00:00:00Z"},
+        {"project_id": "p", "payload": "é" * 300, "next_fire_at": "2099-01-01T00:00:00Z"},  # 600 bytes: inline
+        {"project_id": "p", "payload": "é" * 600, "next_fire_at": "2099-01-01T00:00:00Z"},  # 1,200 bytes: offloaded
+    ]
+    status, data = await api.call("POST", "/submit/batch", json={"jobs": jobs})
+    assert status == 202, data
+    offloaded = []
+    for result in data["results"]:
+        _, job = await api.call("GET", f"/jobs/{result['job_id']}")
+        offloaded.append(bool(job["payload"].get("offloaded")))
+    assert offloaded == [True, False, False, True]
