@@ -20,7 +20,7 @@ import importlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 from urllib.parse import urlsplit
 
 from libs.blobs.base import BlobStore
@@ -113,14 +113,39 @@ async def _start(role: Role, settings: Settings) -> Any:
 
 @dataclass
 class Backends:
-    """The backends one process uses; roles it does not need stay None."""
+    """The started backends of the roles one process uses. Asking for a role that was not opened raises
+    :class:`RuntimeError` (a bug in the caller's role list, never a configuration problem)."""
 
-    log: SubmissionLog | None = None
-    store: JobStore | None = None
-    coordination: Coordination | None = None
-    queue: WorkQueue | None = None
-    blobs: BlobStore | None = None
-    _started: list[Any] = field(default_factory=list)
+    _impls: dict[str, Any] = field(default_factory=dict)
+
+    def _role(self, role: Role) -> Any:
+        impl = self._impls.get(role)
+        if impl is None:
+            raise RuntimeError(f"the {role} backend was not opened in this process")
+        return impl
+
+    def has(self, role: Role) -> bool:
+        return role in self._impls
+
+    @property
+    def log(self) -> SubmissionLog:
+        return cast(SubmissionLog, self._role("log"))
+
+    @property
+    def store(self) -> JobStore:
+        return cast(JobStore, self._role("store"))
+
+    @property
+    def coordination(self) -> Coordination:
+        return cast(Coordination, self._role("coordination"))
+
+    @property
+    def queue(self) -> WorkQueue:
+        return cast(WorkQueue, self._role("queue"))
+
+    @property
+    def blobs(self) -> BlobStore:
+        return cast(BlobStore, self._role("blobs"))
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -148,12 +173,11 @@ class Backends:
                 except Exception as exc:  # one clear line instead of a driver's traceback
                     url = getattr(settings, f"{role}_url") or "embedded"
                     raise BackendConfigError(f"{role} backend {url!r}: {type(exc).__name__}: {exc}") from exc
-                setattr(backends, role, impl)
-                backends._started.append(impl)
-            if backends.store is not None:
+                backends._impls[role] = impl
+            if backends.has("store"):
                 await backends.store.check_layout(settings.shard_count, settings.bucket_ms)
             yield backends
         finally:
-            for impl in reversed(backends._started):
+            for impl in reversed(backends._impls.values()):
                 with contextlib.suppress(Exception):
                     await impl.shutdown()

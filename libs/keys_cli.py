@@ -47,7 +47,6 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
             return 2
     async with Backends.open(settings, {"store"}) as backends:
         store = backends.store
-        assert store is not None
         if args.action == "create":
             record, key = await create_key(
                 store, load_pepper(settings), tenant=args.tenant, role=Role(args.role), name=args.name,

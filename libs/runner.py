@@ -67,7 +67,6 @@ async def started(
         for name in services:
             supervisor.register(name)
         if "ingestion" in services:
-            assert b.log and b.store and b.blobs
             ingestion = await stack.enter_async_context(
                 Ingestion(
                     log=b.log,
@@ -83,19 +82,16 @@ async def started(
         elif (metrics := await _metrics_server(settings, supervisor)) is not None:
             stack.push_async_callback(metrics.cleanup)
         if "writer" in services:
-            assert b.log and b.store
             writer = await stack.enter_async_context(Writer(log=b.log, store=b.store, settings=settings).open())
             loops.append(supervisor.start("writer", "consume", lambda: writer.run(stop)))
             instances["writer"] = writer
         if "coordinator" in services:
-            assert b.coordination
             coordinator = await stack.enter_async_context(
                 Coordinator(coordination=b.coordination, settings=settings).open()
             )
             loops.append(supervisor.start("coordinator", "lead", lambda: coordinator.run(stop)))
             instances["coordinator"] = coordinator
         if "worker" in services:
-            assert b.queue and b.store and b.blobs
             worker = await stack.enter_async_context(
                 Worker(
                     queue=b.queue,
@@ -109,7 +105,6 @@ async def started(
             loops.append(supervisor.start("worker", "receive", lambda: worker.run(stop)))
             instances["worker"] = worker
         if "picker" in services:
-            assert b.store and b.queue
             picker = await stack.enter_async_context(
                 Picker(
                     store=b.store, queue=b.queue, coordination=b.coordination, settings=settings, supervisor=supervisor

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import heapq
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import orjson
@@ -75,23 +75,22 @@ class Picker:
         *,
         store: JobStore,
         queue: WorkQueue,
-        coordination: Coordination | None,
+        coordination: Coordination,
         settings: Settings,
         node_id: str | None = None,
-        shards: Sequence[int] | None = None,
         supervisor: Supervisor | None = None,
     ) -> None:
-        """``shards`` pins a fixed set of shards and skips coordination (burst mode and tests)."""
+        """A picker joins ``coordination`` as a member and dispatches exactly the shards the leader assigns it,
+        while its lease lives."""
         self.store = store
         self.supervisor = supervisor or Supervisor()
         self.queue = queue
         self.coordination = coordination
         self.settings = settings
         self.node_id = node_id or settings.node_id
-        self._pinned = set(shards) if shards is not None else None
         export(PICKER_SHARDS, SHARD_COUNT)
         SHARD_COUNT.set(settings.shard_count)  # with dsched_picker_owned_shards: are all shards owned?
-        self._assigned: set[int] = set(self._pinned or ())
+        self._assigned: set[int] = set()
         self._lease: int | None = None
         self._lease_valid_until = 0.0  # monotonic
         self._checkpoints: dict[int, int] = {}
@@ -104,14 +103,12 @@ class Picker:
     # Lifecycle --------------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Picker]:
-        if self._pinned is None:
-            assert self.coordination is not None, "a picker without pinned shards needs coordination"
-            # Started while etcd restarts: wait for it (bounded, logged) instead of exiting.
-            await until_up("picker registration", self._register, budget_s=self.settings.startup_retry_s)
-            self._tasks = [
-                self.supervisor.start("picker", "keepalive", self._keepalive_loop),
-                self.supervisor.start("picker", "watch_assignment", self._watch_assignment),
-            ]
+        # Started while etcd restarts: wait for it (bounded, logged) instead of exiting.
+        await until_up("picker registration", self._register, budget_s=self.settings.startup_retry_s)
+        self._tasks = [
+            self.supervisor.start("picker", "keepalive", self._keepalive_loop),
+            self.supervisor.start("picker", "watch_assignment", self._watch_assignment),
+        ]
         try:
             yield self
         finally:
@@ -121,13 +118,12 @@ class Picker:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self._tasks = []
-            if self._lease is not None and self.coordination is not None:
+            if self._lease is not None:
                 with contextlib.suppress(Exception):
                     await self.coordination.revoke(self._lease)
             PICKER_SHARDS.set(0)
 
     async def _register(self) -> None:
-        assert self.coordination is not None
         sent = time.monotonic()
         self._lease = await self.coordination.grant_lease(self.settings.lease_ttl_s)
         self._lease_valid_until = sent + self.settings.lease_ttl_s
@@ -135,14 +131,12 @@ class Picker:
         await self._read_assignment()
 
     async def _keepalive_loop(self) -> None:
-        assert self.coordination is not None
         ttl = self.settings.lease_ttl_s
         while True:
             await asyncio.sleep(ttl / 3)
             try:
                 sent = time.monotonic()
-                assert self._lease is not None
-                if await self.coordination.keepalive(self._lease):
+                if self._lease is not None and await self.coordination.keepalive(self._lease):
                     self._lease_valid_until = sent + ttl
                 else:
                     # Lease gone (we were frozen or partitioned): drop everything and join again.
@@ -154,7 +148,6 @@ class Picker:
                 log.warning("keepalive_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _watch_assignment(self) -> None:
-        assert self.coordination is not None
         key = ASSIGNMENTS_PREFIX + self.node_id
         while True:
             try:
@@ -170,7 +163,6 @@ class Picker:
                     await self._read_assignment()
 
     async def _read_assignment(self) -> None:
-        assert self.coordination is not None
         self._set_assignment(await self.coordination.get(ASSIGNMENTS_PREFIX + self.node_id))
 
     def _set_assignment(self, value: bytes | None) -> None:
@@ -182,8 +174,6 @@ class Picker:
 
     def owned_shards(self) -> set[int]:
         """Shards this picker may dispatch right now (empty once its lease may have expired)."""
-        if self._pinned is not None:
-            return self._pinned
         if time.monotonic() >= self._lease_valid_until:
             return set()
         return self._assigned
@@ -439,7 +429,7 @@ class Picker:
         and set job states back to "queued" after their runs finished. Stopping is a crash at that step: the
         entries stay in the store for the new owner. Returns the runs sent (0 if abandoned).
         """
-        if plan.cancels and self.coordination is not None:
+        if plan.cancels:
             if not self._still_owns(shards, "cancels", plan):
                 return 0
             await self._request_cancels(plan.cancels)
@@ -500,7 +490,6 @@ class Picker:
 
     async def _request_cancels(self, run_ids: list[str]) -> None:
         """``overlap: replace``: ask the worker running the previous run to stop it (see worker cancel watch)."""
-        assert self.coordination is not None
         try:
             lease = await self.coordination.grant_lease(60)
             for run_id in run_ids:

@@ -41,7 +41,6 @@ async def backends(tmp_path: Path) -> AsyncIterator[Backends]:
 
 @pytest.fixture
 async def worker(backends: Backends, tmp_path: Path) -> AsyncIterator[Worker]:
-    assert backends.queue and backends.store and backends.blobs
     settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=VISIBILITY_S, allow_cmd=True)
     async with Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, settings=settings).open() as w:
         yield w
@@ -103,7 +102,6 @@ def poison_count(source: str, outcome_: str) -> float:
 async def test_a_run_whose_execution_raises_is_a_failed_run_with_the_reason(
     worker: Worker, backends: Backends, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert backends.store and backends.queue
     job = await new_job(backends.store)
 
     async def perform(run: RunMessage, cancellation: Cancellation) -> Outcome:
@@ -123,7 +121,6 @@ async def test_a_run_whose_execution_raises_is_a_failed_run_with_the_reason(
 async def test_a_run_whose_execution_raises_is_retried_by_its_policy(
     worker: Worker, backends: Backends, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert backends.store and backends.queue
     job = await new_job(backends.store, max_retries=2)
 
     async def perform(run: RunMessage, cancellation: Cancellation) -> Outcome:
@@ -141,7 +138,6 @@ async def test_a_run_whose_execution_raises_is_retried_by_its_policy(
 async def test_a_run_whose_recording_raises_is_recorded_as_failed(
     worker: Worker, backends: Backends, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert backends.store and backends.queue
     job = await new_job(backends.store)
     calls: list[bool] = []
 
@@ -168,7 +164,6 @@ async def test_a_poison_record_does_not_fail_the_runs_batched_with_it(
 ) -> None:
     """The worker coalesces run records of concurrent runs into one store write; a record the store refuses
     must fail only its own run."""
-    assert backends.store and backends.queue and backends.blobs
     store = backends.store
     poison = await new_job(store, payload=Payload(kind="echo", text="poison"))
     good = [await new_job(store) for _ in range(5)]
@@ -200,7 +195,6 @@ async def test_a_poison_record_does_not_fail_the_runs_batched_with_it(
 async def test_when_not_even_a_failure_can_be_recorded_the_message_stays(
     backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert backends.store and backends.queue and backends.blobs
     job = await new_job(backends.store)
 
     async def put_runs(runs: Sequence[Run]) -> None:
@@ -219,7 +213,6 @@ async def test_when_not_even_a_failure_can_be_recorded_the_message_stays(
 async def test_an_undecodable_message_of_a_known_job_is_a_failed_run_and_a_dead_letter(
     worker: Worker, backends: Backends
 ) -> None:
-    assert backends.store and backends.queue
     job = await new_job(backends.store)
     run_id = run_id_for(job.job_id, job.next_fire_ms, 0)
     body = orjson.dumps(
@@ -240,7 +233,6 @@ async def test_an_undecodable_message_of_a_known_job_is_a_failed_run_and_a_dead_
 async def test_an_undecodable_message_of_no_known_job_is_counted_and_dropped(
     worker: Worker, backends: Backends, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert backends.queue
     before = poison_count("queue", "unidentified")
     await send(backends.queue, b"\xff not json", orjson.dumps({"job": {"job_id": "no-such-job"}}))
     await worker.drain()
@@ -262,7 +254,6 @@ async def park(queue: WorkQueue, body: bytes) -> None:
 async def test_a_run_parked_by_the_redrive_becomes_a_failed_run_and_a_dead_letter(
     worker: Worker, backends: Backends
 ) -> None:
-    assert backends.store and backends.queue
     job = await new_job(backends.store)
     await park(backends.queue, message_for(job).model_dump_json().encode())
     assert await failures.sweep_queue_dead_letters(worker) == 1
@@ -275,7 +266,6 @@ async def test_a_run_parked_by_the_redrive_becomes_a_failed_run_and_a_dead_lette
 
 
 async def test_a_parked_run_that_did_finish_is_only_removed(worker: Worker, backends: Backends) -> None:
-    assert backends.store and backends.queue
     job = await new_job(backends.store)
     message = message_for(job)
     await backends.store.put_runs(
@@ -301,7 +291,6 @@ async def test_a_parked_run_that_did_finish_is_only_removed(worker: Worker, back
 async def test_the_worker_sweeps_parked_messages_in_the_background(
     backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert backends.queue and backends.store and backends.blobs
     monkeypatch.setattr(failures, "SWEEP_INTERVAL_S", 0.1)
     job = await new_job(backends.store)
     await park(backends.queue, message_for(job).model_dump_json().encode())
@@ -318,7 +307,6 @@ async def test_the_worker_sweeps_parked_messages_in_the_background(
 async def test_held_and_running_messages_stay_hidden_while_the_worker_lives(worker: Worker, backends: Backends) -> None:
     """Visibility timeout 2 s; one run held 4 s for its due time, one running 4.5 s: another consumer polling
     all along never sees either, and each runs exactly once."""
-    assert backends.store and backends.queue
     held = await new_job(backends.store)
     slow = await new_job(backends.store, payload=Payload(kind="cmd", text="sleep 4.5"))
     await send(
@@ -349,7 +337,6 @@ async def test_two_messages_of_one_at_most_once_run_in_one_batch_run_it_once(
 ) -> None:
     """A picker that re-dispatches (it woke after its shard moved) can put a second message for the same run in
     the queue; when one receive returns both, the run's claim is won once and must let only one of them run."""
-    assert backends.store and backends.queue
     marker = tmp_path / "ran.log"
     job = await new_job(
         backends.store, payload=Payload(kind="cmd", text=f"echo x >> {marker}"), execution="at_most_once"
@@ -374,7 +361,6 @@ async def test_a_batch_stays_hidden_while_its_deduplication_waits_for_a_slow_sto
 ) -> None:
     """At-most-once runs are looked up and claimed before they start; a store slower than the visibility timeout
     must not let the message reappear elsewhere meanwhile."""
-    assert backends.store and backends.queue
     job = await new_job(backends.store, execution="at_most_once")
     real_get_runs = backends.store.get_runs
 
@@ -402,7 +388,6 @@ async def test_heartbeat_calls_never_pile_up_on_a_slow_queue(
 ) -> None:
     """An extend slower than the beat is neither cancelled nor joined by more calls; when it lands the message is
     still hidden."""
-    assert backends.store and backends.queue and backends.blobs
     queue = backends.queue
     real_extend = queue.extend
     calls: list[int] = []
@@ -413,7 +398,7 @@ async def test_heartbeat_calls_never_pile_up_on_a_slow_queue(
         in_flight += 1
         calls.append(in_flight)
         try:
-            await asyncio.sleep(0.4 * VISIBILITY_S)  # longer than a beat (a quarter of the timeout)
+            await asyncio.sleep(0.25 * VISIBILITY_S)  # longer than a beat (a sixth of the timeout)
             await real_extend(receipts, visibility_s)
         finally:
             in_flight -= 1
@@ -532,7 +517,6 @@ async def test_a_failing_ack_of_duplicates_neither_drops_the_batch_nor_leaks_slo
 ) -> None:
     """A batch holds a duplicate of a finished run (acked, not run) and a new run; the queue refuses the ack. The
     new run still runs, and every execution slot comes back (a leak would stop the receive loop for good)."""
-    assert backends.store and backends.queue and backends.blobs
     queue = backends.queue
     done, fresh = await new_job(backends.store), await new_job(backends.store)
     finished = message_for(done)
@@ -579,3 +563,26 @@ async def test_a_failing_ack_of_duplicates_neither_drops_the_batch_nor_leaks_slo
         assert w._slots._value == 4  # every slot returned
     run, _, _ = await outcome(backends.store, fresh)
     assert run is not None and run.status == RunStatus.SUCCEEDED
+
+
+async def test_runs_shorter_than_half_the_visibility_timeout_cost_no_extend(
+    backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat extends only messages with less than half a timeout left: a burst of quick runs makes no
+    extend call at all (every call is load on the queue)."""
+    calls: list[int] = []
+    real_extend = backends.queue.extend
+
+    async def extend(receipts: Sequence[str], visibility_s: float) -> None:
+        calls.append(len(receipts))
+        await real_extend(receipts, visibility_s)
+
+    monkeypatch.setattr(backends.queue, "extend", extend)
+    jobs = [await new_job(backends.store) for _ in range(20)]
+    due = now_ms() + int(0.2 * VISIBILITY_S * 1000)  # held a fifth of the timeout: longer than a beat
+    await send(backends.queue, *(message_for(j, due_ms=due).model_dump_json().encode() for j in jobs))
+    settings = Settings.from_env(data_dir=tmp_path, visibility_timeout_s=VISIBILITY_S)
+    async with Worker(queue=backends.queue, store=backends.store, blobs=backends.blobs, settings=settings).open() as w:
+        assert await w.drain() == 20
+        await asyncio.sleep(VISIBILITY_S)  # beats go on; nothing is held any more
+    assert calls == []

@@ -14,7 +14,7 @@ from libs.sharding import bucket_for, shard_for
 from libs.store.sqlite import SqliteStore
 from picker import service as picker_service
 from picker.fair import fair_order
-from picker.service import Picker
+from tests.helpers.pickers import picker_owning
 
 
 def test_round_robin_keeps_priority_and_each_tenants_order() -> None:
@@ -64,8 +64,7 @@ async def test_picker_sends_a_burst_round_robin_across_tenants(tmp_path: Path, m
         )
         for shard in range(settings.shard_count):
             await store.advance_checkpoint(shard, None, bucket_for(due, settings.bucket_ms))
-        picker = Picker(store=store, queue=queue, coordination=None, settings=settings, shards=range(4))
-        async with picker.open():
+        async with picker_owning(range(4), store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:
             assert await picker.drain(until_ms=due) == 305
         received = []
         for _ in range(100):

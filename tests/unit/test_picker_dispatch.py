@@ -15,7 +15,7 @@ from libs.queue.sqlite import SqliteQueue
 from libs.settings import Settings
 from libs.sharding import bucket_for, entry_for
 from libs.store.sqlite import SqliteStore
-from picker.service import Picker
+from tests.helpers.pickers import picker_owning
 
 NOW = 1_800_000_000_000
 
@@ -72,7 +72,7 @@ def _entry(job: Job, settings: Settings) -> QueueEntry:
 
 
 async def test_writes_run_in_crash_safe_order_and_send_each_due_run(
-    backends: tuple[Settings, SqliteStore, SqliteQueue],
+    backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> None:
     settings, store, queue = backends
     recurring = _job("rec", cron_schedule="@every 10s")
@@ -81,10 +81,9 @@ async def test_writes_run_in_crash_safe_order_and_send_each_due_run(
     entries = [_entry(recurring, settings), _entry(one_off, settings)]
     await store.put_entries(entries)
     calls: list[str] = []
-    picker = Picker(
-        store=Recording(store, calls), queue=Recording(queue, calls), coordination=None, settings=settings, shards=[0]
-    )
-    assert await picker._dispatch(entries, NOW) == 2
+    async with picker_owning([0], store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:
+        picker.store, picker.queue = Recording(store, calls), Recording(queue, calls)  # type: ignore[assignment]
+        assert await picker._dispatch(entries, NOW) == 2
     assert calls == [
         "put_entries",  # the recurring job's next occurrence, before anything is sent
         "update_job_states:state",  # "queued"
@@ -102,7 +101,7 @@ async def test_writes_run_in_crash_safe_order_and_send_each_due_run(
 
 
 async def test_a_picker_that_loses_its_shards_mid_dispatch_stops_before_the_send(
-    backends: tuple[Settings, SqliteStore, SqliteQueue],
+    backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> None:
     settings, store, queue = backends
     job = _job("once")
@@ -110,15 +109,15 @@ async def test_a_picker_that_loses_its_shards_mid_dispatch_stops_before_the_send
     entries = [_entry(job, settings)]
     await store.put_entries(entries)
     calls: list[str] = []
-    picker = Picker(store=store, queue=queue, coordination=None, settings=settings, shards=[0])
+    async with picker_owning([0], store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:
 
-    def lose_shards(label: str) -> None:
-        if label == "update_job_states:state":
-            picker._pinned = set()  # as if the lease lapsed while this write was in flight
+        def lose_shards(label: str) -> None:
+            if label == "update_job_states:state":
+                picker._lease_valid_until = 0.0  # as if the lease lapsed while this write was in flight
 
-    picker.store = Recording(store, calls, lose_shards)  # type: ignore[assignment]
-    picker.queue = Recording(queue, calls)  # type: ignore[assignment]
-    assert await picker._dispatch(entries, NOW) == 0
+        picker.store = Recording(store, calls, lose_shards)  # type: ignore[assignment]
+        picker.queue = Recording(queue, calls)  # type: ignore[assignment]
+        assert await picker._dispatch(entries, NOW) == 0
     assert calls == ["update_job_states:state"]  # no send, no "dispatched", no delete
     assert await queue.receive(10, 0.0, 30.0) == []
     still_there = await store.due_entries(0, entries[0].bucket_ms, NOW, 10)
@@ -126,7 +125,7 @@ async def test_a_picker_that_loses_its_shards_mid_dispatch_stops_before_the_send
 
 
 async def test_deleted_paused_and_superseded_entries_are_dropped_not_sent(
-    backends: tuple[Settings, SqliteStore, SqliteQueue],
+    backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> None:
     settings, store, queue = backends
     # "old" was rescheduled (version 5, a minute later): the entry of version 4 fires an occurrence it no longer has
@@ -135,14 +134,14 @@ async def test_deleted_paused_and_superseded_entries_are_dropped_not_sent(
     entries = [_entry(j, settings) for j in jobs]
     entries[2] = entries[2].model_copy(update={"version": 4})  # written for an older definition
     await store.put_entries(entries)
-    picker = Picker(store=store, queue=queue, coordination=None, settings=settings, shards=[0])
-    assert await picker._dispatch(entries, NOW) == 0
+    async with picker_owning([0], store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:
+        assert await picker._dispatch(entries, NOW) == 0
     assert await queue.receive(10, 0.0, 30.0) == []
     assert await store.due_entries(0, entries[0].bucket_ms, NOW, 10) == []  # handled: deleted from the table
 
 
 async def test_an_older_definitions_entry_for_the_current_occurrence_is_sent_with_the_new_definition(
-    backends: tuple[Settings, SqliteStore, SqliteQueue],
+    backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> None:
     """Found by tests/integration/test_fuzz_pipeline.py: a PATCH right after a submit (same first fire) left the
     job "scheduled" forever. The picker had loaded the submit's entry; the writer then stored the PATCH's entry
@@ -153,8 +152,8 @@ async def test_an_older_definitions_entry_for_the_current_occurrence_is_sent_wit
     await store.put_jobs([patched])
     loaded = _entry(patched, settings).model_copy(update={"version": 6})  # what the picker read before the PATCH
     await store.put_entries([_entry(patched, settings)])  # the row now: the PATCH's entry, same key
-    picker = Picker(store=store, queue=queue, coordination=None, settings=settings, shards=[0])
-    assert await picker._dispatch([loaded], NOW) == 1
+    async with picker_owning([0], store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:
+        assert await picker._dispatch([loaded], NOW) == 1
     [message] = await queue.receive(10, 0.0, 30.0)
     body = orjson.loads(message.body)
     assert (body["job"]["job_id"], body["job"]["version"], body["job"]["timeout_s"]) == ("patched", 7, 5.0)
