@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Coroutine
@@ -69,7 +70,7 @@ from worker import executors, failures, presence
 
 RUNNING_REPORT_S = 0.2
 RECORD_RETRY_PAUSE_S = 0.2  # before recording a run's outcome a second time, on its own
-HEARTBEATS_PER_VISIBILITY = 4  # extends of held and running messages per visibility timeout
+HEARTBEATS_PER_VISIBILITY = 6  # heartbeat checks per visibility timeout (each extends what is due, see _heartbeat)
 CLAIM_LOST = "at_most_once: delivery lost after the run was claimed; not run again"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("0f6f3f1c-9a8e-4a51-8c0b-6f7b2f4f9d11")
 log = logs.get("worker")
@@ -107,6 +108,7 @@ class Worker:
         self._receipts_by_run: dict[str, str] = {}
         self._receiving: set[str] = set()  # receipts of batches being decoded and deduplicated (see _start)
         self._watching: set[str] = set()  # redelivered at-most-once runs whose claimer lives (see _watch_claimed)
+        self._fresh_until: dict[str, float] = {}  # receipt -> (monotonic) when it next needs an extend (_heartbeat)
         self._held = 0  # runs received ahead of their due time, waiting for it (see _hold)
         self._started: dict[str, tuple[RunMessage, int]] = {}  # runs whose "running" record is not written yet
         self._tasks: set[asyncio.Task[None]] = set()
@@ -656,11 +658,13 @@ class Worker:
         """Keep every message this worker holds invisible to others: from its receipt through deduplication, the
         wait for its due time (dispatch ahead), the run and its recording, until the ack.
 
-        Every ``visibility_timeout_s / HEARTBEATS_PER_VISIBILITY`` it extends them all to a full visibility timeout
-        from now: a live worker misses several beats before anything it holds reappears elsewhere, while a dead
-        worker's runs reappear within one visibility timeout. A beat whose call is still waiting for a slow queue
-        is not cancelled (it may still land, and cancelling would leave the queue the work anyway); the next beats
-        are skipped until it returns, so calls never pile up on an overloaded queue."""
+        Every ``visibility_timeout_s / HEARTBEATS_PER_VISIBILITY`` it extends, to a full visibility timeout from
+        now, each message with less than half a timeout left (counted from its receipt or its last extend, at the
+        start of the call): a run shorter than that is never extended, a longer one about every half timeout, and
+        each extend leaves at least half a timeout minus a beat for the call to land. A dead worker's messages
+        reappear within one visibility timeout. A beat whose call is still waiting for a slow queue is not
+        cancelled (it may still land); the next beats are skipped until it returns, so calls never pile up on an
+        overloaded queue."""
         visibility = self.settings.visibility_timeout_s
         interval = visibility / HEARTBEATS_PER_VISIBILITY
         beat: asyncio.Task[None] | None = None
@@ -676,9 +680,16 @@ class Worker:
                 if skipped:
                     log.info("extend_caught_up", skipped_beats=skipped)
                     skipped = 0
-                receipts = [*self._inflight, *self._receiving, *self._watching]
-                if receipts:
-                    beat = asyncio.create_task(self._extend(receipts, visibility))
+                now = time.monotonic()
+                held = [*self._inflight, *self._receiving, *self._watching]
+                # First seen now: received within the last beat, so hidden until at least now - interval + visibility.
+                fresh = self._fresh_until
+                self._fresh_until = {r: fresh.get(r, now - interval + visibility / 2) for r in held}
+                due = [r for r, until in self._fresh_until.items() if until <= now]
+                if due:
+                    for receipt in due:  # a failed extend makes them due again (see _extend)
+                        self._fresh_until[receipt] = now + visibility / 2
+                    beat = asyncio.create_task(self._extend(due, visibility))
         finally:
             if beat is not None:
                 beat.cancel()
@@ -688,6 +699,9 @@ class Worker:
             await self.queue.extend(receipts, visibility)
         except Exception as exc:
             log.warning("extend_failed", error=f"{type(exc).__name__}: {exc}", messages=len(receipts))
+            for receipt in receipts:
+                if receipt in self._fresh_until:
+                    self._fresh_until[receipt] = 0.0  # due again at the next beat
 
     async def _watch_cancels(self) -> None:
         assert self.coordination is not None
