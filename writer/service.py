@@ -61,16 +61,6 @@ class Writer:
         while not stop.is_set():
             await self.step(timeout_s=0.2)
 
-    async def drain(self, max_batches: int = 10_000) -> int:
-        """Burst mode: process until the log has nothing more; returns records processed."""
-        total = 0
-        for _ in range(max_batches):
-            count = await self.step(timeout_s=0.05)
-            if count == 0:
-                break
-            total += count
-        return total
-
     async def step(self, timeout_s: float) -> int:
         if self._consumer is None:
             raise RuntimeError("use `async with writer.open()`")
