@@ -470,6 +470,24 @@ REQUEST_EXAMPLES: dict[tuple[str, str], Any] = {
     ("patch", "/jobs/{job_id}"): {"cron_schedule": "@every 5m", "max_retries": 1},
     ("post", "/jobs/bulk"): {"action": "pause", "job_ids": ["01a22b23-4bd8-7db1-9c29-bfbc84a00077"]},
 }
+# OpenAPI links: which later requests take an id from an answer (clients and schemathesis' stateful tests).
+JOB_ROUTES = ("getJob", "updateJob", "deleteJob", "pauseJob", "resumeJob", "triggerJob", "listJobRuns")
+LINKS: dict[tuple[str, str], dict[str, Any]] = {
+    ("post", "/submit"): {
+        op: {"operationId": op, "parameters": {"job_id": "$response.body#/job_id"}}
+        for op in (*JOB_ROUTES, "previewJobSchedule")
+    },
+    ("get", "/jobs/{job_id}/runs"): {
+        op: {"operationId": op, "parameters": {"run_id": "$response.body#/runs/0/run_id"}}
+        for op in ("getRun", "getRunOutput", "cancelRun")
+    },
+    ("get", "/dead-letters"): {
+        "replayDeadLetter": {
+            "operationId": "replayDeadLetter",
+            "parameters": {"dead_letter_id": "$response.body#/dead_letters/0/id"},
+        }
+    },
+}
 # Answered by any route while cmd: jobs are enabled (ingestion/guards.py), and 503 by any that reads a backend.
 NO_BACKEND = {("get", "/openapi.json"), ("get", "/metrics"), ("get", "/ui"), ("get", "/ui/{path}")}
 NO_BACKEND |= {("get", "/ui/static/{name}"), ("get", "/ui/config.json")}
@@ -505,6 +523,8 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
                 if answer.example is not None:
                     content[JSON]["example"] = answer.example
             responses[answer.ok] = {"description": ok.get("description", "OK"), "content": content}
+            if (links := LINKS.get((method, path))) is not None:
+                responses[answer.ok]["links"] = copy.deepcopy(links)
             for status, description in answer.also.items():
                 responses[status] = {"description": description, "content": content}
             for generic in (400, 404):  # the generic ones of ingestion/openapi._op, where the route has none
