@@ -175,6 +175,9 @@ def parse_url(url: str) -> ScyllaConfig:
     )
 
 
+CONNECT_TIMEOUT_S = 15.0
+
+
 def build_cluster(config: ScyllaConfig) -> Cluster:
     """A driver ``Cluster`` for ``config`` (blocking: resolves the contact points; call from a thread)."""
     profile = ExecutionProfile(
@@ -190,6 +193,10 @@ def build_cluster(config: ScyllaConfig) -> Cluster:
         execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         protocol_version=4,  # Scylla's newest; pinning it skips the driver's v5 probe and downgrade warning
         auth_provider=auth,
+        # The control connection reads the whole schema when it connects: on a busy node with many keyspaces
+        # the driver's 2 s default times out (seen on Cassandra 5 under load) and the start fails.
+        connect_timeout=CONNECT_TIMEOUT_S,
+        control_connection_timeout=CONNECT_TIMEOUT_S,
     )
 
 

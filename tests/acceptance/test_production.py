@@ -30,7 +30,8 @@ from libs.servers.stack import ServiceProcess, Stack, StackServers
 from libs.settings import Settings
 from tests.acceptance.conftest import Http
 
-pytestmark = pytest.mark.slow
+# Two Kafka/Cassandra/ElasticMQ restarts and nine processes on a shared 2-core machine: minutes, not seconds.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 TTL_S = 2.0
 # A sanity bound, not the figure: on this shared 2-core machine (load average 25+) a Python process with
