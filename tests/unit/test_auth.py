@@ -176,3 +176,29 @@ def test_audit_line_fields() -> None:
     assert ok["event"] == "audit" and ok["tenant"] == "t" and ok["subject"] == "key:abc" and ok["outcome"] == "ok"
     assert ok["route"] == "/submit" and ok["status"] == 202
     assert refused["outcome"] == "denied" and refused["reason"] == "key_revoked" and refused["tenant"] is None
+
+
+async def test_jwt_with_a_configured_public_key(tmp_path: Path) -> None:
+    """DSCHED_JWT_PUBLIC_KEY (a PEM file) instead of a JWKS: no fetch, the same claim checks."""
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from ingestion.oidc import InvalidToken, JwtVerifier
+
+    key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "issuer.pem"
+    pem.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    verifier = JwtVerifier(Settings.from_env(jwt_public_key=str(pem), jwt_audience="dsched"))
+    claims = {"tenant": "t", "role": "viewer", "aud": "dsched", "exp": int(time.time()) + 60}
+    assert (await verifier.verify(pyjwt.encode(claims, key, "ES256")))["tenant"] == "t"
+    with pytest.raises(InvalidToken, match="bad_signature"):
+        await verifier.verify(pyjwt.encode(claims, other, "ES256"))
+    with pytest.raises(InvalidToken, match="bad_audience"):
+        await verifier.verify(pyjwt.encode({**claims, "aud": "x"}, key, "ES256"))
+    with pytest.raises(InvalidToken, match="missing_claim"):
+        await verifier.verify(pyjwt.encode({"tenant": "t", "aud": "dsched"}, key, "ES256"))
+    with pytest.raises(InvalidToken, match="malformed"):
+        await verifier.verify("not.a.jwt")
