@@ -128,32 +128,3 @@ def test_a_deep_link_with_an_encoded_newline_serves_the_dashboard(server: FuzzSe
     response = requests.get(server.base + "/ui/jobs%0Aabc", timeout=HTTP_TIMEOUT_S)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/html")
-
-
-def test_sequences_of_operations_conform_to_the_document(server: FuzzServer) -> None:
-    """Stateful: schemathesis chains operations through the document's links (a submit's ``job_id`` into the
-    job's routes, a run's ``run_id``, a dead letter's ``id``), so requests reach real jobs in every state
-    (patched, paused, triggered, deleted, ...), with every answer checked as above."""
-    document = requests.get(server.base + "/openapi.json", timeout=HTTP_TIMEOUT_S).json()
-    schema = schemathesis.openapi.from_dict(document)
-    schema.config.generation.modes = [GenerationMode.POSITIVE]  # valid steps, so chains get going
-    machine = schema.include(path_regex=r"^/(submit|jobs|runs|dead-letters)").as_state_machine()
-
-    class Sequences(machine):  # type: ignore[misc, valid-type]
-        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
-            # One caller throughout, so each step reaches the jobs the earlier ones created.
-            return {"base_url": server.base, "headers": {"X-User-ID": USER}, "timeout": HTTP_TIMEOUT_S}
-
-        def validate_response(self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any) -> None:
-            case.validate_response(response, checks=CHECKS, transport_kwargs=kwargs or None)
-
-    Sequences.run(
-        settings=settings(
-            max_examples=MAX_EXAMPLES * 4,
-            stateful_step_count=10,
-            deadline=None,
-            database=None,
-            derandomize=True,
-            suppress_health_check=list(HealthCheck),
-        )
-    )

@@ -49,3 +49,23 @@ def test_the_document_is_valid_openapi() -> None:
     schema = schemathesis.openapi.from_dict(spec())
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == sum(len(ops) for ops in spec()["paths"].values())
+
+
+def test_links_name_existing_operations_and_their_parameters() -> None:
+    document = spec()
+    params = {
+        op["operationId"]: {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+        for ops in document["paths"].values()
+        for op in ops.values()
+    }
+    links = [
+        link
+        for ops in document["paths"].values()
+        for op in ops.values()
+        for response in op["responses"].values()
+        for link in response.get("links", {}).values()
+    ]
+    assert len(links) >= 10
+    for link in links:
+        assert link["operationId"] in params, link
+        assert set(link["parameters"]) == params[link["operationId"]], link
