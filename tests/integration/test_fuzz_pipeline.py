@@ -5,7 +5,7 @@ fields pushed towards plausible edges (schedules, zones, instants near 1970 and 
 many are accepted, and each accepted job is then changed with a PATCH drawn from ``PATCH /jobs/{job_id}``. Every
 answer must be a 202 or a JSON 400 (never a 5xx). Afterwards the pipeline must still be whole: ``/health`` is ok,
 every accepted job was stored by the writer, every accepted job due now has a run or a dead letter, and an
-ordinary job submitted last runs and succeeds.
+ordinary job submitted last runs and succeeds. Some jobs are also triggered (they must run too).
 
 Safe by construction: a ``cmd:`` payload is only ever ``printf`` of a quoted random text or ``exit N``, and every
 HTTP job's URL is rewritten to a receiver on 127.0.0.1 in this process.
@@ -221,7 +221,9 @@ def _check_answer(response: requests.Response, accepted: int) -> None:
 
 
 def _due_now(body: dict[str, Any]) -> bool:
-    """Whether an accepted submit fires at once: no schedule and no future first fire."""
+    """Whether an accepted job fires at once: triggered, or no schedule and no future first fire."""
+    if body.get("triggered"):
+        return True
     if body.get("cron_schedule"):
         return False
     at = body.get("next_fire_at")
@@ -256,8 +258,11 @@ def test_random_submissions_leave_the_pipeline_running(server: FuzzServer, recei
         patch=patch_case,
         patch_edge=_edges(receiver, patch_fields - {"payload"}),
         salt=st.text(alphabet="abcdefxyz -'\"$`\\;", max_size=12),
+        trigger=st.booleans(),
     )
-    def fuzz(submit: Any, submit_edge: dict[str, Any], patch: Any, patch_edge: dict[str, Any], salt: str) -> None:
+    def fuzz(
+        submit: Any, submit_edge: dict[str, Any], patch: Any, patch_edge: dict[str, Any], salt: str, trigger: bool
+    ) -> None:
         body = _body(submit.body, submit_edge, receiver, salt)
         response = session.post(server.base + "/submit", json=body, timeout=HTTP_TIMEOUT_S)
         _check_answer(response, 202)
@@ -271,11 +276,17 @@ def test_random_submissions_leave_the_pipeline_running(server: FuzzServer, recei
         _check_answer(response, 202)
         if response.status_code == 202:
             accepted[job_id] = {**body, **changes, "patched": True}
+        if trigger:  # a run now, whatever the schedule
+            response = session.post(f"{server.base}/jobs/{job_id}/trigger", timeout=HTTP_TIMEOUT_S)
+            assert response.status_code == 202, (response.status_code, response.text)
+            accepted[job_id]["triggered"] = True
 
     try:
         fuzz()
         patched = sum("patched" in body for body in accepted.values())
-        assert len(accepted) >= 10 and patched >= 5, f"too few accepted to exercise the pipeline: {answers}, {patched}"
+        triggered = sum("triggered" in body for body in accepted.values())
+        counts = f"{answers}, patched {patched}, triggered {triggered}"
+        assert len(accepted) >= 10 and patched >= 5 and triggered >= 3, f"too little reached the pipeline: {counts}"
         _assert_pipeline_whole(server, session, accepted)
     finally:
         session.close()
