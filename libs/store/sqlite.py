@@ -244,13 +244,26 @@ class SqliteStore(JobStore):
             return [], cursor
         where = ["j.user_id = ?"]
         params: list[Any] = [user_id]
+        rows, next_cursor = await self._page_jobs(where, params, limit, cursor, status, project_id)
+        return [_job_from_row(*row) for row in rows], next_cursor
+
+    async def _page_jobs(
+        self,
+        where: list[str],
+        params: list[Any],
+        limit: int,
+        cursor: str | None,
+        status: str | None,
+        project_id: str | None,
+    ) -> tuple[list[tuple[Any, ...]], str | None]:
+        """One page of job rows matching ``where`` plus the optional status and project filters, newest first."""
         if status is not None:
             where.append(f"{_STATUS_SQL} = ?")
             params.append(JobStatus(status).value)
         if project_id is not None:
             where.append("j.project_id = ?")
             params.append(project_id)
-        rows, next_cursor = await self._page(
+        return await self._page(
             select=_JOB_COLUMNS,
             source=_JOBS_FROM,
             keys=("j.created_ms", "j.job_id"),
@@ -259,7 +272,6 @@ class SqliteStore(JobStore):
             limit=limit,
             cursor=cursor,
         )
-        return [_job_from_row(*row) for row in rows], next_cursor
 
     async def search_jobs(
         self,
@@ -306,21 +318,7 @@ class SqliteStore(JobStore):
             "coalesce(json_extract(CAST(j.definition AS TEXT), '$.payload.http.url'), '')), ?) > 0",
         ]
         params.append(needle)
-        if status is not None:
-            where.append(f"{_STATUS_SQL} = ?")
-            params.append(JobStatus(status).value)
-        if project_id is not None:
-            where.append("j.project_id = ?")
-            params.append(project_id)
-        rows, next_cursor = await self._page(
-            select=_JOB_COLUMNS,
-            source=_JOBS_FROM,
-            keys=("j.created_ms", "j.job_id"),
-            where=where,
-            params=params,
-            limit=limit,
-            cursor=cursor,
-        )
+        rows, next_cursor = await self._page_jobs(where, params, limit, cursor, status, project_id)
         if next_cursor is None and boundary is not None:
             next_cursor = _encode_cursor(*boundary)  # window searched; more jobs follow it
         return [_job_from_row(*row) for row in rows], next_cursor
