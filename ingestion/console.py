@@ -38,7 +38,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from ingestion.requests import RequestError, check_schedule, dead_letter_view, job_view, parse_time, run_view
+from ingestion.requests import (
+    RequestError,
+    check_schedule,
+    dead_letter_view,
+    int_param,
+    job_view,
+    parse_time,
+    run_view,
+)
 from libs.clock import now_ms, to_rfc3339
 from libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX, WORKERS_PREFIX
 from libs.models import Job, JobStatus
@@ -274,12 +282,7 @@ class Console:
         cron = request.query.get("cron", "").strip() or None
         timezone = request.query.get("timezone", "").strip() or "UTC"
         at = request.query.get("at", "").strip() or None
-        try:
-            count = int(request.query.get("next", "5"))
-        except ValueError as exc:
-            raise _error(400, "invalid_field", "next: not an integer") from exc
-        if not 1 <= count <= 100:
-            raise _error(400, "invalid_field", "next: must be between 1 and 100")
+        count = int_param(request.query, "next", 5, 1, 100)
         now = now_ms()
         try:
             check_schedule(cron, timezone)
@@ -352,12 +355,7 @@ class Console:
         (default 900, at most 3600), overall and per sample interval. Approximate to one sample interval: a
         sample is taken now if the last one is older than 2 s."""
         self._admin(request)
-        try:
-            window_s = int(request.query.get("window_s", "900"))
-        except ValueError as exc:
-            raise _error(400, "invalid_field", "window_s: not an integer") from exc
-        if not 10 <= window_s <= WINDOW_MAX_S:
-            raise _error(400, "invalid_field", f"window_s: between 10 and {WINDOW_MAX_S}")
+        window_s = int_param(request.query, "window_s", 900, 10, WINDOW_MAX_S)
         if not self.samples or now_ms() - self.samples[-1].at_ms > 2000:
             await self._sample()
         since = now_ms() - window_s * 1000

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -137,6 +138,20 @@ class SubmitRequest(JobFields):
 
 # Definition fields copied as given (``null`` = the model's default).
 PLAIN_FIELDS = ("name", "max_retries", "timeout_s", "execution", "priority", "overlap", "misfire", "max_lateness_s")
+
+
+def int_param(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within ``[low, high]`` (``default`` when absent); RequestError otherwise."""
+    text = query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise RequestError(f"{name}: not an integer") from None
+    if not low <= value <= high:
+        raise RequestError(f"{name}: must be between {low} and {high}")
+    return value
 
 
 def pydantic_detail(exc: ValidationError) -> str:

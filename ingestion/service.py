@@ -32,6 +32,7 @@ from ingestion.requests import (
     check_definition,
     dead_letter_view,
     definition_changes,
+    int_param,
     job_view,
     next_fire,
     pydantic_detail,
@@ -177,6 +178,8 @@ class Ingestion:
             response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
             if "Allow" in exc.headers:  # 405
                 response.headers["Allow"] = exc.headers["Allow"]
+        except RequestError as exc:  # a query parameter or field no handler turned into its own answer
+            response = error_response(400, "invalid_field", str(exc))
         except InvalidCursor:
             response = error_response(400, "invalid_field", "cursor: not a cursor this API returned")
         except Exception:
@@ -269,13 +272,7 @@ class Ingestion:
 
     @staticmethod
     def _page_args(request: web.Request) -> tuple[int, str | None]:
-        try:
-            limit = int(request.query.get("limit", "50"))
-        except ValueError as exc:
-            raise ApiError(400, "invalid_field", "limit: not an integer") from exc
-        if not 1 <= limit <= 1000:
-            raise ApiError(400, "invalid_field", "limit: must be between 1 and 1000")
-        return limit, request.query.get("cursor") or None
+        return int_param(request.query, "limit", 50, 1, 1000), request.query.get("cursor") or None
 
     # Submit and change ------------------------------------------------------------------------------------
     async def submit(self, request: web.Request) -> web.Response:
@@ -519,12 +516,7 @@ class Ingestion:
 
     async def preview_schedule(self, request: web.Request) -> web.Response:
         job = await self._owned_job(request)
-        try:
-            count = int(request.query.get("next", "5"))
-        except ValueError as exc:
-            raise ApiError(400, "invalid_field", "next: not an integer") from exc
-        if not 1 <= count <= 1000:
-            raise ApiError(400, "invalid_field", "next: must be between 1 and 1000")
+        count = int_param(request.query, "next", 5, 1, 1000)
         now = now_ms()
         first = next_fire(job, now)
         times: list[int] = []
