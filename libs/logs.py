@@ -13,7 +13,7 @@ from libs import tracing
 
 
 def _dumps(obj: object, default: object = None) -> str:
-    return orjson.dumps(obj, default=str).decode()
+    return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _trace_ids(_: WrappedLogger, __: str, event: EventDict) -> EventDict:

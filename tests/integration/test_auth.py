@@ -256,7 +256,7 @@ ROUTES: list[tuple[str, str, Any, str, str, int]] = [
     ("GET", "/events?max_s=0", None, "viewer", "any", 200),
     ("POST", "/submit", FUTURE_JOB, "member", "any", 202),
     ("POST", "/submit/batch", {"jobs": [FUTURE_JOB, FUTURE_JOB]}, "member", "any", 202),
-    ("PATCH", "/jobs/{J}", {"name": "renamed"}, "member", "own", 202),
+    ("PATCH", "/jobs/{J}", {"name": "renamed by {caller}"}, "member", "own", 202),  # a no-op PATCH is a 400
     ("POST", "/jobs/{J}/pause", None, "member", "own", 202),
     ("POST", "/jobs/{J}/resume", None, "member", "own", 202),
     ("POST", "/jobs/{J}/trigger", None, "member", "own", 202),
@@ -304,7 +304,7 @@ def expected(caller: str, least: str, scope: str, ok: int) -> int:
 
 def fill(text: str, ctx: dict[str, str], caller: str) -> str:
     text = text.replace("{del}", ctx[f"del_{caller}"]).replace("{key}", ctx.get(f"key_{caller}", "0" * 12))
-    text = text.replace("{path}", "deep/link")
+    text = text.replace("{path}", "deep/link").replace("{caller}", caller)
     for name in ("J", "R", "D"):
         text = text.replace("{" + name + "}", ctx[name])
     return text
