@@ -21,7 +21,7 @@ run: install
 ## The production topology on this machine (no Docker): Kafka, Cassandra, etcd, ElasticMQ, S3 (moto), Prometheus
 ## and separate dsched processes; API on DSCHED_PORT (default 8080), data under .dsched/stack. Ctrl-C stops it.
 stack: install system-deps
-	$(BIN)/python -m libs.servers.stack
+	$(BIN)/python -m dsched.libs.servers.stack
 
 ## Real servers the tests start on free 127.0.0.1 ports: etcd (Debian), Java 17 + Maven (Debian) for the jars of
 ## Kafka, Cassandra and ElasticMQ (deploy/jars/*/pom.xml, cached in .cache/jars); moto comes from PyPI;
@@ -41,7 +41,7 @@ system-deps: install
 	    echo "missing:$$missing: run 'sudo apt-get install -y$$missing' and retry"; exit 1; \
 	  fi; \
 	fi
-	$(BIN)/python -m libs.servers.jars
+	$(BIN)/python -m dsched.libs.servers.jars
 
 ## Install what the tests need, start the real local servers (from fixtures), run the whole suite.
 test: install system-deps lint
@@ -52,10 +52,10 @@ lint: install
 	$(BIN)/mypy
 
 bench: install
-	$(BIN)/python -m bench.fire_lag --jobs 20000 --rate 1000
+	$(BIN)/python -m dsched.bench.fire_lag --jobs 20000 --rate 1000
 
 chaos: install system-deps
-	$(BIN)/python -m chaos --long
+	$(BIN)/python -m dsched.chaos --long
 
 ## On a host with a Docker engine: the production stack of deploy/, acceptance + contract suites against it.
 compose-test: install

@@ -1,6 +1,6 @@
 """N jobs due at one instant: how fast are they all executed, against the floor measured in the same run?
 
-    python -m bench.burst --jobs 20000 [--kind http|echo] [--split] [--submit batch|single] [--no-floor]
+    python -m dsched.bench.burst --jobs 20000 [--kind http|echo] [--split] [--submit batch|single] [--no-floor]
 
 For ``http`` jobs the floor runs first (:mod:`bench.floor`: a bare ``loop.call_at`` loop with one aiohttp session
 in its own process, the same GETs to the same target at one due instant), then dsched. All of dsched's jobs are
@@ -21,7 +21,8 @@ import time
 import aiohttp
 import orjson
 
-from bench.common import (
+from dsched.app.cli import run_loop
+from dsched.bench.common import (
     Scheduler,
     Target,
     load_average,
@@ -31,10 +32,9 @@ from bench.common import (
     submit_batches,
     wait_hits,
 )
-from libs.cli import run_loop
-from libs.clock import to_rfc3339
-from libs.models import run_id_for
-from libs.store.sqlite import SqliteStore
+from dsched.libs.clock import to_rfc3339
+from dsched.libs.models import run_id_for
+from dsched.libs.store.sqlite import SqliteStore
 
 FLOOR_LEAD_S = 3.0  # the floor process starts and schedules its calls within this
 
@@ -56,7 +56,7 @@ async def floor(target: Target, jobs: int) -> dict[str, float]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "bench.floor",
+        "dsched.bench.floor",
         "--url",
         target.url,
         "--jobs",

@@ -1,6 +1,6 @@
 """Micro-benchmark of the embedded hot paths: work-queue send→receive→ack and log append throughput.
 
-    python -m bench.embedded_backends [--items 20000] [--dir /path/on/the/disk/to/test]
+    python -m dsched.bench.embedded_backends [--items 20000] [--dir /path/on/the/disk/to/test]
 
 Each scenario runs on a fresh SQLite file in a temporary directory (under ``--dir`` if given, so the disk that
 will hold the data dir can be measured) and prints items per second.
@@ -15,9 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from libs.log.sqlite import SqliteLog
-from libs.queue.base import OutgoingMessage
-from libs.queue.sqlite import SqliteQueue
+from dsched.libs.log.sqlite import SqliteLog
+from dsched.libs.queue.base import OutgoingMessage
+from dsched.libs.queue.sqlite import SqliteQueue
 
 
 async def queue_pipeline(path: Path, items: int, consumers: int, ack_each: bool) -> None:

@@ -1,6 +1,6 @@
 """Fair dispatch: a small tenant's fire lag while a big tenant bursts.
 
-    python -m bench.fairness --big 20000 --small 20 [--scenarios idle,fair,unfair]
+    python -m dsched.bench.fairness --big 20000 --small 20 [--scenarios idle,fair,unfair]
 
 Scenarios, each on a fresh ``dsched run all`` (embedded backends), all jobs ``echo`` (no I/O) and due at one instant
 ``--lead`` seconds after the start. The jobs and their time-bucket entries are written straight into the
@@ -22,12 +22,12 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.common import Scheduler, percentile
-from libs.cli import run_loop
-from libs.models import Job, Payload, QueueEntry, run_id_for
-from libs.settings import Settings
-from libs.sharding import bucket_for, shard_for
-from libs.store.sqlite import SqliteStore
+from dsched.app.cli import run_loop
+from dsched.bench.common import Scheduler, percentile
+from dsched.libs.models import Job, Payload, QueueEntry, run_id_for
+from dsched.libs.settings import Settings
+from dsched.libs.sharding import bucket_for, shard_for
+from dsched.libs.store.sqlite import SqliteStore
 
 
 async def seed(data_dir: Path, tenants: list[tuple[str, int]], due_ms: int) -> dict[str, list[str]]:

@@ -1,7 +1,7 @@
 """N HTTP jobs due at a steady rate to a local target: submit rate, throughput, lost, duplicates, fire lag.
 
-    python -m bench.fire_lag --jobs 20000 --rate 1000 [--repeat 3] [--split]
-    python -m bench.fire_lag --rates 1000,1500,2000,2500 --seconds 20     # rising rates, one run each
+    python -m dsched.bench.fire_lag --jobs 20000 --rate 1000 [--repeat 3] [--split]
+    python -m dsched.bench.fire_lag --rates 1000,1500,2000,2500 --seconds 20     # rising rates, one run each
 
 Job i is submitted (``POST /submit``, 64 clients) at start + i/rate and is due ``--lead`` seconds after that, so
 ingestion, writer, picker and worker all work concurrently at the target rate. Fire lag = arrival at the target
@@ -14,9 +14,9 @@ import argparse
 import asyncio
 import time
 
-from bench.common import Scheduler, Target, load_average, print_cpu, report, submit_all, wait_hits
-from libs.cli import run_loop
-from libs.clock import to_rfc3339
+from dsched.app.cli import run_loop
+from dsched.bench.common import Scheduler, Target, load_average, print_cpu, report, submit_all, wait_hits
+from dsched.libs.clock import to_rfc3339
 
 
 async def one_run(jobs: int, rate: float, lead: float, split: bool) -> dict[str, float]:

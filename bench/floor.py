@@ -1,7 +1,7 @@
 """The floor for a burst: a bare event loop (``loop.call_at`` + one aiohttp session) sending N GETs to a target at
 one due instant, in its own process, as the scheduler would. Run by :mod:`bench.burst` beside dsched in the same run.
 
-    python -m bench.floor --url http://127.0.0.1:PORT/hook --jobs 20000 --due-ms EPOCH_MS
+    python -m dsched.bench.floor --url http://127.0.0.1:PORT/hook --jobs 20000 --due-ms EPOCH_MS
 
 Prints one JSON line: ``{"cpu_s": ..., "failed": ...}`` (the arrival times are recorded by the target).
 """
@@ -17,7 +17,7 @@ import time
 import aiohttp
 import orjson
 
-from libs.cli import run_loop
+from dsched.app.cli import run_loop
 
 # aiohttp's default pool (connections are reused; the worker's runs are bounded by DSCHED_WORKER_CONCURRENCY).
 # Unlimited, 5,000 GETs at one instant open 5,000 connections at once: measured 37/s under load, mostly timeouts.

@@ -1,6 +1,6 @@
 """A scheduler holding many future jobs: memory, restart to serving, and fire lag while they wait.
 
-    python -m bench.future --sizes 10000,100000,1000000 [--rate 200 --seconds 10]
+    python -m dsched.bench.future --sizes 10000,100000,1000000 [--rate 200 --seconds 10]
 
 For each size N, on a fresh ``dsched run all``: submit N HTTP jobs due over the next three days (through
 ``POST /submit/batch``) and wait until the writer stored their entries; report RSS; run a steady workload (``--rate``
@@ -19,9 +19,9 @@ import time
 
 import aiohttp
 
-from bench.common import Scheduler, Target, load_average, percentile, submit_all, submit_batches, wait_hits
-from libs.cli import run_loop
-from libs.clock import to_rfc3339
+from dsched.app.cli import run_loop
+from dsched.bench.common import Scheduler, Target, load_average, percentile, submit_all, submit_batches, wait_hits
+from dsched.libs.clock import to_rfc3339
 
 SPREAD_MS = 3 * 86_400_000  # future jobs are due uniformly over the next three days
 FUTURE_START_MS = 3_600_000  # ... starting in an hour (nothing of them fires during the measurement)

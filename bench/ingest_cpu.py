@@ -2,7 +2,7 @@
 worker), ``--batches`` requests of ``--batch`` HTTP jobs, measured with ``time.process_time`` (client included; it
 only encodes the bodies). Load on the machine hardly moves it, so it compares builds.
 
-    python -m bench.ingest_cpu [--batch 1000 --batches 10]
+    python -m dsched.bench.ingest_cpu [--batch 1000 --batches 10]
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import load_average
-from libs import logs
-from libs.clock import to_rfc3339
-from libs.runner import started
-from libs.settings import Settings
+from dsched.app.runner import started
+from dsched.bench.common import load_average
+from dsched.libs import logs
+from dsched.libs.clock import to_rfc3339
+from dsched.libs.settings import Settings
 
 WARM_UP = 2  # requests before the measurement (first-use costs: imports, caches, the store's first pages)
 

@@ -1,7 +1,7 @@
 """Benchmarks on the production backends: Kafka, Cassandra (the Scylla store), etcd, ElasticMQ, S3 (moto).
 
-    python -m bench.production fire_lag --split --rates 50,100,200 --seconds 20
-    python -m bench.production burst --split --jobs 20000
+    python -m dsched.bench.production fire_lag --split --rates 50,100,200 --seconds 20
+    python -m dsched.bench.production burst --split --jobs 20000
 
 Starts the servers (:class:`libs.servers.stack.Stack`, without its service processes), applies the schema and
 creates the topics, then runs the named benchmark module (``bench.fire_lag``, ``bench.burst``) with the
@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from libs.servers.stack import LAYOUT, Stack
+from dsched.libs.servers.stack import LAYOUT, Stack
 
 
 async def main(argv: list[str]) -> int:

@@ -1,7 +1,7 @@
 """Where a scheduler process's CPU goes: a py-spy ``--format raw`` profile summed per service and per function.
 
     py-spy record -p PID -r 50 -d 30 -f raw -o prof.raw --nonblocking
-    python -m bench.profile_split prof.raw [--top 25]
+    python -m dsched.bench.profile_split prof.raw [--top 25]
 
 Each sample is charged to the service whose code is the outermost project frame on its stack (``ingestion``,
 ``writer``, ``picker``, ``worker``, ``coordinator``); samples in SQLite helper threads go to ``sqlite threads``

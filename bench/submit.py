@@ -1,6 +1,6 @@
 """Ingestion throughput: single submits from 64 clients, then batches through ``POST /submit/batch``.
 
-    python -m bench.submit --jobs 20000 [--clients 64] [--batch-jobs 100000 --batch 1000 --batch-clients 4]
+    python -m dsched.bench.submit --jobs 20000 [--clients 64] [--batch-jobs 100000 --batch 1000 --batch-clients 4]
 
 Jobs are due in a day (they are stored, not run). Single: submits/s and request latency p50/p99 over ``--jobs``
 unpaced submits from ``--clients`` concurrent clients (one connection each). Batch: jobs/s and request latency
@@ -16,9 +16,9 @@ import time
 
 import aiohttp
 
-from bench.common import Scheduler, load_average, percentile, submit_batches
-from libs.cli import run_loop
-from libs.clock import to_rfc3339
+from dsched.app.cli import run_loop
+from dsched.bench.common import Scheduler, load_average, percentile, submit_batches
+from dsched.libs.clock import to_rfc3339
 
 
 async def single(base: str, bodies: list[dict[str, object]], clients: int) -> tuple[int, float, list[float]]:

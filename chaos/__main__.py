@@ -1,7 +1,7 @@
-"""``python -m chaos``: see :mod:`chaos.runner`."""
+"""``python -m dsched.chaos``: see :mod:`chaos.runner`."""
 
 from __future__ import annotations
 
-from chaos.runner import main
+from dsched.chaos.runner import main
 
 raise SystemExit(main())

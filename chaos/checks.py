@@ -34,11 +34,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.faults import FaultRecord
-from chaos.target import Hit
-from chaos.workload import JobSpec
-from libs.models import DeadLetter, Job, Run, RunStatus, run_id_for
-from libs.sharding import shard_for
+from dsched.chaos.faults import FaultRecord
+from dsched.chaos.target import Hit
+from dsched.chaos.workload import JobSpec
+from dsched.libs.models import DeadLetter, Job, Run, RunStatus, run_id_for
+from dsched.libs.sharding import shard_for
 
 CLAIM_LOST_PREFIX = "at_most_once:"
 EXAMPLES = 20

@@ -29,13 +29,13 @@ from typing import IO, Any, Literal
 import aiohttp
 import orjson
 
-from libs.backends import make_backend
-from libs.coordination.base import Coordination
-from libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
-from libs.queue.base import QueueCounts
-from libs.settings import Settings
-from libs.store.base import JobStore
-from libs.store.sqlite import SqliteStore
+from dsched.app.backends import make_backend
+from dsched.libs.coordination.base import Coordination
+from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
+from dsched.libs.queue.base import QueueCounts
+from dsched.libs.settings import Settings
+from dsched.libs.store.base import JobStore
+from dsched.libs.store.sqlite import SqliteStore
 
 Backends = Literal["distributed", "embedded", "production"]
 ROLES_IN_START_ORDER = ("writer", "coordinator", "picker", "worker", "ingestion")
@@ -307,7 +307,7 @@ class Cluster:
     async def start_backends(self) -> None:
         if self.backends == "embedded":
             return
-        from libs.servers import CassandraServer, ElasticMQServer, EtcdServer, KafkaServer, MotoServer
+        from dsched.libs.servers import CassandraServer, ElasticMQServer, EtcdServer, KafkaServer, MotoServer
 
         self.etcd = EtcdServer(self.run_dir / "etcd")
         self.moto = MotoServer(self.run_dir / "moto")
@@ -319,7 +319,7 @@ class Cluster:
             servers += [self.kafka, self.cassandra, self.elasticmq]
         await asyncio.gather(*(server.astart() for server in servers))
         if self.backends == "production":  # what `dsched db migrate` and the topic init job do
-            from libs.store.migrate import migrate
+            from dsched.libs.store.migrate import migrate
 
             settings = self.settings()
             await migrate(settings.store_url, settings)

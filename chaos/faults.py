@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chaos.cluster import LEASE_TTL_S, SHARD_COUNT, Cluster, ServiceProcess, now_ms
-from chaos.target import Target
-from libs.coordination.keys import LEADER_KEY
+from dsched.chaos.cluster import LEASE_TTL_S, SHARD_COUNT, Cluster, ServiceProcess, now_ms
+from dsched.chaos.target import Target
+from dsched.libs.coordination.keys import LEADER_KEY
 
 KINDS = ("kill", "kill-leader", "kill-busy-worker", "freeze", "etcd-restart", "moto-pause", "moto-restart")
 BACKEND_KINDS = frozenset({"etcd-restart", "moto-pause", "moto-restart"})

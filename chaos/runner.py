@@ -1,6 +1,6 @@
-"""``python -m chaos``: run a chaos scenario against a real multi-process cluster and check what survived.
+"""``python -m dsched.chaos``: run a chaos scenario against a real multi-process cluster and check what survived.
 
-    python -m chaos [--scenario NAME] [--seed N] [--long] [--backends distributed|embedded|production]
+    python -m dsched.chaos [--scenario NAME] [--seed N] [--long] [--backends distributed|embedded|production]
         [--report PATH]
 
 One run: start the backend servers (etcd, moto) and the cluster (ingestion, writer, 2 coordinators, 2-3
@@ -28,8 +28,8 @@ from typing import IO, Any
 import orjson
 import structlog
 
-from chaos.checks import Evidence, analyse, percentiles, recovery
-from chaos.cluster import (
+from dsched.chaos.checks import Evidence, analyse, percentiles, recovery
+from dsched.chaos.cluster import (
     BUCKET_GRACE_S,
     BUCKET_S,
     LEASE_TTL_S,
@@ -41,12 +41,12 @@ from chaos.cluster import (
     log_lines,
     now_ms,
 )
-from chaos.faults import BACKEND_KINDS, Injector, read_markers
-from chaos.scenarios import LONG_MIN_FAULTS, LONG_WINDOW_S, SCENARIOS, burst_times, long_run_times, probe_times
-from chaos.target import Target
-from chaos.workload import SUBMIT_GIVE_UP_S, USER, Submitter, make_workload
-from libs import logs
-from libs.models import DeadLetter, Job, Run, run_id_for
+from dsched.chaos.faults import BACKEND_KINDS, Injector, read_markers
+from dsched.chaos.scenarios import LONG_MIN_FAULTS, LONG_WINDOW_S, SCENARIOS, burst_times, long_run_times, probe_times
+from dsched.chaos.target import Target
+from dsched.chaos.workload import SUBMIT_GIVE_UP_S, USER, Submitter, make_workload
+from dsched.libs import logs
+from dsched.libs.models import DeadLetter, Job, Run, run_id_for
 
 # Which backend-server faults each backend choice can take. production: moto holds only S3 there, and a restart
 # of it would lose blobs, not queued messages, which the checks do not model; etcd restarts apply as before.
@@ -72,7 +72,7 @@ class Config:
     run_dir: Path | None = None
 
     def reproduce(self) -> str:
-        parts = [f"python -m chaos --scenario {self.scenario} --seed {self.seed}"]
+        parts = [f"python -m dsched.chaos --scenario {self.scenario} --seed {self.seed}"]
         if self.long:
             parts.append("--long")
         if self.backends != "distributed":
@@ -346,7 +346,7 @@ def format_summary(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run, print a summary; returns the exit status (0 = passed)."""
-    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dsched.chaos", description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default=None, help="named scenario (default: mixed)")
     parser.add_argument("--seed", type=int, default=None, help="seed of faults and workload (default: random)")
     parser.add_argument(

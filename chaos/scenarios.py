@@ -10,8 +10,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chaos.cluster import LEASE_TTL_S, VISIBILITY_TIMEOUT_S, Backends, Shape
-from chaos.faults import BACKEND_KINDS, FaultSpec
+from dsched.chaos.cluster import LEASE_TTL_S, VISIBILITY_TIMEOUT_S, Backends, Shape
+from dsched.chaos.faults import BACKEND_KINDS, FaultSpec
 
 LONG_WINDOW_S = 300.0
 LONG_MIN_FAULTS = 55

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import aiohttp
 import orjson
 
-from chaos.target import Target
+from dsched.chaos.target import Target
 
 USER = "chaos"
 PROJECT = "chaos"

@@ -21,14 +21,14 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from libs import logs
-from libs.clock import now_ms
-from libs.coordination.base import Coordination
-from libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
-from libs.metrics import COORDINATOR_LEADER, SHARD_COUNT, export
-from libs.settings import Settings
+from dsched.libs import logs
+from dsched.libs.clock import now_ms
+from dsched.libs.coordination.base import Coordination
+from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
+from dsched.libs.metrics import COORDINATOR_LEADER, SHARD_COUNT, export
+from dsched.libs.settings import Settings
 
-log = logs.get("coordinator")
+logger = logs.get("coordinator")
 
 
 def assign_shards(shard_count: int, members: list[str], current: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -82,7 +82,7 @@ class Coordinator:
                         await self._lead(stop)
                         continue
                 except Exception as exc:  # backend hiccup: retry after a short pause, never crash the service
-                    log.warning("coordinator_error", error=f"{type(exc).__name__}: {exc}")
+                    logger.warning("coordinator_error", error=f"{type(exc).__name__}: {exc}")
                     await self._step_down()
                 # Campaign again as soon as the leader key goes (its lease expired), or after a while regardless.
                 waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(leader_gone.wait())]
@@ -103,7 +103,7 @@ class Coordinator:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the periodic campaign still runs; re-watch after a pause
-                log.warning("leader_watch_failed", error=f"{type(exc).__name__}: {exc}")
+                logger.warning("leader_watch_failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
 
     async def _campaign(self) -> bool:
@@ -115,7 +115,7 @@ class Coordinator:
         if won:
             self.is_leader = True
             COORDINATOR_LEADER.set(1)
-            log.info("leader_elected", node=self.node_id)
+            logger.info("leader_elected", node=self.node_id)
         return won
 
     async def _lead(self, stop: asyncio.Event) -> None:
@@ -126,7 +126,7 @@ class Coordinator:
             while not stop.is_set():
                 assert self._lease is not None
                 if not await self.coordination.keepalive(self._lease) or not await self.rebalance():
-                    log.warning("leadership_lost", node=self.node_id)
+                    logger.warning("leadership_lost", node=self.node_id)
                     return
                 # Woken by a membership change, or re-check periodically: a missed event must not strand shards.
                 with contextlib.suppress(TimeoutError):
@@ -163,7 +163,7 @@ class Coordinator:
             if not await self.coordination.put_if(LEADER_KEY, guard, ASSIGNMENTS_PREFIX + member, value):
                 return False
         if any(current.get(m) != s for m, s in target.items()):
-            log.info("rebalanced", members=len(members), assignment={m: len(s) for m, s in target.items()})
+            logger.info("rebalanced", members=len(members), assignment={m: len(s) for m, s in target.items()})
         return True
 
     async def _step_down(self) -> None:

@@ -22,12 +22,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ingestion.auth import Authenticator, json_error, principal_of
-from ingestion.requests import USER_ID
-from libs import logs
-from libs.apikeys import Role, create_key, normalize_key_id, parse_duration
+from dsched.ingestion.auth import Authenticator, json_error, principal_of
+from dsched.ingestion.requests import USER_ID
+from dsched.libs import logs
+from dsched.libs.apikeys import Role, create_key, normalize_key_id, parse_duration
 
-log = logs.get("auth")
+logger = logs.get("auth")
 MAX_SIGNING_SECRETS = 2
 
 
@@ -84,7 +84,7 @@ class AdminRoutes:
         record, key = await create_key(
             self.store, self.auth.pepper, tenant=tenant, role=role, name=name, expires_in_s=seconds
         )
-        log.info("key_created", key_id=record.key_id, tenant=tenant, role=role.value, by=caller and caller.subject)
+        logger.info("key_created", key_id=record.key_id, tenant=tenant, role=role.value, by=caller and caller.subject)
         return _json({**record.public(), "key": key}, 201)
 
     async def revoke_key(self, request: web.Request) -> web.Response:
@@ -94,7 +94,7 @@ class AdminRoutes:
         if self.auth.keys is not None:
             self.auth.keys.forget(key_id)
         caller = principal_of(request)
-        log.info("key_revoked", key_id=key_id, by=caller and caller.subject)
+        logger.info("key_revoked", key_id=key_id, by=caller and caller.subject)
         return _json({"key_id": key_id, "status": "Revoked"})
 
     def _tenant(self, request: web.Request) -> str | None:
@@ -116,7 +116,7 @@ class AdminRoutes:
         current = await self.store.get_signing_secrets(tenant)
         kept = [secret, *current][:MAX_SIGNING_SECRETS]
         await self.store.put_signing_secrets(tenant, kept)
-        log.info("signing_secret_rotated", tenant=tenant, fingerprint=fingerprint(secret))
+        logger.info("signing_secret_rotated", tenant=tenant, fingerprint=fingerprint(secret))
         return _json(
             {"tenant": tenant, "secret": secret, "secrets": [{"fingerprint": fingerprint(s)} for s in kept]}, 201
         )

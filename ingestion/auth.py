@@ -38,16 +38,16 @@ import orjson
 from aiohttp import web
 from prometheus_client import Counter
 
-from ingestion.oidc import InvalidToken, JwtVerifier, TokenUnavailable
-from ingestion.requests import USER_ID
-from libs import logs
-from libs.apikeys import KEY_PREFIX, InvalidKey, KeyVerifier, Role, load_pepper
-from libs.errors import BackendConfigError
-from libs.metrics import REGISTRY
-from libs.settings import Settings
-from libs.store.base import JobStore
+from dsched.ingestion.oidc import InvalidToken, JwtVerifier, TokenUnavailable
+from dsched.ingestion.requests import USER_ID
+from dsched.libs import logs
+from dsched.libs.apikeys import KEY_PREFIX, InvalidKey, KeyVerifier, Role, load_pepper
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.metrics import REGISTRY
+from dsched.libs.settings import Settings
+from dsched.libs.store.base import JobStore
 
-log = logs.get("auth")
+logger = logs.get("auth")
 PUBLIC = "public"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MODES = frozenset({"dev", "keys", "jwt"})
@@ -270,7 +270,7 @@ class Authenticator:
             address = None
         if address is None or not any(address in net for net in self.proxies):
             AUTH_FAILURES.labels("untrusted_proxy").inc()
-            log.warning("auth_untrusted_proxy_header", header=header, remote=remote)
+            logger.warning("auth_untrusted_proxy_header", header=header, remote=remote)
             return None  # ignored: the request must authenticate otherwise
         tenant = request.headers[header]
         if not USER_ID.match(tenant):
@@ -368,7 +368,7 @@ class Authenticator:
             return self._refuse(request, route, exc)
         except TokenUnavailable:
             AUTH_FAILURES.labels("jwks_unavailable").inc()
-            log.warning("auth_jwks_unavailable", route=route)
+            logger.warning("auth_jwks_unavailable", route=route)
             return json_error(503, "unavailable", "the token keys (JWKS) cannot be fetched now; retry")
         if principal is not None:
             request[PRINCIPAL] = principal
@@ -409,7 +409,7 @@ class Authenticator:
     def _audit(
         request: web.Request, route: str, principal: Principal | None, status: int, reason: str | None = None
     ) -> None:
-        log.info(
+        logger.info(
             "audit",
             tenant=principal.tenant if principal else None,
             subject=principal.subject if principal else None,

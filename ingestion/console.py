@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from ingestion.requests import (
+from dsched.ingestion.requests import (
     RequestError,
     check_schedule,
     dead_letter_view,
@@ -47,13 +47,13 @@ from ingestion.requests import (
     parse_time,
     run_view,
 )
-from libs.clock import now_ms, to_rfc3339
-from libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX, WORKERS_PREFIX
-from libs.models import Job, JobStatus
-from libs.schedule import parse_schedule, upcoming
+from dsched.libs.clock import now_ms, to_rfc3339
+from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX, WORKERS_PREFIX
+from dsched.libs.models import Job, JobStatus
+from dsched.libs.schedule import parse_schedule, upcoming
 
 if TYPE_CHECKING:
-    from ingestion.service import Ingestion
+    from dsched.ingestion.service import Ingestion
 
 SEARCH_SCAN = 5000  # jobs read per search request at most
 BULK_MAX = 500
@@ -66,7 +66,7 @@ BULK_ACTIONS = ("pause", "resume", "trigger", "delete")
 
 
 def _error(status: int, error: str, detail: str) -> Exception:
-    from ingestion.service import ApiError
+    from dsched.ingestion.service import ApiError
 
     return ApiError(status, error, detail)
 
@@ -483,7 +483,7 @@ _DONE = {"pause": "Paused", "resume": "Resumed", "trigger": "Triggered", "delete
 
 def _apply(action: str, job: Job, now: int) -> Job:
     """The new definition a bulk action appends (the same as the single-job routes)."""
-    from ingestion.service import Ingestion
+    from dsched.ingestion.service import Ingestion
 
     if action == "pause":
         return job.model_copy(update={"paused": True})
@@ -509,7 +509,7 @@ def _worker_view(record: dict[str, Any]) -> dict[str, Any]:
 
 def register(ingestion: Ingestion, app: web.Application) -> Console:
     """Add the console routes and the dashboard (``/ui``) to ``app``; call before the core routes."""
-    from ingestion import ui
+    from dsched.ingestion import ui
 
     console = Console(ingestion)
     console.register(app)

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
-from libs.settings import Settings
+from dsched.libs.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -20,11 +20,11 @@ import aiohttp
 import jwt
 from jwt.algorithms import get_default_algorithms
 
-from libs import logs
-from libs.errors import BackendConfigError
-from libs.settings import Settings
+from dsched.libs import logs
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.settings import Settings
 
-log = logs.get("auth")
+logger = logs.get("auth")
 MIN_REFRESH_S = 10.0
 FETCH_TIMEOUT_S = 5.0
 
@@ -133,15 +133,15 @@ class JwtVerifier:
                 try:
                     keys[str(entry["kid"])] = jwt.PyJWK(entry)
                 except jwt.PyJWTError:
-                    log.warning("jwks_key_skipped", kid=entry.get("kid"))
+                    logger.warning("jwks_key_skipped", kid=entry.get("kid"))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             if self._keys:  # keep serving with the keys we have; try again after MIN_REFRESH_S
                 self._fetched_at = time.monotonic() - self.settings.jwt_jwks_ttl_s + MIN_REFRESH_S
-                log.warning("jwks_refresh_failed", url=url, error=type(exc).__name__)
+                logger.warning("jwks_refresh_failed", url=url, error=type(exc).__name__)
                 return
             self._down_until = time.monotonic() + 1.0
-            log.warning("jwks_unavailable", url=url, error=type(exc).__name__)
+            logger.warning("jwks_unavailable", url=url, error=type(exc).__name__)
             raise TokenUnavailable(url) from exc
         self._keys = keys
         self._fetched_at = time.monotonic()
-        log.info("jwks_refreshed", url=url, keys=len(keys))
+        logger.info("jwks_refreshed", url=url, keys=len(keys))

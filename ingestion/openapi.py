@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ingestion import openapi_auth, openapi_responses
-from ingestion.requests import JobFields, SubmitRequest
+from dsched.ingestion import openapi_auth, openapi_responses
+from dsched.ingestion.requests import JobFields, SubmitRequest
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _USER = {

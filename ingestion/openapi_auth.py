@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ingestion.auth import PUBLIC, PUBLIC_PREFIXES, ROUTE_ROLES
-from libs.apikeys import Role
+from dsched.ingestion.auth import PUBLIC, PUBLIC_PREFIXES, ROUTE_ROLES
+from dsched.libs.apikeys import Role
 
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 SCHEMES = {

@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-from libs.models import HttpTarget, JobStatus, RetryPolicy, RunStatus
+from dsched.libs.models import HttpTarget, JobStatus, RetryPolicy, RunStatus
 
 JSON = "application/json"
 STR = {"type": "string"}

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from libs import limits
-from libs.clock import parse_rfc3339, to_rfc3339
-from libs.models import DeadLetter, HttpTarget, Job, Payload, RetryPolicy, Run
-from libs.schedule import ScheduleError, first_undispatched, next_in_chain, parse_schedule
+from dsched.libs import limits
+from dsched.libs.clock import parse_rfc3339, to_rfc3339
+from dsched.libs.models import DeadLetter, HttpTarget, Job, Payload, RetryPolicy, Run
+from dsched.libs.schedule import ScheduleError, first_undispatched, next_in_chain, parse_schedule
 
 USER_ID = re.compile(r"^[A-Za-z0-9._@:+\-]{1,128}$")
 # RFC 9110 token characters: what a header name may contain.

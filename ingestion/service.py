@@ -20,11 +20,11 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from ingestion import console, guards, openapi
-from ingestion.admin import AdminRoutes
-from ingestion.auth import Authenticator, principal_of
-from ingestion.http_errors import JsonErrorAppRunner
-from ingestion.requests import (
+from dsched.ingestion import console, guards, openapi
+from dsched.ingestion.admin import AdminRoutes
+from dsched.ingestion.auth import Authenticator, principal_of
+from dsched.ingestion.http_errors import JsonErrorAppRunner
+from dsched.ingestion.requests import (
     USER_ID,
     JobFields,
     RequestError,
@@ -38,15 +38,15 @@ from ingestion.requests import (
     pydantic_detail,
     run_view,
 )
-from libs import logs, tracing
-from libs.blobs.base import BlobNotFound, BlobStore
-from libs.clock import now_ms, to_rfc3339
-from libs.coordination.base import Coordination
-from libs.coordination.keys import CANCEL_PREFIX
-from libs.limits import MAX_JSON_DEPTH, json_depth_exceeds
-from libs.log.base import SubmissionLog
-from libs.metrics import BLOB_OFFLOADS, HTTP_REQUESTS, REGISTRY, SUBMISSIONS, TENANT_SUBMISSIONS, tenant_label
-from libs.models import (
+from dsched.libs import logs, tracing
+from dsched.libs.blobs.base import BlobNotFound, BlobStore
+from dsched.libs.clock import now_ms, to_rfc3339
+from dsched.libs.coordination.base import Coordination
+from dsched.libs.coordination.keys import CANCEL_PREFIX
+from dsched.libs.limits import MAX_JSON_DEPTH, json_depth_exceeds
+from dsched.libs.log.base import SubmissionLog
+from dsched.libs.metrics import BLOB_OFFLOADS, HTTP_REQUESTS, REGISTRY, SUBMISSIONS, TENANT_SUBMISSIONS, tenant_label
+from dsched.libs.models import (
     ACCEPTED_VERSION,
     Job,
     JobStatus,
@@ -58,13 +58,13 @@ from libs.models import (
     job_id_ms,
     new_job_id,
 )
-from libs.queue.base import WorkQueue
-from libs.schedule import ScheduleError, first_undispatched, parse_schedule, upcoming
-from libs.settings import Settings
-from libs.store.base import InvalidCursor, JobStore
-from libs.supervisor import Supervisor
+from dsched.libs.queue.base import WorkQueue
+from dsched.libs.schedule import ScheduleError, first_undispatched, parse_schedule, upcoming
+from dsched.libs.settings import Settings
+from dsched.libs.store.base import InvalidCursor, JobStore
+from dsched.libs.supervisor import Supervisor
 
-log = logs.get("ingestion")
+logger = logs.get("ingestion")
 IDEMPOTENCY_TTL_S = 86_400
 PAYLOAD_JSON_FRAMING = 256  # bytes of an HTTP payload's JSON besides its strings (names, method, nulls)
 MAX_BATCH_JOBS = 1000  # items per POST /submit/batch (the body limit DSCHED_MAX_BODY_BYTES applies too)
@@ -126,7 +126,7 @@ class Ingestion:
         server = getattr(site, "_server", None)
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port
-        log.info("listening", host=host or self.settings.host, port=self.port)
+        logger.info("listening", host=host or self.settings.host, port=self.port)
         try:
             yield self
         finally:
@@ -184,7 +184,7 @@ class Ingestion:
             response = error_response(400, "invalid_field", "cursor: not a cursor this API returned")
         except Exception:
             # A backend that did not answer; the traceback goes to the log, never into the answer.
-            log.exception("request_failed", route=route)
+            logger.exception("request_failed", route=route)
             response = error_response(503, "unavailable", "a backend did not answer; retry later")
         HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
         return response
@@ -310,7 +310,7 @@ class Ingestion:
             with contextlib.suppress(Exception):  # not accepted: don't leave a job that will never run
                 await self.store.put_jobs([job.model_copy(update={"deleted": True})])
             raise
-        log.info("submitted", job_id=job_id, user_id=user, kind=job.payload.kind, recurring=job.recurring)
+        logger.info("submitted", job_id=job_id, user_id=user, kind=job.payload.kind, recurring=job.recurring)
         return json_response({"job_id": job_id, "status": "Submitted", "message": "Job submitted successfully"}, 202)
 
     async def submit_batch(self, request: web.Request) -> web.Response:
@@ -374,7 +374,7 @@ class Ingestion:
             if principal is not None:
                 for _ in jobs:
                     limits.accepted(principal.tenant)
-        log.info("submitted_batch", user_id=user, accepted=len(jobs), refused=len(items) - len(jobs))
+        logger.info("submitted_batch", user_id=user, accepted=len(jobs), refused=len(items) - len(jobs))
         answer: dict[str, Any] = {"accepted": len(jobs), "refused": len(items) - len(jobs), "results": results}
         if not jobs:  # nothing accepted: an error answer that still gives every item's reason
             first = results[0]

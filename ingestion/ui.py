@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from libs.settings import Settings
+from dsched.libs.settings import Settings
 
 ASSETS = Path(__file__).with_name("ui")
 CSP = (

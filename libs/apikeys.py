@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from libs import clock
+from dsched.libs import clock
 
 if TYPE_CHECKING:
-    from libs.settings import Settings
-    from libs.store.base import JobStore
+    from dsched.libs.settings import Settings
+    from dsched.libs.store.base import JobStore
 
 KEY_PREFIX = "dsk_"
 _KEY_RE = re.compile(r"^dsk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")

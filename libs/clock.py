@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from libs.limits import MAX_INSTANT_MS, MIN_INSTANT_MS
+from dsched.libs.limits import MAX_INSTANT_MS, MIN_INSTANT_MS
 
 
 def now_ms() -> int:

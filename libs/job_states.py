@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from libs.models import ACCEPTED_VERSION, JobStatus, RunStatus
+from dsched.libs.models import ACCEPTED_VERSION, JobStatus, RunStatus
 
 if TYPE_CHECKING:
-    from libs.models import Job
+    from dsched.libs.models import Job
 
 
 def status_of(job: Job) -> JobStatus:

@@ -9,7 +9,7 @@ import orjson
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from libs import tracing
+from dsched.libs import tracing
 
 
 def _dumps(obj: object, default: object = None) -> str:

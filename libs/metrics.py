@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from libs.queue.base import WorkQueue
+    from dsched.libs.queue.base import WorkQueue
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

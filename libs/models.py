@@ -124,7 +124,7 @@ class Job(Model):
     @property
     def status(self) -> JobStatus:
         """What the user sees (:func:`libs.job_states.status_of`)."""
-        from libs.job_states import status_of  # the state machine imports this module
+        from dsched.libs.job_states import status_of  # the state machine imports this module
 
         return status_of(self)
 

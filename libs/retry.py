@@ -8,7 +8,7 @@ import re
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-from libs.models import RetryPolicy
+from dsched.libs.models import RetryPolicy
 
 __all__ = ["backoff_s", "http_status_retryable", "parse_retry_after", "should_retry"]
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from libs import logs
+from dsched.libs import logs
 
 T = TypeVar("T")
 
@@ -25,7 +25,7 @@ INITIAL_S = 0.2
 MAX_S = 2.0
 MIN_ATTEMPTS = 3  # with a positive budget
 
-log = logs.get("startup")
+logger = logs.get("startup")
 
 
 async def until_up(
@@ -55,16 +55,16 @@ async def until_up(
             if budget_s > 0 and number < MIN_ATTEMPTS:
                 remaining = max(remaining, initial_s)
             if remaining <= 0:
-                log.error("startup_gave_up", what=what, attempts=number, error=f"{type(exc).__name__}: {exc}")
+                logger.error("startup_gave_up", what=what, attempts=number, error=f"{type(exc).__name__}: {exc}")
                 raise
             wait = min(pause, remaining)
-            log.warning(
+            logger.warning(
                 "startup_retry", what=what, attempt=number, error=f"{type(exc).__name__}: {exc}", retry_in_s=wait
             )
             await asyncio.sleep(wait)
             pause = min(max_s, pause * 2)
             continue
         if number > 1:
-            log.info("startup_recovered", what=what, attempts=number)
+            logger.info("startup_recovered", what=what, attempts=number)
         return result
     raise RuntimeError("unreachable")  # pragma: no cover

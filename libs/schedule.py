@@ -28,10 +28,10 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from libs.limits import MAX_EVERY_S, MAX_INSTANT_MS
+from dsched.libs.limits import MAX_EVERY_S, MAX_INSTANT_MS
 
 if TYPE_CHECKING:
-    from libs.models import Job
+    from dsched.libs.models import Job
 
 __all__ = [
     "CronSchedule",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 
-from libs.models import EntryKind, Job, QueueEntry
+from dsched.libs.models import EntryKind, Job, QueueEntry
 
 
 def shard_for(job_id: str, shard_count: int) -> int:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 
-from libs import logs
-from libs.settings import Settings
-from libs.store.base import JobStore
+from dsched.libs import logs
+from dsched.libs.settings import Settings
+from dsched.libs.store.base import JobStore
 
-log = logs.get("worker")
+logger = logs.get("worker")
 
 
 class SigningSecrets:
@@ -41,7 +41,7 @@ class SigningSecrets:
         except NotImplementedError:
             secrets = []
         except Exception as exc:  # the store is down: keep signing with what we had
-            log.warning("signing_secrets_unavailable", tenant=tenant, error=type(exc).__name__)
+            logger.warning("signing_secrets_unavailable", tenant=tenant, error=type(exc).__name__)
             secrets = cached[1] if cached is not None else []
         if len(self._cache) > 10_000:
             self._cache.clear()

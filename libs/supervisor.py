@@ -21,8 +21,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from libs import logs
-from libs.metrics import SERVICE_RESTARTS, SERVICE_UP
+from dsched.libs import logs
+from dsched.libs.metrics import SERVICE_RESTARTS, SERVICE_UP
 
 # Restarts of one loop allowed within the window before the process gives up and exits non-zero.
 MAX_RESTARTS = 5
@@ -33,7 +33,7 @@ BACKOFF_MAX_S = 5.0
 # A loop that ran this long since its last failure starts its backoff over.
 HEALTHY_AFTER_S = 30.0
 
-log = logs.get("supervisor")
+logger = logs.get("supervisor")
 Loop = Callable[[], Awaitable[None]]
 
 
@@ -111,7 +111,7 @@ class Supervisor:
                 if len(state.failures) > self.max_restarts:
                     state.state = "failed"
                     self._refresh(state.service)
-                    log.error("loop_given_up", service=state.service, loop=state.name, exc_info=exc)
+                    logger.error("loop_given_up", service=state.service, loop=state.name, exc_info=exc)
                     if self.failure is None:
                         self.failure = ServiceFailed(
                             f"{state.service}/{state.name} failed {len(state.failures)} times within "
@@ -121,7 +121,7 @@ class Supervisor:
                     return
                 state.state = "restarting"
                 self._refresh(state.service)
-                log.error(
+                logger.error(
                     "loop_failed", service=state.service, loop=state.name, restart_in_s=round(delay, 3), exc_info=exc
                 )
                 await asyncio.sleep(delay)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from libs.settings import Settings
+    from dsched.libs.settings import Settings
 
 ENABLED = False
 _provider: TracerProvider | None = None

@@ -25,25 +25,25 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from libs import job_states, logs, tracing
-from libs.clock import now_ms
-from libs.coordination.base import Coordination
-from libs.coordination.keys import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
-from libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT, export
-from libs.models import Job, JobState, QueueEntry, Run, RunMessage, RunStatus, run_id_for
-from libs.queue.base import OutgoingMessage, WorkQueue
-from libs.retrying import until_up
-from libs.schedule import ScheduleError, first_undispatched, parse_schedule, plan_misfire
-from libs.settings import Settings
-from libs.sharding import bucket_for, entry_for, initial_checkpoint
-from libs.store.base import JobStore
-from libs.supervisor import Supervisor
-from picker.fair import fair_order
+from dsched.libs import job_states, logs, tracing
+from dsched.libs.clock import now_ms
+from dsched.libs.coordination.base import Coordination
+from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
+from dsched.libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT, export
+from dsched.libs.models import Job, JobState, QueueEntry, Run, RunMessage, RunStatus, run_id_for
+from dsched.libs.queue.base import OutgoingMessage, WorkQueue
+from dsched.libs.retrying import until_up
+from dsched.libs.schedule import ScheduleError, first_undispatched, parse_schedule, plan_misfire
+from dsched.libs.settings import Settings
+from dsched.libs.sharding import bucket_for, entry_for, initial_checkpoint
+from dsched.libs.store.base import JobStore
+from dsched.libs.supervisor import Supervisor
+from dsched.picker.fair import fair_order
 
 FAIR_FIRST_BATCH = 100  # first batch of a fair burst; each next one doubles (up to DSCHED_PICKER_BATCH)
 OWNERS_SLACK = 10_000  # tenants of entries no longer loaded that may stay cached before a clean-up
 
-log = logs.get("picker")
+logger = logs.get("picker")
 
 # A recurring occurrence is "missed" (misfire policy applies) when dispatched later than this by default.
 DEFAULT_MAX_LATENESS_MS = 60_000
@@ -140,12 +140,12 @@ class Picker:
                     self._lease_valid_until = sent + ttl
                 else:
                     # Lease gone (we were frozen or partitioned): drop everything and join again.
-                    log.warning("lease_lost", node=self.node_id)
+                    logger.warning("lease_lost", node=self.node_id)
                     self._assigned = set()
                     self._lease_valid_until = 0.0
                     await self._register()
             except Exception as exc:
-                log.warning("keepalive_failed", error=f"{type(exc).__name__}: {exc}")
+                logger.warning("keepalive_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _watch_assignment(self) -> None:
         key = ASSIGNMENTS_PREFIX + self.node_id
@@ -157,7 +157,7 @@ class Picker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("watch_failed", error=f"{type(exc).__name__}: {exc}")
+                logger.warning("watch_failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.5)
                 with contextlib.suppress(Exception):
                     await self._read_assignment()
@@ -168,7 +168,7 @@ class Picker:
     def _set_assignment(self, value: bytes | None) -> None:
         shards = set(orjson.loads(value)["shards"]) if value else set()
         if shards != self._assigned:
-            log.info("assignment", node=self.node_id, shards=sorted(shards))
+            logger.info("assignment", node=self.node_id, shards=sorted(shards))
         self._assigned = shards
         self._wake.set()
 
@@ -191,7 +191,7 @@ class Picker:
                 now = now_ms()
                 await self.dispatch_due(now, until=now + self.settings.dispatch_ahead_ms)
             except Exception as exc:  # a backend hiccup must not kill the picker; entries stay in the store
-                log.warning("picker_error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+                logger.warning("picker_error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
                 await asyncio.sleep(self.settings.picker_tick_s)
             wake_at = next_load
             if self._heap:
@@ -257,7 +257,7 @@ class Picker:
                     self._owners = {job: tenant for job, tenant in self._owners.items() if job in loaded}
                 await self._read_owners([item[3] for item in self._heap])
             except Exception as exc:
-                log.warning("fair_owners_failed", error=f"{type(exc).__name__}: {exc}")
+                logger.warning("fair_owners_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _checkpoint(self, shard: int, now: int) -> int:
         if shard not in self._checkpoints:
@@ -316,7 +316,7 @@ class Picker:
                 try:
                     await self._read_owners(due)
                 except Exception as exc:  # unfair beats late: dispatch in due order
-                    log.warning("fair_order_failed", error=f"{type(exc).__name__}: {exc}")
+                    logger.warning("fair_order_failed", error=f"{type(exc).__name__}: {exc}")
                 else:
                     owners = self._owners
                     due = fair_order(due, lambda e: owners.get(e.job_id, ""), lambda e: e.priority, self._weights())
@@ -358,7 +358,7 @@ class Picker:
             plan.messages = [message for _, message in pairs]
         sent = await self._apply(plan, {e.shard for e in entries})
         if sent:
-            log.debug("dispatched", count=sent)
+            logger.debug("dispatched", count=sent)
         return sent
 
     def _plan(self, entries: list[QueueEntry], jobs: dict[str, Job], now: int) -> DispatchPlan:
@@ -463,7 +463,7 @@ class Picker:
         if shards <= self.owned_shards():
             return True
         PICKER_DROPPED.labels("ownership_lost").inc(len(plan.done))
-        log.warning("dispatch_abandoned", node=self.node_id, step=step, entries=len(plan.done))
+        logger.warning("dispatch_abandoned", node=self.node_id, step=step, entries=len(plan.done))
         return False
 
     @staticmethod
@@ -495,7 +495,7 @@ class Picker:
             for run_id in run_ids:
                 await self.coordination.put(CANCEL_PREFIX + run_id, b"replaced", lease)
         except Exception as exc:  # the new run still goes ahead; the old one ends at its timeout
-            log.warning("cancel_request_failed", error=f"{type(exc).__name__}: {exc}")
+            logger.warning("cancel_request_failed", error=f"{type(exc).__name__}: {exc}")
 
     @staticmethod
     def _drop_reason(entry: QueueEntry, job: Job | None) -> str | None:
@@ -520,7 +520,7 @@ class Picker:
         try:
             schedule = parse_schedule(job.cron_schedule or "", job.timezone)
         except ScheduleError as exc:  # validated at submit; a bad row must not stall the shard
-            log.warning("bad_schedule", job_id=job.job_id, error=str(exc))
+            logger.warning("bad_schedule", job_id=job.job_id, error=str(exc))
             return [entry.scheduled_ms], [], None
         max_lateness = int(job.max_lateness_s * 1000) if job.max_lateness_s is not None else DEFAULT_MAX_LATENESS_MS
         try:

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from tests.servers import cassandra_server, elasticmq_server, etcd_server, kafka_server, moto_server  # noqa: F401
+from tests.helpers.servers import cassandra_server, elasticmq_server, etcd_server, kafka_server, moto_server  # noqa: F401

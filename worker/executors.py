@@ -53,9 +53,9 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from libs.blobs.base import BlobStore
-from libs.limits import command_problem
-from libs.models import HttpTarget, Payload, RunStatus
+from dsched.libs.blobs.base import BlobStore
+from dsched.libs.limits import command_problem
+from dsched.libs.models import HttpTarget, Payload, RunStatus
 
 _CHUNK = 65536
 

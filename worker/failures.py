@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import Counter
 
-from libs import job_states, logs
-from libs.clock import now_ms
-from libs.metrics import DEAD_LETTERS, REGISTRY
-from libs.models import (
+from dsched.libs import job_states, logs
+from dsched.libs.clock import now_ms
+from dsched.libs.metrics import DEAD_LETTERS, REGISTRY
+from dsched.libs.models import (
     FINISHED_RUN_STATUSES,
     DeadLetter,
     JobState,
@@ -40,10 +40,10 @@ from libs.models import (
     RunStatus,
     run_id_for,
 )
-from libs.queue.base import ReceivedMessage
+from dsched.libs.queue.base import ReceivedMessage
 
 if TYPE_CHECKING:
-    from worker.service import Worker
+    from dsched.worker.service import Worker
 
 POISON = Counter(
     "dsched_worker_poison_messages_total",
@@ -60,7 +60,7 @@ BODY_PREVIEW = 200
 REDRIVEN = "the work queue gave up on this run after {count} deliveries without a recorded outcome"
 UNDECODABLE = "undecodable work-queue message: {error}"
 
-log = logs.get("worker")
+logger = logs.get("worker")
 
 
 def _text(exc: BaseException) -> str:
@@ -138,7 +138,7 @@ async def settle_undecodable(worker: Worker, message: ReceivedMessage, error: Ba
     run = await _identify(worker, message.body)
     if run is None:
         POISON.labels(source, "unidentified").inc()
-        log.error(
+        logger.error(
             "poison_message_dropped",
             source=source,
             message_id=message.message_id,
@@ -149,7 +149,7 @@ async def settle_undecodable(worker: Worker, message: ReceivedMessage, error: Ba
         return
     await record_failure(worker, run, reason, None, now_ms())
     POISON.labels(source, "recorded").inc()
-    log.error("poison_message_recorded", source=source, job_id=run.job.job_id, run_id=run.run_id, error=reason)
+    logger.error("poison_message_recorded", source=source, job_id=run.job.job_id, run_id=run.run_id, error=reason)
 
 
 async def settle_redriven(worker: Worker, message: ReceivedMessage) -> None:
@@ -166,7 +166,7 @@ async def settle_redriven(worker: Worker, message: ReceivedMessage) -> None:
     reason = REDRIVEN.format(count=message.receive_count)
     await record_failure(worker, run, reason, previous.started_ms if previous else None, now_ms())
     POISON.labels("queue_dead_letters", "recorded").inc()
-    log.error("redriven_run_recorded", job_id=run.job.job_id, run_id=run.run_id, deliveries=message.receive_count)
+    logger.error("redriven_run_recorded", job_id=run.job.job_id, run_id=run.run_id, deliveries=message.receive_count)
 
 
 async def sweep_queue_dead_letters(worker: Worker) -> int:
@@ -184,7 +184,7 @@ async def sweep_queue_dead_letters(worker: Worker) -> int:
             try:
                 await settle_redriven(worker, message)
             except Exception as exc:
-                log.warning("dead_letter_sweep_failed", message_id=message.message_id, error=_text(exc))
+                logger.warning("dead_letter_sweep_failed", message_id=message.message_id, error=_text(exc))
                 continue
             done.append(message.receipt)
         if done:
@@ -201,5 +201,5 @@ async def sweep_forever(worker: Worker, interval_s: float = SWEEP_INTERVAL_S) ->
         try:
             await sweep_queue_dead_letters(worker)
         except Exception as exc:  # queue unreachable: next time
-            log.warning("dead_letter_sweep_failed", error=_text(exc))
+            logger.warning("dead_letter_sweep_failed", error=_text(exc))
         await asyncio.sleep(interval_s)

@@ -20,17 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from libs import logs
-from libs.clock import now_ms, to_rfc3339
-from libs.coordination.base import Coordination
-from libs.coordination.keys import WORKERS_PREFIX
-from libs.metrics import REGISTRY
+from dsched.libs import logs
+from dsched.libs.clock import now_ms, to_rfc3339
+from dsched.libs.coordination.base import Coordination
+from dsched.libs.coordination.keys import WORKERS_PREFIX
+from dsched.libs.metrics import REGISTRY
 
 if TYPE_CHECKING:
-    from worker.service import Worker
+    from dsched.worker.service import Worker
 
 MAX_LISTED_RUNS = 50
-log = logs.get("worker")
+logger = logs.get("worker")
 
 
 def metrics_snapshot() -> dict[str, Any]:
@@ -89,7 +89,7 @@ async def announce(worker: Worker, coordination: Coordination) -> None:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("presence_failed", error=f"{type(exc).__name__}: {exc}")
+                logger.warning("presence_failed", error=f"{type(exc).__name__}: {exc}")
                 lease = None
             await asyncio.sleep(ttl / 3)
     finally:

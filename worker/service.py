@@ -28,13 +28,13 @@ from collections.abc import AsyncIterator, Awaitable, Coroutine
 import aiohttp
 from pydantic import ValidationError
 
-from libs import job_states, logs, tracing
-from libs.batching import Batcher
-from libs.blobs.base import BlobStore
-from libs.clock import now_ms
-from libs.coordination.base import Coordination
-from libs.coordination.keys import CANCEL_PREFIX, WORKERS_PREFIX
-from libs.metrics import (
+from dsched.libs import job_states, logs, tracing
+from dsched.libs.batching import Batcher
+from dsched.libs.blobs.base import BlobStore
+from dsched.libs.clock import now_ms
+from dsched.libs.coordination.base import Coordination
+from dsched.libs.coordination.keys import CANCEL_PREFIX, WORKERS_PREFIX
+from dsched.libs.metrics import (
     DEAD_LETTERS,
     DUPLICATE_DELIVERIES,
     RETRIES,
@@ -48,7 +48,7 @@ from libs.metrics import (
     sample_queue_depth,
     tenant_label,
 )
-from libs.models import (
+from dsched.libs.models import (
     FINISHED_RUN_STATUSES,
     DeadLetter,
     JobState,
@@ -59,21 +59,21 @@ from libs.models import (
     RunMessage,
     RunStatus,
 )
-from libs.queue.base import ReceivedMessage, WorkQueue
-from libs.retry import backoff_s, http_status_retryable, parse_retry_after, should_retry
-from libs.settings import Settings
-from libs.sharding import entry_for
-from libs.signing import SigningSecrets
-from libs.store.base import JobStore
-from libs.supervisor import Supervisor
-from worker import executors, failures, presence
+from dsched.libs.queue.base import ReceivedMessage, WorkQueue
+from dsched.libs.retry import backoff_s, http_status_retryable, parse_retry_after, should_retry
+from dsched.libs.settings import Settings
+from dsched.libs.sharding import entry_for
+from dsched.libs.signing import SigningSecrets
+from dsched.libs.store.base import JobStore
+from dsched.libs.supervisor import Supervisor
+from dsched.worker import executors, failures, presence
 
 RUNNING_REPORT_S = 0.2
 RECORD_RETRY_PAUSE_S = 0.2  # before recording a run's outcome a second time, on its own
 HEARTBEATS_PER_VISIBILITY = 6  # heartbeat checks per visibility timeout (each extends what is due, see _heartbeat)
 CLAIM_LOST = "at_most_once: delivery lost after the run was claimed; not run again"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("0f6f3f1c-9a8e-4a51-8c0b-6f7b2f4f9d11")
-log = logs.get("worker")
+logger = logs.get("worker")
 
 
 def _trace(exc: BaseException) -> str:
@@ -163,7 +163,7 @@ class Worker:
             try:
                 messages = await self.queue.receive(free, 1.0, self.settings.visibility_timeout_s)
             except Exception as exc:
-                log.warning("receive_failed", error=f"{type(exc).__name__}: {exc}")
+                logger.warning("receive_failed", error=f"{type(exc).__name__}: {exc}")
                 messages = []
                 await asyncio.sleep(0.5)
             for _ in range(free - len(messages)):
@@ -205,11 +205,11 @@ class Worker:
             try:
                 decoded.append((message, RunMessage.model_validate_json(message.body)))
             except ValidationError as exc:
-                log.error("undecodable_message", message_id=message.message_id, error=str(exc).splitlines()[0])
+                logger.error("undecodable_message", message_id=message.message_id, error=str(exc).splitlines()[0])
                 try:  # a failed run + dead letter for its owner if the job can be identified, else counted
                     await failures.settle_undecodable(self, message, exc, "queue")
                 except Exception as settle_exc:  # store down: it reappears (or reaches the dead-letter sweep)
-                    log.warning("record_failed", message_id=message.message_id, error=f"{settle_exc!r}"[:300])
+                    logger.warning("record_failed", message_id=message.message_id, error=f"{settle_exc!r}"[:300])
                     continue
                 to_ack.append(message.receipt)
         runnable: list[tuple[ReceivedMessage, RunMessage]] = []
@@ -223,7 +223,7 @@ class Worker:
             ]
             claimed = await self.store.claim_runs(at_most_once, self.node_id) if at_most_once else set()
         except Exception as exc:  # store unavailable: hand the batch back untouched
-            log.warning("dedupe_failed", error=f"{type(exc).__name__}: {exc}")
+            logger.warning("dedupe_failed", error=f"{type(exc).__name__}: {exc}")
             await self._nack_quietly([m.receipt for m, _ in decoded])
             for _ in messages:
                 self._slots.release()
@@ -236,12 +236,12 @@ class Worker:
                 to_ack.append(message.receipt)
             elif run.job.execution == "at_most_once" and run.run_id not in claimed:
                 DUPLICATE_DELIVERIES.inc()
-                log.warning("at_most_once_redelivery", job_id=run.job.job_id, run_id=run.run_id)
+                logger.warning("at_most_once_redelivery", job_id=run.job.job_id, run_id=run.run_id)
                 if message.receive_count > 1 and (previous is None or previous.status == RunStatus.RUNNING):
                     if await self._claimer_alive(run.run_id, previous):
                         # Its worker lives (its extends failed, e.g. the queue was briefly unreachable): keep the
                         # message hidden here until that run finishes or its worker dies, then settle it.
-                        log.info(
+                        logger.info(
                             "at_most_once_claimer_alive", run_id=run.run_id, claimer=previous and previous.worker_id
                         )
                         watching.append((message, run))
@@ -254,14 +254,14 @@ class Worker:
                         lost = executors.Outcome(RunStatus.FAILED, error=CLAIM_LOST, retryable=False)
                         await self._record(run, lost, previous.started_ms if previous else None, now_ms())
                     except Exception as exc:  # not acked: the next delivery records it
-                        log.warning("record_failed", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
+                        logger.warning("record_failed", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
                         continue
                 to_ack.append(message.receipt)
             elif run.job.execution == "at_most_once" and any(r.run_id == run.run_id for _, r in runnable):
                 # Two messages for one run in one batch (a picker re-dispatched it): the claim above was won once,
                 # for both of them; only the first may run.
                 DUPLICATE_DELIVERIES.inc()
-                log.warning("at_most_once_duplicate_in_batch", job_id=run.job.job_id, run_id=run.run_id)
+                logger.warning("at_most_once_duplicate_in_batch", job_id=run.job.job_id, run_id=run.run_id)
                 to_ack.append(message.receipt)
             else:
                 runnable.append((message, run))
@@ -273,7 +273,7 @@ class Worker:
             except Exception as exc:  # queue unreachable: they reappear and are settled again; the batch goes on
                 # (raising here would drop the runnable messages with their execution slots: a leak that stops
                 # the worker's receive loop for good once every slot is gone)
-                log.warning("ack_failed", messages=len(to_ack), error=f"{type(exc).__name__}: {exc}")
+                logger.warning("ack_failed", messages=len(to_ack), error=f"{type(exc).__name__}: {exc}")
         for message, run in watching:
             self._watching.add(message.receipt)
             task = asyncio.create_task(self._watch_claimed(message, run))
@@ -338,7 +338,7 @@ class Worker:
         try:
             return await self.coordination.get(WORKERS_PREFIX + previous.worker_id) is not None
         except Exception as exc:
-            log.warning("presence_lookup_failed", error=f"{type(exc).__name__}: {exc}")
+            logger.warning("presence_lookup_failed", error=f"{type(exc).__name__}: {exc}")
             return True
 
     async def _watch_claimed(self, message: ReceivedMessage, run: RunMessage) -> None:
@@ -360,7 +360,7 @@ class Worker:
                     break
             await self._acks.enqueue([message.receipt])
         except Exception as exc:
-            log.warning("claim_watch_failed", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
+            logger.warning("claim_watch_failed", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
         finally:
             self._watching.discard(message.receipt)
 
@@ -393,7 +393,9 @@ class Worker:
             try:
                 outcome = await self._perform(run, cancellation)
             except Exception as exc:  # a bug, an unreadable payload blob: a failed attempt that says why
-                log.error("run_raised", job_id=job.job_id, run_id=run.run_id, error=repr(exc)[:500], trace=_trace(exc))
+                logger.error(
+                    "run_raised", job_id=job.job_id, run_id=run.run_id, error=repr(exc)[:500], trace=_trace(exc)
+                )
                 error = f"the worker could not run this job: {type(exc).__name__}: {exc}"[:1000]
                 outcome = executors.Outcome(RunStatus.FAILED, error=error, retryable=True)
             self._started.pop(run.run_id, None)  # before the final record: no "running" may follow it
@@ -407,7 +409,7 @@ class Worker:
                 WORKER_INFLIGHT.dec()
                 self._slots.release()
                 await self._record_or_fail(run, outcome, started, finished)
-                log.info(
+                logger.info(
                     "run_finished",
                     job_id=job.job_id,
                     run_id=run.run_id,
@@ -420,7 +422,7 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # not even a failure could be recorded (store down): the message reappears
-            log.error(
+            logger.error(
                 "run_failed_to_record", job_id=job.job_id, run_id=run.run_id, error=f"{type(exc).__name__}: {exc}"
             )
         finally:
@@ -481,13 +483,13 @@ class Worker:
             await self._record(run, outcome, started, finished)
             return
         except Exception as exc:
-            log.warning("record_failed", job_id=run.job.job_id, run_id=run.run_id, error=repr(exc)[:300])
+            logger.warning("record_failed", job_id=run.job.job_id, run_id=run.run_id, error=repr(exc)[:300])
         await asyncio.sleep(RECORD_RETRY_PAUSE_S)
         try:
             await self._record(run, outcome, started, finished, direct=True)
             return
         except Exception as exc:
-            log.error(
+            logger.error(
                 "record_failed", job_id=run.job.job_id, run_id=run.run_id, error=repr(exc)[:300], trace=_trace(exc)
             )
             reason = f"recording the outcome ({outcome.status.value}) failed: {type(exc).__name__}: {exc}"[:1000]
@@ -651,7 +653,7 @@ class Worker:
             try:
                 await asyncio.gather(runs, states)
             except Exception as exc:  # informational only: the final record is what counts
-                log.warning("progress_write_failed", error=f"{type(exc).__name__}: {exc}")
+                logger.warning("progress_write_failed", error=f"{type(exc).__name__}: {exc}")
 
     # Heartbeat, cancel, shutdown --------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -675,10 +677,10 @@ class Worker:
                 if beat is not None and not beat.done():
                     skipped += 1
                     if skipped == 1:
-                        log.warning("extend_slow", waiting_s=interval)
+                        logger.warning("extend_slow", waiting_s=interval)
                     continue
                 if skipped:
-                    log.info("extend_caught_up", skipped_beats=skipped)
+                    logger.info("extend_caught_up", skipped_beats=skipped)
                     skipped = 0
                 now = time.monotonic()
                 held = [*self._inflight, *self._receiving, *self._watching]
@@ -698,7 +700,7 @@ class Worker:
         try:
             await self.queue.extend(receipts, visibility)
         except Exception as exc:
-            log.warning("extend_failed", error=f"{type(exc).__name__}: {exc}", messages=len(receipts))
+            logger.warning("extend_failed", error=f"{type(exc).__name__}: {exc}", messages=len(receipts))
             for receipt in receipts:
                 if receipt in self._fresh_until:
                     self._fresh_until[receipt] = 0.0  # due again at the next beat
@@ -713,7 +715,7 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("cancel_watch_failed", error=f"{type(exc).__name__}: {exc}")
+                logger.warning("cancel_watch_failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
 
     def cancel(self, run_id: str) -> bool:
@@ -741,4 +743,4 @@ class Worker:
             try:
                 await self.queue.nack(receipts, 0.0)
             except Exception as exc:
-                log.warning("nack_failed", error=f"{type(exc).__name__}: {exc}")
+                logger.warning("nack_failed", error=f"{type(exc).__name__}: {exc}")

@@ -14,19 +14,19 @@ from collections.abc import AsyncIterator
 
 from pydantic import ValidationError
 
-from libs import job_states, logs, tracing
-from libs.clock import now_ms
-from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
-from libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS, export
-from libs.models import DeadLetter, EntryKind, Job, JobState, QueueEntry, Submission
-from libs.settings import Settings
-from libs.sharding import entry_for, initial_checkpoint
-from libs.store.base import JobStore
+from dsched.libs import job_states, logs, tracing
+from dsched.libs.clock import now_ms
+from dsched.libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
+from dsched.libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS, export
+from dsched.libs.models import DeadLetter, EntryKind, Job, JobState, QueueEntry, Submission
+from dsched.libs.settings import Settings
+from dsched.libs.sharding import entry_for, initial_checkpoint
+from dsched.libs.store.base import JobStore
 
 GROUP = "dsched-writer"
 PROBE_JOB_ID = "~probe"  # read by the writer to tell a poison record from a store outage
 LAG_SAMPLE_S = 1.0  # how often the writer measures its lag behind the log (dsched_writer_lag_*)
-log = logs.get("writer")
+logger = logs.get("writer")
 
 
 class Writer:
@@ -124,7 +124,7 @@ class Writer:
         except Exception as exc:
             if len(staged) == 1 and not await self._store_answers():
                 raise
-            log.warning("batch_write_failed", records=len(staged), error=type(exc).__name__)
+            logger.warning("batch_write_failed", records=len(staged), error=type(exc).__name__)
             for record, js, es in staged:
                 try:
                     await self._store(js, es)
@@ -132,7 +132,7 @@ class Writer:
                     if not await self._store_answers():
                         raise
                     await self._dead_letter(record, "unstorable", one)
-        log.debug("persisted", records=len(records), jobs=len(jobs), entries=len(entries))
+        logger.debug("persisted", records=len(records), jobs=len(jobs), entries=len(entries))
 
     def _stage(self, record: ConsumedRecord, now: int) -> tuple[list[Job], list[QueueEntry]]:
         """The job definition and queue entry one record asks for (raises if it cannot be built)."""
@@ -172,7 +172,7 @@ class Writer:
         detail = (str(exc).splitlines() or [""])[0][:500]
         WRITER_RECORDS.labels("dead_letter").inc()
         WRITER_DEAD_LETTERS.labels(reason).inc()
-        log.error(
+        logger.error(
             "record_dead_lettered",
             partition=record.partition,
             offset=record.offset,

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import IO
 
-from libs.blobs.base import BlobNotFound, BlobStore
+from dsched.libs.blobs.base import BlobNotFound, BlobStore
 
 _TEMP_PREFIX = ".tmp-"
 

@@ -22,15 +22,15 @@ from urllib.parse import parse_qsl, urlsplit
 
 from botocore.exceptions import ClientError
 
-from libs import logs
-from libs.aws import create_client, default_region, error_code, start_client
-from libs.blobs.base import BlobNotFound, BlobStore
-from libs.errors import BackendConfigError
-from libs.settings import Settings
+from dsched.libs import logs
+from dsched.libs.aws import create_client, default_region, error_code, start_client
+from dsched.libs.blobs.base import BlobNotFound, BlobStore
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.settings import Settings
 
 __all__ = ["S3BlobStore", "S3Unavailable"]
 
-log = logs.get("blobs.s3")
+logger = logs.get("blobs.s3")
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
@@ -120,7 +120,7 @@ class S3BlobStore(BlobStore):
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
         try:
             await self._client.create_bucket(**kwargs)
-            log.info("s3_bucket_created", bucket=self.bucket)
+            logger.info("s3_bucket_created", bucket=self.bucket)
         except ClientError as exc:
             if error_code(exc) != "BucketAlreadyOwnedByYou":  # created concurrently by another process
                 raise
@@ -136,7 +136,7 @@ class S3BlobStore(BlobStore):
         except ClientError as exc:
             if error_code(exc) != "NoSuchBucket":
                 raise
-        log.warning("s3_bucket_missing", bucket=self.bucket)
+        logger.warning("s3_bucket_missing", bucket=self.bucket)
         await self._ensure_bucket()
         await self._s3().put_object(Bucket=self.bucket, Key=full, Body=data)
 
@@ -161,7 +161,7 @@ class S3BlobStore(BlobStore):
         except ClientError as exc:
             if error_code(exc) != "NoSuchBucket":
                 raise
-        log.warning("s3_bucket_missing", bucket=self.bucket)
+        logger.warning("s3_bucket_missing", bucket=self.bucket)
         await self._ensure_bucket()
         file.seek(start)
         await self._s3().put_object(Bucket=self.bucket, Key=full, Body=file)

@@ -39,16 +39,16 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aetcd
 
-from libs import logs
-from libs.coordination.base import Coordination, LeaseNotFound, WatchCompacted, WatchEvent
-from libs.errors import BackendConfigError
-from libs.settings import Settings
+from dsched.libs import logs
+from dsched.libs.coordination.base import Coordination, LeaseNotFound, WatchCompacted, WatchEvent
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.settings import Settings
 
 __all__ = ["EtcdCoordination", "EtcdEndpoint", "EtcdUnavailable", "LeaseNotFound", "WatchCompacted"]
 
 T = TypeVar("T")
 
-log = logs.get("coordination.etcd")
+logger = logs.get("coordination.etcd")
 
 DEFAULT_PORT = 2379
 DEFAULT_TIMEOUT_S = 5.0
@@ -303,7 +303,7 @@ class EtcdCoordination(Coordination):
                 if self._closed:
                     return
                 # Warn once per outage; the retries that follow are routine.
-                (log.warning if delay == _WATCH_RETRY_MIN_S else log.debug)(
+                (logger.warning if delay == _WATCH_RETRY_MIN_S else logger.debug)(
                     "etcd_watch_retry", prefix=prefix, error=_one_line(exc), endpoint=str(self._endpoint)
                 )
                 await self._after_failure(client, exc)
@@ -326,12 +326,12 @@ class EtcdCoordination(Coordination):
                     raise WatchCompacted(f"etcd compacted past revision {next_revision} of watch {prefix!r}") from exc
                 # Not started yet: this instance's last-seen revision was just old. What was compacted
                 # predates the call, so start from the oldest revision etcd still has.
-                log.info("etcd_watch_start_compacted", prefix=prefix, start=exc.compacted_revision)
+                logger.info("etcd_watch_start_compacted", prefix=prefix, start=exc.compacted_revision)
                 next_revision = int(exc.compacted_revision)
             except Exception as exc:
                 if self._closed:
                     return
-                log.warning("etcd_watch_broken", prefix=prefix, error=_one_line(exc), resume_at=next_revision)
+                logger.warning("etcd_watch_broken", prefix=prefix, error=_one_line(exc), resume_at=next_revision)
                 await self._after_failure(client, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _WATCH_RETRY_MAX_S)
@@ -431,7 +431,7 @@ class EtcdCoordination(Coordination):
                 return
             self._current = (self._current + 1) % len(self.endpoints)
             self._client = self._new_client(self._endpoint)
-            log.warning("etcd_failover", to=str(self._endpoint), error=_one_line(exc))
+            logger.warning("etcd_failover", to=str(self._endpoint), error=_one_line(exc))
         # Closing ends the old client's watches; their iterators resume on the new client.
         await self._close_client(failed)
 

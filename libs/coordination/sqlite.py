@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from libs import clock
-from libs.coordination.base import Coordination, LeaseNotFound, WatchCompacted, WatchEvent
-from libs.sqlite import SqliteDB
+from dsched.libs import clock
+from dsched.libs.coordination.base import Coordination, LeaseNotFound, WatchCompacted, WatchEvent
+from dsched.libs.sqlite import SqliteDB
 
 T = TypeVar("T")
 

@@ -44,12 +44,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from libs import logs
-from libs.errors import BackendConfigError
-from libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
-from libs.settings import Settings
+from dsched.libs import logs
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
+from dsched.libs.settings import Settings
 
-log = logs.get("log.kafka")
+logger = logs.get("log.kafka")
 
 ADMIN_TIMEOUT_S = 5.0
 REASON_HEADER = "dsched-dlq-reason"
@@ -247,9 +247,9 @@ class KafkaLog(SubmissionLog):
                     (name, code) for name, code, *_ in response.topic_errors if code not in (0, TOPIC_ALREADY_EXISTS)
                 ]
                 if failed:
-                    log.warning("kafka_create_topics_failed", errors=failed, fallback="broker auto-creation")
+                    logger.warning("kafka_create_topics_failed", errors=failed, fallback="broker auto-creation")
         except Exception as exc:  # includes the timeout; auto-creation is the documented fallback
-            log.warning(
+            logger.warning(
                 "kafka_create_topics_failed",
                 error=f"{type(exc).__name__}: {exc}",
                 fallback="broker auto-creation",
@@ -267,7 +267,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka i
         self.owner.forget({tp.partition for tp in revoked})
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        log.info(
+        logger.info(
             "kafka_partitions_assigned",
             group=self.owner.group,
             partitions=sorted(tp.partition for tp in assigned),
@@ -356,7 +356,7 @@ class KafkaLogConsumer(LogConsumer):
             await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             # The group rebalanced under us; the partitions' new owner starts from the last commit.
-            log.warning("kafka_commit_skipped", group=self.group, error=f"{type(exc).__name__}: {exc}")
+            logger.warning("kafka_commit_skipped", group=self.group, error=f"{type(exc).__name__}: {exc}")
             return
         for tp, offset in offsets.items():
             self._committed[tp.partition] = offset
@@ -384,7 +384,7 @@ class KafkaLogConsumer(LogConsumer):
         for partition in partitions:
             self._committed.pop(partition, None)
         if lost:
-            log.info("kafka_partitions_revoked", group=self.group, redelivered_after=lost)
+            logger.info("kafka_partitions_revoked", group=self.group, redelivered_after=lost)
 
     def _require(self) -> AIOKafkaConsumer:
         if self._consumer is None:

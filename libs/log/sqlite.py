@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from libs import clock
-from libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
-from libs.sqlite import SqliteDB
+from dsched.libs import clock
+from dsched.libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
+from dsched.libs.sqlite import SqliteDB
 
 # How often a waiting consumer looks for records appended by other processes (in-process appends wake it).
 POLL_INTERVAL_S = 0.025

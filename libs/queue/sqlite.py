@@ -29,15 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from libs import clock
-from libs.queue.base import (
+from dsched.libs import clock
+from dsched.libs.queue.base import (
     MAX_BATCH,
     OutgoingMessage,
     QueueCounts,
     ReceivedMessage,
     WorkQueue,
 )
-from libs.sqlite import SqliteDB
+from dsched.libs.sqlite import SqliteDB
 
 T = TypeVar("T")
 

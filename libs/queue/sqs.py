@@ -43,17 +43,17 @@ from urllib.parse import parse_qsl, urlsplit
 
 from botocore.exceptions import ClientError
 
-from libs import logs
-from libs.aws import create_client, default_region, error_code, start_client
-from libs.errors import BackendConfigError
-from libs.queue.base import MAX_BATCH, OutgoingMessage, QueueCounts, ReceivedMessage, WorkQueue
-from libs.settings import Settings
+from dsched.libs import logs
+from dsched.libs.aws import create_client, default_region, error_code, start_client
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.queue.base import MAX_BATCH, OutgoingMessage, QueueCounts, ReceivedMessage, WorkQueue
+from dsched.libs.settings import Settings
 
 __all__ = ["SqsQueue", "SqsSendError", "SqsUnavailable"]
 
 T = TypeVar("T")
 
-log = logs.get("queue.sqs")
+logger = logs.get("queue.sqs")
 
 MAX_MESSAGE_BYTES = 256 * 1024  # per message and per batch call
 MAX_DELAY_S = 900
@@ -186,7 +186,7 @@ class SqsQueue(WorkQueue):
                 raise
         attrs = {"MessageRetentionPeriod": str(RETENTION_S), **attributes}
         reply = await self._client.create_queue(QueueName=name, Attributes=attrs)
-        log.info("sqs_queue_created", queue=name)
+        logger.info("sqs_queue_created", queue=name)
         return str(reply["QueueUrl"])
 
     async def _queue_arn(self, url: str) -> str:
@@ -206,7 +206,7 @@ class SqsQueue(WorkQueue):
         except ClientError as exc:
             if error_code(exc) not in _MISSING_QUEUE:
                 raise
-        log.warning("sqs_queue_missing", queue=self.name)
+        logger.warning("sqs_queue_missing", queue=self.name)
         await self._ensure_queues(generation)
         reply = await getattr(self._client, method)(QueueUrl=self._dlq_url if dlq else self._url, **kwargs)
         return reply
@@ -310,7 +310,7 @@ class SqsQueue(WorkQueue):
             # Sender faults are stale or invalid receipts (deleted, redelivered, not in flight): skip them.
             stale = [f for f in failures if f.get("SenderFault")]
             if stale:
-                log.debug("sqs_stale_receipts", call=method, failed=_describe(stale))
+                logger.debug("sqs_stale_receipts", call=method, failed=_describe(stale))
             pending = {str(f["Id"]): pending[str(f["Id"])] for f in failures if not f.get("SenderFault")}
             if not pending:
                 return

@@ -11,18 +11,18 @@ waits for real readiness (a query answers), and can ``stop`` (SIGTERM, or SIGKIL
         queue_url = mq.url("dsched-runs")
         cassandra.restart(kill=True)   # a crash: the commit log recovers every acknowledged write
 
-The JVM servers run from jars fetched by ``make system-deps`` (``python -m libs.servers.jars``) into
+The JVM servers run from jars fetched by ``make system-deps`` (``python -m dsched.libs.servers.jars``) into
 ``.cache/jars/<server>`` from the poms in ``deploy/jars/``; etcd and Prometheus come from Debian; moto from PyPI.
 """
 
 from __future__ import annotations
 
-from libs.servers.base import ServerError, ServerProcess, free_port
-from libs.servers.cassandra import CassandraServer
-from libs.servers.elasticmq import ElasticMQServer
-from libs.servers.etcd import EtcdCluster, EtcdServer, etcd_binary
-from libs.servers.kafka import KafkaServer
-from libs.servers.moto import MotoServer, moto_binary
+from dsched.libs.servers.base import ServerError, ServerProcess, free_port
+from dsched.libs.servers.cassandra import CassandraServer
+from dsched.libs.servers.elasticmq import ElasticMQServer
+from dsched.libs.servers.etcd import EtcdCluster, EtcdServer, etcd_binary
+from dsched.libs.servers.kafka import KafkaServer
+from dsched.libs.servers.moto import MotoServer, moto_binary
 
 __all__ = [
     "CassandraServer",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from libs.servers.base import JavaServer, ServerError, free_port, jars_dir, port_open
+from dsched.libs.servers.base import JavaServer, ServerError, free_port, jars_dir, port_open
 
 # Cassandra's conf/jvm17-server.options (branch cassandra-5.0), the JPMS part.
 JVM17_FLAGS = [

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from libs.servers.base import JavaServer, free_port, http_ok
+from dsched.libs.servers.base import JavaServer, free_port, http_ok
 
 READY_QUEUE = "dsched-ready"
 REGION = "us-east-1"

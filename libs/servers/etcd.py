@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from libs.servers.base import ServerError, ServerProcess, free_port, http_ok
+from dsched.libs.servers.base import ServerError, ServerProcess, free_port, http_ok
 
 ETCD_BINARY_ENV = "DSCHED_ETCD_BINARY"
 DEFAULT_ETCD_BINARY = "/usr/bin/etcd"

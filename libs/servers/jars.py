@@ -1,4 +1,4 @@
-"""Fetch the JVM servers' jars: ``python -m libs.servers.jars [kafka cassandra elasticmq]``.
+"""Fetch the JVM servers' jars: ``python -m dsched.libs.servers.jars [kafka cassandra elasticmq]``.
 
 For each server, ``mvn dependency:copy-dependencies`` on ``deploy/jars/<server>/pom.xml`` into
 ``.cache/jars/<server>`` (or ``$DSCHED_JARS_DIR/<server>``). A server whose folder already holds the jars of
@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 
-from libs.servers.base import POMS_DIR, ServerError, jars_dir
+from dsched.libs.servers.base import POMS_DIR, ServerError, jars_dir
 
 SERVERS = ("kafka", "cassandra", "elasticmq")
 STAMP = ".pom-sha256"

@@ -17,7 +17,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from libs.servers.base import JavaServer, ServerError, classpath, free_port, java_binary, port_open
+from dsched.libs.servers.base import JavaServer, ServerError, classpath, free_port, java_binary, port_open
 
 READY_TOPIC = "__dsched_ready"
 

@@ -11,7 +11,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from libs.servers.base import ServerError, ServerProcess, free_port, http_ok
+from dsched.libs.servers.base import ServerError, ServerProcess, free_port, http_ok
 
 
 def moto_binary() -> str | None:

@@ -8,7 +8,7 @@ configuration and reloads it (``/-/reload``) without a restart.
 
 ``promtool`` is found the same way (``$DSCHED_PROMTOOL``, /usr/bin, PATH); :func:`promtool` runs it.
 
-:data:`DSCHED_RULES` are dsched's alerting rules; ``python -m libs.servers.prometheus --target
+:data:`DSCHED_RULES` are dsched's alerting rules; ``python -m dsched.libs.servers.prometheus --target
 ingestion=127.0.0.1:8080 …`` runs a Prometheus with them next to ``make run`` (or any set of processes) until
 Ctrl-C, and ``make stack`` starts one the same way (:meth:`PrometheusServer.for_dsched`).
 """
@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from libs.servers.base import ServerError, ServerProcess, free_port, http_ok
+from dsched.libs.servers.base import ServerError, ServerProcess, free_port, http_ok
 
 PROMETHEUS_ENV = "DSCHED_PROMETHEUS"
 DSCHED_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
@@ -210,8 +210,8 @@ def _duration(seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m libs.servers.prometheus --target SERVICE=HOST:PORT …``: Prometheus with dsched's rules."""
-    parser = argparse.ArgumentParser(prog="python -m libs.servers.prometheus", description=main.__doc__)
+    """``python -m dsched.libs.servers.prometheus --target SERVICE=HOST:PORT …``: Prometheus with dsched's rules."""
+    parser = argparse.ArgumentParser(prog="python -m dsched.libs.servers.prometheus", description=main.__doc__)
     parser.add_argument("--target", action="append", default=[], help="SERVICE=HOST:PORT (repeatable)")
     parser.add_argument("--port", type=int, default=9090, help="where Prometheus listens (default 9090)")
     parser.add_argument("--data-dir", type=Path, default=Path(".dsched/prometheus"))

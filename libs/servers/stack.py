@@ -1,4 +1,4 @@
-"""The production topology on one machine, without Docker: ``make stack`` (``python -m libs.servers.stack``).
+"""The production topology on one machine, without Docker: ``make stack`` (``python -m dsched.libs.servers.stack``).
 
 Starts the real servers — etcd (coordination), Apache Kafka (submissions log), Apache Cassandra (the Scylla
 store), ElasticMQ (the SQS work queue), moto (S3 blobs) and, when installed, Prometheus — then applies the CQL
@@ -33,12 +33,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.servers.base import ServerProcess, free_port, http_ok
-from libs.servers.cassandra import CassandraServer
-from libs.servers.elasticmq import ElasticMQServer
-from libs.servers.etcd import EtcdServer
-from libs.servers.kafka import KafkaServer
-from libs.servers.moto import MotoServer
+from dsched.libs.servers.base import ServerProcess, free_port, http_ok
+from dsched.libs.servers.cassandra import CassandraServer
+from dsched.libs.servers.elasticmq import ElasticMQServer
+from dsched.libs.servers.etcd import EtcdServer
+from dsched.libs.servers.kafka import KafkaServer
+from dsched.libs.servers.moto import MotoServer
 
 REPLICAS = {"ingestion": 1, "writer": 2, "coordinator": 2, "picker": 2, "worker": 2}
 TOPIC = "dsched.submissions"
@@ -64,7 +64,7 @@ class ServiceProcess(ServerProcess):
         self.restarts = 0
 
     def _command(self) -> list[str]:
-        return [sys.executable, "-m", "libs.cli", "run", self.service]
+        return [sys.executable, "-m", "dsched.app.cli", "run", self.service]
 
     def _env(self) -> dict[str, str]:
         return self.env
@@ -262,9 +262,9 @@ class Stack:
 
     async def _init_backends(self) -> None:
         """The compose stack's init jobs: ``dsched db migrate`` and the topics (both idempotent)."""
-        from libs.log.kafka import KafkaLog
-        from libs.settings import Settings
-        from libs.store.migrate import migrate
+        from dsched.libs.log.kafka import KafkaLog
+        from dsched.libs.settings import Settings
+        from dsched.libs.store.migrate import migrate
 
         settings = Settings.from_env(data_dir=self.data_dir / "dsched", log_partitions=8)
         await migrate(self.cassandra.url(self.keyspace), settings)
@@ -295,7 +295,7 @@ class Stack:
 
     def _make_prometheus(self) -> None:
         try:
-            from libs.servers.prometheus import PrometheusServer, prometheus_binary
+            from dsched.libs.servers.prometheus import PrometheusServer, prometheus_binary
         except ImportError:
             return
         if prometheus_binary() is None:
@@ -383,7 +383,7 @@ async def run(data_dir: Path, api_port: int, prometheus: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m libs.servers.stack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dsched.libs.servers.stack", description=__doc__.splitlines()[0])
     default_dir = Path(os.environ.get("DSCHED_DATA_DIR", ".dsched")) / "stack"
     parser.add_argument("--data-dir", type=Path, default=default_dir)
     parser.add_argument("--port", type=int, default=int(os.environ.get("DSCHED_PORT", "8080")))

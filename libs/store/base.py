@@ -31,8 +31,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Container, Sequence
 
-from libs.apikeys import ApiKey
-from libs.models import DeadLetter, Job, JobState, QueueEntry, Run
+from dsched.libs.apikeys import ApiKey
+from dsched.libs.models import DeadLetter, Job, JobState, QueueEntry, Run
 
 
 class InvalidCursor(ValueError):

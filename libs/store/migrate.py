@@ -22,18 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.resources
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from libs import logs
-from libs.clock import now_ms
-from libs.errors import BackendConfigError
-from libs.settings import Settings
-from libs.store.scylla import ScyllaConfig, build_cluster, parse_url
+from dsched.libs import logs
+from dsched.libs.clock import now_ms
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.settings import Settings
+from dsched.libs.store.scylla import ScyllaConfig, build_cluster, parse_url
 
-log = logs.get("db.migrate")
+logger = logs.get("db.migrate")
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.cql$")
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
@@ -58,18 +59,12 @@ class Migration:
         return render(self.text, keyspace=keyspace, replication=replication, keyspace_options=keyspace_options)
 
 
-def candidate_dirs() -> list[Path]:
-    """Where ``db/migrations`` may be, in lookup order."""
-    source_root = Path(__file__).resolve().parents[2]  # libs/store/migrate.py -> the repository root
-    return [source_root / "db" / "migrations", Path.cwd() / "db" / "migrations"]
-
-
 def migrations_dir() -> Path:
-    for candidate in candidate_dirs():
-        if candidate.is_dir():
-            return candidate
-    looked = ", ".join(str(c) for c in candidate_dirs())
-    raise MigrationError(f"db/migrations not found (looked in {looked})")
+    """The migrations shipped in the package ``dsched.db`` (the repository's ``db/migrations``)."""
+    directory = Path(str(importlib.resources.files("dsched.db").joinpath("migrations")))
+    if not directory.is_dir():
+        raise MigrationError(f"the packaged migrations are missing ({directory})")
+    return directory
 
 
 def discover(directory: Path | None = None) -> list[Migration]:
@@ -187,7 +182,7 @@ def _apply(config: ScyllaConfig, migrations: list[Migration]) -> list[str]:
                 (migration.version, migration.name, migration.checksum, now_ms()),
             )
             applied.append(migration.version)
-            log.info("migration_applied", keyspace=config.keyspace, version=migration.version, name=migration.name)
+            logger.info("migration_applied", keyspace=config.keyspace, version=migration.version, name=migration.name)
     finally:
         cluster.shutdown()
     return applied

@@ -65,13 +65,13 @@ from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import UNSET_VALUE, dict_factory
 
-from libs.apikeys import ApiKey
-from libs.clock import now_ms
-from libs.errors import BackendConfigError
-from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
-from libs.settings import Settings
-from libs.sharding import bucket_for, initial_checkpoint
-from libs.store.base import InvalidCursor, JobStore, LayoutMismatch
+from dsched.libs.apikeys import ApiKey
+from dsched.libs.clock import now_ms
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
+from dsched.libs.settings import Settings
+from dsched.libs.sharding import bucket_for, initial_checkpoint
+from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch
 
 SCHEMA_VERSION: Final = "0002"  # the newest db/migrations version this code needs
 MAX_IN_FLIGHT = 64

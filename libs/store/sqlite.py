@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 
 import orjson
 
-from libs import clock
-from libs.apikeys import ApiKey
-from libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
-from libs.sqlite import SqliteDB
-from libs.store.base import InvalidCursor, JobStore, LayoutMismatch
+from dsched.libs import clock
+from dsched.libs.apikeys import ApiKey
+from dsched.libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
+from dsched.libs.sqlite import SqliteDB
+from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch
 
 T = TypeVar("T")
 

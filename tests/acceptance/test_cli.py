@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.acceptance.conftest import Http, Service, base_env, free_port
+from tests.helpers.processes import Http, Service, base_env, free_port
 
 
 def in_seconds(seconds: float) -> str:
@@ -80,7 +80,7 @@ def test_sigterm_stops_cleanly_within_seconds_and_hands_back_the_run_in_flight(
 def test_bad_backend_url_fails_with_one_line(tmp_path: Path) -> None:
     import subprocess
 
-    from tests.acceptance.conftest import DSCHED
+    from tests.helpers.processes import DSCHED
 
     env = base_env(tmp_path / "data", free_port(), DSCHED_QUEUE_URL="nosuch://x")
     proc = subprocess.run([DSCHED, "run", "worker"], env=env, capture_output=True, timeout=30)

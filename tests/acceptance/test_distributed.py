@@ -20,11 +20,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from libs.backends import make_backend
-from libs.servers import EtcdServer, MotoServer
-from libs.settings import Settings
-from libs.sharding import shard_for
-from tests.acceptance.conftest import Http, Service, base_env, free_port
+from dsched.app.backends import make_backend
+from dsched.libs.servers import EtcdServer, MotoServer
+from dsched.libs.settings import Settings
+from dsched.libs.sharding import shard_for
+from tests.helpers.processes import Http, Service, base_env, free_port
 
 TTL_S = 2.0
 SHARDS = 8

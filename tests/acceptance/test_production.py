@@ -25,10 +25,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from libs.servers import CassandraServer, ElasticMQServer, EtcdServer, KafkaServer, MotoServer, free_port
-from libs.servers.stack import ServiceProcess, Stack, StackServers
-from libs.settings import Settings
-from tests.acceptance.conftest import Http
+from dsched.libs.servers import CassandraServer, ElasticMQServer, EtcdServer, KafkaServer, MotoServer, free_port
+from dsched.libs.servers.stack import ServiceProcess, Stack, StackServers
+from dsched.libs.settings import Settings
+from tests.helpers.processes import Http
 
 # Two Kafka/Cassandra/ElasticMQ restarts and nine processes on a shared 2-core machine: minutes, not seconds.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -113,8 +113,8 @@ def stack(
 
 
 async def _leader(stack: Stack) -> str | None:
-    from libs.coordination.etcd import EtcdCoordination
-    from libs.coordination.keys import LEADER_KEY
+    from dsched.libs.coordination.etcd import EtcdCoordination
+    from dsched.libs.coordination.keys import LEADER_KEY
 
     url = stack.urls()["DSCHED_COORDINATION_URL"]
     coordination = EtcdCoordination.from_url(url, Settings.from_env(coordination_url=url))

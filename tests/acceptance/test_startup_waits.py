@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from libs.servers.etcd import EtcdServer
-from tests.acceptance.conftest import Service, base_env, free_port
+from dsched.libs.servers.etcd import EtcdServer
+from tests.helpers.processes import Service, base_env, free_port
 
 
 def _log(service: Service) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.acceptance.conftest import Http, Service, base_env, free_port
+from tests.helpers.processes import Http, Service, base_env, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -252,7 +252,7 @@ def test_dev_mode_asks_for_a_user_and_remembers_it(server: Http, page: Any) -> N
 def test_keys_mode_asks_for_a_key_and_keeps_it_for_the_session(tmp_path: Path, browser: Any, expect: Any) -> None:
     import subprocess
 
-    from tests.acceptance.conftest import DSCHED
+    from tests.helpers.processes import DSCHED
 
     port = free_port()
     env = base_env(tmp_path / "data", port, DSCHED_NODE_ID="ui-keys", DSCHED_AUTH="keys")

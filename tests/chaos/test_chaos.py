@@ -1,5 +1,5 @@
 """The chaos suite, short version: every named scenario once, against a real multi-process cluster on real etcd
-and moto (SQS + S3), each as ``python -m chaos --scenario NAME --seed N`` (the command that reproduces it).
+and moto (SQS + S3), each as ``python -m dsched.chaos --scenario NAME --seed N`` (the command that reproduces it).
 
 Each must pass every required check, in particular: no accepted job lost, no at-most-once run executed twice.
 ``CHAOS_SEED`` picks another seed (default 1). Together they take about 2.5 minutes on 2 cores.
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from chaos.scenarios import SCENARIOS
-from libs.servers import etcd_binary, moto_binary
-from libs.servers.base import have_jars
+from dsched.chaos.scenarios import SCENARIOS
+from dsched.libs.servers import etcd_binary, moto_binary
+from dsched.libs.servers.base import have_jars
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("CHAOS_SEED", "1"))
@@ -45,7 +45,7 @@ def _run_scenario(scenario: str, tmp_path: Path, *extra: str, timeout_s: float =
     command = [
         sys.executable,
         "-m",
-        "chaos",
+        "dsched.chaos",
         "--scenario",
         scenario,
         "--seed",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from chaos.checks import CLAIM_LOST_PREFIX, Evidence, analyse, percentiles
-from chaos.faults import FaultRecord
-from chaos.target import Hit
-from chaos.workload import JobSpec
-from libs.models import DeadLetter, Job, JobStatus, Payload, Run, RunStatus, run_id_for
-from libs.sharding import shard_for
+from dsched.chaos.checks import CLAIM_LOST_PREFIX, Evidence, analyse, percentiles
+from dsched.chaos.faults import FaultRecord
+from dsched.chaos.target import Hit
+from dsched.chaos.workload import JobSpec
+from dsched.libs.models import DeadLetter, Job, JobStatus, Payload, Run, RunStatus, run_id_for
+from dsched.libs.sharding import shard_for
 
 T0 = 1_800_000_000_000  # window start, epoch ms
 TTL = 2.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chaos.checks import recovery
+from dsched.chaos.checks import recovery
 
 
 def report(hits: list[tuple[str, str, int]], one_off_p99: float | None = 0.5) -> dict[str, Any]:

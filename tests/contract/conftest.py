@@ -3,7 +3,7 @@
 The test id names the backend: ``test_x[embedded]``, ``test_x[etcd]``, ``test_x[sqs]`` (moto),
 ``test_x[elasticmq]``, ``test_x[s3]`` (moto), ``test_x[kafka]`` (Apache Kafka 4), ``test_x[scylla]`` (the Scylla
 adapter on Cassandra 5, or on a ScyllaDB named by ``DSCHED_TEST_SCYLLA``). Real servers come from the session
-fixtures in ``tests/servers.py`` (:mod:`libs.servers`), started once per session; none is ever skipped.
+fixtures in ``tests/helpers/servers.py`` (:mod:`libs.servers`), started once per session; none is ever skipped.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from libs.blobs.base import BlobStore
-from libs.coordination.base import Coordination
-from libs.log.base import SubmissionLog
-from libs.queue.base import WorkQueue
-from libs.store.base import JobStore
-from tests import backends
+from dsched.libs.blobs.base import BlobStore
+from dsched.libs.coordination.base import Coordination
+from dsched.libs.log.base import SubmissionLog
+from dsched.libs.queue.base import WorkQueue
+from dsched.libs.store.base import JobStore
+from tests.helpers import backends
 
 LOG_BACKENDS = ["embedded", "kafka"]
 STORE_BACKENDS = ["embedded", "scylla"]

@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from libs.blobs.base import BlobNotFound, BlobStore
+from dsched.libs.blobs.base import BlobNotFound, BlobStore
 
 
 async def test_put_file_stores_the_rest_of_the_file(blobs: BlobStore) -> None:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from libs.blobs.base import BlobNotFound, BlobStore
+from dsched.libs.blobs.base import BlobNotFound, BlobStore
 
 
 async def test_put_then_get_returns_the_bytes(blobs: BlobStore) -> None:

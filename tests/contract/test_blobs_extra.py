@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from libs.blobs.base import BlobNotFound
-from libs.blobs.s3 import S3BlobStore
-from libs.servers import MotoServer
-from tests import backends
+from dsched.libs.blobs.base import BlobNotFound
+from dsched.libs.blobs.s3 import S3BlobStore
+from dsched.libs.servers import MotoServer
+from tests.helpers import backends
 
 
 def _s3(endpoint: str, tmp_path: Path, bucket: str, prefix: str = "") -> S3BlobStore:

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from libs.coordination.base import Coordination, WatchEvent
+from dsched.libs.coordination.base import Coordination, WatchEvent
 
 TTL_S = 1.0
 EXPIRY_DEADLINE_S = 10.0  # generous bound for a 1 s lease to be gone on any backend

@@ -16,10 +16,10 @@ from pathlib import Path
 import aetcd
 import pytest
 
-from libs.coordination.base import WatchEvent
-from libs.coordination.etcd import EtcdCoordination, EtcdUnavailable, LeaseNotFound
-from libs.servers import EtcdCluster, EtcdServer, free_port
-from tests import backends
+from dsched.libs.coordination.base import WatchEvent
+from dsched.libs.coordination.etcd import EtcdCoordination, EtcdUnavailable, LeaseNotFound
+from dsched.libs.servers import EtcdCluster, EtcdServer, free_port
+from tests.helpers import backends
 
 
 def _coordination(url: str, tmp_path: Path) -> EtcdCoordination:

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import defaultdict
 
-from libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
+from dsched.libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
 
 POLL_DEADLINE_S = 20.0  # generous: a real broker's group join can take seconds
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from libs.log.base import ConsumedRecord
-from libs.log.kafka import KafkaLog, KafkaLogConsumer
-from libs.servers import KafkaServer
-from tests import backends
+from dsched.libs.log.base import ConsumedRecord
+from dsched.libs.log.kafka import KafkaLog, KafkaLogConsumer
+from dsched.libs.servers import KafkaServer
+from tests.helpers import backends
 
 DEADLINE_S = 45.0
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from libs.queue.base import MAX_BATCH, OutgoingMessage, ReceivedMessage, WorkQueue
-from tests.backends import MAX_RECEIVES
+from dsched.libs.queue.base import MAX_BATCH, OutgoingMessage, ReceivedMessage, WorkQueue
+from tests.helpers.backends import MAX_RECEIVES
 
 VISIBILITY_S = 1.0
 DEADLINE_S = 15.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from libs.queue.base import OutgoingMessage, WorkQueue
-from tests.backends import MAX_RECEIVES
+from dsched.libs.queue.base import OutgoingMessage, WorkQueue
+from tests.helpers.backends import MAX_RECEIVES
 
 DEADLINE_S = 30.0
 

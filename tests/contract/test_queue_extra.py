@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from libs.queue.base import MAX_BATCH, OutgoingMessage, ReceivedMessage, WorkQueue
-from libs.queue.sqs import SqsQueue
-from libs.servers import ElasticMQServer, MotoServer
-from tests import backends
+from dsched.libs.queue.base import MAX_BATCH, OutgoingMessage, ReceivedMessage, WorkQueue
+from dsched.libs.queue.sqs import SqsQueue
+from dsched.libs.servers import ElasticMQServer, MotoServer
+from tests.helpers import backends
 
 DEADLINE_S = 15.0
 

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from libs.models import (
+from dsched.libs.models import (
     DeadLetter,
     Job,
     JobState,
@@ -22,7 +22,7 @@ from libs.models import (
     RunStatus,
     run_id_for,
 )
-from libs.store.base import JobStore, LayoutMismatch
+from dsched.libs.store.base import JobStore, LayoutMismatch
 
 BUCKET_MS = 60_000
 T0 = 1_900_000_020_000  # a bucket start far from "now", so no other writer's data is near

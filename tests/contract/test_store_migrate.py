@@ -10,15 +10,15 @@ from pathlib import Path
 
 from cassandra.cluster import Cluster
 
-from libs.servers import CassandraServer
-from libs.store.migrate import discover
-from tests import backends
+from dsched.libs.servers import CassandraServer
+from dsched.libs.store.migrate import discover
+from tests.helpers import backends
 
 
 def _migrate_cli(store_url: str, tmp_path: Path) -> str:
     env = {**os.environ, "DSCHED_STORE_URL": store_url, "DSCHED_DATA_DIR": str(tmp_path)}
     done = subprocess.run(
-        [sys.executable, "-m", "libs.cli", "db", "migrate"],
+        [sys.executable, "-m", "dsched.app.cli", "db", "migrate"],
         env=env,
         capture_output=True,
         text=True,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from libs.clock import now_ms
-from libs.models import Run, RunStatus
-from libs.store.base import JobStore
+from dsched.libs.clock import now_ms
+from dsched.libs.models import Run, RunStatus
+from dsched.libs.store.base import JobStore
 
 
 async def test_output_capped_and_output_ref_round_trip(store: JobStore) -> None:

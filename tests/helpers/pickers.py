@@ -8,12 +8,12 @@ from pathlib import Path
 
 import orjson
 
-from libs.coordination.keys import ASSIGNMENTS_PREFIX
-from libs.coordination.sqlite import SqliteCoordination
-from libs.queue.base import WorkQueue
-from libs.settings import Settings
-from libs.store.base import JobStore
-from picker.service import Picker
+from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX
+from dsched.libs.coordination.sqlite import SqliteCoordination
+from dsched.libs.queue.base import WorkQueue
+from dsched.libs.settings import Settings
+from dsched.libs.store.base import JobStore
+from dsched.picker.service import Picker
 
 
 @contextlib.asynccontextmanager

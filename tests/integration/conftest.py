@@ -3,96 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import io
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 
-from libs.runner import started
-from libs.settings import SERVICES, Settings
-
-
-@dataclass
-class Api:
-    base: str
-    session: aiohttp.ClientSession
-    user: str = "alice"
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        user: str | None = "",
-        json: Any = None,
-        headers: dict[str, str] | None = None,
-        data: bytes | None = None,
-    ) -> tuple[int, Any]:
-        hdrs = dict(headers or {})
-        who = self.user if user == "" else user
-        if who is not None:
-            hdrs["X-User-ID"] = who
-        if json is not None:
-            data = orjson.dumps(json)
-            hdrs.setdefault("Content-Type", "application/json")
-        body_stream = io.BytesIO(data) if data is not None else None
-        async with self.session.request(method, self.base + path, data=body_stream, headers=hdrs) as resp:
-            body = await resp.read()
-            if resp.content_type == "application/json":
-                return resp.status, orjson.loads(body)
-            return resp.status, body.decode()
-
-    async def submit(self, **body: Any) -> str:
-        body.setdefault("project_id", "p1")
-        status, data = await self.call("POST", "/submit", json=body)
-        assert status == 202, data
-        return str(data["job_id"])
-
-    async def wait_for(self, check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-        """Poll ``check`` until it returns something truthy (bounded in time)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            result = await check()
-            if result:
-                return result
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
-            await asyncio.sleep(0.05)
-
-    async def runs(self, job_id: str) -> list[dict[str, Any]]:
-        status, data = await self.call("GET", f"/jobs/{job_id}/runs")
-        return list(data["runs"]) if status == 200 else []
-
-    async def finished_runs(self, job_id: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
-        async def check() -> list[dict[str, Any]] | None:
-            runs = [r for r in await self.runs(job_id) if r["status"] != "running"]
-            return runs if len(runs) >= count else None
-
-        return list(await self.wait_for(check, timeout))
-
-
-def cluster_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    base: dict[str, Any] = dict(
-        data_dir=tmp_path / "data",
-        port=0,
-        shard_count=4,
-        bucket_s=10,
-        bucket_grace_s=2.0,
-        lease_ttl_s=2.0,
-        picker_tick_s=0.05,
-        retry_initial_s=0.1,
-        retry_max_s=0.5,
-        visibility_timeout_s=5.0,
-        node_id="test-node",
-        shutdown_grace_s=1.0,
-    )
-    base.update(overrides)
-    return Settings.from_env(**base).with_dev_defaults()
+from dsched.app.runner import started
+from dsched.libs.settings import SERVICES
+from tests.helpers.cluster import Api, cluster_settings
 
 
 @pytest.fixture

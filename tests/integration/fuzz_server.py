@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from libs.runner import started
-from tests.integration.conftest import cluster_settings
+from dsched.app.runner import started
+from tests.helpers.cluster import cluster_settings
 
 START_TIMEOUT_S = 30.0
 

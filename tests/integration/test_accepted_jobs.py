@@ -12,10 +12,10 @@ from typing import Any
 
 import aiohttp
 
-from libs.clock import now_ms
-from libs.runner import started
-from libs.settings import Settings
-from tests.integration.conftest import Api, cluster_settings
+from dsched.app.runner import started
+from dsched.libs.clock import now_ms
+from dsched.libs.settings import Settings
+from tests.helpers.cluster import Api, cluster_settings
 
 BACKEND_SERVICES = ["writer", "coordinator", "picker", "worker"]
 

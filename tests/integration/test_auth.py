@@ -27,15 +27,15 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from ingestion.auth import AUTH_FAILURES, Authenticator
-from ingestion.service import Ingestion
-from libs.apikeys import Role, create_key
-from libs.errors import BackendConfigError
-from libs.metrics import REGISTRY
-from libs.runner import started
-from libs.settings import SERVICES, Settings
-from libs.store.sqlite import SqliteStore
-from tests.integration.conftest import cluster_settings
+from dsched.app.runner import started
+from dsched.ingestion.auth import AUTH_FAILURES, Authenticator
+from dsched.ingestion.service import Ingestion
+from dsched.libs.apikeys import Role, create_key
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.metrics import REGISTRY
+from dsched.libs.settings import SERVICES, Settings
+from dsched.libs.store.sqlite import SqliteStore
+from tests.helpers.cluster import cluster_settings
 
 ALICE, BOB = "alice", "bob"
 ISSUER, AUDIENCE = "https://idp.test", "dsched"

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from libs.backends import Backends
-from libs.clock import now_ms
-from libs.limits import MAX_COMMAND_BYTES
-from libs.models import Job, JobStatus, Payload, RunMessage, RunStatus, run_id_for
-from libs.queue.base import OutgoingMessage
-from libs.settings import Settings
-from worker.service import Worker
+from dsched.app.backends import Backends
+from dsched.libs.clock import now_ms
+from dsched.libs.limits import MAX_COMMAND_BYTES
+from dsched.libs.models import Job, JobStatus, Payload, RunMessage, RunStatus, run_id_for
+from dsched.libs.queue.base import OutgoingMessage
+from dsched.libs.settings import Settings
+from dsched.worker.service import Worker
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from ingestion import console
-from ingestion.openapi import spec
+from dsched.ingestion import console
+from dsched.ingestion.openapi import spec
 from tests.integration.fuzz_server import FuzzServer, fuzz_server
 
 SEED = int(os.environ.get("DSCHED_FUZZ_SEED", "20261130"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.integration.conftest import Api
+from tests.helpers.cluster import Api
 
 
 async def test_a_new_time_zone_neither_moves_nor_runs_a_one_off_job(api: Api) -> None:

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from libs.settings import SERVICES
+from dsched.libs.settings import SERVICES
 from tests.integration.fuzz_server import FuzzServer, fuzz_server
 
 SEED = int(os.environ.get("DSCHED_FUZZ_SEED", "20261130"))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Api
+from tests.helpers.cluster import Api
 
 URL = "http://127.0.0.1:9/x"
 DEEP: Any = "leaf"

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import orjson
 
-from libs.log.kafka import KafkaLog
-from libs.models import Job, Payload, Submission
-from libs.servers import CassandraServer, KafkaServer
-from libs.store.migrate import migrate
-from libs.store.scylla import ScyllaStore
-from tests import backends
+from dsched.libs.log.kafka import KafkaLog
+from dsched.libs.models import Job, Payload, Submission
+from dsched.libs.servers import CassandraServer, KafkaServer
+from dsched.libs.store.migrate import migrate
+from dsched.libs.store.scylla import ScyllaStore
+from tests.helpers import backends
 
 JOBS = 40
 ROUNDS = 30
@@ -48,7 +48,7 @@ def _submission(job_id: str, version: int, now: int) -> bytes:
 def _writer(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "libs.cli", "run", "writer"],
+            [sys.executable, "-m", "dsched.app.cli", "run", "writer"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.integration.conftest import Api
+from tests.helpers.cluster import Api
 from tests.unit.test_executor_commands import gone, kill_leftovers, marker_seconds, wait_for_sleeper
 
 MIB = 1024 * 1024

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.integration.conftest import Api
+from tests.helpers.cluster import Api
 
 
 def rfc3339(dt: datetime) -> str:

@@ -17,14 +17,14 @@ from zoneinfo import ZoneInfo
 import pytest
 from aiohttp import web
 
-from libs.backends import Backends
-from libs.metrics import DUPLICATE_DELIVERIES
-from libs.models import Job, Payload, RunMessage, run_id_for
-from libs.queue.base import OutgoingMessage
-from libs.settings import Settings
-from tests.integration.conftest import Api
+from dsched.app.backends import Backends
+from dsched.libs.metrics import DUPLICATE_DELIVERIES
+from dsched.libs.models import Job, Payload, RunMessage, run_id_for
+from dsched.libs.queue.base import OutgoingMessage
+from dsched.libs.settings import Settings
+from dsched.worker.service import Worker
+from tests.helpers.cluster import Api
 from tests.integration.test_pipeline import _exists, parse, rfc3339
-from worker.service import Worker
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from ingestion.service import MAX_BATCH_JOBS, Ingestion
-from tests.integration.conftest import Api, cluster_settings
+from dsched.ingestion.service import MAX_BATCH_JOBS, Ingestion
+from tests.helpers.cluster import Api, cluster_settings
 from tests.integration.test_accepted_jobs import api_only, running
 
 

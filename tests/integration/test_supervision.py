@@ -10,12 +10,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from libs import cli, runner
-from libs.metrics import REGISTRY
-from libs.runner import started
-from libs.settings import SERVICES
-from libs.supervisor import ServiceFailed, Supervisor
-from tests.integration.conftest import Api, cluster_settings
+from dsched.app import cli, runner
+from dsched.app.runner import started
+from dsched.libs.metrics import REGISTRY
+from dsched.libs.settings import SERVICES
+from dsched.libs.supervisor import ServiceFailed, Supervisor
+from tests.helpers.cluster import Api, cluster_settings
 
 
 def _metric(name: str, service: str) -> float:
@@ -70,13 +70,13 @@ async def test_a_failing_loop_turns_health_red_then_comes_back(tmp_path: Path, s
 async def test_a_loop_that_keeps_failing_stops_the_process_with_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("libs.supervisor.MAX_RESTARTS", 2)
-    monkeypatch.setattr("libs.supervisor.BACKOFF_INITIAL_S", 0.01)
+    monkeypatch.setattr("dsched.libs.supervisor.MAX_RESTARTS", 2)
+    monkeypatch.setattr("dsched.libs.supervisor.BACKOFF_INITIAL_S", 0.01)
 
     async def always_fails(self: Any, timeout_s: float) -> int:
         raise RuntimeError("the store rejects everything")
 
-    monkeypatch.setattr("writer.service.Writer.step", always_fails)
+    monkeypatch.setattr("dsched.writer.service.Writer.step", always_fails)
     settings = cluster_settings(tmp_path)
     with pytest.raises(ServiceFailed, match="writer/consume"):
         await asyncio.wait_for(runner.serve(settings, ["writer"]), timeout=30)

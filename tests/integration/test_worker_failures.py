@@ -18,16 +18,16 @@ from typing import Any
 import orjson
 import pytest
 
-from libs.backends import Backends
-from libs.clock import now_ms
-from libs.metrics import REGISTRY
-from libs.models import Job, JobStatus, Payload, Run, RunMessage, RunStatus, run_id_for
-from libs.queue.base import OutgoingMessage, WorkQueue
-from libs.settings import Settings
-from libs.store.base import JobStore
-from worker import failures
-from worker.executors import Cancellation, Outcome
-from worker.service import Worker
+from dsched.app.backends import Backends
+from dsched.libs.clock import now_ms
+from dsched.libs.metrics import REGISTRY
+from dsched.libs.models import Job, JobStatus, Payload, Run, RunMessage, RunStatus, run_id_for
+from dsched.libs.queue.base import OutgoingMessage, WorkQueue
+from dsched.libs.settings import Settings
+from dsched.libs.store.base import JobStore
+from dsched.worker import failures
+from dsched.worker.executors import Cancellation, Outcome
+from dsched.worker.service import Worker
 
 VISIBILITY_S = 2.0  # short, so that a lapse of the heartbeat would show within the tests
 

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from libs.servers.base import free_port
-from libs.servers.prometheus import PrometheusServer
+from dsched.libs.servers.base import free_port
+from dsched.libs.servers.prometheus import PrometheusServer
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "alerts.yml"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.servers.prometheus import prometheus_binary
+from dsched.libs.servers.prometheus import prometheus_binary
 from tests.observability.cluster import running_cluster, wait_until
 
 ALERT = "DschedShardWithoutOwner"

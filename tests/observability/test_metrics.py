@@ -10,12 +10,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from libs import metrics
-from libs.log.base import ConsumerLag, LogConsumer
-from libs.log.sqlite import SqliteLog
-from libs.metrics import REGISTRY
-from libs.queue.base import OutgoingMessage
-from libs.queue.sqlite import SqliteQueue
+from dsched.libs import metrics
+from dsched.libs.log.base import ConsumerLag, LogConsumer
+from dsched.libs.log.sqlite import SqliteLog
+from dsched.libs.metrics import REGISTRY
+from dsched.libs.queue.base import OutgoingMessage
+from dsched.libs.queue.sqlite import SqliteQueue
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -107,7 +107,7 @@ async def test_sqlite_log_lag_counts_uncommitted_records_and_their_age(tmp_path:
 def test_a_process_without_the_services_exports_none_of_their_gauges() -> None:
     """Imported alone (no writer, picker, coordinator or worker running), libs.metrics exports no owned gauge:
     no "writer lag 0" from a process without a writer, no "0 shards owned" from a process without a picker."""
-    code = "from prometheus_client import generate_latest; from libs.metrics import REGISTRY; "
+    code = "from prometheus_client import generate_latest; from dsched.libs.metrics import REGISTRY; "
     code += "print(generate_latest(REGISTRY).decode())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
     assert "dsched_fire_lag_seconds_bucket" in out

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from libs.servers.prometheus import PrometheusServer, promtool, promtool_binary
+from dsched.libs.servers.prometheus import PrometheusServer, promtool, promtool_binary
 from tests.observability.cluster import REPO, RULES, scaled_rules
 from tests.unit.test_deploy import PROMETHEUS_SERIES, exposed_metric_names, metric_names
 

@@ -23,10 +23,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from libs import logs, tracing
-from libs.runner import started
-from libs.servers.base import free_port, http_ok
-from libs.settings import SERVICES, Settings
+from dsched.app.runner import started
+from dsched.libs import logs, tracing
+from dsched.libs.servers.base import free_port, http_ok
+from dsched.libs.settings import SERVICES, Settings
 from tests.observability.cluster import DSCHED, wait_until
 
 

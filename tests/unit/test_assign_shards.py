@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.service import assign_shards
+from dsched.coordinator.service import assign_shards
 
 members_st = st.lists(st.sampled_from([f"p{i}" for i in range(12)]), min_size=1, max_size=12, unique=True)
 

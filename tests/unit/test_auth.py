@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from ingestion.auth import PUBLIC, ROUTE_ROLES, Authenticator
-from ingestion.openapi import spec
-from libs.apikeys import (
+from dsched.ingestion.auth import PUBLIC, ROUTE_ROLES, Authenticator
+from dsched.ingestion.openapi import spec
+from dsched.libs.apikeys import (
     InvalidKey,
     KeyVerifier,
     Role,
@@ -23,9 +23,9 @@ from libs.apikeys import (
     normalize_key_id,
     parse_duration,
 )
-from libs.models import Job, JobState, JobStatus, Payload
-from libs.settings import Settings
-from libs.store.sqlite import SqliteStore
+from dsched.libs.models import Job, JobState, JobStatus, Payload
+from dsched.libs.settings import Settings
+from dsched.libs.store.sqlite import SqliteStore
 
 
 def test_key_format_and_hash() -> None:
@@ -167,7 +167,7 @@ def test_audit_line_fields() -> None:
     class _Req:
         method, path, remote = "POST", "/submit", "127.0.0.1"
 
-    from ingestion.auth import Principal
+    from dsched.ingestion.auth import Principal
 
     with structlog.testing.capture_logs() as logs:
         Authenticator._audit(_Req(), "/submit", Principal("t", Role.MEMBER, "key:abc", "key"), 202)  # type: ignore[arg-type]
@@ -184,7 +184,7 @@ async def test_jwt_with_a_configured_public_key(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from ingestion.oidc import InvalidToken, JwtVerifier
+    from dsched.ingestion.oidc import InvalidToken, JwtVerifier
 
     key, other = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     pem = tmp_path / "issuer.pem"

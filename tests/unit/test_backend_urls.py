@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from libs.backends import Backends
-from libs.blobs.s3 import S3BlobStore
-from libs.coordination.etcd import EtcdCoordination, EtcdEndpoint
-from libs.errors import BackendConfigError
-from libs.queue.sqs import SqsQueue
-from libs.servers import free_port
-from libs.settings import Settings
+from dsched.app.backends import Backends
+from dsched.libs.blobs.s3 import S3BlobStore
+from dsched.libs.coordination.etcd import EtcdCoordination, EtcdEndpoint
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.queue.sqs import SqsQueue
+from dsched.libs.servers import free_port
+from dsched.libs.settings import Settings
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from ingestion.console import Sample, _delta, quantile
-from libs.client import parse_at, shard_ranges, table
-from libs.models import HttpTarget, Job, Payload
-from libs.store.base import JobStore
-from libs.store.sqlite import SqliteStore
+from dsched.app.client import parse_at, shard_ranges, table
+from dsched.ingestion.console import Sample, _delta, quantile
+from dsched.libs.models import HttpTarget, Job, Payload
+from dsched.libs.store.base import JobStore
+from dsched.libs.store.sqlite import SqliteStore
 
 
 def test_quantile_interpolates_inside_the_bucket() -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from libs.metrics import OWNED_GAUGES, REGISTRY
-from libs.settings import SERVICES, Settings
+from dsched.libs.metrics import OWNED_GAUGES, REGISTRY
+from dsched.libs.settings import SERVICES, Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DSCHED_IMAGE = "dsched:local"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from libs.settings import Settings
+from dsched.libs.settings import Settings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from libs.blobs.files import FileBlobStore
-from libs.limits import MAX_COMMAND_BYTES, command_problem
-from libs.models import RunStatus
-from worker import executors
-from worker.executors import Cancellation, Outcome, run_command, store_output
+from dsched.libs.blobs.files import FileBlobStore
+from dsched.libs.limits import MAX_COMMAND_BYTES, command_problem
+from dsched.libs.models import RunStatus
+from dsched.worker import executors
+from dsched.worker.executors import Cancellation, Outcome, run_command, store_output
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process-tree containment is Linux-specific")
 

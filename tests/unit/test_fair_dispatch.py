@@ -7,13 +7,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from libs.models import Job, Payload, QueueEntry
-from libs.queue.sqlite import SqliteQueue
-from libs.settings import Settings
-from libs.sharding import bucket_for, shard_for
-from libs.store.sqlite import SqliteStore
-from picker import service as picker_service
-from picker.fair import fair_order
+from dsched.libs.models import Job, Payload, QueueEntry
+from dsched.libs.queue.sqlite import SqliteQueue
+from dsched.libs.settings import Settings
+from dsched.libs.sharding import bucket_for, shard_for
+from dsched.libs.store.sqlite import SqliteStore
+from dsched.picker import service as picker_service
+from dsched.picker.fair import fair_order
 from tests.helpers.pickers import picker_owning
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from libs.models import Job, Payload
-from libs.schedule import first_undispatched
+from dsched.libs.models import Job, Payload
+from dsched.libs.schedule import first_undispatched
 
 
 def _job(**fields: object) -> Job:

@@ -8,8 +8,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from ingestion.guards import loopback_host, middlewares
-from libs.settings import Settings
+from dsched.ingestion.guards import loopback_host, middlewares
+from dsched.libs.settings import Settings
 
 
 async def ok(request: web.Request) -> web.Response:

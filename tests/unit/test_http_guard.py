@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from libs.models import HttpTarget, RunStatus
-from worker.executors import GuardedResolver, TargetRefused, call_http, http_connector
+from dsched.libs.models import HttpTarget, RunStatus
+from dsched.worker.executors import GuardedResolver, TargetRefused, call_http, http_connector
 
 PUBLIC = "93.184.216.34"  # never connected to: the tests intercept every connection to a non-loopback address
 

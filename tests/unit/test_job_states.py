@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from libs import job_states
-from libs.models import ACCEPTED_VERSION, Job, JobStatus, Payload, RunStatus
+from dsched.libs import job_states
+from dsched.libs.models import ACCEPTED_VERSION, Job, JobStatus, Payload, RunStatus
 
 
 def _job(**fields: object) -> Job:

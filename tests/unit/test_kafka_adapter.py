@@ -16,9 +16,9 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaTimeoutError
 
-from libs.errors import BackendConfigError
-from libs.log.base import ConsumedRecord
-from libs.log.kafka import (
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.log.base import ConsumedRecord
+from dsched.libs.log.kafka import (
     REASON_HEADER,
     KafkaConfig,
     KafkaLog,
@@ -31,7 +31,7 @@ from libs.log.kafka import (
     send_all,
     to_record,
 )
-from libs.settings import Settings
+from dsched.libs.settings import Settings
 
 
 @pytest.fixture
@@ -306,7 +306,7 @@ async def test_topic_creation_failure_falls_back_to_auto_creation(
         async def close(self) -> None:
             closed.append(True)
 
-    monkeypatch.setattr("libs.log.kafka.AIOKafkaAdminClient", BrokenAdmin)
+    monkeypatch.setattr("dsched.libs.log.kafka.AIOKafkaAdminClient", BrokenAdmin)
     log = KafkaLog.from_url("kafka://127.0.0.1:1/t", settings)
     await log._ensure_topics()  # logs a warning, raises nothing
     assert closed == [True]
@@ -331,7 +331,7 @@ async def test_existing_topics_are_not_created_again(monkeypatch: pytest.MonkeyP
         async def close(self) -> None:
             pass
 
-    monkeypatch.setattr("libs.log.kafka.AIOKafkaAdminClient", Admin)
+    monkeypatch.setattr("dsched.libs.log.kafka.AIOKafkaAdminClient", Admin)
     await KafkaLog.from_url("kafka://127.0.0.1:1/t", settings)._ensure_topics()
     assert created == []
 
@@ -365,7 +365,7 @@ async def test_missing_topics_are_created_with_the_configured_partitions(
         async def close(self) -> None:
             pass
 
-    monkeypatch.setattr("libs.log.kafka.AIOKafkaAdminClient", Admin)
+    monkeypatch.setattr("dsched.libs.log.kafka.AIOKafkaAdminClient", Admin)
     await KafkaLog.from_url("kafka://127.0.0.1:1/t?partitions=8", settings)._ensure_topics()
     [dlq] = created
     assert (dlq.name, dlq.num_partitions, dlq.replication_factor) == ("t.dlq", 8, 3)

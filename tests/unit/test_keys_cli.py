@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from libs.apikeys import KeyVerifier, load_pepper
-from libs.cli import main
-from libs.settings import Settings
-from libs.store.sqlite import SqliteStore
+from dsched.app.cli import main
+from dsched.libs.apikeys import KeyVerifier, load_pepper
+from dsched.libs.settings import Settings
+from dsched.libs.store.sqlite import SqliteStore
 
 
 def dsched(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str]]:

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from ingestion.openapi import spec
-from ingestion.service import Ingestion
-from libs.settings import Settings
+from dsched.ingestion.openapi import spec
+from dsched.ingestion.service import Ingestion
+from dsched.libs.settings import Settings
 
 
 def test_every_route_is_described() -> None:

@@ -10,11 +10,11 @@ from typing import Any
 import orjson
 import pytest
 
-from libs.models import Job, JobStatus, Payload, QueueEntry
-from libs.queue.sqlite import SqliteQueue
-from libs.settings import Settings
-from libs.sharding import bucket_for, entry_for
-from libs.store.sqlite import SqliteStore
+from dsched.libs.models import Job, JobStatus, Payload, QueueEntry
+from dsched.libs.queue.sqlite import SqliteQueue
+from dsched.libs.settings import Settings
+from dsched.libs.sharding import bucket_for, entry_for
+from dsched.libs.store.sqlite import SqliteStore
 from tests.helpers.pickers import picker_owning
 
 NOW = 1_800_000_000_000

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from ingestion.requests import RequestError, SubmitRequest, check_schedule, next_fire, parse_payload, parse_time
-from libs.models import Job, Payload
+from dsched.ingestion.requests import RequestError, SubmitRequest, check_schedule, next_fire, parse_payload, parse_time
+from dsched.libs.models import Job, Payload
 
 
 def test_cmd_prefix_makes_a_command_job() -> None:

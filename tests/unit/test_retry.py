@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from libs.models import RetryPolicy
-from libs.retry import backoff_s, http_status_retryable, parse_retry_after, should_retry
+from dsched.libs.models import RetryPolicy
+from dsched.libs.retry import backoff_s, http_status_retryable, parse_retry_after, should_retry
 
 
 def policy(**kw: object) -> RetryPolicy:
@@ -95,7 +95,7 @@ def test_jitter_differs_between_retries_of_the_same_seed() -> None:
 def test_jitter_is_stable_across_processes() -> None:
     # A redelivered message may be handled by another worker process: the due time must not change.
     code = (
-        "from libs.models import RetryPolicy; from libs.retry import backoff_s; "
+        "from dsched.libs.models import RetryPolicy; from dsched.libs.retry import backoff_s; "
         "print(repr(backoff_s(RetryPolicy(initial_s=3, max_s=100), 4, 'f0e1d2c3-run')))"
     )
     outputs = set()

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from libs import backends as backends_module
-from libs.backends import Backends
-from libs.errors import BackendConfigError
-from libs.queue.sqlite import SqliteQueue
-from libs.retrying import until_up
-from libs.settings import Settings
+from dsched.app import backends as backends_module
+from dsched.app.backends import Backends
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.queue.sqlite import SqliteQueue
+from dsched.libs.retrying import until_up
+from dsched.libs.settings import Settings
 
 
 async def test_retries_until_the_call_succeeds() -> None:

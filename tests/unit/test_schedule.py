@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from libs.schedule import (
+from dsched.libs.schedule import (
     CronSchedule,
     IntervalSchedule,
     MisfirePlan,

@@ -30,13 +30,13 @@ from cassandra import InvalidRequest
 from cassandra.murmur3 import murmur3
 from cassandra.query import UNSET_VALUE
 
-from libs.errors import BackendConfigError
-from libs.models import Job, JobState, JobStatus, LastRun, Payload, RunStatus
-from libs.settings import Settings
-from libs.store import migrate as migrate_module
-from libs.store import scylla
-from libs.store.migrate import MigrationError, discover, migrate, render
-from libs.store.scylla import (
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.models import Job, JobState, JobStatus, LastRun, Payload, RunStatus
+from dsched.libs.settings import Settings
+from dsched.libs.store import migrate as migrate_module
+from dsched.libs.store import scylla
+from dsched.libs.store.migrate import MigrationError, discover, migrate, render
+from dsched.libs.store.scylla import (
     NON_IDEMPOTENT,
     PARTITION_KEYS,
     RING,
@@ -168,18 +168,9 @@ def test_migrations_are_found_in_version_order_and_the_code_needs_the_newest() -
     assert all(m.path.parent.name == "migrations" and m.path.parent.parent.name == "db" for m in migrations)
 
 
-def test_migration_lookup_does_not_need_a_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # No __init__.py anywhere: the files are found next to the source tree, or under the working directory.
-    assert not (migrate_module.migrations_dir() / "__init__.py").exists()
-    fake_root = tmp_path / "site-packages" / "libs" / "store" / "migrate.py"
-    monkeypatch.setattr(migrate_module, "__file__", str(fake_root))
-    (tmp_path / "db" / "migrations").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path)
-    assert migrate_module.migrations_dir() == tmp_path / "db" / "migrations"
-    fake_root.parent.mkdir(parents=True)
-    monkeypatch.chdir(fake_root.parent)
-    with pytest.raises(MigrationError, match="not found"):
-        migrate_module.migrations_dir()
+def test_migrations_are_read_from_the_package() -> None:
+    assert migrate_module.migrations_dir().parent.name == "db"
+    assert (migrate_module.migrations_dir() / "0001_initial.cql").is_file()
 
 
 def test_discover_orders_by_version_and_rejects_bad_names(tmp_path: Path) -> None:
@@ -917,7 +908,7 @@ async def test_store_contract_on_the_cql_double(case: str, store: ScyllaStore) -
 
 # Tenants (issue 12) -------------------------------------------------------------------------------------------
 async def test_api_keys_rate_limits_and_signing_secrets(store: ScyllaStore) -> None:
-    from libs.apikeys import Role, create_key
+    from dsched.libs.apikeys import Role, create_key
 
     first, _ = await create_key(store, b"p", tenant="t", role=Role.MEMBER)
     second, _ = await create_key(store, b"p", tenant="u", role=Role.ADMIN)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from libs.settings import Settings
+from dsched.libs.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from libs.models import Job, Payload
-from libs.sharding import bucket_for, entry_for, initial_checkpoint, shard_for
+from dsched.libs.models import Job, Payload
+from dsched.libs.sharding import bucket_for, entry_for, initial_checkpoint, shard_for
 
 JOB = Job(
     job_id="j1", user_id="u", project_id="p", payload=Payload(kind="echo", text="x"), next_fire_ms=0, created_ms=0

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.blobs.base import BlobNotFound
-from libs.blobs.files import FileBlobStore
+from dsched.libs.blobs.base import BlobNotFound
+from dsched.libs.blobs.files import FileBlobStore
 
 
 @pytest.fixture

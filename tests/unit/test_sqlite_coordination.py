@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.coordination.base import WatchEvent
-from libs.coordination.sqlite import LeaseNotFound, SqliteCoordination, _prefix_end
+from dsched.libs.coordination.base import WatchEvent
+from dsched.libs.coordination.sqlite import LeaseNotFound, SqliteCoordination, _prefix_end
 
 
 @pytest.fixture

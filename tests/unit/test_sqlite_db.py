@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from libs.sqlite import CHECKPOINT_INTERVAL_S, SqliteDB
+from dsched.libs.sqlite import CHECKPOINT_INTERVAL_S, SqliteDB
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
 

@@ -12,8 +12,8 @@ from typing import TypeVar
 
 import pytest
 
-from libs.log.base import ConsumedRecord, LogConsumer
-from libs.log.sqlite import SqliteLog
+from dsched.libs.log.base import ConsumedRecord, LogConsumer
+from dsched.libs.log.sqlite import SqliteLog
 
 T = TypeVar("T")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from libs.queue.base import OutgoingMessage, ReceivedMessage
-from libs.queue.sqlite import SqliteQueue
+from dsched.libs.queue.base import OutgoingMessage, ReceivedMessage
+from dsched.libs.queue.sqlite import SqliteQueue
 
 
 @pytest.fixture

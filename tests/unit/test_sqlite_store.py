@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from libs.models import DeadLetter, Job, JobState, JobStatus, Payload, QueueEntry
-from libs.store.base import LayoutMismatch
-from libs.store.sqlite import SqliteStore
+from dsched.libs.models import DeadLetter, Job, JobState, JobStatus, Payload, QueueEntry
+from dsched.libs.store.base import LayoutMismatch
+from dsched.libs.store.sqlite import SqliteStore
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from libs.servers.stack import LAYOUT, REPLICAS, Stack
+from dsched.libs.servers.stack import LAYOUT, REPLICAS, Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 

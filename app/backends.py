@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any, Literal, cast, overload
 from urllib.parse import urlsplit
 
-from libs.blobs.base import BlobStore
-from libs.coordination.base import Coordination
-from libs.errors import BackendConfigError
-from libs.log.base import SubmissionLog
-from libs.queue.base import WorkQueue
-from libs.retrying import until_up
-from libs.settings import Settings
-from libs.store.base import JobStore
+from dsched.libs.blobs.base import BlobStore
+from dsched.libs.coordination.base import Coordination
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.log.base import SubmissionLog
+from dsched.libs.queue.base import WorkQueue
+from dsched.libs.retrying import until_up
+from dsched.libs.settings import Settings
+from dsched.libs.store.base import JobStore
 
 Role = Literal["log", "store", "coordination", "queue", "blobs"]
 Backend = SubmissionLog | JobStore | Coordination | WorkQueue | BlobStore
@@ -51,26 +51,28 @@ def _class(module: str, name: str) -> Any:
 
 # (role, URL scheme) -> how to build it. The first scheme of each role is its embedded default (empty URL).
 _BUILDERS: dict[tuple[Role, str], Callable[[str, Settings], Any]] = {
-    ("log", "sqlite"): lambda url, s: _class("libs.log.sqlite", "SqliteLog")(
+    ("log", "sqlite"): lambda url, s: _class("dsched.libs.log.sqlite", "SqliteLog")(
         _embedded_path(url, s.data_dir / "log.db"), partitions=s.log_partitions
     ),
-    ("log", "kafka"): lambda url, s: _class("libs.log.kafka", "KafkaLog").from_url(url, s),
-    ("store", "sqlite"): lambda url, s: _class("libs.store.sqlite", "SqliteStore")(
+    ("log", "kafka"): lambda url, s: _class("dsched.libs.log.kafka", "KafkaLog").from_url(url, s),
+    ("store", "sqlite"): lambda url, s: _class("dsched.libs.store.sqlite", "SqliteStore")(
         _embedded_path(url, s.data_dir / "store.db")
     ),
-    ("store", "scylla"): lambda url, s: _class("libs.store.scylla", "ScyllaStore").from_url(url, s),
-    ("coordination", "sqlite"): lambda url, s: _class("libs.coordination.sqlite", "SqliteCoordination")(
+    ("store", "scylla"): lambda url, s: _class("dsched.libs.store.scylla", "ScyllaStore").from_url(url, s),
+    ("coordination", "sqlite"): lambda url, s: _class("dsched.libs.coordination.sqlite", "SqliteCoordination")(
         _embedded_path(url, s.data_dir / "coordination.db")
     ),
-    ("coordination", "etcd"): lambda url, s: _class("libs.coordination.etcd", "EtcdCoordination").from_url(url, s),
-    ("queue", "sqlite"): lambda url, s: _class("libs.queue.sqlite", "SqliteQueue")(
+    ("coordination", "etcd"): lambda url, s: _class("dsched.libs.coordination.etcd", "EtcdCoordination").from_url(
+        url, s
+    ),
+    ("queue", "sqlite"): lambda url, s: _class("dsched.libs.queue.sqlite", "SqliteQueue")(
         _embedded_path(url, s.data_dir / "queue.db"), max_receives=s.max_receives
     ),
-    ("queue", "sqs"): lambda url, s: _class("libs.queue.sqs", "SqsQueue").from_url(url, s),
-    ("blobs", "file"): lambda url, s: _class("libs.blobs.files", "FileBlobStore")(
+    ("queue", "sqs"): lambda url, s: _class("dsched.libs.queue.sqs", "SqsQueue").from_url(url, s),
+    ("blobs", "file"): lambda url, s: _class("dsched.libs.blobs.files", "FileBlobStore")(
         _embedded_path(url, s.data_dir / "blobs")
     ),
-    ("blobs", "s3"): lambda url, s: _class("libs.blobs.s3", "S3BlobStore").from_url(url, s),
+    ("blobs", "s3"): lambda url, s: _class("dsched.libs.blobs.s3", "S3BlobStore").from_url(url, s),
 }
 
 

@@ -1,7 +1,7 @@
 """Session fixtures for the real servers of :mod:`libs.servers` (one of each per test session).
 
 Register them in a conftest (``tests/conftest.py`` does) with
-``from tests.servers import etcd_server, moto_server, kafka_server, cassandra_server, elasticmq_server``.
+``from tests.helpers.servers import etcd_server, moto_server, kafka_server, cassandra_server, elasticmq_server``.
 Tests isolate themselves inside a shared server by namespace: a key prefix, queue, bucket, topic or keyspace
 of their own. A server that is not installed fails the test with the command that installs it — never a skip:
 ``make test`` installs every one of them (``make system-deps``).
@@ -16,12 +16,12 @@ from typing import TypeVar
 
 import pytest
 
-from libs.servers.base import ServerProcess, have_jars
-from libs.servers.cassandra import CassandraServer
-from libs.servers.elasticmq import ElasticMQServer
-from libs.servers.etcd import DEFAULT_ETCD_BINARY, ETCD_BINARY_ENV, EtcdServer, etcd_binary
-from libs.servers.kafka import KafkaServer
-from libs.servers.moto import MotoServer, moto_binary
+from dsched.libs.servers.base import ServerProcess, have_jars
+from dsched.libs.servers.cassandra import CassandraServer
+from dsched.libs.servers.elasticmq import ElasticMQServer
+from dsched.libs.servers.etcd import DEFAULT_ETCD_BINARY, ETCD_BINARY_ENV, EtcdServer, etcd_binary
+from dsched.libs.servers.kafka import KafkaServer
+from dsched.libs.servers.moto import MotoServer, moto_binary
 
 S = TypeVar("S", bound=ServerProcess)
 

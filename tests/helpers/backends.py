@@ -13,13 +13,13 @@ from typing import cast
 
 import pytest
 
-from libs.backends import Backend, Role, make_backend
-from libs.blobs.base import BlobStore
-from libs.coordination.base import Coordination
-from libs.log.base import SubmissionLog
-from libs.queue.base import WorkQueue
-from libs.settings import Settings
-from libs.store.base import JobStore
+from dsched.app.backends import Backend, Role, make_backend
+from dsched.libs.blobs.base import BlobStore
+from dsched.libs.coordination.base import Coordination
+from dsched.libs.log.base import SubmissionLog
+from dsched.libs.queue.base import WorkQueue
+from dsched.libs.settings import Settings
+from dsched.libs.store.base import JobStore
 
 # Visibility and receive limits the contract tests assume.
 MAX_RECEIVES = 3
@@ -66,7 +66,7 @@ def _prepare_keyspace(settings: Settings, request: pytest.FixtureRequest) -> Non
     import concurrent.futures
     from typing import Any
 
-    from libs.store.migrate import drop_keyspace, migrate
+    from dsched.libs.store.migrate import drop_keyspace, migrate
 
     def in_thread(coro: Any) -> Any:  # the fixture's event loop is running: use a private one
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -101,7 +101,7 @@ def build_blobs(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
 
 def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
     """``host:port`` of the Kafka under test: ``$DSCHED_TEST_KAFKA`` (e.g. the compose stack's), else the
-    session's own broker (:func:`tests.servers.kafka_server`)."""
+    session's own broker (:func:`tests.helpers.servers.kafka_server`)."""
     external = os.environ.get("DSCHED_TEST_KAFKA")
     if external:
         return external.removeprefix("kafka://").strip("/")
@@ -110,7 +110,7 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> str:
 
 def cql_contact(request: pytest.FixtureRequest) -> str:
     """``host:port`` of the CQL server under test: ``$DSCHED_TEST_SCYLLA`` (a real ScyllaDB), else the
-    session's Cassandra (:func:`tests.servers.cassandra_server`)."""
+    session's Cassandra (:func:`tests.helpers.servers.cassandra_server`)."""
     external = os.environ.get("DSCHED_TEST_SCYLLA")
     if external:
         return external.removeprefix("scylla://").strip("/")

@@ -10,9 +10,9 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
-from libs.apikeys import Role, create_key, load_pepper, normalize_key_id, parse_duration
-from libs.backends import Backends
-from libs.settings import Settings
+from dsched.app.backends import Backends
+from dsched.libs.apikeys import Role, create_key, load_pepper, normalize_key_id, parse_duration
+from dsched.libs.settings import Settings
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,7 +34,7 @@ def _when(ms: int | None) -> str:
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
-    from ingestion.requests import USER_ID
+    from dsched.ingestion.requests import USER_ID
 
     if args.action == "create":
         if not USER_ID.match(args.tenant):

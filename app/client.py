@@ -633,7 +633,7 @@ FAST = ("jobs", "runs", "dlq", "cluster")
 def entry(argv: list[str] | None = None) -> None:
     """The ``dsched`` console script. Client commands and ``--version`` are parsed here, without importing the
     services (the server side's imports cost seconds on a busy machine); everything else goes to
-    :func:`libs.cli.main`, whose parser also knows these commands (``dsched --help``, completion)."""
+    :func:`app.cli.main`, whose parser also knows these commands (``dsched --help``, completion)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--version"]:
         print(f"dsched {version()}")
@@ -642,6 +642,6 @@ def entry(argv: list[str] | None = None) -> None:
         parser = argparse.ArgumentParser(prog="dsched", description="Distributed job scheduler (client)")
         add_commands(parser.add_subparsers(dest="command", required=True))
         sys.exit(run(parser.parse_args(argv), parser))
-    from libs.cli import main
+    from dsched.app.cli import main
 
     main(argv)

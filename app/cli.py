@@ -3,25 +3,27 @@
 dsched run all                 the five services in one process (dev defaults: cmd: and loopback HTTP on)
 dsched run <service>           one of ingestion, writer, coordinator, picker, worker
 dsched db migrate              apply the CQL schema (Scylla store) idempotently
-dsched chaos [options]         the chaos suite (python -m chaos)
-dsched jobs|runs|dlq|cluster   the HTTP client (libs/client.py); dsched --version, dsched completion bash
-dsched keys create|list|revoke API keys in the configured store (libs/keys_cli.py)
+dsched chaos [options]         the chaos suite (python -m dsched.chaos)
+dsched jobs|runs|dlq|cluster   the HTTP client (app/client.py); dsched --version, dsched completion bash
+dsched keys create|list|revoke API keys in the configured store (app/keys_cli.py)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
 
 from pydantic import ValidationError
 
-from libs import client, keys_cli, logs
-from libs.errors import BackendConfigError
-from libs.settings import SERVICES, Settings
-from libs.supervisor import ServiceFailed
+from dsched.app import client, keys_cli
+from dsched.libs import logs
+from dsched.libs.errors import BackendConfigError
+from dsched.libs.settings import SERVICES, Settings
+from dsched.libs.supervisor import ServiceFailed
 
 
 def _settings() -> Settings:
@@ -35,9 +37,8 @@ def _settings() -> Settings:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["chaos"]:  # its options belong to the chaos runner, not to this parser
-        from chaos.runner import main as chaos_main
-
-        sys.exit(chaos_main(argv[1:]))
+        # The chaos suite is a tool above the app shell: run it as its own module rather than import it.
+        os.execv(sys.executable, [sys.executable, "-m", "dsched.chaos", *argv[1:]])
     parser = argparse.ArgumentParser(prog="dsched", description="Distributed job scheduler")
     parser.add_argument("--version", action="version", version=f"dsched {client.version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     db.add_argument("action", choices=["migrate"])
     sub.add_parser("chaos", help="run the chaos suite (see docs/chaos.md)")
     keys_cli.add_parser(sub)
-    client.add_commands(sub)  # jobs, runs, dlq, cluster, completion: the HTTP client (libs/client.py)
+    client.add_commands(sub)  # jobs, runs, dlq, cluster, completion: the HTTP client (app/client.py)
     args = parser.parse_args(argv)
     if args.command in client.COMMANDS:
         sys.exit(client.run(args, parser))
@@ -83,7 +84,7 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 async def _serve(settings: Settings, services: list[str]) -> None:
-    from libs.runner import serve
+    from dsched.app.runner import serve
 
     await serve(settings, services)
 
@@ -92,7 +93,7 @@ async def _migrate(settings: Settings) -> None:
     if not settings.store_url.startswith("scylla://"):
         print("dsched: the embedded store creates its schema on start; nothing to migrate")
         return
-    from libs.store.migrate import migrate
+    from dsched.libs.store.migrate import migrate
 
     applied = await migrate(settings.store_url, settings)
     print(f"dsched: applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")

@@ -12,16 +12,16 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from coordinator.service import Coordinator
-from ingestion.service import Ingestion
-from libs import logs, tracing
-from libs.backends import Backends
-from libs.metrics import REGISTRY
-from libs.settings import SERVICES, Settings
-from libs.supervisor import Supervisor
-from picker.service import Picker
-from worker.service import Worker
-from writer.service import Writer
+from dsched.app.backends import Backends
+from dsched.coordinator.service import Coordinator
+from dsched.ingestion.service import Ingestion
+from dsched.libs import logs, tracing
+from dsched.libs.metrics import REGISTRY
+from dsched.libs.settings import SERVICES, Settings
+from dsched.libs.supervisor import Supervisor
+from dsched.picker.service import Picker
+from dsched.worker.service import Worker
+from dsched.writer.service import Writer
 
 ROLES = {
     "ingestion": {"log", "store", "blobs", "queue", "coordination"},
@@ -30,7 +30,7 @@ ROLES = {
     "picker": {"store", "queue", "coordination"},
     "worker": {"queue", "store", "blobs", "coordination"},
 }
-log = logs.get("runner")
+logger = logs.get("runner")
 
 
 async def _metrics_server(settings: Settings, supervisor: Supervisor) -> web.AppRunner | None:
@@ -139,16 +139,16 @@ async def serve(settings: Settings, services: list[str]) -> None:
     give_up = asyncio.ensure_future(supervisor.failed.wait())
     give_up.add_done_callback(lambda _: stop.set())
     async with started(settings, services, stop, supervisor):
-        log.info(
+        logger.info(
             "started",
             services=services,
             node=settings.node_id,
             url=f"http://{settings.host}:{settings.port}" if "ingestion" in services else None,
         )
         await stop.wait()
-        log.info("stopping", services=services)
+        logger.info("stopping", services=services)
     give_up.cancel()
     tracing.shutdown()  # flushes the spans still batched for DSCHED_OTLP_ENDPOINT
-    log.info("stopped", services=services)
+    logger.info("stopped", services=services)
     if supervisor.failure is not None:
         raise supervisor.failure
