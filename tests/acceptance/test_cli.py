@@ -52,7 +52,8 @@ def test_sigterm_stops_cleanly_within_seconds_and_hands_back_the_run_in_flight(
     tmp_path: Path, services: list[Service]
 ) -> None:
     port = free_port()
-    env = base_env(tmp_path / "data", port)
+    # A visibility timeout far beyond the test's waits: only a hand-back can make the message visible in time.
+    env = base_env(tmp_path / "data", port, DSCHED_VISIBILITY_TIMEOUT_S="600")
     service = Service("all", env, tmp_path, "all").start()
     services.append(service)
     http = Http(port)
