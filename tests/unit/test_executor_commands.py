@@ -22,13 +22,17 @@ from dsched.worker.executors import Cancellation, Outcome, run_command, store_ou
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="process-tree containment is Linux-specific")
 
 
-@pytest.fixture(params=["cgroup", "subreaper"])
+CGROUP_PARENT = executors.cgroup_parent()  # probed once, at collection
+no_cgroups = pytest.mark.skipif(CGROUP_PARENT is None, reason="no writable cgroup v2 hierarchy here")
+
+
+@pytest.fixture(params=[pytest.param("cgroup", marks=no_cgroups), "subreaper"])
 def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Each test once per containment mode; the cgroup mode only where cgroup v2 is mounted and writable."""
+    """Each test once per containment mode; the cgroup mode only where cgroup v2 is mounted and writable (the
+    subreaper variant runs everywhere)."""
     if request.param == "cgroup":
         parent = executors.cgroup_parent()
-        if parent is None:
-            pytest.skip("no writable cgroup v2 hierarchy here (the subreaper variant still runs)")
+        assert parent is not None
         yield "cgroup"
         assert not list(parent.glob(f"dsched-run-{os.getpid()}-*")), "a run's cgroup was left behind"
     else:
@@ -203,10 +207,10 @@ async def test_store_output_keeps_short_output_inline(tmp_path: Path) -> None:
     assert await blobs.get("outputs/r3") == b"y" * 50
 
 
+@no_cgroups
 def test_the_cgroups_of_a_dead_worker_are_swept(tmp_path: Path) -> None:
     parent = executors.cgroup_parent()
-    if parent is None:
-        pytest.skip("no writable cgroup v2 hierarchy here")
+    assert parent is not None
     dead = subprocess.Popen(["true"])
     dead.wait()
     leftover = parent / f"dsched-run-{dead.pid}-{random.randrange(10**9)}"
