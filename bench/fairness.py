@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dsched.app.cli import run_loop
 from dsched.bench.common import Scheduler, percentile
-from dsched.libs.models import Job, Payload, QueueEntry, run_id_for
+from dsched.libs.models import BucketEntry, Job, Payload, run_id_for
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, shard_for
 from dsched.libs.store.sqlite import SqliteStore
@@ -56,7 +56,7 @@ async def seed(data_dir: Path, tenants: list[tuple[str, int]], due_ms: int) -> d
                 await store.put_jobs(chunk)
                 await store.put_entries(
                     [
-                        QueueEntry(
+                        BucketEntry(
                             shard=shard_for(j.job_id, settings.shard_count),
                             bucket_ms=bucket,
                             due_ms=due_ms,

@@ -142,7 +142,7 @@ class JobState(Model):
     dispatched_through_ms: int | None = None
 
 
-class QueueEntry(Model):
+class BucketEntry(Model):
     """One pending firing in the sharded time-bucket table ``job_queue``.
 
     Primary key: partition ``(shard, bucket_ms)``, clustering ``(due_ms, job_id, scheduled_ms, attempt)``.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 
-from dsched.libs.models import EntryKind, Job, QueueEntry
+from dsched.libs.models import BucketEntry, EntryKind, Job
 
 
 def shard_for(job_id: str, shard_count: int) -> int:
@@ -36,14 +36,14 @@ def entry_for(
     shard_count: int,
     bucket_ms: int,
     now: int,
-) -> QueueEntry:
+) -> BucketEntry:
     """The time-bucket entry firing ``job``'s occurrence ``scheduled_ms`` (attempt ``attempt``) at ``due_ms``.
 
     The one place the bucket rule lives: an entry goes into the bucket of ``max(due_ms, now)``, so one already due
     lands in the current bucket, which pickers still scan, never in a past bucket a picker may have checkpointed
     past (see :func:`initial_checkpoint`). Writer, picker and worker all build entries here.
     """
-    return QueueEntry(
+    return BucketEntry(
         shard=shard_for(job.job_id, shard_count),
         bucket_ms=bucket_for(max(due_ms, now), bucket_ms),
         due_ms=due_ms,

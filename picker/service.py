@@ -30,7 +30,7 @@ from dsched.libs.clock import now_ms
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
 from dsched.libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT, export
-from dsched.libs.models import Job, JobState, QueueEntry, Run, RunMessage, RunStatus, run_id_for
+from dsched.libs.models import BucketEntry, Job, JobState, Run, RunMessage, RunStatus, run_id_for
 from dsched.libs.queue.base import OutgoingMessage, WorkQueue
 from dsched.libs.retrying import until_up
 from dsched.libs.schedule import ScheduleError, first_undispatched, parse_schedule, plan_misfire
@@ -56,10 +56,10 @@ class DispatchPlan:
     """What one dispatch round writes and sends, built by :meth:`Picker._plan`, carried out by
     :meth:`Picker._apply`."""
 
-    done: list[QueueEntry]  # entries handled (sent, skipped or dropped): deleted last
+    done: list[BucketEntry]  # entries handled (sent, skipped or dropped): deleted last
     messages: list[OutgoingMessage] = field(default_factory=list)
     tenants: list[str] = field(default_factory=list)  # messages[i]'s tenant, for the fair order
-    next_entries: list[QueueEntry] = field(default_factory=list)
+    next_entries: list[BucketEntry] = field(default_factory=list)
     skipped_runs: list[Run] = field(default_factory=list)
     queued: dict[str, JobState] = field(default_factory=dict)
     dispatched: dict[str, int] = field(default_factory=dict)  # job id -> latest occurrence sent
@@ -94,7 +94,7 @@ class Picker:
         self._lease: int | None = None
         self._lease_valid_until = 0.0  # monotonic
         self._checkpoints: dict[int, int] = {}
-        self._heap: list[tuple[int, int, tuple[int, int, int, str, int, int], QueueEntry]] = []
+        self._heap: list[tuple[int, int, tuple[int, int, int, str, int, int], BucketEntry]] = []
         self._loaded: set[tuple[int, int, int, str, int, int]] = set()
         self._owners: dict[str, str] = {}  # job id -> tenant of loaded entries, read ahead for fair dispatch
         self._wake = asyncio.Event()
@@ -294,7 +294,7 @@ class Picker:
         if self.settings.tenant_fair_dispatch and len(self._heap) > self.settings.picker_batch:
             return await self._dispatch_fairly(now, until)  # more than one batch may be due: see picker/fair.py
         while self._heap and self._heap[0][0] <= until:
-            batch: list[QueueEntry] = []
+            batch: list[BucketEntry] = []
             while self._heap and self._heap[0][0] <= until and len(batch) < self.settings.picker_batch:
                 item = heapq.heappop(self._heap)
                 batch.append(item[3])
@@ -307,7 +307,7 @@ class Picker:
 
     async def _dispatch_fairly(self, now: int, until: int) -> int:
         """Every loaded entry due by ``until``, ordered round-robin across tenants (``picker.fair``), in batches."""
-        due: list[QueueEntry] = []
+        due: list[BucketEntry] = []
         while self._heap and self._heap[0][0] <= until:
             due.append(heapq.heappop(self._heap)[3])
         sent = 0
@@ -332,7 +332,7 @@ class Picker:
                 self._owners.pop(entry.job_id, None)
         return sent
 
-    async def _read_owners(self, entries: list[QueueEntry]) -> None:
+    async def _read_owners(self, entries: list[BucketEntry]) -> None:
         missing = list({e.job_id for e in entries if e.job_id not in self._owners})
         if missing:
             self._owners.update(await self.store.get_job_owners(missing))
@@ -340,7 +340,7 @@ class Picker:
     def _weights(self) -> dict[str, float]:
         return {t: float(v["weight"]) for t, v in self.settings.tenant_limits.items() if "weight" in v}
 
-    async def _dispatch(self, entries: list[QueueEntry], now: int) -> int:
+    async def _dispatch(self, entries: list[BucketEntry], now: int) -> int:
         """Dispatch ``entries`` (due by now) of the shards this picker owns; returns the runs sent."""
         owned = self.owned_shards()
         entries = [e for e in entries if e.shard in owned]
@@ -361,7 +361,7 @@ class Picker:
             logger.debug("dispatched", count=sent)
         return sent
 
-    def _plan(self, entries: list[QueueEntry], jobs: dict[str, Job], now: int) -> DispatchPlan:
+    def _plan(self, entries: list[BucketEntry], jobs: dict[str, Job], now: int) -> DispatchPlan:
         """What dispatching ``entries`` writes and sends (no I/O): runs to send, the next occurrences, skipped
         runs, job states, the previous runs to cancel (``overlap: replace``) and the entries done."""
         plan = DispatchPlan(done=list(entries))
@@ -401,7 +401,7 @@ class Picker:
         return plan
 
     @staticmethod
-    def _message(job: Job, entry: QueueEntry, scheduled: int, now: int) -> OutgoingMessage:
+    def _message(job: Job, entry: BucketEntry, scheduled: int, now: int) -> OutgoingMessage:
         run_id = run_id_for(job.job_id, scheduled, entry.attempt)
         message = RunMessage(
             run_id=run_id,
@@ -498,7 +498,7 @@ class Picker:
             logger.warning("cancel_request_failed", error=f"{type(exc).__name__}: {exc}")
 
     @staticmethod
-    def _drop_reason(entry: QueueEntry, job: Job | None) -> str | None:
+    def _drop_reason(entry: BucketEntry, job: Job | None) -> str | None:
         if job is None:
             return "unknown_job"
         if job.deleted:
@@ -516,7 +516,9 @@ class Picker:
                 return "already_dispatched"
         return None
 
-    def _plan_recurring(self, job: Job, entry: QueueEntry, now: int) -> tuple[list[int], list[Run], QueueEntry | None]:
+    def _plan_recurring(
+        self, job: Job, entry: BucketEntry, now: int
+    ) -> tuple[list[int], list[Run], BucketEntry | None]:
         try:
             schedule = parse_schedule(job.cron_schedule or "", job.timezone)
         except ScheduleError as exc:  # validated at submit; a bad row must not stall the shard
@@ -530,7 +532,7 @@ class Picker:
         skipped = [self._skipped(job, occ, now, reason) for occ, reason in plan.skipped]
         return plan.fire, skipped, self._schedule_entry(job, plan.next_ms, now)
 
-    def _schedule_entry(self, job: Job, next_ms: int, now: int) -> QueueEntry:
+    def _schedule_entry(self, job: Job, next_ms: int, now: int) -> BucketEntry:
         settings = self.settings
         return entry_for(
             job,
@@ -543,6 +545,6 @@ class Picker:
             now=now,
         )
 
-    def _chain_entry(self, job: Job, now: int) -> QueueEntry | None:
+    def _chain_entry(self, job: Job, now: int) -> BucketEntry | None:
         first = first_undispatched(job)
         return None if first is None else self._schedule_entry(job, first, now)

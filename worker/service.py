@@ -50,11 +50,11 @@ from dsched.libs.metrics import (
 )
 from dsched.libs.models import (
     FINISHED_RUN_STATUSES,
+    BucketEntry,
     DeadLetter,
     JobState,
     LastRun,
     Payload,
-    QueueEntry,
     Run,
     RunMessage,
     RunStatus,
@@ -576,7 +576,7 @@ class Worker:
             return None
         return due
 
-    def _retry_entry(self, run: RunMessage, due: int, now: int) -> QueueEntry:
+    def _retry_entry(self, run: RunMessage, due: int, now: int) -> BucketEntry:
         settings = self.settings
         return entry_for(
             run.job,

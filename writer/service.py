@@ -18,7 +18,7 @@ from dsched.libs import job_states, logs, tracing
 from dsched.libs.clock import now_ms
 from dsched.libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
 from dsched.libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS, export
-from dsched.libs.models import DeadLetter, EntryKind, Job, JobState, QueueEntry, Submission
+from dsched.libs.models import BucketEntry, DeadLetter, EntryKind, Job, JobState, Submission
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import entry_for, initial_checkpoint
 from dsched.libs.store.base import JobStore
@@ -111,7 +111,7 @@ class Writer:
         is retried from the last commit, nothing is parked).
         """
         now = now_ms()
-        staged: list[tuple[ConsumedRecord, list[Job], list[QueueEntry]]] = []
+        staged: list[tuple[ConsumedRecord, list[Job], list[BucketEntry]]] = []
         for record in records:
             try:
                 staged.append((record, *self._stage(record, now)))
@@ -134,7 +134,7 @@ class Writer:
                     await self._dead_letter(record, "unstorable", one)
         logger.debug("persisted", records=len(records), jobs=len(jobs), entries=len(entries))
 
-    def _stage(self, record: ConsumedRecord, now: int) -> tuple[list[Job], list[QueueEntry]]:
+    def _stage(self, record: ConsumedRecord, now: int) -> tuple[list[Job], list[BucketEntry]]:
         """The job definition and queue entry one record asks for (raises if it cannot be built)."""
         sub = Submission.model_validate_json(record.value)
         WRITER_RECORDS.labels(sub.op).inc()
@@ -154,7 +154,7 @@ class Writer:
         entry = self._entry(job, job.next_fire_ms, scheduled_ms=job.next_fire_ms, attempt=0, kind="schedule", now=now)
         return [job], [entry]
 
-    async def _store(self, jobs: list[Job], entries: list[QueueEntry]) -> None:
+    async def _store(self, jobs: list[Job], entries: list[BucketEntry]) -> None:
         if jobs:
             await self.store.put_jobs(jobs)
         if entries:
@@ -209,7 +209,7 @@ class Writer:
 
     def _entry(
         self, job: Job, due_ms: int, *, scheduled_ms: int, attempt: int, kind: EntryKind, now: int
-    ) -> QueueEntry:
+    ) -> BucketEntry:
         return entry_for(
             job,
             due_ms,

@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Container, Sequence
 
 from dsched.libs.apikeys import ApiKey
-from dsched.libs.models import DeadLetter, Job, JobState, QueueEntry, Run
+from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, Run
 
 
 class InvalidCursor(ValueError):
@@ -118,11 +118,11 @@ class JobStore(ABC):
 
     # Queue entries ----------------------------------------------------------------------------------------
     @abstractmethod
-    async def put_entries(self, entries: Sequence[QueueEntry]) -> None:
+    async def put_entries(self, entries: Sequence[BucketEntry]) -> None:
         """Idempotent: the same entry (same primary key) written twice is one entry."""
 
     @abstractmethod
-    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[QueueEntry]:
+    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[BucketEntry]:
         """Entries of one partition with ``due_ms <= until_ms``, earliest first."""
 
     async def due_entries_many(
@@ -132,18 +132,18 @@ class JobStore(ABC):
         limit: int,
         *,
         known: Container[tuple[int, int, int, str, int, int]] = (),
-    ) -> dict[tuple[int, int], list[QueueEntry]]:
+    ) -> dict[tuple[int, int], list[BucketEntry]]:
         """:meth:`due_entries` for several ``(shard, bucket_ms)`` partitions (one query per partition; an
         implementation may run them in one round trip).
 
-        Entries whose :attr:`QueueEntry.key` is in ``known`` (the caller holds them already) are left out of the
+        Entries whose :attr:`BucketEntry.key` is in ``known`` (the caller holds them already) are left out of the
         result but still count toward ``limit``: a picker re-reading its look-ahead window each tick pays only
         for what is new."""
         found = {p: await self.due_entries(p[0], p[1], until_ms, limit) for p in partitions}
         return {p: [e for e in entries if e.key not in known] for p, entries in found.items()}
 
     @abstractmethod
-    async def delete_entries(self, entries: Sequence[QueueEntry]) -> None:
+    async def delete_entries(self, entries: Sequence[BucketEntry]) -> None:
         """Delete by primary key; deleting a missing entry is not an error."""
 
     # Picker checkpoints -----------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from cassandra.query import UNSET_VALUE, dict_factory
 from dsched.libs.apikeys import ApiKey
 from dsched.libs.clock import now_ms
 from dsched.libs.errors import BackendConfigError
-from dsched.libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
+from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, JobStatus, Run
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, initial_checkpoint
 from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch
@@ -444,12 +444,12 @@ def merge_states(updates: Sequence[JobState]) -> list[JobState]:
     return list(merged.values())
 
 
-def entry_params(entry: QueueEntry) -> tuple[Any, ...]:
+def entry_params(entry: BucketEntry) -> tuple[Any, ...]:
     return (*entry.key, entry.kind, entry.version, entry.priority)
 
 
-def entry_from_row(shard: int, bucket_ms: int, row: dict[str, Any]) -> QueueEntry:
-    return QueueEntry(shard=shard, bucket_ms=bucket_ms, **row)
+def entry_from_row(shard: int, bucket_ms: int, row: dict[str, Any]) -> BucketEntry:
+    return BucketEntry(shard=shard, bucket_ms=bucket_ms, **row)
 
 
 def sample_coverage(
@@ -645,11 +645,11 @@ class ScyllaStore(JobStore):
         return page, next_cursor
 
     # Queue entries ----------------------------------------------------------------------------------------
-    async def put_entries(self, entries: Sequence[QueueEntry]) -> None:
+    async def put_entries(self, entries: Sequence[BucketEntry]) -> None:
         if entries:
             await self._each("put_entry", [entry_params(e) for e in entries])
 
-    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[QueueEntry]:
+    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[BucketEntry]:
         if limit <= 0:
             return []
         return _due_page(shard, bucket_ms, await self._rows("due_entries", (shard, bucket_ms, until_ms, limit)))
@@ -661,7 +661,7 @@ class ScyllaStore(JobStore):
         limit: int,
         *,
         known: Container[tuple[int, int, int, str, int, int]] = (),
-    ) -> dict[tuple[int, int], list[QueueEntry]]:
+    ) -> dict[tuple[int, int], list[BucketEntry]]:
         """One query per partition, all in flight at once."""
         keys = list(dict.fromkeys(partitions))
         if limit <= 0:
@@ -669,7 +669,7 @@ class ScyllaStore(JobStore):
         pages = await self._each("due_entries", [(shard, bucket, until_ms, limit) for shard, bucket in keys])
         return {key: _due_page(key[0], key[1], rows, known) for key, rows in zip(keys, pages, strict=True)}
 
-    async def delete_entries(self, entries: Sequence[QueueEntry]) -> None:
+    async def delete_entries(self, entries: Sequence[BucketEntry]) -> None:
         if entries:
             await self._each("delete_entry", [e.key for e in entries])
 
@@ -874,7 +874,7 @@ def _due_page(
     bucket_ms: int,
     rows: list[dict[str, Any]],
     known: Container[tuple[int, int, int, str, int, int]] = (),
-) -> list[QueueEntry]:
+) -> list[BucketEntry]:
     """A ``due_entries`` page: clustering order, re-sorted by priority within one due millisecond."""
     entries = [
         entry_from_row(shard, bucket_ms, row)

@@ -23,7 +23,7 @@ import orjson
 
 from dsched.libs import clock
 from dsched.libs.apikeys import ApiKey
-from dsched.libs.models import DeadLetter, Job, JobState, JobStatus, QueueEntry, Run
+from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, JobStatus, Run
 from dsched.libs.sqlite import SqliteDB
 from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch
 
@@ -141,7 +141,7 @@ def _job_from_row(definition: bytes, state: str | None, last_run: bytes | None, 
     return Job.model_validate(data)
 
 
-def _entry_row(entry: QueueEntry) -> tuple[Any, ...]:
+def _entry_row(entry: BucketEntry) -> tuple[Any, ...]:
     return (*entry.key, entry.kind, entry.version, entry.priority)
 
 
@@ -350,7 +350,7 @@ class SqliteStore(JobStore):
         return [row[len(keys) :] for row in rows[:limit]], next_cursor
 
     # Queue entries ----------------------------------------------------------------------------------------
-    async def put_entries(self, entries: Sequence[QueueEntry]) -> None:
+    async def put_entries(self, entries: Sequence[BucketEntry]) -> None:
         if not entries:
             return
         rows = [_entry_row(e) for e in entries]
@@ -363,7 +363,7 @@ class SqliteStore(JobStore):
             )
         )
 
-    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[QueueEntry]:
+    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[BucketEntry]:
         return (await self.due_entries_many([(shard, bucket_ms)], until_ms, limit))[(shard, bucket_ms)]
 
     async def due_entries_many(
@@ -373,7 +373,7 @@ class SqliteStore(JobStore):
         limit: int,
         *,
         known: Container[tuple[int, int, int, str, int, int]] = (),
-    ) -> dict[tuple[int, int], list[QueueEntry]]:
+    ) -> dict[tuple[int, int], list[BucketEntry]]:
         if limit <= 0:
             return {p: [] for p in partitions}
 
@@ -393,7 +393,7 @@ class SqliteStore(JobStore):
         return {
             (shard, bucket_ms): [
                 # Rows this store wrote from validated entries: construct without re-validating (hot path).
-                QueueEntry.model_construct(
+                BucketEntry.model_construct(
                     shard=shard,
                     bucket_ms=bucket_ms,
                     due_ms=due_ms,
@@ -410,7 +410,7 @@ class SqliteStore(JobStore):
             for (shard, bucket_ms), rows in rows_by_partition.items()
         }
 
-    async def delete_entries(self, entries: Sequence[QueueEntry]) -> None:
+    async def delete_entries(self, entries: Sequence[BucketEntry]) -> None:
         if not entries:
             return
         keys = [e.key for e in entries]

@@ -11,13 +11,13 @@ import uuid
 import pytest
 
 from dsched.libs.models import (
+    BucketEntry,
     DeadLetter,
     Job,
     JobState,
     JobStatus,
     LastRun,
     Payload,
-    QueueEntry,
     Run,
     RunStatus,
     run_id_for,
@@ -61,8 +61,8 @@ def make_run(job_id: str, scheduled_ms: int, attempt: int = 0, **fields: object)
     )
 
 
-def entry(shard: int, due_ms: int, job_id: str = "j", attempt: int = 0, **fields: object) -> QueueEntry:
-    return QueueEntry.model_validate(
+def entry(shard: int, due_ms: int, job_id: str = "j", attempt: int = 0, **fields: object) -> BucketEntry:
+    return BucketEntry.model_validate(
         {
             "shard": shard,
             "bucket_ms": due_ms - due_ms % BUCKET_MS,

@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from dsched.libs.models import Job, Payload, QueueEntry
+from dsched.libs.models import BucketEntry, Job, Payload
 from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, shard_for
@@ -52,7 +52,7 @@ async def test_picker_sends_a_burst_round_robin_across_tenants(tmp_path: Path, m
         await store.put_jobs(jobs)
         await store.put_entries(
             [
-                QueueEntry(
+                BucketEntry(
                     shard=shard_for(j.job_id, settings.shard_count),
                     bucket_ms=bucket_for(due, settings.bucket_ms),
                     due_ms=due,

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from dsched.libs.models import Job, JobStatus, Payload, QueueEntry
+from dsched.libs.models import BucketEntry, Job, JobStatus, Payload
 from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, entry_for
@@ -65,7 +65,7 @@ def _job(job_id: str, **fields: Any) -> Job:
     return Job.model_validate({**base, "created_ms": NOW - 1000, **fields})
 
 
-def _entry(job: Job, settings: Settings) -> QueueEntry:
+def _entry(job: Job, settings: Settings) -> BucketEntry:
     return entry_for(
         job, NOW, scheduled_ms=NOW, attempt=0, kind="schedule", shard_count=1, bucket_ms=settings.bucket_ms, now=NOW
     )

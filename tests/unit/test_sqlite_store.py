@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dsched.libs.models import DeadLetter, Job, JobState, JobStatus, Payload, QueueEntry
+from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, JobStatus, Payload
 from dsched.libs.store.base import LayoutMismatch
 from dsched.libs.store.sqlite import SqliteStore
 
@@ -50,7 +50,7 @@ async def test_stats_counts_exactly(store: SqliteStore) -> None:
     )
     await store.put_entries(
         [
-            QueueEntry(shard=s, bucket_ms=0, due_ms=due, job_id=jobs[0].job_id, scheduled_ms=due)
+            BucketEntry(shard=s, bucket_ms=0, due_ms=due, job_id=jobs[0].job_id, scheduled_ms=due)
             for s, due in ((0, 100), (1, 200), (2, 300))
         ]
     )
