@@ -64,7 +64,8 @@ def _run_scenario(scenario: str, tmp_path: Path, *extra: str, timeout_s: float =
     counts = report["counts"]
     assert counts["lost"] == 0, _failure(report, output)
     assert counts["duplicate_at_most_once_executions"] == 0, _failure(report, output)
-    assert counts["faults_injected"] >= 2 and counts["faults_failed"] == 0, _failure(report, output)
+    # Every planned fault was injected (frozen-picker-long plans a single, long one).
+    assert counts["faults_injected"] >= 1 and counts["faults_failed"] == 0, _failure(report, output)
 
 
 @pytest.mark.slow
