@@ -15,7 +15,7 @@ new one) and strongly read-after-write consistent; DELETE of a missing key succe
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import AsyncExitStack
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit
@@ -129,16 +129,7 @@ class S3BlobStore(BlobStore):
 
     async def put(self, key: str, data: bytes) -> None:
         """Write ``key`` atomically; a bucket that vanished (an emulator restarted) is recreated once."""
-        full = self._key(key)
-        try:
-            await self._s3().put_object(Bucket=self.bucket, Key=full, Body=data)
-            return
-        except ClientError as exc:
-            if error_code(exc) != "NoSuchBucket":
-                raise
-        logger.warning("s3_bucket_missing", bucket=self.bucket)
-        await self._ensure_bucket()
-        await self._s3().put_object(Bucket=self.bucket, Key=full, Body=data)
+        await self._put_object(self._key(key), data, rewind=lambda: None)
 
     async def get(self, key: str) -> bytes:
         try:
@@ -153,18 +144,22 @@ class S3BlobStore(BlobStore):
 
     async def put_file(self, key: str, file: IO[bytes]) -> None:
         """One PUT whose body is read from ``file`` (from its current position) as it is sent."""
-        full = self._key(key)
         start = file.tell()
+        await self._put_object(self._key(key), file, rewind=lambda: file.seek(start))
+
+    async def _put_object(self, full_key: str, body: bytes | IO[bytes], rewind: Callable[[], object]) -> None:
+        """One PUT; a bucket that vanished (an emulator restarted) is recreated once, ``rewind`` readies the body
+        to be sent again."""
         try:
-            await self._s3().put_object(Bucket=self.bucket, Key=full, Body=file)
+            await self._s3().put_object(Bucket=self.bucket, Key=full_key, Body=body)
             return
         except ClientError as exc:
             if error_code(exc) != "NoSuchBucket":
                 raise
         logger.warning("s3_bucket_missing", bucket=self.bucket)
         await self._ensure_bucket()
-        file.seek(start)
-        await self._s3().put_object(Bucket=self.bucket, Key=full, Body=file)
+        rewind()
+        await self._s3().put_object(Bucket=self.bucket, Key=full_key, Body=body)
 
     async def iter_chunks(self, key: str, chunk_bytes: int = 65536) -> AsyncGenerator[bytes, None]:
         """Streams the object's body (one GET; nothing but the current chunk is held in memory)."""
