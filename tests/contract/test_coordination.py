@@ -39,23 +39,27 @@ async def started_watch(coordination: Coordination, p: str) -> AsyncIterator[Wat
     """A watch on ``p`` that is known to be established: it has already delivered a sentinel write.
 
     Backends may establish a watch lazily (on first iteration), so we write a sentinel under the prefix until
-    the watch reports it; every event after that is a change made after the watch started.
+    the watch reports it; every event after that is a change made after the watch started. The pending read
+    is kept across attempts, never cancelled: cancelling an async generator's ``anext`` ends the generator.
     """
     events = coordination.watch_prefix(p)
     sentinel = p + "~ready"
+    pending: asyncio.Future[WatchEvent] = asyncio.ensure_future(anext(events))
     for attempt in range(20):
         await coordination.put(sentinel, str(attempt).encode())
-        try:
-            async with asyncio.timeout(0.5):
-                while True:
-                    event = await anext(events)
-                    if event.key == sentinel:
-                        await coordination.delete(sentinel)
-                        while (await next_event(events)).key != sentinel:  # the sentinel's delete
-                            pass
-                        return events
-        except TimeoutError:
-            continue
+        end = time.monotonic() + 0.5
+        while (left := end - time.monotonic()) > 0:
+            done, _ = await asyncio.wait({pending}, timeout=left)
+            if not done:
+                break
+            event = pending.result()
+            if event.key == sentinel:
+                await coordination.delete(sentinel)
+                while (await next_event(events)).key != sentinel:  # the sentinel's delete
+                    pass
+                return events
+            pending = asyncio.ensure_future(anext(events))
+    pending.cancel()
     raise AssertionError("watch never delivered the sentinel write")
 
 
