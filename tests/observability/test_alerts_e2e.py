@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dsched.libs.servers.prometheus import prometheus_binary
-from tests.observability.cluster import running_cluster, wait_until
+from tests.helpers.observability import running_cluster, wait_until
 
 ALERT = "DschedShardWithoutOwner"
 

@@ -23,7 +23,7 @@ import pytest
 from dsched.libs.metrics import FIRE_LAG_OBJECTIVE_S, LAG_BUCKETS
 from dsched.libs.servers.prometheus import prometheus_binary
 from dsched.libs.settings import SERVICES
-from tests.observability.cluster import DASHBOARDS, Cluster, Hook, running_cluster, wait_until
+from tests.helpers.observability import DASHBOARDS, Cluster, Hook, running_cluster, wait_until
 
 VARIABLES = {"__rate_interval": "20s", "__interval": "5s", "__range": "10m", "tenant": ".*"}
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from dsched.libs.servers.prometheus import PrometheusServer, promtool, promtool_binary
-from tests.observability.cluster import REPO, RULES, scaled_rules
-from tests.unit.test_deploy import PROMETHEUS_SERIES, exposed_metric_names, metric_names
+from tests.helpers.observability import REPO, RULES, scaled_rules
+from tests.helpers.promql import PROMETHEUS_SERIES, exposed_metric_names, metric_names
 
 RULE_TESTS = RULES.with_name("alerts.test.yml")
 REQUIRED = {

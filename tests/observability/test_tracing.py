@@ -27,7 +27,7 @@ from dsched.app.runner import started
 from dsched.libs import logs, tracing
 from dsched.libs.servers.base import free_port, http_ok
 from dsched.libs.settings import SERVICES, Settings
-from tests.observability.cluster import DSCHED, wait_until
+from tests.helpers.observability import DSCHED, wait_until
 
 
 @pytest.fixture
