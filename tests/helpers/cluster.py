@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from dsched.app.runner import started
 from dsched.libs.settings import Settings
 
 
@@ -91,3 +93,19 @@ def cluster_settings(tmp_path: Path, **overrides: Any) -> Settings:
     )
     base.update(overrides)
     return Settings.from_env(**base).with_dev_defaults()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, services: list[str]) -> AsyncIterator[dict[str, object]]:
+    """The given services in this process, until the block ends."""
+    stop = asyncio.Event()
+    async with started(settings, services, stop) as instances:
+        yield instances
+
+
+@contextlib.asynccontextmanager
+async def api_only(settings: Settings) -> AsyncIterator[Api]:
+    """Ingestion alone: nothing stores, schedules or runs what it accepts until the others start."""
+    async with running(settings, ["ingestion"]) as instances, aiohttp.ClientSession() as session:
+        port = instances["ingestion"].port  # type: ignore[attr-defined]
+        yield Api(base=f"http://127.0.0.1:{port}", session=session)

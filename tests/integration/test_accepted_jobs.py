@@ -4,35 +4,16 @@ hold under fast retries (one execution per occurrence), and poison records that 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from dsched.app.runner import started
 from dsched.libs.clock import now_ms
-from dsched.libs.settings import Settings
-from tests.helpers.cluster import Api, cluster_settings
+from tests.helpers.cluster import Api, api_only, cluster_settings, running
 
 BACKEND_SERVICES = ["writer", "coordinator", "picker", "worker"]
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, services: list[str]) -> AsyncIterator[dict[str, object]]:
-    stop = asyncio.Event()
-    async with started(settings, services, stop) as instances:
-        yield instances
-
-
-@contextlib.asynccontextmanager
-async def api_only(settings: Settings) -> AsyncIterator[Api]:
-    """Ingestion alone: nothing stores, schedules or runs what it accepts until the others start."""
-    async with running(settings, ["ingestion"]) as instances, aiohttp.ClientSession() as session:
-        port = instances["ingestion"].port  # type: ignore[attr-defined]
-        yield Api(base=f"http://127.0.0.1:{port}", session=session)
 
 
 async def test_an_accepted_job_is_readable_at_once_before_the_writer_stores_it(tmp_path: Path) -> None:

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from dsched.ingestion.service import MAX_BATCH_JOBS, Ingestion
-from tests.helpers.cluster import Api, cluster_settings
-from tests.integration.test_accepted_jobs import api_only, running
+from tests.helpers.cluster import Api, api_only, cluster_settings, running
 
 
 async def test_items_are_answered_in_order_and_the_valid_ones_run(api: Api) -> None:
