@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from tests.helpers.cluster import Api
-from tests.unit.test_executor_commands import gone, kill_leftovers, marker_seconds, wait_for_sleeper
+from tests.helpers.sleepers import gone, kill_leftovers, marker_seconds, wait_for_sleeper
 
 MIB = 1024 * 1024
 
