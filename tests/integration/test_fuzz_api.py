@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
 
 from dsched.ingestion import console
 from dsched.ingestion.openapi import spec
-from tests.integration.fuzz_server import FuzzServer, fuzz_server
+from tests.helpers.fuzz_server import FuzzServer, fuzz_server
 
 SEED = int(os.environ.get("DSCHED_FUZZ_SEED", "20261130"))
 MAX_EXAMPLES = int(os.environ.get("DSCHED_FUZZ_EXAMPLES", "12"))

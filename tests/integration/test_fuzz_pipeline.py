@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from dsched.libs.settings import SERVICES
-from tests.integration.fuzz_server import FuzzServer, fuzz_server
+from tests.helpers.fuzz_server import FuzzServer, fuzz_server
 
 SEED = int(os.environ.get("DSCHED_FUZZ_SEED", "20261130"))
 MAX_EXAMPLES = int(os.environ.get("DSCHED_FUZZ_EXAMPLES_PIPELINE", "80"))
