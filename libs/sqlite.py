@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from dsched.libs.batching import Coalescer
+
 T = TypeVar("T")
 MAX_GROUP = 256  # writes per group commit
 CHECKPOINT_INTERVAL_S = 0.2
@@ -34,8 +36,9 @@ class SqliteDB:
         self._checkpointer: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._writes: Coalescer[Callable[[sqlite3.Connection], Any], Any] = Coalescer(
+            self._write_group, max_batch=MAX_GROUP
+        )
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +83,7 @@ class SqliteDB:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._checkpointer
             self._checkpointer = None
-        if self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await self._flusher
+        await self._writes.drain()
         conn, self._conn = self._conn, None
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
@@ -104,32 +105,11 @@ class SqliteDB:
         """
         if self._executor is None:
             raise RuntimeError(f"{self.path} is not open")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_writes())
-        return cast(T, await future)
+        return cast(T, await self._writes.submit(fn))
 
-    async def _flush_writes(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:MAX_GROUP], self._pending[MAX_GROUP:]
-            fns = [fn for fn, _ in batch]
-            try:
-                outcomes = await self.run(functools.partial(_run_group, fns=fns))
-            except BaseException as exc:  # the COMMIT itself failed: nothing of this group is durable
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+    async def _write_group(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        """One transaction for ``fns``; a failing COMMIT raises, failing every write of the group."""
+        return await self.run(functools.partial(_run_group, fns=fns))
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
@@ -187,8 +167,9 @@ class _immediate:
         self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
-def _run_group(conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
-    outcomes: list[tuple[bool, Any]] = []
+def _run_group(conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+    """Run each of ``fns`` in its own savepoint of one transaction: its result, or the exception it raised."""
+    outcomes: list[Any] = []
     with _immediate(conn):
         for fn in fns:
             conn.execute("SAVEPOINT w")
@@ -200,10 +181,10 @@ def _run_group(conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection]
             except Exception as exc:
                 conn.execute("ROLLBACK TO w")
                 conn.execute("RELEASE w")
-                outcomes.append((False, exc))
+                outcomes.append(exc)
             else:
                 conn.execute("RELEASE w")
-                outcomes.append((True, result))
+                outcomes.append(result)
     return outcomes
 
 
