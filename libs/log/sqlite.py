@@ -8,6 +8,10 @@ Durability: the connection runs with ``synchronous=FULL``, so a committed append
 ``append`` calls of one process are coalesced into one transaction (group commit): callers queue their records
 and a single flusher writes everything pending in one transaction, then resolves every caller's future.
 
+Waiting: a consumer of this process is woken by this process's appends at once, by other processes' appends
+through the file's doorbell (:mod:`dsched.libs.doorbell`: a process whose consumer waits listens, every append
+commit rings the other listeners once), and looks every ``POLL_INTERVAL_S`` anyway (a lost ring costs that).
+
 The partition count is fixed when the file is created (like a Kafka topic's): a log reopened with another
 ``partitions`` value keeps the stored one, so every key keeps its partition and its order.
 """
@@ -25,10 +29,12 @@ from functools import partial
 from pathlib import Path
 
 from dsched.libs import clock
+from dsched.libs.doorbell import Doorbell
 from dsched.libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
 from dsched.libs.sqlite import SqliteDB
 
-# How often a waiting consumer looks for records appended by other processes (in-process appends wake it).
+# How often a waiting consumer looks for records appended by other processes (in-process appends wake it at
+# once, other processes' appends ring its doorbell; this poll is the fallback).
 POLL_INTERVAL_S = 0.025
 
 _SCHEMA = """
@@ -95,6 +101,16 @@ class SqliteLog(SubmissionLog):
         self._closing = False
         # Replaced after every flush; consumers wait on the one current when they found nothing.
         self.appended = asyncio.Event()
+        # Other processes' appends ring it; it listens from the first time a consumer of this process waits.
+        self._bell = Doorbell(path, self._wake_consumers)
+
+    def _wake_consumers(self) -> None:
+        woken, self.appended = self.appended, asyncio.Event()
+        woken.set()
+
+    def listen_for_other_processes(self) -> None:
+        if not self._bell.listening:
+            self._bell.listen()
 
     async def startup(self) -> None:
         await self._db.open()
@@ -109,6 +125,7 @@ class SqliteLog(SubmissionLog):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher  # drains everything already appended
             self._flusher = None
+        self._bell.close()
         await self._db.close()
 
     async def append(self, records: Sequence[tuple[str, bytes]]) -> None:
@@ -146,8 +163,8 @@ class SqliteLog(SubmissionLog):
         for _, fut in batch:
             if not fut.done():  # a caller that gave up (cancelled) still had its records written
                 fut.set_result(None)
-        woken, self.appended = self.appended, asyncio.Event()
-        woken.set()
+        self._wake_consumers()
+        self._bell.ring()  # one datagram per other listening process, per commit
 
     def _insert(self, conn: sqlite3.Connection, records: list[tuple[str, bytes]]) -> None:
         now = clock.now_ms()
@@ -210,6 +227,7 @@ class SqliteLogConsumer(LogConsumer):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
+            self._log.listen_for_other_processes()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(POLL_INTERVAL_S, remaining)):
                     await appended.wait()

@@ -14,8 +14,10 @@ hops. Receives that find nothing visible do not take the write lock at all.
 
 Durability: a transaction that contains a ``send`` commits with ``synchronous=FULL`` (the message is fsynced
 before ``send`` returns); the others commit with ``NORMAL`` (a power cut may undo a receive or an ack, which
-only means a redelivery, as at-least-once allows). Other processes sharing the file are seen by polling every
-``POLL_INTERVAL_S`` while a receive waits; sends of this process wake waiting receivers at once.
+only means a redelivery, as at-least-once allows). Sends of this process wake its waiting receivers at once;
+other processes sharing the file wake them through the file's doorbell (:mod:`dsched.libs.doorbell`: a process
+whose receive waits listens, and every commit that may make messages visible rings the other listeners once), and
+a waiting receive still looks every ``POLL_INTERVAL_S``, so a lost ring only costs that.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from dsched.libs import clock
+from dsched.libs.doorbell import Doorbell
 from dsched.libs.queue.base import (
     MAX_BATCH,
     OutgoingMessage,
@@ -107,6 +110,12 @@ class SqliteQueue(WorkQueue):
         self._closing = False
         # Replaced whenever messages may have become visible; waiting receivers hold the current one.
         self._visible = asyncio.Event()
+        # Other processes' sends and nacks ring it; it listens from this process's first waiting receive on.
+        self._bell = Doorbell(path, self._wake_receivers)
+
+    def _wake_receivers(self) -> None:
+        woken, self._visible = self._visible, asyncio.Event()
+        woken.set()
 
     async def startup(self) -> None:
         await self._db.open()
@@ -120,6 +129,7 @@ class SqliteQueue(WorkQueue):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
+        self._bell.close()
         await self._db.close()
 
     # WorkQueue --------------------------------------------------------------------------------------------
@@ -160,6 +170,8 @@ class SqliteQueue(WorkQueue):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
+            if not self._bell.listening:
+                self._bell.listen()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(POLL_INTERVAL_S, remaining)):
                     await visible.wait()
@@ -260,8 +272,8 @@ class SqliteQueue(WorkQueue):
                 self._pending.append(_Op(_nack_fn(handles, 0), wakes=True))
                 self._wake.set()
         if any(op.wakes for op in batch):
-            woken, self._visible = self._visible, asyncio.Event()
-            woken.set()
+            self._wake_receivers()
+            self._bell.ring()  # one datagram per other listening process, per commit
 
 
 def _nack_fn(handles: list[_Handle], delay_ms: int) -> _OpFn:
