@@ -7,6 +7,7 @@ import contextlib
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,21 @@ class Api:
             return runs if len(runs) >= count else None
 
         return list(await self.wait_for(check, timeout))
+
+
+def rfc3339(dt: datetime) -> str:
+    """``dt`` as the API writes times: UTC, milliseconds, ``Z``."""
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse(ts: str) -> datetime:
+    """A time the API returned, as an aware datetime."""
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+async def job_exists(api: Api, job_id: str) -> bool:
+    """Whether ``GET /jobs/{job_id}`` finds the job (for ``api.wait_for``)."""
+    return (await api.call("GET", f"/jobs/{job_id}"))[0] == 200
 
 
 def cluster_settings(tmp_path: Path, **overrides: Any) -> Settings:

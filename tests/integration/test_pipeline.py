@@ -12,15 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.helpers.cluster import Api
-
-
-def rfc3339(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+from tests.helpers.cluster import Api, job_exists, parse, rfc3339
 
 
 async def test_cmd_job_runs_and_records_output(api: Api) -> None:
@@ -157,7 +149,7 @@ async def test_http_4xx_fails_fast_and_5xx_retries(api: Api, target: tuple[str, 
 async def test_large_payload_round_trips_through_the_blob_store(api: Api, tmp_path: Any) -> None:
     text = "x" * 5 * 1024
     job_id = await api.submit(payload=text)
-    await api.wait_for(lambda: _exists(api, job_id))
+    await api.wait_for(lambda: job_exists(api, job_id))
     _, job = await api.call("GET", f"/jobs/{job_id}")
     assert job["payload"] == {"kind": "echo", "offloaded": True}
     assert any((tmp_path / "data" / "blobs" / "payloads").rglob("*"))
@@ -284,12 +276,8 @@ async def test_pause_resume_delete_and_trigger(api: Api) -> None:
     assert len(await api.runs(job_id)) == count  # history kept, no new runs
 
     later = await api.submit(payload="manual", next_fire_at=rfc3339(datetime.now(UTC) + timedelta(hours=1)))
-    await api.wait_for(lambda: _exists(api, later))
+    await api.wait_for(lambda: job_exists(api, later))
     t0 = time.monotonic()
     assert (await api.call("POST", f"/jobs/{later}/trigger"))[0] == 202
     [run] = await api.finished_runs(later, timeout=5)
     assert run["status"] == "succeeded" and time.monotonic() - t0 < 5
-
-
-async def _exists(api: Api, job_id: str) -> bool:
-    return (await api.call("GET", f"/jobs/{job_id}"))[0] == 200

@@ -23,8 +23,7 @@ from dsched.libs.models import Job, Payload, RunMessage, run_id_for
 from dsched.libs.queue.base import OutgoingMessage
 from dsched.libs.settings import Settings
 from dsched.worker.service import Worker
-from tests.helpers.cluster import Api
-from tests.integration.test_pipeline import _exists, parse, rfc3339
+from tests.helpers.cluster import Api, job_exists, parse, rfc3339
 
 
 @pytest.fixture
@@ -206,7 +205,7 @@ async def test_max_age_stops_retrying(api: Api) -> None:
 async def test_patch_changes_payload_and_schedule(api: Api) -> None:
     later = rfc3339(datetime.now(UTC) + timedelta(hours=1))
     job_id = await api.submit(payload="old", next_fire_at=later)
-    await api.wait_for(lambda: _exists(api, job_id))
+    await api.wait_for(lambda: job_exists(api, job_id))
     status, body = await api.call(
         "PATCH", f"/jobs/{job_id}", json={"payload": "new", "next_fire_at": rfc3339(datetime.now(UTC))}
     )
@@ -268,7 +267,7 @@ async def test_dead_letter_replay_runs_the_payload_again(api: Api) -> None:
 
 async def test_schedule_preview_in_a_timezone(api: Api) -> None:
     job_id = await api.submit(payload="x", cron_schedule="30 9 * * *", timezone="America/New_York")
-    await api.wait_for(lambda: _exists(api, job_id))
+    await api.wait_for(lambda: job_exists(api, job_id))
     status, body = await api.call("GET", f"/jobs/{job_id}/schedule?next=3")
     assert status == 200
     times = [parse(t) for t in body["next"]]
