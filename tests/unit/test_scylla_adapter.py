@@ -15,7 +15,6 @@ contract run with ``DSCHED_TEST_SCYLLA``.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import re
 import threading
 import time
@@ -57,7 +56,8 @@ from dsched.libs.store.scylla import (
     state_params,
     statements,
 )
-from tests.contract import test_store as store_contract
+from tests.helpers import store_contract
+from tests.helpers.store_contract import T0, dead, entry
 
 # URL parsing ----------------------------------------------------------------------------------------------
 
@@ -852,8 +852,6 @@ async def test_stats_are_exact_on_small_tables(store: ScyllaStore) -> None:
     await store.update_job_states(
         [JobState(job_id="j0", state=JobStatus.RUNNING), JobState(job_id="j1", state=JobStatus.FAILED)]
     )
-    from tests.contract.test_store import dead, entry
-
     # Shard 1's picker is two buckets behind: its window starts there. Shard 2 has no checkpoint: its window
     # starts bucket_grace_s back. Shard 3's entry is not due yet; shard 0's lies before its window.
     await store.advance_checkpoint(1, None, now - 120_000)
@@ -873,8 +871,6 @@ async def test_stats_are_exact_on_small_tables(store: ScyllaStore) -> None:
 
 
 async def test_due_entries_many_reads_every_partition_at_once(store: ScyllaStore, engine: FakeCql) -> None:
-    from tests.contract.test_store import T0, entry
-
     entries = [
         entry(1, T0 + 5, job_id="a"),
         entry(1, T0 + 1, job_id="b", priority=10),
@@ -894,16 +890,9 @@ async def test_due_entries_many_reads_every_partition_at_once(store: ScyllaStore
 
 
 # The store contract, unchanged, on the double -------------------------------------------------------------
-CONTRACT = {
-    name: fn
-    for name, fn in vars(store_contract).items()
-    if name.startswith("test_") and inspect.iscoroutinefunction(fn)
-}
-
-
-@pytest.mark.parametrize("case", sorted(CONTRACT))
+@pytest.mark.parametrize("case", sorted(store_contract.CASES))
 async def test_store_contract_on_the_cql_double(case: str, store: ScyllaStore) -> None:
-    await CONTRACT[case](store)
+    await store_contract.CASES[case](store)
 
 
 # Tenants (issue 12) -------------------------------------------------------------------------------------------
