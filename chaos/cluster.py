@@ -162,11 +162,11 @@ class ServiceProcess:
 
     async def kill(self) -> int | None:
         """SIGKILL and reap; returns the pid killed (None if it was not running)."""
-        pid = self.pid
-        if pid is None or self.proc is None:
+        pid, proc = self.pid, self.proc
+        if pid is None or proc is None:
             return None
         self.signal(signal.SIGKILL)
-        await self._reap(5.0)
+        await _reap(proc, 5.0)
         self.frozen = False
         return pid
 
@@ -184,25 +184,17 @@ class ServiceProcess:
 
     async def terminate(self, timeout_s: float) -> int | None:
         """SIGTERM (after SIGCONT if frozen), wait ``timeout_s``, then SIGKILL; returns the exit code."""
-        if self.proc is None:
+        proc = self.proc
+        if proc is None:
             return None
-        if self.proc.poll() is None:
+        if proc.poll() is None:
             if self.frozen:
                 self.thaw()
             self.signal(signal.SIGTERM)
-            if not await self._reap(timeout_s):
+            if not await _reap(proc, timeout_s):
                 self.signal(signal.SIGKILL)
-                await self._reap(5.0)
-        return self.proc.returncode
-
-    async def _reap(self, timeout_s: float) -> bool:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+                await _reap(proc, 5.0)
+        return proc.returncode
 
     def log_since_start(self) -> str:
         try:
@@ -250,7 +242,8 @@ class Cluster:
     def urls(self) -> dict[str, str]:
         if self.backends == "embedded":
             return {}
-        assert self.etcd is not None and self.moto is not None
+        if self.etcd is None or self.moto is None:
+            raise RuntimeError("the backend servers are not set up: call start_backends() first")
         endpoint = self.moto.endpoint
         urls = {
             "DSCHED_COORDINATION_URL": f"{self.etcd.url}/chaos-{self.unique}",
@@ -470,22 +463,28 @@ class Cluster:
                 return process
         return None
 
+    def coordination_client(self) -> Coordination:
+        """The runner's own coordination client, open from :meth:`start` until :meth:`close`."""
+        if self.coordination is None:
+            raise RuntimeError("the cluster has no coordination client: not started, or closed")
+        return self.coordination
+
     async def leader(self) -> str | None:
         """The coordinator holding the ``leader`` key (the key's value is its node id); None if nobody or the
         coordination backend does not answer within a second."""
-        assert self.coordination is not None
+        coordination = self.coordination_client()
         try:
-            value = await asyncio.wait_for(self.coordination.get(LEADER_KEY), 1.0)
+            value = await asyncio.wait_for(coordination.get(LEADER_KEY), 1.0)
         except Exception:
             return None
         return value.decode() if value else None
 
     async def assignments(self) -> dict[str, list[int]]:
         """Shards per *live* picker (assignments of pickers without a live ``pickers/`` key are dropped)."""
-        assert self.coordination is not None
+        coordination = self.coordination_client()
         try:
-            raw = await asyncio.wait_for(self.coordination.get_prefix(ASSIGNMENTS_PREFIX), 1.0)
-            members = await asyncio.wait_for(self.coordination.get_prefix(PICKERS_PREFIX), 1.0)
+            raw = await asyncio.wait_for(coordination.get_prefix(ASSIGNMENTS_PREFIX), 1.0)
+            members = await asyncio.wait_for(coordination.get_prefix(PICKERS_PREFIX), 1.0)
         except Exception:
             return {}
         live = {k[len(PICKERS_PREFIX) :] for k in members}
@@ -522,6 +521,16 @@ class Cluster:
         finally:
             with contextlib.suppress(Exception):
                 await queue.shutdown()
+
+
+async def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for ``proc`` to exit; whether it did."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 def _free_port() -> int:

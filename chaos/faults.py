@@ -260,7 +260,7 @@ class Injector:
     async def _watch_new_leader(self, record: FaultRecord, old: str | None) -> None:
         """Time until a coordinator holds ``leader`` again, from the key's change events (the old leader's
         restarted incarnation winning again counts: the key was deleted in between); polls if watching fails."""
-        assert self.cluster.coordination is not None
+        coordination = self.cluster.coordination_client()
         started = time.monotonic()
         vacated = False
 
@@ -268,7 +268,7 @@ class Injector:
             record.details["new_leader"] = leader
             record.details["leader_after_s"] = round(time.monotonic() - started, 3)
 
-        events = self.cluster.coordination.watch_prefix(LEADER_KEY)  # starts now, before the kill
+        events = coordination.watch_prefix(LEADER_KEY)  # starts now, before the kill
         try:
             async for event in events:
                 if event.key != LEADER_KEY:

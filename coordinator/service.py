@@ -78,8 +78,8 @@ class Coordinator:
             while not stop.is_set():
                 leader_gone.clear()
                 try:
-                    if await self._campaign():
-                        await self._lead(stop)
+                    if (lease := await self._campaign()) is not None:
+                        await self._lead(stop, lease)
                         continue
                 except Exception as exc:  # backend hiccup: retry after a short pause, never crash the service
                     logger.warning("coordinator_error", error=f"{type(exc).__name__}: {exc}")
@@ -106,26 +106,25 @@ class Coordinator:
                 logger.warning("leader_watch_failed", error=f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(1.0)
 
-    async def _campaign(self) -> bool:
-        if self._lease is None:
-            self._lease = await self.coordination.grant_lease(self.settings.lease_ttl_s)
-        elif not await self.coordination.keepalive(self._lease):
-            self._lease = await self.coordination.grant_lease(self.settings.lease_ttl_s)
-        won = await self.coordination.create(LEADER_KEY, self.node_id.encode(), self._lease)
-        if won:
-            self.is_leader = True
-            COORDINATOR_LEADER.set(1)
-            logger.info("leader_elected", node=self.node_id)
-        return won
+    async def _campaign(self) -> int | None:
+        """Try to become the leader; the lease it leads under if it won, else None."""
+        lease = self._lease
+        if lease is None or not await self.coordination.keepalive(lease):
+            lease = self._lease = await self.coordination.grant_lease(self.settings.lease_ttl_s)
+        if not await self.coordination.create(LEADER_KEY, self.node_id.encode(), lease):
+            return None
+        self.is_leader = True
+        COORDINATOR_LEADER.set(1)
+        logger.info("leader_elected", node=self.node_id)
+        return lease
 
-    async def _lead(self, stop: asyncio.Event) -> None:
+    async def _lead(self, stop: asyncio.Event, lease: int) -> None:
         ttl = self.settings.lease_ttl_s
         changed = asyncio.Event()
         watcher = asyncio.create_task(self._watch_members(changed))
         try:
             while not stop.is_set():
-                assert self._lease is not None
-                if not await self.coordination.keepalive(self._lease) or not await self.rebalance():
+                if not await self.coordination.keepalive(lease) or not await self.rebalance():
                     logger.warning("leadership_lost", node=self.node_id)
                     return
                 # Woken by a membership change, or re-check periodically: a missed event must not strand shards.

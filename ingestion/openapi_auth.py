@@ -109,7 +109,8 @@ def secure(document: dict[str, Any]) -> dict[str, Any]:
                 op["security"] = []
                 responses.pop("401", None)
                 continue
-            assert isinstance(role, Role)
+            if not isinstance(role, Role):
+                raise TypeError(f"least role of {method.upper()} {route} is {role!r}: neither a Role nor {PUBLIC!r}")
             op["x-dsched-least-role"] = role.value
             responses["401"] = {
                 "description": "no credentials, or an unknown, revoked or expired key / invalid token "

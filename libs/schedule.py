@@ -354,9 +354,7 @@ class CronSchedule(Schedule):
     # ---- wall clock <-> instant
 
     def _offset_at(self, t: int) -> int:
-        off = datetime.fromtimestamp(t, self.tz).utcoffset()
-        assert off is not None
-        return int(off.total_seconds())
+        return _offset_s(datetime.fromtimestamp(t, self.tz))
 
     def _transition(self, a: int, b: int) -> int:
         """First second in (a, b] with b's UTC offset; assumes one offset change in between."""
@@ -384,11 +382,9 @@ class CronSchedule(Schedule):
         """Epoch seconds at which the matching wall time ``wall`` fires (the DST rules)."""
         first = wall.replace(tzinfo=self.tz)
         second = wall.replace(tzinfo=self.tz, fold=1)
-        off0, off1 = first.utcoffset(), second.utcoffset()
-        assert off0 is not None and off1 is not None
         base = (wall - _NAIVE_EPOCH) // _ONE_S
-        x0 = base - int(off0.total_seconds())
-        x1 = base - int(off1.total_seconds())
+        x0 = base - _offset_s(first)
+        x1 = base - _offset_s(second)
         if x0 <= x1:
             return x0  # unique, or ambiguous: fold=0 is the first occurrence
         # In a gap fold=0 uses the pre-transition offset, landing after the transition: fire at it.
@@ -401,10 +397,8 @@ class CronSchedule(Schedule):
         if loc.fold:
             # x is in the repeated hour after a fall-back: every wall time of that hour already fired at
             # its first occurrence (<= x), so the bound is the end of the repeated hour.
-            old, new = loc.replace(fold=0).utcoffset(), loc.utcoffset()
-            assert old is not None and new is not None
-            old_s = int(old.total_seconds())
-            t = self._transition(x - (old_s - int(new.total_seconds())), x)
+            old_s, new_s = _offset_s(loc.replace(fold=0)), _offset_s(loc)
+            t = self._transition(x - (old_s - new_s), x)
             wall = _naive(t + old_s) - _ONE_S
         return wall
 
@@ -539,6 +533,14 @@ class CronSchedule(Schedule):
         return n
 
 
+def _offset_s(moment: datetime) -> int:
+    """The UTC offset of the aware ``moment``, in seconds (a ZoneInfo always gives one)."""
+    offset = moment.utcoffset()
+    if offset is None:
+        raise ScheduleError(f"time zone {moment.tzinfo!r} gives no UTC offset for {moment.isoformat()}")
+    return int(offset.total_seconds())
+
+
 def _naive(epoch_s: int) -> datetime:
     return _NAIVE_EPOCH + timedelta(seconds=epoch_s)
 
@@ -633,7 +635,8 @@ class _Occurrences(ABC):
     def take(self, lo: int, hi: int, n: int) -> list[int]: ...
 
     @abstractmethod
-    def last(self, lo: int, hi: int) -> int | None: ...
+    def last(self, lo: int, hi: int) -> int:
+        """The last occurrence in [lo, hi], which holds at least one (``count(lo, hi) > 0``)."""
 
     @abstractmethod
     def next_after_now(self) -> int: ...
@@ -659,9 +662,11 @@ class _IntervalOccurrences(_Occurrences):
         k_lo, k_hi = self._ks(lo, hi)
         return [self.s + k * self.i for k in range(k_lo, min(k_hi + 1, k_lo + n))]
 
-    def last(self, lo: int, hi: int) -> int | None:
+    def last(self, lo: int, hi: int) -> int:
         k_lo, k_hi = self._ks(lo, hi)
-        return self.s + k_hi * self.i if k_hi >= k_lo else None
+        if k_hi < k_lo:
+            raise ValueError(f"no occurrence in [{lo}, {hi}] ms")
+        return self.s + k_hi * self.i
 
     def next_after_now(self) -> int:
         return self.s + (self.k_max + 1) * self.i
@@ -697,14 +702,17 @@ class _CronOccurrences(_Occurrences):
             out.append(t)
         return out
 
-    def last(self, lo: int, hi: int) -> int | None:
+    def last(self, lo: int, hi: int) -> int:
         lo, hi = self._clamp(lo, hi)
         if lo > hi:
-            return None
+            raise ValueError(f"no occurrence in [{lo}, {hi}] ms")
         p = self.cron.last_at_or_before(hi)
         if p is not None and p > self.s and p >= lo:
             return p
-        return self.s if lo == self.s else None
+        if lo == self.s:
+            return self.s
+        # count_between is arithmetic, last_at_or_before searches at most SEARCH_YEARS back
+        raise ScheduleError(f"schedule {self.cron.expr!r}: no occurrence found in [{lo}, {hi}] ms")
 
     def next_after_now(self) -> int:
         return self.cron.next_after(self.now)
@@ -747,8 +755,7 @@ def plan_misfire(
         pass
     elif policy == "fire_once":
         if scheduled_ms < earliest_on_time:
-            latest = occ.last(scheduled_ms, now)
-            assert latest is not None  # scheduled_ms itself is considered
+            latest = occ.last(scheduled_ms, now)  # scheduled_ms itself is considered: never empty
             skip_groups.append((scheduled_ms, latest - 1, REASON_COALESCED))
             fire_lo = latest
     elif policy == "skip":
@@ -773,10 +780,8 @@ def plan_misfire(
         room = cap - len(skipped)
         if room > 0:
             skipped.extend((t, reason) for t in occ.take(lo, hi, room))
-    if total > len(skipped):
+    if last_group is not None and total > len(skipped):  # total > 0: some group was not empty
         # Groups are chronological, so the overall last skipped occurrence ends the last non-empty group.
-        assert last_group is not None
         last_skipped = occ.last(*last_group)
-        assert last_skipped is not None
         skipped.append((last_skipped, f"misfire: {total - len(skipped)} more occurrences skipped"))
     return MisfirePlan(fire=fire, skipped=skipped, next_ms=occ.next_after_now())

@@ -84,11 +84,6 @@ def shutdown() -> None:
         provider.shutdown()
 
 
-def _tracer(service: str) -> trace.Tracer:
-    assert _provider is not None
-    return _provider.get_tracer(f"dsched.{service}")
-
-
 def _parent(traceparent: str | None) -> context.Context | None:
     return _propagator.extract({"traceparent": traceparent}) if traceparent else None
 
@@ -109,9 +104,11 @@ def start(
 ) -> Span | None:
     """A started span, child of the ``parent`` traceparent (a new trace if None); None while tracing is off.
     End it with :func:`end`."""
-    if not ENABLED:
+    provider = _provider  # set exactly while ENABLED
+    if provider is None:
         return None
-    return _tracer(service).start_span(name, context=_parent(parent), kind=kind, attributes=attributes)
+    tracer = provider.get_tracer(f"dsched.{service}")
+    return tracer.start_span(name, context=_parent(parent), kind=kind, attributes=attributes)
 
 
 def end(span: Span | None, error: str | None = None) -> None:

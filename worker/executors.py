@@ -502,8 +502,10 @@ async def _supervise(
     cancellation: Cancellation | None,
 ) -> Outcome:
     async def pump() -> None:
-        assert proc.stdout is not None
-        while chunk := await proc.stdout.read(_CHUNK):
+        stdout = proc.stdout
+        if stdout is None:  # run_command starts every command with stdout=PIPE
+            raise RuntimeError("the command's stdout is not a pipe")
+        while chunk := await stdout.read(_CHUNK):
             sink.write(chunk)  # keeps reading past the cap so the child never blocks on a full pipe
 
     async def read_all() -> None:

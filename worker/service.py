@@ -130,7 +130,7 @@ class Worker:
             supervise("worker", "queue_dead_letters", lambda: failures.sweep_forever(self)),
         ]
         if (coordination := self.coordination) is not None:
-            self._background.append(supervise("worker", "watch_cancels", self._watch_cancels))
+            self._background.append(supervise("worker", "watch_cancels", lambda: self._watch_cancels(coordination)))
             self._background.append(supervise("worker", "presence", lambda: presence.announce(self, coordination)))
         # This process exports the depth of the queue it consumes (dsched_queue_depth), in every deployment mode.
         self._background.append(supervise("worker", "queue_depth", lambda: sample_queue_depth(self.queue)))
@@ -451,7 +451,11 @@ class Worker:
             return await executors.run_command(
                 payload.text or "", job.timeout_s, cap, cancellation, inline_bytes=inline
             )
-        assert payload.http is not None and self._session is not None
+        http, session = payload.http, self._session
+        if http is None:
+            raise ValueError(f"a {payload.kind} payload without its HTTP call")
+        if session is None:
+            raise RuntimeError("use `async with worker.open()`")
         idempotency_key = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{job.job_id}/{run.scheduled_ms}"))
         headers = {
             "X-Dsched-Job-Id": job.job_id,
@@ -462,10 +466,10 @@ class Worker:
         if (traceparent := tracing.current_traceparent()) is not None:  # the target joins the job's trace
             headers["traceparent"] = traceparent
         return await executors.call_http(
-            self._session,
-            payload.http,
+            session,
+            http,
             headers=headers,
-            timeout_s=payload.http.timeout_s or job.timeout_s,
+            timeout_s=http.timeout_s or job.timeout_s,
             output_cap=cap,
             allow_private=self.settings.allow_private_http,
             signing_secrets=await self.signing.for_job(job.user_id, job.project_id),
@@ -705,11 +709,10 @@ class Worker:
                 if receipt in self._fresh_until:
                     self._fresh_until[receipt] = 0.0  # due again at the next beat
 
-    async def _watch_cancels(self) -> None:
-        assert self.coordination is not None
+    async def _watch_cancels(self, coordination: Coordination) -> None:
         while True:
             try:
-                async for event in self.coordination.watch_prefix(CANCEL_PREFIX):
+                async for event in coordination.watch_prefix(CANCEL_PREFIX):
                     if event.value is not None:
                         self.cancel(event.key[len(CANCEL_PREFIX) :])
             except asyncio.CancelledError:

@@ -84,8 +84,8 @@ class Writer:
         batch in progress). Runs beside the consume loop, so a writer stuck on a batch still reports growing lag."""
         while True:
             with contextlib.suppress(Exception):
-                assert self._consumer is not None
-                lag = await self._consumer.lag()
+                consumer = self._consumer  # read each time: a rewind replaces it; None only outside open()
+                lag = await consumer.lag() if consumer is not None else None
                 if lag is not None:
                     WRITER_LAG_RECORDS.set(lag.records)
                     oldest = lag.oldest_ms if lag.records else None

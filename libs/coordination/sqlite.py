@@ -113,7 +113,8 @@ class SqliteCoordination(Coordination):
 
         def grant(conn: sqlite3.Connection, now: int) -> int:
             cur = conn.execute("INSERT INTO leases (ttl_ms, expires_at_ms) VALUES (?, ?)", (ttl_ms, now + ttl_ms))
-            assert cur.lastrowid is not None
+            if cur.lastrowid is None:  # only when no row was inserted
+                raise sqlite3.DatabaseError("granting a lease inserted no row")
             return cur.lastrowid
 
         return await self._tx(grant)

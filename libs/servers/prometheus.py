@@ -161,20 +161,15 @@ class PrometheusServer(ServerProcess):
         result = data["result"]
         if data["resultType"] == "scalar":
             return [{"metric": {}, "value": result}]
-        assert isinstance(result, list)
-        return result
+        return _as_list("/api/v1/query result", result)
 
     def alerts(self) -> list[dict[str, Any]]:
         """``/api/v1/alerts``: active alerts (pending or firing) with their labels and state."""
-        alerts = self._get("/api/v1/alerts", {})["alerts"]
-        assert isinstance(alerts, list)
-        return alerts
+        return _as_list("/api/v1/alerts", self._get("/api/v1/alerts", {})["alerts"])
 
     def rules(self) -> list[dict[str, Any]]:
         """``/api/v1/rules``: the loaded rule groups (rules with their health and last error)."""
-        groups = self._get("/api/v1/rules", {})["groups"]
-        assert isinstance(groups, list)
-        return groups
+        return _as_list("/api/v1/rules", self._get("/api/v1/rules", {})["groups"])
 
     def target_health(self) -> dict[str, str]:
         """``instance`` → ``up``/``down``/``unknown`` for every active target."""
@@ -201,6 +196,13 @@ class PrometheusServer(ServerProcess):
                 pass
         except (urllib.error.URLError, OSError) as exc:
             raise ServerError(f"prometheus {path}: {exc}") from exc
+
+
+def _as_list(what: str, value: Any) -> list[dict[str, Any]]:
+    """``value`` from a Prometheus answer, which must be a list (raises :class:`ServerError` otherwise)."""
+    if not isinstance(value, list):
+        raise ServerError(f"prometheus {what}: expected a list, got {type(value).__name__}")
+    return value
 
 
 def _duration(seconds: float) -> str:
