@@ -1,5 +1,6 @@
 """Dependencies point one way: libs <- services <- app shell <- tools (chaos, bench); services never import each
-other; and no import cycle between modules. Read from the source (AST), so a lazy import counts too."""
+other; and no import cycle between modules. Read from the source (AST), so a lazy import counts too. Product code
+has no ``assert`` statement (``python -O`` drops them)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ def _modules() -> dict[str, Path]:
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             found[name] = path
     return found
+
+
+def _product_files() -> list[Path]:
+    """Every module the ``dsched`` package ships except the benchmarks (``dsched/<package>`` are links)."""
+    files: list[Path] = []
+    for entry in sorted((ROOT / "dsched").iterdir()):
+        if entry.name == "bench":
+            continue
+        if entry.is_dir():
+            files.extend(sorted(entry.resolve().rglob("*.py")))
+        elif entry.suffix == ".py":
+            files.append(entry)
+    return files
 
 
 def _imports(path: Path, *, top_level_only: bool) -> set[str]:
@@ -86,11 +100,25 @@ def test_no_import_cycles() -> None:
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def test_product_code_has_no_assert() -> None:
+    """``python -O`` removes assert statements: product code narrows types and checks invariants without them."""
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in _product_files()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Assert)
+    ]
+    assert not found, "assert statements in product code:\n" + "\n".join(found)
+
+
 def test_the_test_sees_the_code() -> None:
-    """Guards the two tests above against passing vacuously (e.g. after a move)."""
+    """Guards the tests above against passing vacuously (e.g. after a move)."""
     modules = _modules()
     assert {"libs.models", "app.runner", "worker.service"} <= set(modules)
     assert "libs.models" in _imports(modules["worker.service"], top_level_only=True)
+    product = {path.relative_to(ROOT).as_posix() for path in _product_files()}
+    assert {"dsched/__init__.py", "libs/models.py", "worker/service.py", "chaos/faults.py"} <= product
+    assert not any(name.startswith("bench/") for name in product)
 
 
 # Tests import helpers, never each other ---------------------------------------------------------------------
