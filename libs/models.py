@@ -185,8 +185,10 @@ class Run(Model):
     error: str | None = None
 
 
-class RunMessage(Model):
-    """The body of a work-queue message: everything a worker needs to run one attempt."""
+class RunOrder(Model):
+    """The body of a work-queue message: the picker's order to a worker to run one attempt of one occurrence, with
+    everything the worker needs. Not the :class:`Run` record the store keeps of that attempt; held in variables named
+    ``order``. The JSON field names are the wire format (messages already queued must still decode): keep them."""
 
     run_id: str
     job: Job

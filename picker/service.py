@@ -30,7 +30,7 @@ from dsched.libs.clock import now_ms
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
 from dsched.libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT, export
-from dsched.libs.models import BucketEntry, Job, JobState, Run, RunMessage, RunStatus, run_id_for
+from dsched.libs.models import BucketEntry, Job, JobState, Run, RunOrder, RunStatus, run_id_for
 from dsched.libs.queue.base import OutgoingMessage, WorkQueue
 from dsched.libs.retrying import until_up
 from dsched.libs.schedule import ScheduleError, first_undispatched, parse_schedule, plan_misfire
@@ -403,7 +403,7 @@ class Picker:
     @staticmethod
     def _message(job: Job, entry: BucketEntry, scheduled: int, now: int) -> OutgoingMessage:
         run_id = run_id_for(job.job_id, scheduled, entry.attempt)
-        message = RunMessage(
+        order = RunOrder(
             run_id=run_id,
             job=job,
             scheduled_ms=scheduled,
@@ -416,8 +416,8 @@ class Picker:
             if tracing.ENABLED
             else None,
         )
-        DISPATCH_LAG.observe(max(0, now - message.due_ms) / 1000)
-        return OutgoingMessage(body=message.model_dump_json().encode(), priority=job.priority)
+        DISPATCH_LAG.observe(max(0, now - order.due_ms) / 1000)
+        return OutgoingMessage(body=order.model_dump_json().encode(), priority=job.priority)
 
     async def _apply(self, plan: DispatchPlan, shards: set[int]) -> int:
         """Carry out ``plan`` in the order that makes a crash harmless: the next occurrences, skipped runs and the

@@ -36,7 +36,7 @@ from dsched.libs.models import (
     DeadLetter,
     JobState,
     LastRun,
-    RunMessage,
+    RunOrder,
     RunStatus,
     run_id_for,
 )
@@ -68,41 +68,42 @@ def _text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}"[:500]
 
 
-async def record_failure(worker: Worker, run: RunMessage, reason: str, started: int | None, finished: int) -> None:
-    """Record ``run`` as failed for good with ``reason``: the run record, a dead letter, the job's state.
+async def record_failure(worker: Worker, order: RunOrder, reason: str, started: int | None, finished: int) -> None:
+    """Record the attempt ``order`` asked for as failed for good with ``reason``: the run record, a dead letter, the
+    job's state.
 
     Unbatched and without blobs, so it works when the normal record failed because of one of those."""
-    job = run.job
-    record = worker._run_record(run, RunStatus.FAILED, started=started, finished=finished, error=reason)
+    job = order.job
+    record = worker._run_record(order, RunStatus.FAILED, started=started, finished=finished, error=reason)
     await worker.store.put_runs([record])
     DEAD_LETTERS.inc()
     await worker.store.put_dead_letters(
         [
             DeadLetter(
-                dead_letter_id=run.run_id,
+                dead_letter_id=order.run_id,
                 job_id=job.job_id,
                 user_id=job.user_id,
                 project_id=job.project_id,
-                scheduled_ms=run.scheduled_ms,
-                attempts=run.attempt + 1,
+                scheduled_ms=order.scheduled_ms,
+                attempts=order.attempt + 1,
                 error=reason,
                 dead_ms=finished,
             )
         ]
     )
     last_run = LastRun(
-        run_id=run.run_id,
+        run_id=order.run_id,
         status=RunStatus.FAILED,
-        attempt=run.attempt,
-        scheduled_ms=run.scheduled_ms,
+        attempt=order.attempt,
+        scheduled_ms=order.scheduled_ms,
         finished_ms=finished,
     )
     state = job_states.finished(recurring=job.recurring, outcome=RunStatus.FAILED, retry_coming=False)
     await worker.store.update_job_states([JobState(job_id=job.job_id, state=state, last_run=last_run)])
 
 
-async def _identify(worker: Worker, body: bytes) -> RunMessage | None:
-    """The run an undecodable body was meant to be, if its job can be found in the store."""
+async def _identify(worker: Worker, body: bytes) -> RunOrder | None:
+    """The run order an undecodable body was meant to be, if its job can be found in the store."""
     try:
         data: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -126,7 +127,7 @@ async def _identify(worker: Worker, body: bytes) -> RunMessage | None:
     run_id = data.get("run_id")
     if not isinstance(run_id, str) or not run_id:
         run_id = run_id_for(job.job_id, scheduled, attempt)
-    return RunMessage(
+    return RunOrder(
         run_id=run_id, job=job, scheduled_ms=scheduled, attempt=attempt, due_ms=integer("due_ms", scheduled)
     )
 
@@ -135,8 +136,8 @@ async def settle_undecodable(worker: Worker, message: ReceivedMessage, error: Ba
     """A message whose body is not a run: a failed run + dead letter if its job is identifiable, else counted and
     logged. Raises if the store cannot be read or written (the caller keeps the message for a later try)."""
     reason = UNDECODABLE.format(error=_text(error))
-    run = await _identify(worker, message.body)
-    if run is None:
+    order = await _identify(worker, message.body)
+    if order is None:
         POISON.labels(source, "unidentified").inc()
         logger.error(
             "poison_message_dropped",
@@ -147,26 +148,28 @@ async def settle_undecodable(worker: Worker, message: ReceivedMessage, error: Ba
             body=message.body[:BODY_PREVIEW].decode("utf-8", "replace"),
         )
         return
-    await record_failure(worker, run, reason, None, now_ms())
+    await record_failure(worker, order, reason, None, now_ms())
     POISON.labels(source, "recorded").inc()
-    logger.error("poison_message_recorded", source=source, job_id=run.job.job_id, run_id=run.run_id, error=reason)
+    logger.error("poison_message_recorded", source=source, job_id=order.job.job_id, run_id=order.run_id, error=reason)
 
 
 async def settle_redriven(worker: Worker, message: ReceivedMessage) -> None:
     """One message from the queue's dead-letter store: recorded as a failed run unless its run already finished.
     Raises if the store cannot be read or written."""
     try:
-        run = RunMessage.model_validate_json(message.body)
+        order = RunOrder.model_validate_json(message.body)
     except ValueError as exc:
         await settle_undecodable(worker, message, exc, "queue_dead_letters")
         return
-    previous = (await worker.store.get_runs([run.run_id])).get(run.run_id)
+    previous = (await worker.store.get_runs([order.run_id])).get(order.run_id)
     if previous is not None and previous.status in FINISHED_RUN_STATUSES:
         return  # it did finish (its ack was lost): nothing to tell the owner
     reason = REDRIVEN.format(count=message.receive_count)
-    await record_failure(worker, run, reason, previous.started_ms if previous else None, now_ms())
+    await record_failure(worker, order, reason, previous.started_ms if previous else None, now_ms())
     POISON.labels("queue_dead_letters", "recorded").inc()
-    logger.error("redriven_run_recorded", job_id=run.job.job_id, run_id=run.run_id, deliveries=message.receive_count)
+    logger.error(
+        "redriven_run_recorded", job_id=order.job.job_id, run_id=order.run_id, deliveries=message.receive_count
+    )
 
 
 async def sweep_queue_dead_letters(worker: Worker) -> int:

@@ -56,7 +56,7 @@ from dsched.libs.models import (
     LastRun,
     Payload,
     Run,
-    RunMessage,
+    RunOrder,
     RunStatus,
 )
 from dsched.libs.queue.base import ReceivedMessage, WorkQueue
@@ -110,7 +110,7 @@ class Worker:
         self._watching: set[str] = set()  # redelivered at-most-once runs whose claimer lives (see _watch_claimed)
         self._fresh_until: dict[str, float] = {}  # receipt -> (monotonic) when it next needs an extend (_heartbeat)
         self._held = 0  # runs received ahead of their due time, waiting for it (see _hold)
-        self._started: dict[str, tuple[RunMessage, int]] = {}  # runs whose "running" record is not written yet
+        self._started: dict[str, tuple[RunOrder, int]] = {}  # runs whose "running" record is not written yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._runs = Batcher(store.put_runs)
@@ -199,11 +199,11 @@ class Worker:
             self._receiving.difference_update(m.receipt for m in messages)
 
     async def _start_batch(self, messages: list[ReceivedMessage]) -> None:
-        decoded: list[tuple[ReceivedMessage, RunMessage]] = []
+        decoded: list[tuple[ReceivedMessage, RunOrder]] = []
         to_ack: list[str] = []
         for message in messages:
             try:
-                decoded.append((message, RunMessage.model_validate_json(message.body)))
+                decoded.append((message, RunOrder.model_validate_json(message.body)))
             except ValidationError as exc:
                 logger.error("undecodable_message", message_id=message.message_id, error=str(exc).splitlines()[0])
                 try:  # a failed run + dead letter for its owner if the job can be identified, else counted
@@ -212,7 +212,7 @@ class Worker:
                     logger.warning("record_failed", message_id=message.message_id, error=f"{settle_exc!r}"[:300])
                     continue
                 to_ack.append(message.receipt)
-        runnable: list[tuple[ReceivedMessage, RunMessage]] = []
+        runnable: list[tuple[ReceivedMessage, RunOrder]] = []
         # A first delivery of an at-least-once run needs no lookup: only a redelivery can find it finished.
         # (A picker re-dispatching after a crash may still run it twice, which at-least-once allows.)
         to_check = [m.run_id for msg, m in decoded if msg.receive_count > 1 or m.job.execution == "at_most_once"]
@@ -228,23 +228,23 @@ class Worker:
             for _ in messages:
                 self._slots.release()
             return
-        watching: list[tuple[ReceivedMessage, RunMessage]] = []
-        for message, run in decoded:
-            previous = existing.get(run.run_id)
+        watching: list[tuple[ReceivedMessage, RunOrder]] = []
+        for message, order in decoded:
+            previous = existing.get(order.run_id)
             if previous is not None and previous.status in FINISHED_RUN_STATUSES:
                 DUPLICATE_DELIVERIES.inc()
                 to_ack.append(message.receipt)
-            elif run.job.execution == "at_most_once" and run.run_id not in claimed:
+            elif order.job.execution == "at_most_once" and order.run_id not in claimed:
                 DUPLICATE_DELIVERIES.inc()
-                logger.warning("at_most_once_redelivery", job_id=run.job.job_id, run_id=run.run_id)
+                logger.warning("at_most_once_redelivery", job_id=order.job.job_id, run_id=order.run_id)
                 if message.receive_count > 1 and (previous is None or previous.status == RunStatus.RUNNING):
-                    if await self._claimer_alive(run.run_id, previous):
+                    if await self._claimer_alive(order.run_id, previous):
                         # Its worker lives (its extends failed, e.g. the queue was briefly unreachable): keep the
                         # message hidden here until that run finishes or its worker dies, then settle it.
                         logger.info(
-                            "at_most_once_claimer_alive", run_id=run.run_id, claimer=previous and previous.worker_id
+                            "at_most_once_claimer_alive", run_id=order.run_id, claimer=previous and previous.worker_id
                         )
-                        watching.append((message, run))
+                        watching.append((message, order))
                         continue
                     # This message's earlier holder claimed the run and stopped extending it (crashed or stalled):
                     # it may or may not have run, and never runs again, so it failed for good (dead letter, job
@@ -252,19 +252,19 @@ class Worker:
                     # own redelivery: writing here could overwrite the outcome of the run still executing elsewhere.
                     try:
                         lost = executors.Outcome(RunStatus.FAILED, error=CLAIM_LOST, retryable=False)
-                        await self._record(run, lost, previous.started_ms if previous else None, now_ms())
+                        await self._record(order, lost, previous.started_ms if previous else None, now_ms())
                     except Exception as exc:  # not acked: the next delivery records it
-                        logger.warning("record_failed", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
+                        logger.warning("record_failed", run_id=order.run_id, error=f"{type(exc).__name__}: {exc}")
                         continue
                 to_ack.append(message.receipt)
-            elif run.job.execution == "at_most_once" and any(r.run_id == run.run_id for _, r in runnable):
+            elif order.job.execution == "at_most_once" and any(r.run_id == order.run_id for _, r in runnable):
                 # Two messages for one run in one batch (a picker re-dispatched it): the claim above was won once,
                 # for both of them; only the first may run.
                 DUPLICATE_DELIVERIES.inc()
-                logger.warning("at_most_once_duplicate_in_batch", job_id=run.job.job_id, run_id=run.run_id)
+                logger.warning("at_most_once_duplicate_in_batch", job_id=order.job.job_id, run_id=order.run_id)
                 to_ack.append(message.receipt)
             else:
-                runnable.append((message, run))
+                runnable.append((message, order))
         for _ in range(len(messages) - len(runnable)):
             self._slots.release()
         if to_ack:
@@ -274,22 +274,22 @@ class Worker:
                 # (raising here would drop the runnable messages with their execution slots: a leak that stops
                 # the worker's receive loop for good once every slot is gone)
                 logger.warning("ack_failed", messages=len(to_ack), error=f"{type(exc).__name__}: {exc}")
-        for message, run in watching:
+        for message, order in watching:
             self._watching.add(message.receipt)
-            task = asyncio.create_task(self._watch_claimed(message, run))
+            task = asyncio.create_task(self._watch_claimed(message, order))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         now = now_ms()
-        for message, run in runnable:
+        for message, order in runnable:
             # In flight from here on (the heartbeat extends it), before its task first runs.
             self._inflight[message.receipt] = executors.Cancellation()
-            self._receipts_by_run[run.run_id] = message.receipt
-            start = self._hold(message, run) if run.due_ms > now else self._execute(message, run)
+            self._receipts_by_run[order.run_id] = message.receipt
+            start = self._hold(message, order) if order.due_ms > now else self._execute(message, order)
             task = asyncio.create_task(start)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _hold(self, message: ReceivedMessage, run: RunMessage) -> None:
+    async def _hold(self, message: ReceivedMessage, order: RunOrder) -> None:
         """A run the picker sent ahead of its due time (``dispatch_ahead_ms``): wait for the due time, then run it.
 
         While held the run gives its execution slot back, so held runs never keep due ones from running; past
@@ -297,7 +297,7 @@ class Worker:
         bounds what is held. The message stays in flight: the heartbeat extends it, a shutdown hands it back.
         """
         cancellation = self._inflight.setdefault(message.receipt, executors.Cancellation())
-        self._receipts_by_run[run.run_id] = message.receipt
+        self._receipts_by_run[order.run_id] = message.receipt
         keep_slot = self._held >= 4 * self.settings.worker_concurrency
         has_slot = True
         try:
@@ -307,7 +307,7 @@ class Worker:
             self._held += 1
             try:
                 for _ in range(100):  # the loop's timer may wake a little before the wall clock reaches due
-                    wait_ms = run.due_ms - now_ms()
+                    wait_ms = order.due_ms - now_ms()
                     if wait_ms <= 0:
                         break
                     await asyncio.sleep(wait_ms / 1000)
@@ -318,11 +318,11 @@ class Worker:
                 has_slot = True
         except BaseException:
             self._inflight.pop(message.receipt, None)
-            self._receipts_by_run.pop(run.run_id, None)
+            self._receipts_by_run.pop(order.run_id, None)
             if has_slot:
                 self._slots.release()
             raise
-        await self._execute(message, run, cancellation)
+        await self._execute(message, order, cancellation)
 
     async def _claimer_alive(self, run_id: str, previous: Run | None) -> bool:
         """Whether the worker that claimed this at-most-once run still lives: it runs here, or its ``running``
@@ -341,45 +341,45 @@ class Worker:
             logger.warning("presence_lookup_failed", error=f"{type(exc).__name__}: {exc}")
             return True
 
-    async def _watch_claimed(self, message: ReceivedMessage, run: RunMessage) -> None:
+    async def _watch_claimed(self, message: ReceivedMessage, order: RunOrder) -> None:
         """A redelivered at-most-once message whose run still executes on a live worker (that worker can no longer
         extend this delivery): keep it hidden (the heartbeat extends ``_watching``) and look again every half
         visibility timeout; ack it once the run finished, record the run lost if its worker died (or once the run
         outlived its timeout by far). If the store fails, the message is left to reappear."""
         interval = self.settings.visibility_timeout_s / 2
-        rounds = int((run.job.timeout_s + 60) / interval) + 1
+        rounds = int((order.job.timeout_s + 60) / interval) + 1
         try:
             for number in range(rounds + 1):
                 await asyncio.sleep(interval)
-                previous = (await self.store.get_runs([run.run_id])).get(run.run_id)
+                previous = (await self.store.get_runs([order.run_id])).get(order.run_id)
                 if previous is not None and previous.status in FINISHED_RUN_STATUSES:
                     break
-                if number == rounds or not await self._claimer_alive(run.run_id, previous):
+                if number == rounds or not await self._claimer_alive(order.run_id, previous):
                     lost = executors.Outcome(RunStatus.FAILED, error=CLAIM_LOST, retryable=False)
-                    await self._record(run, lost, previous.started_ms if previous else None, now_ms())
+                    await self._record(order, lost, previous.started_ms if previous else None, now_ms())
                     break
             await self._acks.enqueue([message.receipt])
         except Exception as exc:
-            logger.warning("claim_watch_failed", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
+            logger.warning("claim_watch_failed", run_id=order.run_id, error=f"{type(exc).__name__}: {exc}")
         finally:
             self._watching.discard(message.receipt)
 
     # One run ----------------------------------------------------------------------------------------------
     async def _execute(
-        self, message: ReceivedMessage, run: RunMessage, cancellation: executors.Cancellation | None = None
+        self, message: ReceivedMessage, order: RunOrder, cancellation: executors.Cancellation | None = None
     ) -> None:
         """Run one attempt holding an execution slot, then record and ack it holding only a recording slot:
         store round trips never keep a slot from the next run (the batched writes are shared anyway)."""
         cancellation = cancellation or self._inflight.get(message.receipt) or executors.Cancellation()
         self._inflight[message.receipt] = cancellation
-        self._receipts_by_run[run.run_id] = message.receipt
+        self._receipts_by_run[order.run_id] = message.receipt
         WORKER_INFLIGHT.inc()
         executing = True
-        job = run.job
+        job = order.job
         # The run's span: child of the picker's dispatch span, current (log lines, the HTTP call's traceparent)
         # until the attempt is recorded. None while tracing is off (libs/tracing.py).
         span = (
-            tracing.start("worker", "dsched.run", run.traceparent, {"dsched.run_id": run.run_id})
+            tracing.start("worker", "dsched.run", order.traceparent, {"dsched.run_id": order.run_id})
             if tracing.ENABLED
             else None
         )
@@ -387,18 +387,18 @@ class Worker:
         try:
             started = now_ms()
             # A job submitted with its due time already past is late by the client's doing: not in the SLO.
-            late_submission = run.kind == "schedule" and run.attempt == 0 and run.scheduled_ms < job.created_ms
-            observe_run_start(job.user_id, max(0, started - run.due_ms) / 1000, late_submission=late_submission)
-            self._started[run.run_id] = (run, started)
+            late_submission = order.kind == "schedule" and order.attempt == 0 and order.scheduled_ms < job.created_ms
+            observe_run_start(job.user_id, max(0, started - order.due_ms) / 1000, late_submission=late_submission)
+            self._started[order.run_id] = (order, started)
             try:
-                outcome = await self._perform(run, cancellation)
+                outcome = await self._perform(order, cancellation)
             except Exception as exc:  # a bug, an unreadable payload blob: a failed attempt that says why
                 logger.error(
-                    "run_raised", job_id=job.job_id, run_id=run.run_id, error=repr(exc)[:500], trace=_trace(exc)
+                    "run_raised", job_id=job.job_id, run_id=order.run_id, error=repr(exc)[:500], trace=_trace(exc)
                 )
                 error = f"the worker could not run this job: {type(exc).__name__}: {exc}"[:1000]
                 outcome = executors.Outcome(RunStatus.FAILED, error=error, retryable=True)
-            self._started.pop(run.run_id, None)  # before the final record: no "running" may follow it
+            self._started.pop(order.run_id, None)  # before the final record: no "running" may follow it
             tracing.end(span, None if outcome.status == RunStatus.SUCCEEDED else outcome.status.value)
             finished = now_ms()
             RUN_DURATION.observe((finished - started) / 1000)
@@ -408,14 +408,14 @@ class Worker:
                 executing = False
                 WORKER_INFLIGHT.dec()
                 self._slots.release()
-                await self._record_or_fail(run, outcome, started, finished)
+                await self._record_or_fail(order, outcome, started, finished)
                 logger.info(
                     "run_finished",
                     job_id=job.job_id,
-                    run_id=run.run_id,
+                    run_id=order.run_id,
                     status=outcome.status.value,
-                    attempt=run.attempt,
-                    lag_ms=started - run.due_ms,
+                    attempt=order.attempt,
+                    lag_ms=started - order.due_ms,
                     duration_ms=finished - started,
                 )
                 await self._acks.enqueue([message.receipt])
@@ -423,19 +423,19 @@ class Worker:
             raise
         except Exception as exc:  # not even a failure could be recorded (store down): the message reappears
             logger.error(
-                "run_failed_to_record", job_id=job.job_id, run_id=run.run_id, error=f"{type(exc).__name__}: {exc}"
+                "run_failed_to_record", job_id=job.job_id, run_id=order.run_id, error=f"{type(exc).__name__}: {exc}"
             )
         finally:
             tracing.detach(trace_token)
             self._inflight.pop(message.receipt, None)
-            self._receipts_by_run.pop(run.run_id, None)
-            self._started.pop(run.run_id, None)
+            self._receipts_by_run.pop(order.run_id, None)
+            self._started.pop(order.run_id, None)
             if executing:
                 WORKER_INFLIGHT.dec()
                 self._slots.release()
 
-    async def _perform(self, run: RunMessage, cancellation: executors.Cancellation) -> executors.Outcome:
-        job = run.job
+    async def _perform(self, order: RunOrder, cancellation: executors.Cancellation) -> executors.Outcome:
+        job = order.job
         payload = job.payload
         if payload.blob_key:
             payload = Payload.model_validate_json(await self.blobs.get(payload.blob_key))
@@ -456,12 +456,12 @@ class Worker:
             raise ValueError(f"a {payload.kind} payload without its HTTP call")
         if session is None:
             raise RuntimeError("use `async with worker.open()`")
-        idempotency_key = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{job.job_id}/{run.scheduled_ms}"))
+        idempotency_key = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{job.job_id}/{order.scheduled_ms}"))
         headers = {
             "X-Dsched-Job-Id": job.job_id,
-            "X-Dsched-Run-Id": run.run_id,
+            "X-Dsched-Run-Id": order.run_id,
             "Idempotency-Key": idempotency_key,
-            "X-Dsched-Attempt": str(run.attempt),
+            "X-Dsched-Attempt": str(order.attempt),
         }
         if (traceparent := tracing.current_traceparent()) is not None:  # the target joins the job's trace
             headers["traceparent"] = traceparent
@@ -478,40 +478,40 @@ class Worker:
         )
 
     async def _record_or_fail(
-        self, run: RunMessage, outcome: executors.Outcome, started: int | None, finished: int
+        self, order: RunOrder, outcome: executors.Outcome, started: int | None, finished: int
     ) -> None:
         """Record the outcome; if that raises, try once more on its own (unbatched: a poison record in a shared
         batch fails its batch-mates too), then record the attempt as failed for good with the reason and a dead
         letter (:func:`worker.failures.record_failure`). Raises only if that fails as well (the store is down)."""
         try:
-            await self._record(run, outcome, started, finished)
+            await self._record(order, outcome, started, finished)
             return
         except Exception as exc:
-            logger.warning("record_failed", job_id=run.job.job_id, run_id=run.run_id, error=repr(exc)[:300])
+            logger.warning("record_failed", job_id=order.job.job_id, run_id=order.run_id, error=repr(exc)[:300])
         await asyncio.sleep(RECORD_RETRY_PAUSE_S)
         try:
-            await self._record(run, outcome, started, finished, direct=True)
+            await self._record(order, outcome, started, finished, direct=True)
             return
         except Exception as exc:
             logger.error(
-                "record_failed", job_id=run.job.job_id, run_id=run.run_id, error=repr(exc)[:300], trace=_trace(exc)
+                "record_failed", job_id=order.job.job_id, run_id=order.run_id, error=repr(exc)[:300], trace=_trace(exc)
             )
             reason = f"recording the outcome ({outcome.status.value}) failed: {type(exc).__name__}: {exc}"[:1000]
-        await failures.record_failure(self, run, reason, started, finished)
+        await failures.record_failure(self, order, reason, started, finished)
 
     async def _record(
-        self, run: RunMessage, outcome: executors.Outcome, started: int | None, finished: int, *, direct: bool = False
+        self, order: RunOrder, outcome: executors.Outcome, started: int | None, finished: int, *, direct: bool = False
     ) -> None:
         """Store the run, its retry entry or dead letter, and the job's state (through the shared batchers, or
         with ``direct`` straight to the store)."""
         put_runs = self.store.put_runs if direct else self._runs.enqueue
         put_states = self.store.update_job_states if direct else self._states.enqueue
-        job = run.job
+        job = order.job
         output, output_ref = await executors.store_output(
-            self.blobs, f"outputs/{run.run_id}", outcome, self.settings.output_inline_bytes
+            self.blobs, f"outputs/{order.run_id}", outcome, self.settings.output_inline_bytes
         )
         record = self._run_record(
-            run,
+            order,
             outcome.status,
             started=started,
             finished=finished,
@@ -524,18 +524,18 @@ class Worker:
         record.output_capped = outcome.output_capped
         writes: list[Awaitable[object]] = [put_runs([record])]
         last_run = LastRun(
-            run_id=run.run_id,
+            run_id=order.run_id,
             status=outcome.status,
-            attempt=run.attempt,
-            scheduled_ms=run.scheduled_ms,
+            attempt=order.attempt,
+            scheduled_ms=order.scheduled_ms,
             finished_ms=finished,
         )
         retry_coming = False
         if outcome.status not in (RunStatus.SUCCEEDED, RunStatus.CANCELLED):
-            retry_due = self._retry_due(run, outcome, finished)
+            retry_due = self._retry_due(order, outcome, finished)
             if retry_due is not None:
                 RETRIES.inc()
-                writes.append(self.store.put_entries([self._retry_entry(run, retry_due, finished)]))
+                writes.append(self.store.put_entries([self._retry_entry(order, retry_due, finished)]))
                 retry_coming = True
             else:
                 DEAD_LETTERS.inc()
@@ -543,12 +543,12 @@ class Worker:
                     self.store.put_dead_letters(
                         [
                             DeadLetter(
-                                dead_letter_id=run.run_id,
+                                dead_letter_id=order.run_id,
                                 job_id=job.job_id,
                                 user_id=job.user_id,
                                 project_id=job.project_id,
-                                scheduled_ms=run.scheduled_ms,
-                                attempts=run.attempt + 1,
+                                scheduled_ms=order.scheduled_ms,
+                                attempts=order.attempt + 1,
                                 error=outcome.error,
                                 dead_ms=finished,
                             )
@@ -565,28 +565,28 @@ class Worker:
                 if isinstance(write, Coroutine):
                     write.close()
 
-    def _retry_due(self, run: RunMessage, outcome: executors.Outcome, now: int) -> int | None:
-        job = run.job
+    def _retry_due(self, order: RunOrder, outcome: executors.Outcome, now: int) -> int | None:
+        job = order.job
         if not outcome.retryable:
             return None
         if outcome.http_status is not None and not http_status_retryable(outcome.http_status, job.retry):
             return None
-        delay = backoff_s(job.retry, run.attempt + 1, seed=run.run_id)
+        delay = backoff_s(job.retry, order.attempt + 1, seed=order.run_id)
         retry_after = parse_retry_after(outcome.retry_after, now)
         if retry_after is not None:
             delay = max(delay, min(retry_after, job.retry.max_s))
         due = now + int(delay * 1000)
-        if not should_retry(job.retry, job.max_retries, run.attempt, run.scheduled_ms, due):
+        if not should_retry(job.retry, job.max_retries, order.attempt, order.scheduled_ms, due):
             return None
         return due
 
-    def _retry_entry(self, run: RunMessage, due: int, now: int) -> BucketEntry:
+    def _retry_entry(self, order: RunOrder, due: int, now: int) -> BucketEntry:
         settings = self.settings
         return entry_for(
-            run.job,
+            order.job,
             due,
-            scheduled_ms=run.scheduled_ms,
-            attempt=run.attempt + 1,
+            scheduled_ms=order.scheduled_ms,
+            attempt=order.attempt + 1,
             kind="retry",
             shard_count=settings.shard_count,
             bucket_ms=settings.bucket_ms,
@@ -595,7 +595,7 @@ class Worker:
 
     def _run_record(
         self,
-        run: RunMessage,
+        order: RunOrder,
         status: RunStatus,
         *,
         started: int | None = None,
@@ -607,13 +607,13 @@ class Worker:
         output_ref: str | None = None,
     ) -> Run:
         return Run(
-            run_id=run.run_id,
-            job_id=run.job.job_id,
-            user_id=run.job.user_id,
-            scheduled_ms=run.scheduled_ms,
-            attempt=run.attempt,
+            run_id=order.run_id,
+            job_id=order.job.job_id,
+            user_id=order.job.user_id,
+            scheduled_ms=order.scheduled_ms,
+            attempt=order.attempt,
             status=status,
-            due_ms=run.due_ms,
+            due_ms=order.due_ms,
             started_ms=started,
             finished_ms=finished,
             worker_id=self.node_id,
@@ -630,28 +630,28 @@ class Worker:
         while True:
             await asyncio.sleep(RUNNING_REPORT_S)
             cutoff = now_ms() - int(RUNNING_REPORT_S * 1000)
-            due = [(run, started) for run, started in self._started.values() if started <= cutoff]
+            due = [(order, started) for order, started in self._started.values() if started <= cutoff]
             if not due:
                 continue
-            for run, _ in due:
-                self._started.pop(run.run_id, None)
+            for order, _ in due:
+                self._started.pop(order.run_id, None)
             # Enqueued synchronously, before any final record of these runs can be (they left _started).
             runs = self._runs.enqueue(
-                [self._run_record(run, RunStatus.RUNNING, started=started) for run, started in due]
+                [self._run_record(order, RunStatus.RUNNING, started=started) for order, started in due]
             )
             states = self._states.enqueue(
                 [
                     JobState(
-                        job_id=run.job.job_id,
+                        job_id=order.job.job_id,
                         state=job_states.running(),
                         last_run=LastRun(
-                            run_id=run.run_id,
+                            run_id=order.run_id,
                             status=RunStatus.RUNNING,
-                            attempt=run.attempt,
-                            scheduled_ms=run.scheduled_ms,
+                            attempt=order.attempt,
+                            scheduled_ms=order.scheduled_ms,
                         ),
                     )
-                    for run, _ in due
+                    for order, _ in due
                 ]
             )
             try:

@@ -12,7 +12,7 @@ import pytest
 from dsched.app.backends import Backends
 from dsched.libs.clock import now_ms
 from dsched.libs.limits import MAX_COMMAND_BYTES
-from dsched.libs.models import Job, JobStatus, Payload, RunMessage, RunStatus, run_id_for
+from dsched.libs.models import Job, JobStatus, Payload, RunOrder, RunStatus, run_id_for
 from dsched.libs.queue.base import OutgoingMessage
 from dsched.libs.settings import Settings
 from dsched.worker.service import Worker
@@ -50,7 +50,7 @@ async def test_an_unrunnable_command_is_a_failed_run_and_a_dead_letter(
     )
     await backends.store.put_jobs([job])
     run_id = run_id_for(job.job_id, now, 0)
-    message = RunMessage(run_id=run_id, job=job, scheduled_ms=now, attempt=0, due_ms=now)
+    message = RunOrder(run_id=run_id, job=job, scheduled_ms=now, attempt=0, due_ms=now)
     await backends.queue.send([OutgoingMessage(message.model_dump_json().encode())])
     assert await worker.drain() == 1
     run = (await backends.store.get_runs([run_id]))[run_id]

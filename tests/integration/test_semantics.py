@@ -19,7 +19,7 @@ from aiohttp import web
 
 from dsched.app.backends import Backends
 from dsched.libs.metrics import DUPLICATE_DELIVERIES
-from dsched.libs.models import Job, Payload, RunMessage, run_id_for
+from dsched.libs.models import Job, Payload, RunOrder, run_id_for
 from dsched.libs.queue.base import OutgoingMessage
 from dsched.libs.settings import Settings
 from dsched.worker.service import Worker
@@ -85,7 +85,7 @@ async def test_at_most_once_runs_once_across_five_redeliveries(tmp_path: Path) -
             created_ms=now,
             execution="at_most_once",
         )
-        message = RunMessage(run_id=run_id_for(job.job_id, now, 0), job=job, scheduled_ms=now, attempt=0, due_ms=now)
+        message = RunOrder(run_id=run_id_for(job.job_id, now, 0), job=job, scheduled_ms=now, attempt=0, due_ms=now)
         await b.queue.send([OutgoingMessage(body=message.model_dump_json().encode())])
         duplicates_before = DUPLICATE_DELIVERIES._value.get()
         worker = Worker(queue=LosingAcks(b.queue), store=b.store, blobs=b.blobs, settings=settings)
@@ -136,7 +136,7 @@ async def test_at_least_once_runs_again_after_a_lost_delivery(tmp_path: Path) ->
             next_fire_ms=now,
             created_ms=now,
         )
-        message = RunMessage(run_id=run_id_for(job.job_id, now, 0), job=job, scheduled_ms=now, attempt=0, due_ms=now)
+        message = RunOrder(run_id=run_id_for(job.job_id, now, 0), job=job, scheduled_ms=now, attempt=0, due_ms=now)
         await b.queue.send([OutgoingMessage(body=message.model_dump_json().encode())])
         lost = Worker(queue=b.queue, store=StuckRecording(b.store), blobs=b.blobs, settings=settings)
         async with lost.open():
@@ -345,8 +345,8 @@ async def test_higher_priority_runs_first_when_workers_are_busy(tmp_path: Path) 
                 created_ms=now,
                 payload=Payload(kind="cmd", text=f"echo {priority} >> {marker}"),
             )
-            run = RunMessage(run_id=run_id_for(job.job_id, now, 0), job=job, scheduled_ms=now, attempt=0, due_ms=now)
-            messages.append(OutgoingMessage(body=run.model_dump_json().encode(), priority=priority))
+            order = RunOrder(run_id=run_id_for(job.job_id, now, 0), job=job, scheduled_ms=now, attempt=0, due_ms=now)
+            messages.append(OutgoingMessage(body=order.model_dump_json().encode(), priority=priority))
         await b.queue.send(messages)
         worker = Worker(queue=b.queue, store=b.store, blobs=b.blobs, settings=settings)
         async with worker.open():

@@ -21,7 +21,7 @@ import pytest
 from dsched.app.backends import Backends
 from dsched.libs.clock import now_ms
 from dsched.libs.metrics import REGISTRY
-from dsched.libs.models import Job, JobStatus, Payload, Run, RunMessage, RunStatus, run_id_for
+from dsched.libs.models import Job, JobStatus, Payload, Run, RunOrder, RunStatus, run_id_for
 from dsched.libs.queue.base import OutgoingMessage, WorkQueue
 from dsched.libs.settings import Settings
 from dsched.libs.store.base import JobStore
@@ -64,9 +64,9 @@ async def new_job(store: JobStore, payload: Payload | None = None, **fields: Any
     return job
 
 
-def message_for(job: Job, due_ms: int | None = None) -> RunMessage:
+def message_for(job: Job, due_ms: int | None = None) -> RunOrder:
     scheduled = job.next_fire_ms
-    return RunMessage(
+    return RunOrder(
         run_id=run_id_for(job.job_id, scheduled, 0),
         job=job,
         scheduled_ms=scheduled,
@@ -104,7 +104,7 @@ async def test_a_run_whose_execution_raises_is_a_failed_run_with_the_reason(
 ) -> None:
     job = await new_job(backends.store)
 
-    async def perform(run: RunMessage, cancellation: Cancellation) -> Outcome:
+    async def perform(order: RunOrder, cancellation: Cancellation) -> Outcome:
         raise RuntimeError("executor bug")
 
     monkeypatch.setattr(worker, "_perform", perform)
@@ -123,7 +123,7 @@ async def test_a_run_whose_execution_raises_is_retried_by_its_policy(
 ) -> None:
     job = await new_job(backends.store, max_retries=2)
 
-    async def perform(run: RunMessage, cancellation: Cancellation) -> Outcome:
+    async def perform(order: RunOrder, cancellation: Cancellation) -> Outcome:
         raise OSError("blob store unreachable")
 
     monkeypatch.setattr(worker, "_perform", perform)
@@ -142,7 +142,7 @@ async def test_a_run_whose_recording_raises_is_recorded_as_failed(
     calls: list[bool] = []
 
     async def record(
-        run: RunMessage, outcome: Outcome, started: int | None, finished: int, *, direct: bool = False
+        order: RunOrder, outcome: Outcome, started: int | None, finished: int, *, direct: bool = False
     ) -> None:
         calls.append(direct)
         raise OverflowError("Python int too large to convert to SQLite INTEGER")
