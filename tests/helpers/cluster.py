@@ -7,12 +7,13 @@ import contextlib
 import io
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from dsched.app.runner import started
 from dsched.libs.settings import Settings
@@ -54,15 +55,17 @@ class Api:
         assert status == 202, data
         return str(data["job_id"])
 
-    async def wait_for(self, check: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-        """Poll ``check`` until it returns something truthy (bounded in time)."""
+    async def wait_for(
+        self, check: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "condition"
+    ) -> Any:
+        """Poll ``check`` until it returns something truthy (bounded in time); the error names ``what``."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             result = await check()
             if result:
                 return result
             if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+                raise AssertionError(f"{what} not met within {timeout}s (last: {result!r})")
             await asyncio.sleep(0.05)
 
     async def runs(self, job_id: str) -> list[dict[str, Any]]:
@@ -75,6 +78,39 @@ class Api:
             return runs if len(runs) >= count else None
 
         return list(await self.wait_for(check, timeout))
+
+    async def status(self, job_id: str) -> str | None:
+        """The job's status, None while it cannot be read."""
+        status, job = await self.call("GET", f"/jobs/{job_id}")
+        return str(job["status"]) if status == 200 else None
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """The sum of the ``/metrics`` samples called ``name`` with ``labels`` (0 when there is none). In-process
+        services share one registry: the API's ``/metrics`` shows the picker's and the worker's counters too."""
+        status, text = await self.call("GET", "/metrics")
+        assert status == 200, text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    async def idle(self) -> bool:
+        """Nothing due in the store, nothing in the work queue or in flight, no job queued or running."""
+        _, stats = await self.call("GET", "/queue/stats")
+        busy = ("due", "queued", "running", "queue_visible", "queue_in_flight")
+        return all(stats.get(key, 0) == 0 for key in busy)
+
+    async def fired_through(self, moment: datetime, timeout: float = 10.0) -> None:
+        """Until the pipeline has had its chance to fire everything due by ``moment``: a witness job due then has
+        run (the cluster's picker dispatches entries in due order: every entry due earlier was dispatched before it)
+        and the pipeline is idle (what was dispatched has run). A bounded wait on observable state, for tests that
+        assert something did *not* happen."""
+        witness = await self.submit(payload="witness", project_id="witness", next_fire_at=rfc3339(moment))
+        limit = timeout + max(0.0, (moment - datetime.now(UTC)) / timedelta(seconds=1))
+        await self.finished_runs(witness, timeout=limit)
+        await self.wait_for(self.idle, timeout, what="an idle pipeline")
 
 
 def rfc3339(dt: datetime) -> str:

@@ -13,6 +13,9 @@ import pytest
 from aiohttp import web
 
 from tests.helpers.cluster import Api, job_exists, parse, rfc3339
+from tests.helpers.sleepers import gone, kill_leftovers, marker_seconds, wait_for_sleeper
+
+DROPPED = "dsched_picker_dropped_total"  # time-bucket entries a picker dropped instead of dispatching, by reason
 
 
 async def test_cmd_job_runs_and_records_output(api: Api) -> None:
@@ -39,11 +42,16 @@ async def test_echo_job_output_is_the_payload(api: Api) -> None:
 async def test_future_job_fires_at_its_due_time(api: Api) -> None:
     due = datetime.now(UTC) + timedelta(seconds=1.5)
     job_id = await api.submit(payload="cmd:true", next_fire_at=rfc3339(due))
-    await asyncio.sleep(0.8)
-    assert await api.runs(job_id) == []  # not before its time
+
+    async def stored() -> bool:  # in its time bucket (or already handed to a worker), not run
+        return await api.status(job_id) in ("scheduled", "queued")
+
+    await api.wait_for(stored, timeout=5)
+    runs = await api.runs(job_id)
+    assert runs == [] or datetime.now(UTC) >= due, runs  # no run before its time
     [run] = await api.finished_runs(job_id, timeout=5)
     started = parse(run["started_at"])
-    assert started >= due - timedelta(milliseconds=5)
+    assert started >= due - timedelta(milliseconds=5)  # the run did not start early
     assert parse(run["scheduled_for"]) == due.replace(microsecond=due.microsecond // 1000 * 1000)
 
 
@@ -93,7 +101,8 @@ async def test_failing_command_retries_then_dead_letters(api: Api) -> None:
     assert status == 200
     assert [d["job_id"] for d in letters["dead_letters"]] == [job_id]
     assert letters["dead_letters"][0]["attempts"] == 3
-    await asyncio.sleep(0.5)
+    # A fourth attempt would be a retry entry due 0.1 s after the third: give the pipeline its chance to fire it.
+    await api.fired_through(datetime.now(UTC) + timedelta(seconds=0.5))
     assert len(await api.runs(job_id)) == 3  # no fourth attempt
 
 
@@ -142,8 +151,10 @@ async def test_http_4xx_fails_fast_and_5xx_retries(api: Api, target: tuple[str, 
     )
     assert [r["http_status"] for r in await api.finished_runs(fast)] == [404]
     assert sorted(r["attempt"] for r in await api.finished_runs(slow, count=2)) == [0, 1]
-    await asyncio.sleep(0.4)
+    # A retry of the 404 would be due within the backoff's cap (retry_max_s 0.5 s): the pipeline's chance to fire it.
+    await api.fired_through(datetime.now(UTC) + timedelta(seconds=1))
     assert len(await api.runs(fast)) == 1
+    assert await api.status(fast) == "failed"
 
 
 async def test_large_payload_round_trips_through_the_blob_store(api: Api, tmp_path: Any) -> None:
@@ -162,11 +173,16 @@ async def test_large_payload_round_trips_through_the_blob_store(api: Api, tmp_pa
 
 async def test_cmd_timeout_kills_the_process_group(api: Api, tmp_path: Any) -> None:
     marker = tmp_path / "survivor"
-    job_id = await api.submit(payload=f"cmd:(sleep 2; touch {marker}) & sleep 5", timeout_s=0.5, max_retries=0)
-    [run] = await api.finished_runs(job_id)
-    assert run["status"] == "timed_out"
-    await asyncio.sleep(2.2)
-    assert not marker.exists()  # the background child was killed with its group
+    seconds = marker_seconds()  # the background child's sleep, found by its unique command line
+    job_id = await api.submit(payload=f"cmd:(sleep {seconds}; touch {marker}) & sleep 30", timeout_s=1, max_retries=0)
+    try:
+        await wait_for_sleeper(seconds)
+        [run] = await api.finished_runs(job_id)
+        assert run["status"] == "timed_out"
+        assert await gone(seconds), "the background child outlived the timeout"  # killed with its group
+    finally:
+        kill_leftovers(seconds)
+    assert not marker.exists()
 
 
 async def test_errors_are_json_with_status(api: Api) -> None:
@@ -207,7 +223,7 @@ async def test_list_jobs_newest_first_with_cursor_and_filters(api: Api) -> None:
                 next_fire_at=rfc3339(datetime.now(UTC) + timedelta(hours=1)),
             )
         )
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.002)  # distinct creation milliseconds: the listing orders by them (not a wait)
 
     async def listed() -> list[str] | None:
         _, page = await api.call("GET", "/jobs?limit=100")
@@ -254,6 +270,11 @@ async def test_idempotent_submit_returns_the_first_job(api: Api) -> None:
 
 
 async def test_pause_resume_delete_and_trigger(api: Api) -> None:
+    dropped = {reason: await api.metric(DROPPED, reason=reason) for reason in ("paused", "deleted")}
+
+    async def dropped_more(reason: str) -> bool:  # the picker dropped an entry of a job for that reason
+        return await api.metric(DROPPED, reason=reason) > dropped[reason]
+
     job_id = await api.submit(payload="beat", cron_schedule="@every 1s")
     await api.finished_runs(job_id, count=1, timeout=5)
     assert (await api.call("POST", f"/jobs/{job_id}/pause"))[0] == 202
@@ -262,17 +283,21 @@ async def test_pause_resume_delete_and_trigger(api: Api) -> None:
         return (await api.call("GET", f"/jobs/{job_id}"))[1]["status"] == value
 
     await api.wait_for(lambda: status_is("paused"))
-    await asyncio.sleep(0.3)  # a run dispatched just before the pause may still finish
+    await api.wait_for(api.idle)  # a run dispatched just before the pause has finished
     count = len(await api.runs(job_id))
-    await asyncio.sleep(2.0)
+    # The picker's chance to fire it: the job's next occurrence came due and its entry was dropped as paused.
+    await api.wait_for(lambda: dropped_more("paused"), timeout=5, what="the paused job's next entry dropped")
+    await api.wait_for(api.idle)
     assert len(await api.runs(job_id)) == count  # paused jobs never fire
     assert (await api.call("POST", f"/jobs/{job_id}/resume"))[0] == 202
     await api.finished_runs(job_id, count=count + 1, timeout=5)
     assert (await api.call("DELETE", f"/jobs/{job_id}"))[0] == 202
     await api.wait_for(lambda: status_is("deleted"))
-    await asyncio.sleep(0.3)
+    await api.wait_for(api.idle)
     count = len(await api.runs(job_id))
-    await asyncio.sleep(1.5)
+    # Likewise: its next occurrence came due and was dropped as deleted.
+    await api.wait_for(lambda: dropped_more("deleted"), timeout=5, what="the deleted job's next entry dropped")
+    await api.wait_for(api.idle)
     assert len(await api.runs(job_id)) == count  # history kept, no new runs
 
     later = await api.submit(payload="manual", next_fire_at=rfc3339(datetime.now(UTC) + timedelta(hours=1)))
