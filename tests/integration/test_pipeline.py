@@ -61,8 +61,7 @@ async def test_a_run_sent_ahead_is_held_by_the_worker_until_its_due_time(make_cl
         job_id = await api.submit(payload="cmd:true", next_fire_at=rfc3339(due))
 
         async def queued() -> bool:
-            status, job = await api.call("GET", f"/jobs/{job_id}")
-            return status == 200 and job["status"] == "queued"
+            return await api.status(job_id) == "queued"
 
         await api.wait_for(queued, timeout=1.8)  # in the queue or held by the worker, ahead of time
         assert datetime.now(UTC) < due - timedelta(milliseconds=100)
@@ -280,7 +279,7 @@ async def test_pause_resume_delete_and_trigger(api: Api) -> None:
     assert (await api.call("POST", f"/jobs/{job_id}/pause"))[0] == 202
 
     async def status_is(value: str) -> bool:
-        return (await api.call("GET", f"/jobs/{job_id}"))[1]["status"] == value
+        return await api.status(job_id) == value
 
     await api.wait_for(lambda: status_is("paused"))
     await api.wait_for(api.idle)  # a run dispatched just before the pause has finished
