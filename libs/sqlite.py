@@ -26,13 +26,23 @@ CHECKPOINT_INTERVAL_S = 0.2
 
 
 class SqliteDB:
-    def __init__(self, path: Path, *, synchronous: str = "NORMAL", schema: str = "", checkpoint: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "NORMAL",
+        schema: str = "",
+        checkpoint: bool = True,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         """``checkpoint``: this instance writes, so it also moves the WAL into the database file in the
-        background (a read-only instance passes False)."""
+        background (a read-only instance passes False). ``on_commit`` runs on the event loop after each group
+        commit of :meth:`write` (before its callers resume), e.g. to wake readers of what was written."""
         self.path = path
         self._synchronous = synchronous
         self._schema = schema
         self._checkpoint = checkpoint
+        self._on_commit = on_commit
         self._checkpointer: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
@@ -109,7 +119,10 @@ class SqliteDB:
 
     async def _write_group(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
         """One transaction for ``fns``; a failing COMMIT raises, failing every write of the group."""
-        return await self.run(functools.partial(_run_group, fns=fns))
+        outcomes = await self.run(functools.partial(_run_group, fns=fns))
+        if self._on_commit is not None:
+            self._on_commit()
+        return outcomes
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:

@@ -5,8 +5,8 @@
 offset per partition (it only ever moves forward); ``dead_letters`` parks records a consumer could not decode.
 
 Durability: the connection runs with ``synchronous=FULL``, so a committed append is fsynced. Concurrent
-``append`` calls of one process are coalesced into one transaction (group commit): callers queue their records
-and a single flusher writes everything pending in one transaction, then resolves every caller's future.
+``append`` calls of one process share one transaction (the group commit of :meth:`SqliteDB.write`, each append
+in its own savepoint); every caller resumes once that transaction is committed.
 
 Waiting: a consumer of this process is woken by this process's appends at once, by other processes' appends
 through the file's doorbell (:mod:`dsched.libs.doorbell`: a process whose consumer waits listens, every append
@@ -66,9 +66,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 )
 """
 
-_Pending = tuple[list[tuple[str, bytes]], asyncio.Future[None]]
-
-
 _INSERT_DEAD_LETTER = (
     "INSERT INTO dead_letters (grp, partition, offset, key, value, timestamp_ms, reason, dead_ms) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -94,12 +91,9 @@ class SqliteLog(SubmissionLog):
             raise ValueError("partitions must be > 0")
         self.path = path
         self.partitions = partitions
-        self._db = SqliteDB(path, synchronous="FULL", schema=_SCHEMA)
-        self._pending: list[_Pending] = []
-        self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._closing = False
-        # Replaced after every flush; consumers wait on the one current when they found nothing.
+        self._db = SqliteDB(path, synchronous="FULL", schema=_SCHEMA, on_commit=self._appended)
+        self._running = False
+        # Replaced after every commit; consumers wait on the one current when they found nothing.
         self.appended = asyncio.Event()
         # Other processes' appends ring it; it listens from the first time a consumer of this process waits.
         self._bell = Doorbell(path, self._wake_consumers)
@@ -115,54 +109,26 @@ class SqliteLog(SubmissionLog):
     async def startup(self) -> None:
         await self._db.open()
         self.partitions = await self._db.write(lambda conn: _stored_partitions(conn, self.partitions))
-        self._closing = False
-        self._flusher = asyncio.create_task(self._flush_loop(), name=f"log-flusher-{self.path.name}")
+        self._running = True
 
     async def shutdown(self) -> None:
-        self._closing = True
-        if self._flusher is not None:
-            self._wake.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher  # drains everything already appended
-            self._flusher = None
+        self._running = False
         self._bell.close()
-        await self._db.close()
+        await self._db.close()  # drains every append already made
 
     async def append(self, records: Sequence[tuple[str, bytes]]) -> None:
         if not records:
             return
-        if self._flusher is None or self._closing:
+        if not self._running:
             raise RuntimeError(f"log {self.path} is not running")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((list(records), fut))
-        self._wake.set()
-        await fut
+        rows = list(records)
+        # A caller that gives up (cancelled) still has its records written: they are in the group already.
+        await self._db.write(lambda conn: self._insert(conn, rows))
 
     def consumer(self, group: str) -> LogConsumer:
         return SqliteLogConsumer(self, group)
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._pending = self._pending, []
-            if batch:
-                await self._flush(batch)
-            if self._closing and not self._pending:
-                return
-
-    async def _flush(self, batch: list[_Pending]) -> None:
-        records = [record for records, _ in batch for record in records]
-        try:
-            await self._db.write(lambda conn: self._insert(conn, records))
-        except Exception as exc:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for _, fut in batch:
-            if not fut.done():  # a caller that gave up (cancelled) still had its records written
-                fut.set_result(None)
+    def _appended(self) -> None:
         self._wake_consumers()
         self._bell.ring()  # one datagram per other listening process, per commit
 

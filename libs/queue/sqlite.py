@@ -7,10 +7,10 @@ delivery does nothing. A message that would be delivered for the ``max_receives 
 ``dead_messages`` instead (SQS redrive policy). Receives take the highest priority first, then the longest
 visible, then the oldest.
 
-Throughput: every call of one process goes through a combiner: calls queue an operation, and one flusher runs
-everything pending in one ``BEGIN IMMEDIATE`` transaction on the connection's thread (in arrival order), then
-resolves each caller. Many concurrent receivers, senders and ackers therefore share transactions and thread
-hops. Receives that find nothing visible do not take the write lock at all.
+Throughput: every call of one process goes through one :class:`~dsched.libs.batching.Coalescer`: calls queue an
+operation, and everything pending runs in one ``BEGIN IMMEDIATE`` transaction on the connection's thread (in
+arrival order), then each caller resumes. Many concurrent receivers, senders and ackers therefore share
+transactions and thread hops. Receives that find nothing visible do not take the write lock at all.
 
 Durability: a transaction that contains a ``send`` commits with ``synchronous=FULL`` (the message is fsynced
 before ``send`` returns); the others commit with ``NORMAL`` (a power cut may undo a receive or an ack, which
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from dsched.libs import clock
+from dsched.libs.batching import Coalescer
 from dsched.libs.doorbell import Doorbell
 from dsched.libs.queue.base import (
     MAX_BATCH,
@@ -84,7 +85,6 @@ class _Op:
     durable: bool = False  # needs an fsync before its caller is told it succeeded
     receive: bool = False
     wakes: bool = False  # may make messages visible: wake this process's waiting receivers
-    fut: asyncio.Future[Any] | None = None  # None: nobody waits (internal hand-back of an abandoned receive)
 
 
 def _parse_receipts(receipts: Sequence[str]) -> list[_Handle]:
@@ -104,9 +104,8 @@ class SqliteQueue(WorkQueue):
         self.path = path
         self.max_receives = max_receives
         self._db = SqliteDB(path, synchronous="NORMAL", schema=_SCHEMA)
-        self._pending: list[_Op] = []
-        self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
+        self._ops: Coalescer[_Op, Any] = Coalescer(self._flush, on_abandoned=self._hand_back)
+        self._running = False
         self._closing = False
         # Replaced whenever messages may have become visible; waiting receivers hold the current one.
         self._visible = asyncio.Event()
@@ -120,15 +119,12 @@ class SqliteQueue(WorkQueue):
     async def startup(self) -> None:
         await self._db.open()
         self._closing = False
-        self._flusher = asyncio.create_task(self._flush_loop(), name=f"queue-flusher-{self.path.name}")
+        self._running = True
 
     async def shutdown(self) -> None:
         self._closing = True
-        if self._flusher is not None:
-            self._wake.set()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
+        await self._ops.drain()
+        self._running = False
         self._bell.close()
         await self._db.close()
 
@@ -236,44 +232,22 @@ class SqliteQueue(WorkQueue):
 
     # Combiner ---------------------------------------------------------------------------------------------
     async def _submit(self, op: _Op) -> Any:
-        if self._flusher is None or self._closing:
+        if not self._running or self._closing:
             raise RuntimeError(f"queue {self.path} is not running")
-        op.fut = asyncio.get_running_loop().create_future()
-        self._pending.append(op)
-        self._wake.set()
-        return await op.fut
+        return await self._ops.submit(op)
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._pending = self._pending, []
-            if batch:
-                await self._flush(batch)
-            if self._closing and not self._pending:
-                return
-
-    async def _flush(self, batch: list[_Op]) -> None:
-        try:
-            results = await self._db.run(lambda conn: _run_batch(conn, batch))
-        except Exception as exc:
-            for op in batch:
-                if op.fut is not None and not op.fut.done():
-                    op.fut.set_exception(exc)
-            return
-        for op, result in zip(batch, results, strict=True):
-            if op.fut is None:
-                continue
-            if not op.fut.done():
-                op.fut.set_result(result)
-            elif op.fut.cancelled() and op.receive and result:
-                # The receiver gave up after we hid its messages: hand them back now, not after the timeout.
-                handles = _parse_receipts([m.receipt for m in result])
-                self._pending.append(_Op(_nack_fn(handles, 0), wakes=True))
-                self._wake.set()
+    async def _flush(self, batch: list[_Op]) -> list[Any]:
+        results = await self._db.run(lambda conn: _run_batch(conn, batch))
         if any(op.wakes for op in batch):
             self._wake_receivers()
             self._bell.ring()  # one datagram per other listening process, per commit
+        return results
+
+    def _hand_back(self, op: _Op, result: Any) -> None:
+        """A receiver gave up after we hid its messages: make them visible now, not after the timeout."""
+        if op.receive and result:
+            handles = _parse_receipts([m.receipt for m in result])
+            self._ops.submit(_Op(_nack_fn(handles, 0), wakes=True))  # nobody awaits it; a failure only delays
 
 
 def _nack_fn(handles: list[_Handle], delay_ms: int) -> _OpFn:

@@ -92,14 +92,14 @@ async def test_concurrent_appends_share_transactions_and_all_land(
     log: SqliteLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     transactions = 0
-    write = log._db.write
+    run = log._db.run  # one call per group commit (one transaction on the connection's thread)
 
-    async def counting_write(fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def counting_run(fn: Callable[[sqlite3.Connection], T]) -> T:
         nonlocal transactions
         transactions += 1
-        return await write(fn)
+        return await run(fn)
 
-    monkeypatch.setattr(log._db, "write", counting_write)
+    monkeypatch.setattr(log._db, "run", counting_run)
     await asyncio.gather(*(log.append([(f"k{i % 7}", str(i).encode())]) for i in range(300)))
     assert transactions <= 5, "concurrent appends were not coalesced"
 
