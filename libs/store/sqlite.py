@@ -23,7 +23,7 @@ import orjson
 
 from dsched.libs import clock
 from dsched.libs.apikeys import ApiKey
-from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, JobStatus, Run
+from dsched.libs.models import ACCEPTED_VERSION, BucketEntry, DeadLetter, Job, JobState, JobStatus, Run
 from dsched.libs.sqlite import SqliteDB
 from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch
 
@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_ms INTEGER NOT NULL,
     paused INTEGER NOT NULL,
     deleted INTEGER NOT NULL,
-    definition BLOB NOT NULL
+    definition BLOB NOT NULL,
+    accepted INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 -- Runtime state apart from the (large) definition: a state write rewrites a small row, not the job.
 CREATE TABLE IF NOT EXISTS job_states (
@@ -103,8 +104,12 @@ CREATE TABLE IF NOT EXISTS rate_limits (name TEXT PRIMARY KEY, tat_ms INTEGER NO
 CREATE TABLE IF NOT EXISTS signing_secrets (tenant TEXT PRIMARY KEY, body BLOB NOT NULL) WITHOUT ROWID
 """
 
-# Job.status as SQL: deleted, then paused, then the runtime state (scheduled when unset).
-_STATUS_SQL = "CASE WHEN j.deleted THEN 'deleted' WHEN j.paused THEN 'paused' ELSE COALESCE(s.state, 'scheduled') END"
+# Job.status as SQL (libs/job_states.status_of): deleted, then paused, then submitted (ingestion's accepted row,
+# not stored by the writer yet), then the runtime state (scheduled when unset).
+_STATUS_SQL = (
+    "CASE WHEN j.deleted THEN 'deleted' WHEN j.paused THEN 'paused' "
+    "WHEN s.state IS NULL AND j.accepted THEN 'submitted' ELSE COALESCE(s.state, 'scheduled') END"
+)
 _JOB_COLUMNS = "j.definition, s.state, s.last_run, COALESCE(s.dispatched_through_ms, -1)"
 _JOBS_FROM = "jobs AS j LEFT JOIN job_states AS s ON s.job_id = j.job_id"
 
@@ -128,9 +133,17 @@ def _decode_cursor(cursor: str, arity: int) -> list[Any]:
     return key
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a store file created by an earlier release up to this schema (columns added since)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "accepted" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN accepted INTEGER NOT NULL DEFAULT 0")
+
+
 def _job_row(job: Job) -> tuple[Any, ...]:
     definition = job.model_dump_json(exclude=set(_STATE_FIELDS)).encode()
-    return (job.job_id, job.user_id, job.project_id, job.created_ms, job.paused, job.deleted, definition)
+    accepted = job.version == ACCEPTED_VERSION
+    return (job.job_id, job.user_id, job.project_id, job.created_ms, job.paused, job.deleted, definition, accepted)
 
 
 def _job_from_row(definition: bytes, state: str | None, last_run: bytes | None, dispatched: int) -> Job:
@@ -153,6 +166,7 @@ class SqliteStore(JobStore):
 
     async def startup(self) -> None:
         await self._writer.open()  # creates the schema before the reader looks at it
+        await self._writer.write(_add_missing_columns)
         await self._reader.open()
 
     async def shutdown(self) -> None:
@@ -183,11 +197,11 @@ class SqliteStore(JobStore):
         rows = [_job_row(job) for job in jobs]
         await self._writer.write(
             lambda conn: conn.executemany(
-                "INSERT INTO jobs (job_id, user_id, project_id, created_ms, paused, deleted, definition) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
+                "INSERT INTO jobs (job_id, user_id, project_id, created_ms, paused, deleted, definition, accepted) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
                 "user_id = excluded.user_id, project_id = excluded.project_id, "
                 "created_ms = excluded.created_ms, paused = excluded.paused, deleted = excluded.deleted, "
-                "definition = excluded.definition",
+                "definition = excluded.definition, accepted = excluded.accepted",
                 rows,
             )
         )

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from dsched.libs.models import (
+    ACCEPTED_VERSION,
     BucketEntry,
     DeadLetter,
     Job,
@@ -177,7 +178,8 @@ async def list_jobs_filters_by_status_and_project(store: JobStore) -> None:
     paused = make_job(user, 3000, paused=True)
     deleted = make_job(user, 4000, deleted=True, paused=True)
     other_project = make_job(user, 5000, project_id="p2")
-    await store.put_jobs([scheduled, running, paused, deleted, other_project])
+    accepted = make_job(user, 6000, version=ACCEPTED_VERSION)  # ingestion's row before the writer stores it
+    await store.put_jobs([scheduled, running, paused, deleted, other_project, accepted])
     await store.update_job_states(
         [
             JobState(job_id=running.job_id, state=JobStatus.RUNNING),
@@ -193,8 +195,12 @@ async def list_jobs_filters_by_status_and_project(store: JobStore) -> None:
     assert await ids(status="deleted") == {deleted.job_id}  # deleted wins over paused
     assert await ids(status="scheduled") == {scheduled.job_id, other_project.job_id}
     assert await ids(status="queued") == set()
+    assert await ids(status="submitted") == {accepted.job_id}
+    await store.put_jobs([accepted.model_copy(update={"version": 7})])  # the writer stored it
+    assert await ids(status="submitted") == set()
+    assert accepted.job_id in await ids(status="scheduled")
     assert await ids(project_id="p2") == {other_project.job_id}
-    assert await ids(project_id="p1", status="scheduled") == {scheduled.job_id}
+    assert await ids(project_id="p1", status="scheduled") == {scheduled.job_id, accepted.job_id}
 
 
 # Queue entries --------------------------------------------------------------------------------------------

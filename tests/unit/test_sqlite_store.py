@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -128,3 +129,28 @@ async def test_large_batches_go_through(store: SqliteStore) -> None:
     await store.put_jobs(jobs)
     got = await store.get_jobs([j.job_id for j in jobs])
     assert len(got) == 2_000
+
+
+async def test_a_store_file_from_before_the_accepted_column_opens_and_lists_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = job(1000)
+    with sqlite3.connect(path) as conn:  # the jobs table as earlier releases created it
+        conn.execute(
+            "CREATE TABLE jobs (job_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, project_id TEXT NOT NULL, "
+            "created_ms INTEGER NOT NULL, paused INTEGER NOT NULL, deleted INTEGER NOT NULL, "
+            "definition BLOB NOT NULL) WITHOUT ROWID"
+        )
+        conn.execute(
+            "INSERT INTO jobs VALUES (?, 'u', 'p', 1000, 0, 0, ?)",
+            (old.job_id, old.model_dump_json(exclude={"state", "last_run", "dispatched_through_ms"}).encode()),
+        )
+    upgraded = SqliteStore(path)
+    await upgraded.startup()
+    try:
+        page, _ = await upgraded.list_jobs("u", 10, status="scheduled")
+        assert [j.job_id for j in page] == [old.job_id]
+        await upgraded.put_jobs([job(2000, version=-1)])
+        submitted, _ = await upgraded.list_jobs("u", 10, status="submitted")
+        assert len(submitted) == 1
+    finally:
+        await upgraded.shutdown()
