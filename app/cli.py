@@ -1,6 +1,8 @@
 """The ``dsched`` command.
 
-dsched run all                 the five services in one process (dev defaults: cmd: and loopback HTTP on)
+dsched run all [--processes N] the five services (dev defaults: cmd: and loopback HTTP on): ingestion, writer,
+                               coordinator and picker in this process, the worker in N - 1 children
+                               (DSCHED_PROCESSES, default 2; 1 = all in one process)
 dsched run <service>           one of ingestion, writer, coordinator, picker, worker
 dsched db migrate              apply the CQL schema (Scylla store) idempotently
 dsched chaos [options]         the chaos suite (python -m dsched.chaos)
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run services")
     run.add_argument("service", choices=["all", *SERVICES])
+    run.add_argument(
+        "--processes",
+        type=int,
+        help="run all: OS processes in all (1 = one process; N > 1 = N - 1 worker processes); DSCHED_PROCESSES",
+    )
     db = sub.add_parser("db", help="store schema")
     db.add_argument("action", choices=["migrate"])
     sub.add_parser("chaos", help="run the chaos suite (see docs/chaos.md)")
@@ -58,7 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             if args.service == "all":
-                run_loop(_serve(settings.with_dev_defaults(), list(SERVICES)))
+                if args.processes is not None:
+                    if args.processes < 1:
+                        parser.error("--processes must be at least 1")
+                    settings = settings.model_copy(update={"processes": args.processes})
+                run_loop(_serve(settings.with_dev_defaults(), list(SERVICES), settings.processes - 1))
             else:
                 run_loop(_serve(settings, [args.service]))
         elif args.command == "db":
@@ -83,10 +94,13 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-async def _serve(settings: Settings, services: list[str]) -> None:
+async def _serve(settings: Settings, services: list[str], worker_processes: int = 0) -> None:
     from dsched.app.runner import serve
 
-    await serve(settings, services)
+    if worker_processes:
+        await serve(settings, services, worker_processes=worker_processes)
+    else:
+        await serve(settings, services)
 
 
 async def _migrate(settings: Settings) -> None:

@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from dsched.app import processes
 from dsched.app.backends import Backends
 from dsched.coordinator.service import Coordinator
 from dsched.ingestion.service import Ingestion
@@ -122,31 +123,47 @@ async def started(
     await supervisor.close()
 
 
-async def serve(settings: Settings, services: list[str]) -> None:
-    """Run until SIGTERM/SIGINT."""
+async def serve(settings: Settings, services: list[str], worker_processes: int = 0) -> None:
+    """Run until SIGTERM/SIGINT. ``worker_processes`` > 0 (``run all`` with ``DSCHED_PROCESSES`` > 1): the worker
+    runs in that many child processes (app/processes.py) instead of here."""
     for name in services:
         if name not in SERVICES:
             raise ValueError(f"unknown service {name!r}")
     # SQLite calls run on helper threads; a short switch interval stops a busy helper thread from holding the
     # event loop off the GIL for the default 5 ms (measured: it dominated fire lag under load).
     sys.setswitchinterval(0.0005)
-    stop = asyncio.Event()
+    stop = asyncio.Event()  # SIGTERM/SIGINT, a loop given up, or (in a child) the parent gone
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    parent = processes.parent_channel(stop)  # set when this process is a child of `run all`
     tracing.configure(settings, services)  # no-op unless DSCHED_OTLP_ENDPOINT is set
     supervisor = Supervisor()
     give_up = asyncio.ensure_future(supervisor.failed.wait())
     give_up.add_done_callback(lambda _: stop.set())
-    async with started(settings, services, stop, supervisor):
-        logger.info(
-            "started",
-            services=services,
-            node=settings.node_id,
-            url=f"http://{settings.host}:{settings.port}" if "ingestion" in services else None,
-        )
-        await stop.wait()
-        logger.info("stopping", services=services)
+    local = [s for s in services if not (worker_processes and s == "worker")]
+    children = [processes.WorkerProcess(settings, index, supervisor, stop) for index in range(1, worker_processes + 1)]
+    for child in children:  # reported (starting) from the first /health on, not only once they are spawned
+        supervisor.set_state(child.service, "process", "starting")
+    local_stop = asyncio.Event()  # this process's own loops: stopped after the children
+    try:
+        async with started(settings, local, local_stop, supervisor):
+            # Spawned once this process has opened (and created) the backends.
+            child_tasks = [supervisor.start(c.service, "process", c.run) for c in children]
+            logger.info(
+                "started",
+                services=services,
+                node=settings.node_id,
+                processes=1 + len(children),
+                url=f"http://{settings.host}:{settings.port}" if "ingestion" in services else None,
+            )
+            processes.report_ready(parent)
+            await stop.wait()
+            logger.info("stopping", services=services)
+            if child_tasks:  # the workers first: they finish or hand back their runs, then the rest
+                await supervisor.wait(child_tasks, grace_s=settings.shutdown_grace_s + 2 * processes.KILL_MARGIN_S)
+    finally:
+        processes.close_channel(parent)
     give_up.cancel()
     tracing.shutdown()  # flushes the spans still batched for DSCHED_OTLP_ENDPOINT
     logger.info("stopped", services=services)

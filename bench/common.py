@@ -118,36 +118,65 @@ class Scheduler:
                 parts.append(f"{name} mean {1000 * values[f'{name}_sum'] / count:.1f} ms over {count:.0f}")
         return "; ".join(parts)
 
+    def _processes(self) -> list[tuple[str, int]]:
+        """(name, pid) of every scheduler process: the started ones and their children (``run all`` with
+        ``DSCHED_PROCESSES`` > 1 runs its workers as children, named ``<name>+child<i>``)."""
+        names = ["ingestion", "writer", "coordinator", "picker", "worker"] if self.split else ["all"]
+        parents: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                parents.setdefault(ppid, []).append(int(entry.name))
+        out = []
+        for name, proc in zip(names, self.procs, strict=False):
+            out.append((name, proc.pid))
+            for i, child in enumerate(sorted(parents.get(proc.pid, [])), start=1):
+                out.append((f"{name}+child{i}", child))
+        return out
+
     def cpu_s(self) -> float:
-        """CPU seconds (user + system) the scheduler processes have used so far (Linux /proc)."""
+        """CPU seconds (user + system) the scheduler processes (children included) have used so far (Linux /proc)."""
         total = 0
-        for proc in self.procs:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        for _, pid in self._processes():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
             total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
         return total / os.sysconf("SC_CLK_TCK")
 
     def cpu_breakdown(self) -> dict[str, float]:
-        """CPU seconds so far per process (``--split``: per service) and, within each, its event-loop (main) thread
-        versus its helper threads (SQLite calls run on those)."""
+        """CPU seconds so far per process (``--split``: per service; children as ``<name>+child<i>``) and, within
+        each, its event-loop (main) thread versus its helper threads (SQLite calls run on those)."""
         out: dict[str, float] = {}
         tick = os.sysconf("SC_CLK_TCK")
-        names = ["ingestion", "writer", "coordinator", "picker", "worker"] if self.split else ["all"]
-        for name, proc in zip(names, self.procs, strict=False):
-            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+        for name, pid in self._processes():
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
                 try:
                     fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
                 except OSError:  # the thread ended meanwhile
                     continue
-                kind = "loop" if task.name == str(proc.pid) else "threads"
+                kind = "loop" if task.name == str(pid) else "threads"
                 key = f"{name}/{kind}"
                 out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
         return out
 
     def rss_mb(self) -> float:
-        """Resident memory of the scheduler processes, in MiB (Linux /proc)."""
+        """Resident memory of the scheduler processes (children included), in MiB (Linux /proc)."""
         total = 0
-        for proc in self.procs:
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+        for _, pid in self._processes():
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue
+            for line in lines:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])
         return total / 1024

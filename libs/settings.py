@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     queue_url: str = ""
     blobs_url: str = ""
 
+    # `dsched run all`: OS processes in all. 1 = the five services in one process; N > 1 = ingestion, writer,
+    # coordinator and picker in the first, the worker in N - 1 child processes (app/processes.py).
+    processes: int = 2
+
     # Identity of this process in the cluster (pickers, workers, coordinators).
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
@@ -110,7 +114,7 @@ class Settings(BaseSettings):
     tenant_limits: dict[str, dict[str, float]] = Field(default_factory=dict)  # per-tenant overrides (JSON)
     tenant_fair_dispatch: bool = True  # workers serve tenants round-robin when many runs are ready
 
-    @field_validator("shard_count", "bucket_s", "log_partitions", "worker_concurrency")
+    @field_validator("shard_count", "bucket_s", "log_partitions", "worker_concurrency", "processes")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value <= 0:

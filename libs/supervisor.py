@@ -45,7 +45,7 @@ class ServiceFailed(RuntimeError):
 class LoopState:
     service: str
     name: str
-    state: str = "up"  # up | restarting | failed | stopped
+    state: str = "up"  # up | starting | restarting | failed | stopped
     restarts: int = 0
     last_error: str | None = None
     failures: deque[float] = field(default_factory=deque)
@@ -129,6 +129,17 @@ class Supervisor:
                 state.state = "up"
                 self._refresh(state.service)
 
+    def set_state(self, service: str, name: str, state: str) -> None:
+        """Report a loop ``starting`` (down in ``/health``, e.g. a child process not yet ready; also before
+        :meth:`start`) or ``up``."""
+        loop = self._loops.get((service, name))
+        if loop is None:
+            self.register(service)
+            loop = self._loops[(service, name)] = LoopState(service, name)
+        if loop.state in ("up", "starting"):
+            loop.state = state
+            self._refresh(service)
+
     def _refresh(self, service: str) -> None:
         SERVICE_UP.labels(service).set(1 if self.service_up(service) else 0)
 
@@ -141,7 +152,7 @@ class Supervisor:
         for service in sorted(self._services):
             loops = [s for s in self._loops.values() if s.service == service]
             states = {s.state for s in loops}
-            overall = "failed" if "failed" in states else "restarting" if "restarting" in states else "up"
+            overall = next((s for s in ("failed", "restarting", "starting") if s in states), "up")
             report[service] = {
                 "state": overall,
                 "restarts": sum(s.restarts for s in loops),

@@ -1,0 +1,196 @@
+"""``dsched run all`` over several OS processes: worker children of the process that serves the API.
+
+With ``DSCHED_PROCESSES=N`` (``--processes N``), N > 1, the process started by the user runs ingestion, writer,
+coordinator and picker itself and starts N - 1 children, each ``dsched run worker`` on the same data directory
+and settings, so the workers' CPU (the largest share of a run's cost) is on another core than the API, the
+writer and the picker. The embedded backends are safe for several processes on one directory; the queue's
+doorbell (libs/doorbell.py) wakes a child's waiting receive as soon as the picker commits.
+
+Each child is one supervised loop (libs/supervisor.py) of a service ``worker-<i>``:
+- it is ``starting`` (``/health`` 503) until the child reports it serves (one byte on a socket pair), then ``up``;
+- a child that exits while the cluster is not stopping is logged (pid, exit status) and restarted with the
+  supervisor's backoff; more than ``MAX_RESTARTS`` exits within the window stop everything and the command
+  exits non-zero. Never a silent partial cluster;
+- on SIGTERM/SIGINT the parent signals SIGTERM to every child (they finish or hand back their runs within
+  ``DSCHED_SHUTDOWN_GRACE_S``), waits for them (SIGKILL after the grace and a margin), then stops its own services.
+- a child watches its end of the socket pair: if the parent dies (even by SIGKILL) the child stops as well.
+
+Children run in their own session, so a terminal's Ctrl-C reaches the parent only, which forwards it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from dsched.libs import logs
+from dsched.libs.settings import Settings
+from dsched.libs.supervisor import Supervisor
+
+# The child's end of the socket pair; set for children only (read and removed by the child at start).
+SUPERVISOR_FD_ENV = "DSCHED_SUPERVISOR_FD"
+# Extra time, beyond the shutdown grace, a child may take to exit after SIGTERM before it is killed.
+KILL_MARGIN_S = 5.0
+
+logger = logs.get("processes")
+
+
+class ChildExited(RuntimeError):
+    """A worker child ended while the cluster was not stopping."""
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def child_environment(settings: Settings, index: int) -> dict[str, str]:
+    """The environment of worker child ``index``: the parent's settings as ``DSCHED_*`` variables (whether they came
+    from the environment, a file or overrides), dev defaults included, plus what must differ per process."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DSCHED_")}
+    names = set(settings.model_fields_set) | {"allow_cmd", "allow_private_http", "data_dir"}
+    for name in sorted(names):
+        value = getattr(settings, name)
+        if name == "data_dir":
+            value = Path(value).resolve()
+        env[f"DSCHED_{name.upper()}"] = _env_value(value)
+    if "node_id" in settings.model_fields_set:
+        env["DSCHED_NODE_ID"] = f"{settings.node_id}-w{index}"
+    else:
+        env.pop("DSCHED_NODE_ID", None)  # the default: <hostname>-<pid> of the child
+    # One port cannot serve several processes: child i serves /metrics and /health on the parent's port + i.
+    env["DSCHED_METRICS_PORT"] = str(settings.metrics_port + index) if settings.metrics_port else "0"
+    env["DSCHED_PROCESSES"] = "1"
+    return env
+
+
+class WorkerProcess:
+    """One ``dsched run worker`` child, run by :meth:`run` as a supervised loop of service ``worker-<index>``."""
+
+    def __init__(self, settings: Settings, index: int, supervisor: Supervisor, stop: asyncio.Event) -> None:
+        self.settings = settings
+        self.index = index
+        self.service = f"worker-{index}"
+        self.supervisor = supervisor
+        self.stop = stop
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    async def run(self) -> None:
+        self.supervisor.set_state(self.service, "process", "starting")
+        if self.stop.is_set():
+            return
+        ours, theirs = socket.socketpair()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "dsched.app.cli",
+                "run",
+                "worker",
+                env={**child_environment(self.settings, self.index), SUPERVISOR_FD_ENV: str(theirs.fileno())},
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        proc = self.proc
+        logger.info("child_started", service=self.service, pid=proc.pid)
+        ours.setblocking(False)
+        exited = asyncio.ensure_future(proc.wait())
+        stopping = asyncio.ensure_future(self.stop.wait())
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[bytes] = asyncio.ensure_future(loop.sock_recv(ours, 1))
+        try:
+            while True:
+                waits: set[asyncio.Future[Any]] = {exited, stopping, ready}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if stopping.done():
+                    await self._terminate(proc, exited)
+                    return
+                if exited.done():
+                    # Stopping at the same time (e.g. a signal to the whole group): not a failure.
+                    if self.stop.is_set():
+                        return
+                    logger.error("child_exited", service=self.service, pid=proc.pid, returncode=proc.returncode)
+                    raise ChildExited(f"{self.service} (pid {proc.pid}) exited with status {proc.returncode}")
+                if ready.done():
+                    if ready.exception() is None and ready.result():
+                        self.supervisor.set_state(self.service, "process", "up")
+                        logger.info("child_ready", service=self.service, pid=proc.pid)
+                    ready = loop.create_future()  # nothing more to read
+        finally:
+            for task in (exited, stopping, ready):
+                task.cancel()
+            if proc.returncode is None:  # cancelled (supervisor closing): never leave a child behind
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=5)
+            ours.close()
+
+    async def _terminate(self, proc: asyncio.subprocess.Process, exited: asyncio.Future[int]) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout=self.settings.shutdown_grace_s + KILL_MARGIN_S)
+        except TimeoutError:
+            logger.error("child_killed", service=self.service, pid=proc.pid, after_s=self.settings.shutdown_grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await exited
+        logger.info("child_stopped", service=self.service, pid=proc.pid, returncode=proc.returncode)
+
+
+def parent_channel(stop: asyncio.Event) -> socket.socket | None:
+    """In a child: the socket to the parent (``None`` elsewhere). Its EOF (the parent ended) sets ``stop``."""
+    fd = os.environ.pop(SUPERVISOR_FD_ENV, None)
+    if fd is None or not fd.isdigit():
+        return None
+    try:
+        sock = socket.socket(fileno=int(fd))
+    except OSError:
+        return None
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = sock.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(sock.fileno())
+            logger.error("parent_gone")
+            stop.set()
+
+    loop.add_reader(sock.fileno(), readable)
+    return sock
+
+
+def report_ready(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.send(b"r")
+
+
+def close_channel(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()

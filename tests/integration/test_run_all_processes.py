@@ -1,0 +1,128 @@
+"""``dsched run all`` over several OS processes (app/processes.py): the real command, its worker children.
+
+A job runs end to end with the worker in a child; a child killed by SIGKILL is noticed (``/health`` 503, logged,
+restarted); one that keeps dying stops the whole command non-zero, never a silent partial cluster; SIGTERM
+stops the children first and exits 0 with nothing left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.processes import Http, Service, base_env, free_port
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def health(http: Http) -> tuple[int, dict[str, Any]]:
+    try:
+        return http.call("GET", "/health")
+    except OSError:
+        return 0, {}
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Any:
+    port = free_port()
+    env = base_env(tmp_path / "data", port, DSCHED_PROCESSES="3", DSCHED_NODE_ID="multi")
+    service = Service("all", env, tmp_path, "all").start()
+    http = Http(port)
+    try:
+        http.wait_healthy(timeout=60)
+        yield service, http
+    finally:
+        service.stop(timeout=30)
+        assert service.proc is not None
+        for child in children_of(service.proc.pid):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_a_job_runs_in_a_worker_child_and_a_killed_child_is_noticed_and_restarted(cluster: Any) -> None:
+    service, http = cluster
+    assert service.proc is not None
+    status, report = health(http)
+    assert status == 200
+    assert {"worker-1", "worker-2"} <= set(report["services"]), report
+    assert "worker" not in report["services"]  # the worker runs in the children only
+    workers = children_of(service.proc.pid)
+    assert len(workers) == 2, workers
+
+    job_id = http.submit(payload="cmd:echo from a child")
+    runs = http.wait_all_succeeded([job_id], timeout=30)[job_id]
+    assert runs[0]["output"] == "from a child\n"
+    assert runs[0]["worker_id"].startswith("multi-w"), runs[0]
+
+    victim = workers[0]
+    os.kill(victim, signal.SIGKILL)
+    status, report = wait_until(lambda: (h := health(http))[0] == 503 and h, 10, "/health 503")
+    down = [name for name, s in report["services"].items() if s["state"] != "up"]
+    assert len(down) == 1 and down[0].startswith("worker-"), report
+
+    def restarted() -> dict[str, Any] | None:
+        status, report = health(http)
+        return report if status == 200 and report["services"][down[0]]["restarts"] == 1 else None
+
+    wait_until(restarted, 30, "the child restarted")
+    replacement = [pid for pid in children_of(service.proc.pid) if pid not in workers]
+    assert len(replacement) == 1 and len(children_of(service.proc.pid)) == 2
+    log = service.log_path.read_text()
+    assert '"event":"child_exited"' in log.replace(" ", "") and str(victim) in log
+
+    after = http.submit(payload="cmd:echo still served")
+    assert http.wait_all_succeeded([after], timeout=30)[after][0]["status"] == "succeeded"
+
+    # SIGTERM: the children stop first, then the parent; exit 0 and no process left.
+    children = children_of(service.proc.pid)
+    assert service.stop(timeout=30) == 0
+    assert not [pid for pid in children if alive(pid)]
+
+
+def test_a_child_that_keeps_dying_stops_the_command_non_zero(cluster: Any) -> None:
+    service, _http = cluster
+    assert service.proc is not None
+    killed: set[int] = set()
+    deadline = time.monotonic() + 90
+    while service.proc.poll() is None and time.monotonic() < deadline:
+        for pid in children_of(service.proc.pid):
+            if pid not in killed:
+                killed.add(pid)
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    assert service.proc.poll() not in (None, 0), "the command did not stop"
+    assert len(killed) > 5
+    assert "failed 6 times within 60 s" in service.log_path.read_text()
+    assert not [pid for pid in killed if alive(pid)]
