@@ -54,9 +54,14 @@ def _env_value(value: Any) -> str:
     return str(value)
 
 
-def child_environment(settings: Settings, index: int) -> dict[str, str]:
-    """The environment of worker child ``index``: the parent's settings as ``DSCHED_*`` variables (whether they came
-    from the environment, a file or overrides), dev defaults included, plus what must differ per process."""
+def child_environment(settings: Settings, index: int, count: int) -> dict[str, str]:
+    """The environment of worker child ``index`` of ``count``: the parent's settings as ``DSCHED_*`` variables
+    (whether they came from the environment, a file or overrides), dev defaults included, plus what must differ.
+
+    Node id: a single child is the worker of the parent's node (the parent runs no worker), so ``cluster status``
+    and the runs' ``worker_id`` show the same node as with one process; several children are
+    ``<node id>-w<i>``. Either way a restarted child keeps its predecessor's id, which tells it that an
+    at-most-once run claimed under that id died with the predecessor (worker/service.py ``_claimer_alive``)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DSCHED_")}
     names = set(settings.model_fields_set) | {"allow_cmd", "allow_private_http", "data_dir"}
     for name in sorted(names):
@@ -64,10 +69,7 @@ def child_environment(settings: Settings, index: int) -> dict[str, str]:
         if name == "data_dir":
             value = Path(value).resolve()
         env[f"DSCHED_{name.upper()}"] = _env_value(value)
-    if "node_id" in settings.model_fields_set:
-        env["DSCHED_NODE_ID"] = f"{settings.node_id}-w{index}"
-    else:
-        env.pop("DSCHED_NODE_ID", None)  # the default: <hostname>-<pid> of the child
+    env["DSCHED_NODE_ID"] = settings.node_id if count == 1 else f"{settings.node_id}-w{index}"
     # One port cannot serve several processes: child i serves /metrics and /health on the parent's port + i.
     env["DSCHED_METRICS_PORT"] = str(settings.metrics_port + index) if settings.metrics_port else "0"
     env["DSCHED_PROCESSES"] = "1"
@@ -77,9 +79,10 @@ def child_environment(settings: Settings, index: int) -> dict[str, str]:
 class WorkerProcess:
     """One ``dsched run worker`` child, run by :meth:`run` as a supervised loop of service ``worker-<index>``."""
 
-    def __init__(self, settings: Settings, index: int, supervisor: Supervisor, stop: asyncio.Event) -> None:
+    def __init__(self, settings: Settings, index: int, count: int, supervisor: Supervisor, stop: asyncio.Event) -> None:
         self.settings = settings
         self.index = index
+        self.count = count
         self.service = f"worker-{index}"
         self.supervisor = supervisor
         self.stop = stop
@@ -101,7 +104,10 @@ class WorkerProcess:
                 "dsched.app.cli",
                 "run",
                 "worker",
-                env={**child_environment(self.settings, self.index), SUPERVISOR_FD_ENV: str(theirs.fileno())},
+                env={
+                    **child_environment(self.settings, self.index, self.count),
+                    SUPERVISOR_FD_ENV: str(theirs.fileno()),
+                },
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,
             )

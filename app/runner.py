@@ -142,14 +142,18 @@ async def serve(settings: Settings, services: list[str], worker_processes: int =
     give_up = asyncio.ensure_future(supervisor.failed.wait())
     give_up.add_done_callback(lambda _: stop.set())
     local = [s for s in services if not (worker_processes and s == "worker")]
-    children = [processes.WorkerProcess(settings, index, supervisor, stop) for index in range(1, worker_processes + 1)]
+    children = [
+        processes.WorkerProcess(settings, index, worker_processes, supervisor, stop)
+        for index in range(1, worker_processes + 1)
+    ]
     for child in children:  # reported (starting) from the first /health on, not only once they are spawned
         supervisor.set_state(child.service, "process", "starting")
     local_stop = asyncio.Event()  # this process's own loops: stopped after the children
+    # Spawned at once, not after this process's services have opened: a writer's group join may take a minute
+    # (Kafka, after a crash), and the workers need none of it (every backend creates its schema idempotently).
+    child_tasks = [supervisor.start(c.service, "process", c.run) for c in children]
     try:
         async with started(settings, local, local_stop, supervisor):
-            # Spawned once this process has opened (and created) the backends.
-            child_tasks = [supervisor.start(c.service, "process", c.run) for c in children]
             logger.info(
                 "started",
                 services=services,
@@ -163,6 +167,9 @@ async def serve(settings: Settings, services: list[str], worker_processes: int =
             if child_tasks:  # the workers first: they finish or hand back their runs, then the rest
                 await supervisor.wait(child_tasks, grace_s=settings.shutdown_grace_s + 2 * processes.KILL_MARGIN_S)
     finally:
+        if any(not task.done() for task in child_tasks):  # this process failed to start or stopped abnormally
+            stop.set()
+            await supervisor.wait(child_tasks, grace_s=settings.shutdown_grace_s + 2 * processes.KILL_MARGIN_S)
         processes.close_channel(parent)
     give_up.cancel()
     tracing.shutdown()  # flushes the spans still batched for DSCHED_OTLP_ENDPOINT
