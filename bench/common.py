@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -50,6 +51,21 @@ class Target:
             await self.runner.cleanup()
 
 
+def free_ports_in_a_row(count: int) -> int:
+    """A port p with p .. p + count - 1 free now (``run all``'s child i serves metrics on DSCHED_METRICS_PORT + i)."""
+    for _ in range(100):
+        first = free_port()
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no {count} free ports in a row")
+
+
 class Scheduler:
     """``dsched run all`` on a fresh data directory, in its own process (as a user runs it)."""
 
@@ -82,6 +98,11 @@ class Scheduler:
                 metrics_port = free_port()
                 proc_env["DSCHED_METRICS_PORT"] = str(metrics_port)
                 self.metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
+            elif service == "all" and (processes := int(env.get("DSCHED_PROCESSES", "2"))) > 1:
+                # `run all`'s worker children serve /metrics on DSCHED_METRICS_PORT + i (the parent on the API port).
+                metrics_port = free_ports_in_a_row(processes)
+                proc_env["DSCHED_METRICS_PORT"] = str(metrics_port)
+                self.metrics_urls += [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(1, processes)]
             with (self.data_dir / f"{service}.log").open("wb") as log:
                 self.procs.append(
                     subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
@@ -104,8 +125,11 @@ class Scheduler:
         values: dict[str, float] = {}
         async with aiohttp.ClientSession() as session:
             for url in self.metrics_urls:
-                async with session.get(url) as resp:
-                    text = await resp.text()
+                try:
+                    async with session.get(url) as resp:
+                        text = await resp.text()
+                except aiohttp.ClientError:
+                    continue
                 for line in text.splitlines():
                     for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
                         if line.startswith((f"{name}_sum ", f"{name}_count ")):
