@@ -121,8 +121,10 @@ class Scheduler:
         raise RuntimeError("scheduler did not start")
 
     async def lag_summary(self) -> str:
-        """Mean dispatch lag (picker) and fire lag (worker start) from the scheduler's own metrics."""
+        """Mean dispatch lag (picker) and fire lag (worker start) from the scheduler's own metrics, with the bucket
+        bounds holding their p50 and p99 (the scheduler's own view, free of the bench target's loop delays)."""
         values: dict[str, float] = {}
+        buckets: dict[str, dict[float, float]] = {}
         async with aiohttp.ClientSession() as session:
             for url in self.metrics_urls:
                 try:
@@ -135,11 +137,22 @@ class Scheduler:
                         if line.startswith((f"{name}_sum ", f"{name}_count ")):
                             key, value = line.split()
                             values[key] = values.get(key, 0.0) + float(value)
+                        elif line.startswith(f'{name}_bucket{{le="'):
+                            bound, value = line.split('le="', 1)[1].split('"} ')
+                            per_bound = buckets.setdefault(name, {})
+                            per_bound[float(bound)] = per_bound.get(float(bound), 0.0) + float(value)
         parts = []
         for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
             count = values.get(f"{name}_count", 0)
             if count:
-                parts.append(f"{name} mean {1000 * values[f'{name}_sum'] / count:.1f} ms over {count:.0f}")
+                cumulative = sorted(buckets.get(name, {}).items())
+                p50, p99 = (
+                    next((1000 * b for b, c in cumulative if c >= q * count), float("inf")) for q in (0.5, 0.99)
+                )
+                parts.append(
+                    f"{name} mean {1000 * values[f'{name}_sum'] / count:.1f} ms over {count:.0f}"
+                    f" (p50 <= {p50:g} ms, p99 <= {p99:g} ms)"
+                )
         return "; ".join(parts)
 
     def _processes(self) -> list[tuple[str, int]]:
