@@ -137,7 +137,8 @@ async def serve(settings: Settings, services: list[str], worker_processes: int =
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     parent = processes.parent_channel(stop)  # set when this process is a child of `run all`
-    tracing.configure(settings, services)  # no-op unless DSCHED_OTLP_ENDPOINT is set
+    # No-op unless DSCHED_OTLP_ENDPOINT is set. A worker child of `run all` is part of the one `dsched` service.
+    tracing.configure(settings, list(SERVICES) if parent is not None else services)
     supervisor = Supervisor()
     give_up = asyncio.ensure_future(supervisor.failed.wait())
     give_up.add_done_callback(lambda _: stop.set())
