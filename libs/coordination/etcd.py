@@ -415,6 +415,13 @@ class EtcdCoordination(Coordination):
                 if client is self._client or self._closed:
                     raise
                 failure, retry = exc, True  # the client was swapped (failover) under this call
+            except asyncio.CancelledError:
+                # Another call or a watch failed over and closed this client: gRPC cancels the calls it still
+                # had in flight. That is not this task being cancelled: retry on the new client.
+                task = asyncio.current_task()
+                if (task is not None and task.cancelling()) or client is self._client or self._closed:
+                    raise
+                failure, retry = EtcdUnavailable("the call's connection was closed by a failover"), True
             await self._after_failure(client, failure)
             if not retry or attempt == attempts - 1:
                 raise EtcdUnavailable(f"etcd {endpoint}: {_one_line(failure)}") from failure
