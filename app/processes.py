@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -30,7 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dsched.libs import logs
+import aiohttp
+
+from dsched.libs import logs, metrics
 from dsched.libs.settings import Settings
 from dsched.libs.supervisor import Supervisor
 
@@ -38,6 +41,8 @@ from dsched.libs.supervisor import Supervisor
 SUPERVISOR_FD_ENV = "DSCHED_SUPERVISOR_FD"
 # Extra time, beyond the shutdown grace, a child may take to exit after SIGTERM before it is killed.
 KILL_MARGIN_S = 5.0
+# How long a scrape of the API port waits for a child's metrics before leaving them out of that scrape.
+METRICS_READ_TIMEOUT_S = 2.0
 
 logger = logs.get("processes")
 
@@ -70,10 +75,26 @@ def child_environment(settings: Settings, index: int, count: int) -> dict[str, s
             value = Path(value).resolve()
         env[f"DSCHED_{name.upper()}"] = _env_value(value)
     env["DSCHED_NODE_ID"] = settings.node_id if count == 1 else f"{settings.node_id}-w{index}"
-    # One port cannot serve several processes: child i serves /metrics and /health on the parent's port + i.
-    env["DSCHED_METRICS_PORT"] = str(settings.metrics_port + index) if settings.metrics_port else "0"
+    # One port cannot serve several processes: child i serves /metrics and /health on the parent's port + i, or
+    # on a free loopback port; the parent serves the children's metrics with its own (libs/metrics.exposition).
+    if settings.metrics_port:
+        env["DSCHED_METRICS_PORT"] = str(settings.metrics_port + index)
+    else:
+        env["DSCHED_METRICS_PORT"] = str(_free_loopback_port())
+        env["DSCHED_HOST"] = "127.0.0.1"
     env["DSCHED_PROCESSES"] = "1"
     return env
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _metrics_host(host: str) -> str:
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
 class WorkerProcess:
@@ -97,6 +118,10 @@ class WorkerProcess:
         if self.stop.is_set():
             return
         ours, theirs = socket.socketpair()
+        env = child_environment(self.settings, self.index, self.count)
+        metrics_url = (
+            f"http://{_metrics_host(env.get('DSCHED_HOST', self.settings.host))}:{env['DSCHED_METRICS_PORT']}/metrics"
+        )
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -104,10 +129,7 @@ class WorkerProcess:
                 "dsched.app.cli",
                 "run",
                 "worker",
-                env={
-                    **child_environment(self.settings, self.index, self.count),
-                    SUPERVISOR_FD_ENV: str(theirs.fileno()),
-                },
+                env={**env, SUPERVISOR_FD_ENV: str(theirs.fileno())},
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,
             )
@@ -136,9 +158,11 @@ class WorkerProcess:
                 if ready.done():
                     if ready.exception() is None and ready.result():
                         self.supervisor.set_state(self.service, "process", "up")
+                        metrics.add_source(self.service, functools.partial(_read_metrics, metrics_url))
                         logger.info("child_ready", service=self.service, pid=proc.pid)
                     ready = loop.create_future()  # nothing more to read
         finally:
+            metrics.remove_source(self.service)
             for task in (exited, stopping, ready):
                 task.cancel()
             if proc.returncode is None:  # cancelled (supervisor closing): never leave a child behind
@@ -159,6 +183,13 @@ class WorkerProcess:
                 proc.kill()
             await exited
         logger.info("child_stopped", service=self.service, pid=proc.pid, returncode=proc.returncode)
+
+
+async def _read_metrics(url: str) -> str:
+    timeout = aiohttp.ClientTimeout(total=METRICS_READ_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+        response.raise_for_status()
+        return await response.text()
 
 
 def parent_channel(stop: asyncio.Event) -> socket.socket | None:

@@ -9,7 +9,6 @@ import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dsched.app import processes
@@ -17,7 +16,7 @@ from dsched.app.backends import Backends
 from dsched.coordinator.service import Coordinator
 from dsched.ingestion.service import Ingestion
 from dsched.libs import logs, tracing
-from dsched.libs.metrics import REGISTRY
+from dsched.libs.metrics import exposition
 from dsched.libs.settings import SERVICES, Settings
 from dsched.libs.supervisor import Supervisor
 from dsched.picker.service import Picker
@@ -40,7 +39,7 @@ async def _metrics_server(settings: Settings, supervisor: Supervisor) -> web.App
         return None
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=await exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response(supervisor.report(), status=200 if supervisor.healthy else 503)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -51,21 +51,6 @@ class Target:
             await self.runner.cleanup()
 
 
-def free_ports_in_a_row(count: int) -> int:
-    """A port p with p .. p + count - 1 free now (``run all``'s child i serves metrics on DSCHED_METRICS_PORT + i)."""
-    for _ in range(100):
-        first = free_port()
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(first, first + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-    raise RuntimeError(f"no {count} free ports in a row")
-
-
 class Scheduler:
     """``dsched run all`` on a fresh data directory, in its own process (as a user runs it)."""
 
@@ -98,11 +83,7 @@ class Scheduler:
                 metrics_port = free_port()
                 proc_env["DSCHED_METRICS_PORT"] = str(metrics_port)
                 self.metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
-            elif service == "all" and (processes := int(env.get("DSCHED_PROCESSES", "2"))) > 1:
-                # `run all`'s worker children serve /metrics on DSCHED_METRICS_PORT + i (the parent on the API port).
-                metrics_port = free_ports_in_a_row(processes)
-                proc_env["DSCHED_METRICS_PORT"] = str(metrics_port)
-                self.metrics_urls += [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(1, processes)]
+            # `run all`'s API port serves its worker children's metrics too (labelled process="worker-<i>").
             with (self.data_dir / f"{service}.log").open("wb") as log:
                 self.procs.append(
                     subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
@@ -132,15 +113,17 @@ class Scheduler:
                         text = await resp.text()
                 except aiohttp.ClientError:
                     continue
-                for line in text.splitlines():
-                    for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
-                        if line.startswith((f"{name}_sum ", f"{name}_count ")):
-                            key, value = line.split()
-                            values[key] = values.get(key, 0.0) + float(value)
-                        elif line.startswith(f'{name}_bucket{{le="'):
-                            bound, value = line.split('le="', 1)[1].split('"} ')
+                for family in text_string_to_metric_families(text):
+                    name = family.name
+                    if name not in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
+                        continue
+                    for sample in family.samples:  # summed over processes (labels other than le)
+                        if sample.name in (f"{name}_sum", f"{name}_count"):
+                            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+                        elif sample.name == f"{name}_bucket":
+                            bound = float(sample.labels["le"])
                             per_bound = buckets.setdefault(name, {})
-                            per_bound[float(bound)] = per_bound.get(float(bound), 0.0) + float(value)
+                            per_bound[bound] = per_bound.get(bound, 0.0) + sample.value
         parts = []
         for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
             count = values.get(f"{name}_count", 0)

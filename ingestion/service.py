@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
@@ -45,7 +44,14 @@ from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import CANCEL_PREFIX
 from dsched.libs.limits import MAX_JSON_DEPTH, json_depth_exceeds
 from dsched.libs.log.base import SubmissionLog
-from dsched.libs.metrics import BLOB_OFFLOADS, HTTP_REQUESTS, REGISTRY, SUBMISSIONS, TENANT_SUBMISSIONS, tenant_label
+from dsched.libs.metrics import (
+    BLOB_OFFLOADS,
+    HTTP_REQUESTS,
+    SUBMISSIONS,
+    TENANT_SUBMISSIONS,
+    exposition,
+    tenant_label,
+)
 from dsched.libs.models import (
     ACCEPTED_VERSION,
     Job,
@@ -603,7 +609,7 @@ class Ingestion:
         return json_response(openapi.spec())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=await exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def queue_stats(self, request: web.Request) -> web.Response:
         started = time.perf_counter()

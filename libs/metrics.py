@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from dsched.libs.queue.base import WorkQueue
@@ -202,3 +205,55 @@ def export(*gauges: Gauge) -> None:
             if id(gauge) not in _exported:
                 REGISTRY.register(gauge)
                 _exported.add(id(gauge))
+
+
+# Other processes whose metrics this process serves as part of its own (``run all``'s worker children):
+# their name (the value of their ``process`` label) -> how to read their exposition text.
+_SOURCES: dict[str, Callable[[], Awaitable[str]]] = {}
+PROCESS_LABEL = "process"
+
+
+def add_source(name: str, read: Callable[[], Awaitable[str]]) -> None:
+    """Serve the metrics ``read`` returns along with this process's own, each series labelled ``process=name``."""
+    _SOURCES[name] = read
+
+
+def remove_source(name: str) -> None:
+    _SOURCES.pop(name, None)
+
+
+class _Families:
+    """A collector of already collected metric families (to render a merged exposition)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+async def exposition() -> bytes:
+    """This process's metrics in the Prometheus text format, merged with every added source's.
+
+    One scrape of the API port sees the whole ``run all`` (Prometheus needs no target per child). A source that
+    does not answer is left out of this scrape; its supervised loop reports it on ``/health`` and in
+    ``dsched_service_up``. A family a source exports with another type than this process is left out."""
+    if not _SOURCES:
+        return generate_latest(REGISTRY)
+    names = list(_SOURCES)
+    texts = await asyncio.gather(*(_SOURCES[name]() for name in names), return_exceptions=True)
+    merged = {family.name: family for family in REGISTRY.collect()}
+    for name, text in zip(names, texts, strict=True):
+        if isinstance(text, BaseException):
+            continue
+        for family in text_string_to_metric_families(text):
+            samples = [s._replace(labels={**s.labels, PROCESS_LABEL: name}) for s in family.samples]
+            known = merged.get(family.name)
+            if known is None:
+                family.samples = samples
+                merged[family.name] = family
+            elif known.type == family.type:
+                known.samples.extend(samples)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(merged.values())))
+    return generate_latest(registry)

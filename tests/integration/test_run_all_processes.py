@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.processes import Http, Service, base_env, free_port
 
@@ -85,6 +87,12 @@ def test_a_job_runs_in_a_worker_child_and_a_killed_child_is_noticed_and_restarte
     runs = http.wait_all_succeeded([job_id], timeout=30)[job_id]
     assert runs[0]["output"] == "from a child\n"
     assert runs[0]["worker_id"].startswith("multi-w"), runs[0]
+    # One scrape of the API port covers the children: the run a child finished is counted there, labelled.
+    with urllib.request.urlopen(f"{http.base}/metrics", timeout=10) as answer:
+        families = {f.name: f for f in text_string_to_metric_families(answer.read().decode())}
+    finished = [s for s in families["dsched_runs"].samples if s.name == "dsched_runs_total"]
+    assert any(s.labels.get("process", "").startswith("worker-") and s.value >= 1 for s in finished), finished
+    assert "dsched_http_requests" in families  # the parent's own series are still there
 
     victim = workers[0]
     os.kill(victim, signal.SIGKILL)
