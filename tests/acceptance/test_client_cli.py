@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.processes import DSCHED, Http, Service, base_env, free_port
+from tests.helpers.processes import DSCHED, Http, Service, base_env, free_port, wait_until
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -47,16 +47,6 @@ def ok(proc: subprocess.CompletedProcess[str]) -> str:
 
 def as_json(proc: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(ok(proc))
-
-
-def wait_for(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def test_version() -> None:
@@ -98,12 +88,12 @@ def test_failed_run_exits_1_and_is_replayed_from_the_dead_letters(server: str) -
     waited = dsched(server, "jobs", "wait", job_id, "--timeout", "30", user="cli-dlq")
     assert waited.returncode == 1, (waited.stdout, waited.stderr)
     assert "failed" in waited.stdout and "exit code 3" in waited.stdout
-    letters = wait_for(lambda: as_json(dsched(server, "dlq", "list", "--json", user="cli-dlq"))["dead_letters"])
+    letters = wait_until(lambda: as_json(dsched(server, "dlq", "list", "--json", user="cli-dlq"))["dead_letters"])
     assert [d["job_id"] for d in letters] == [job_id]
     assert letters[0]["id"] in ok(dsched(server, "dlq", "list", user="cli-dlq"))
     replayed = ok(dsched(server, "dlq", "replay", letters[0]["id"], user="cli-dlq"))
     assert "Replayed" in replayed
-    wait_for(lambda: len(as_json(dsched(server, "jobs", "runs", job_id, "--json", user="cli-dlq"))["runs"]) == 2)
+    wait_until(lambda: len(as_json(dsched(server, "jobs", "runs", job_id, "--json", user="cli-dlq"))["runs"]) == 2)
     # other tenants see none of it
     assert as_json(dsched(server, "dlq", "list", "--json", user="someone-else"))["dead_letters"] == []
 
@@ -144,17 +134,17 @@ def test_pause_resume_trigger_delete_one_and_many(server: str) -> None:
         return str(as_json(dsched(server, "jobs", "get", job_id, "--json", user=user))["status"])
 
     assert ok(dsched(server, "jobs", "pause", a, user=user)).strip() == f"{a}: Paused"
-    wait_for(lambda: status(a) == "paused")
+    wait_until(lambda: status(a) == "paused")
     partly = dsched(server, "jobs", "resume", a, b, "no-such-job", "--json", user=user)
     assert partly.returncode == 1  # one of the three failed
     bulk = json.loads(partly.stdout)
     assert (bulk["ok"], bulk["failed"]) == (2, 1)
-    wait_for(lambda: status(a) == "scheduled")
+    wait_until(lambda: status(a) == "scheduled")
     assert ok(dsched(server, "jobs", "trigger", b, user=user)).strip() == f"{b}: Triggered"
-    wait_for(lambda: any(r["status"] == "succeeded" for r in as_json(
+    wait_until(lambda: any(r["status"] == "succeeded" for r in as_json(
         dsched(server, "jobs", "runs", b, "--json", user=user))["runs"]))  # fmt: skip
     ok(dsched(server, "jobs", "delete", a, b, user=user))
-    wait_for(lambda: status(a) == "deleted" and status(b) == "deleted")
+    wait_until(lambda: status(a) == "deleted" and status(b) == "deleted")
 
 
 def test_large_output_is_streamed_whole(server: str) -> None:
@@ -167,7 +157,7 @@ def test_large_output_is_streamed_whole(server: str) -> None:
 
 def test_cancel_a_running_run(server: str) -> None:
     job_id = ok(dsched(server, "jobs", "submit", "cmd:sleep 30", "--max-retries", "0")).strip()
-    run = wait_for(lambda: next(iter(r for r in as_json(dsched(server, "jobs", "runs", job_id, "--json"))["runs"]
+    run = wait_until(lambda: next(iter(r for r in as_json(dsched(server, "jobs", "runs", job_id, "--json"))["runs"]
                                      if r["status"] == "running"), None))  # fmt: skip
     assert ok(dsched(server, "runs", "cancel", run["run_id"])).strip() == f"{run['run_id']}: Cancelling"
     waited = dsched(server, "jobs", "wait", job_id, "--timeout", "20")

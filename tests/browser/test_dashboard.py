@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.processes import Http, Service, base_env, free_port
+from tests.helpers.processes import Http, Service, base_env, free_port, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -93,16 +92,6 @@ def shot(page: Any, name: str) -> None:
         page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
 
 
-def wait_api(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
-
-
 def test_page_sends_a_strict_csp_and_escapes_what_it_renders(server: Http, page: Any) -> None:
     api = as_user(server, "ui-escape")
     hostile = '<img src=x onerror="window.pwned=1">'
@@ -172,15 +161,15 @@ def test_pause_resume_trigger_and_skipped_runs_on_the_job_page(server: Http, pag
     assert "Asia/Tokyo" in page.locator("#next-fires").inner_text()
     page.click("#job-pause")
     page.wait_for_selector("#job-resume")
-    assert wait_api(lambda: api.call("GET", f"/jobs/{job_id}")[1]["status"] == "paused")
+    assert wait_until(lambda: api.call("GET", f"/jobs/{job_id}")[1]["status"] == "paused")
     page.click("#job-resume")
     page.wait_for_selector("#job-pause")
-    assert wait_api(lambda: api.call("GET", f"/jobs/{job_id}")[1]["status"] == "scheduled")
+    assert wait_until(lambda: api.call("GET", f"/jobs/{job_id}")[1]["status"] == "scheduled")
     page.click("#job-trigger")
     page.wait_for_selector('#run-timeline .tick[data-status="succeeded"]')
     page.fill("#edit-cron", "*/30 * * * *")
     page.click("#edit-schedule button[type=submit]")
-    assert wait_api(lambda: api.call("GET", f"/jobs/{job_id}")[1]["cron_schedule"] == "*/30 * * * *")
+    assert wait_until(lambda: api.call("GET", f"/jobs/{job_id}")[1]["cron_schedule"] == "*/30 * * * *")
     shot(page, "job")
 
 
@@ -199,7 +188,7 @@ def test_replay_dead_letters_one_and_many(server: Http, page: Any, expect: Any) 
     job_ids = [
         api.submit(payload=f"cmd:echo broken; exit {4 + i}", name=f"broken-{i}", max_retries=0) for i in range(3)
     ]
-    wait_api(lambda: len(api.call("GET", "/dead-letters")[1]["dead_letters"]) == 3)
+    wait_until(lambda: len(api.call("GET", "/dead-letters")[1]["dead_letters"]) == 3)
     page.goto(server.base + "/ui?user=ui-dlq#/dead-letters")
     rows = page.locator("#dead-letters-table tr[data-letter]")
     expect(rows).to_have_count(3)
@@ -207,12 +196,12 @@ def test_replay_dead_letters_one_and_many(server: Http, page: Any, expect: Any) 
     shot(page, "dead-letters")
     page.click(f"tr:has(a[href='#/jobs/{job_ids[0]}']) [data-replay]")
     page.wait_for_selector(".toast >> text=replayed")
-    assert wait_api(lambda: len(api.runs(job_ids[0])) == 2)
+    assert wait_until(lambda: len(api.runs(job_ids[0])) == 2)
     for job_id in job_ids[1:]:
         page.check(f"tr:has(a[href='#/jobs/{job_id}']) input[type=checkbox]")
     page.click("#replay-selected")
     page.wait_for_selector(".toast >> text=replayed 2")
-    assert wait_api(lambda: all(len(api.runs(j)) == 2 for j in job_ids[1:]))
+    assert wait_until(lambda: all(len(api.runs(j)) == 2 for j in job_ids[1:]))
 
 
 def test_bulk_pause_from_the_jobs_page(server: Http, page: Any, expect: Any) -> None:

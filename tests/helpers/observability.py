@@ -16,10 +16,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +27,7 @@ import yaml
 
 from dsched.libs.servers.base import free_port
 from dsched.libs.servers.prometheus import PrometheusServer
+from tests.helpers.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -35,18 +35,6 @@ DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
 DSCHED = str(Path(sys.executable).with_name("dsched"))
 FOR_SCALE = 15  # `for: 30s` becomes 2 s, `for: 5m` 20 s
 T = TypeVar("T")
-
-
-def wait_until(check: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 0.25) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout_s`` saying ``what`` was awaited."""
-    deadline = time.monotonic() + timeout_s
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"{what}: not within {timeout_s:.0f} s (last: {last!r})")
 
 
 def _seconds(duration: str) -> float:

@@ -11,10 +11,28 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+
+T = TypeVar("T")
+
+
+def wait_until(
+    check: Callable[[], T | None], timeout_s: float = 20.0, what: str = "condition", interval_s: float = 0.2
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout_s`` saying ``what`` was awaited."""
+    deadline = time.monotonic() + timeout_s
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f} s (last: {last!r})")
+
 
 DSCHED = str(Path(sys.executable).with_name("dsched"))
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers.processes import Http, Service, base_env, free_port
+from tests.helpers.processes import Http, Service, base_env, free_port, wait_until
 
 
 def children_of(pid: int) -> list[int]:
@@ -45,16 +45,6 @@ def health(http: Http) -> tuple[int, dict[str, Any]]:
         return http.call("GET", "/health")
     except OSError:
         return 0, {}
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
