@@ -41,7 +41,7 @@ from dsched.libs.queue.base import (
     ReceivedMessage,
     WorkQueue,
 )
-from dsched.libs.sqlite import SqliteDB
+from dsched.libs.sqlite import SqliteDB, begin_immediate
 
 T = TypeVar("T")
 
@@ -270,7 +270,7 @@ def _run_batch(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
     if durable:
         conn.execute("PRAGMA synchronous=FULL")
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        begin_immediate(conn)
         try:
             results = [op.fn(conn, now) for op in batch]
         except BaseException:

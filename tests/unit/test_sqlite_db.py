@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
 from pathlib import Path
 
-from dsched.libs.sqlite import CHECKPOINT_INTERVAL_S, SqliteDB
+from dsched.libs.sqlite import CHECKPOINT_INTERVAL_S, SqliteDB, begin_immediate
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
 
@@ -54,3 +56,25 @@ async def test_the_wal_is_checkpointed_in_the_background_so_it_does_not_grow(tmp
         assert wal.stat().st_size < first_size * 1.5
     finally:
         await db.close()
+
+
+def test_begin_immediate_waits_for_another_connections_write_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "lock.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("CREATE TABLE t (v INTEGER)")
+    waiter = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    releaser = threading.Timer(0.05, lambda: holder.execute("COMMIT"))
+    releaser.start()
+    try:
+        begin_immediate(waiter)  # raises "database is locked" if it does not wait
+        waiter.execute("INSERT INTO t VALUES (2)")
+        waiter.execute("COMMIT")
+    finally:
+        releaser.join()
+    assert waiter.execute("SELECT v FROM t ORDER BY v").fetchall() == [(1,), (2,)]
+    assert waiter.execute("PRAGMA busy_timeout").fetchone() == (30000,)  # other statements keep the handler
+    holder.close()
+    waiter.close()
