@@ -10,6 +10,7 @@ Kinds:
                     store's ``running`` records, and from ``cmd:`` marker lines), restart it ``down_s`` later.
 ``freeze``          SIGSTOP one process (of ``role``) for ``frozen_s`` (for a picker: longer than the lease TTL, so
                     its lease expires while it sleeps), then SIGCONT: it wakes up believing it still owns shards.
+                    Never inside an SQLite write transaction (see :func:`_holds_sqlite_lock`).
 ``etcd-restart``    restart the etcd server (SIGKILL or SIGTERM), down ``down_s``; its data survives.
 ``moto-pause``      SIGSTOP the moto server (SQS + S3 hang instead of refusing) for ``paused_s``.
 ``moto-restart``    restart moto, down ``down_s``. moto keeps everything in memory: queued messages are wiped,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,30 @@ from dsched.libs.coordination.keys import LEADER_KEY
 KINDS = ("kill", "kill-leader", "kill-busy-worker", "freeze", "etcd-restart", "moto-pause", "moto-restart")
 BACKEND_KINDS = frozenset({"etcd-restart", "moto-pause", "moto-restart"})
 RESTART_WAIT_S = 30.0  # bound on waiting for a restarted process to log "started"
+
+
+# A process stopped while it holds an SQLite file's write lock stalls every process writing that file until it is
+# continued: SQLite's locking, not the failover the freeze tests. So a freeze that caught its process inside a write
+# transaction is undone and tried again a moment later (at most FREEZE_ATTEMPTS times).
+FREEZE_ATTEMPTS = 50
+FREEZE_RETRY_S = 0.01
+
+
+def _holds_sqlite_lock(data_dir: Path) -> bool:
+    """Whether some process holds the write lock of one of the embedded backends' files in ``data_dir``."""
+    for path in sorted(data_dir.glob("*.db")):
+        try:
+            conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+        except sqlite3.Error:
+            continue
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            conn.close()
+    return False
 
 
 @dataclass(frozen=True)
@@ -244,9 +270,15 @@ class Injector:
 
     async def _freeze(self, process: ServiceProcess, record: FaultRecord, frozen_s: float) -> None:
         record.target, record.node = process.slot, process.node_id
-        if not process.freeze():
-            record.details["note"] = "was not running"
-            return
+        for attempt in range(FREEZE_ATTEMPTS):
+            if not process.freeze():
+                record.details["note"] = "was not running"
+                return
+            if not await asyncio.to_thread(_holds_sqlite_lock, self.cluster.data_dir):
+                break
+            process.thaw()  # stopped inside a write transaction: let it commit, then try again
+            record.details["refrozen"] = attempt + 1
+            await asyncio.sleep(FREEZE_RETRY_S)
         record.start_ms = now_ms()
         # Read after the SIGSTOP so the dispatch (if any) it was doing is not delayed by us.
         await self._note_shards(process, record)
