@@ -12,7 +12,8 @@ dsched completion bash|zsh                             print a shell completion 
 
 Every command takes ``--url`` (``DSCHED_URL``, default ``http://127.0.0.1:8080``), ``--api-key``
 (``DSCHED_API_KEY``, sent as ``Authorization: Bearer``), ``--user`` (``DSCHED_USER``, sent as ``X-User-ID`` for
-``dev`` mode) and ``--json`` (print the API's JSON answer instead of text, for scripts).
+``dev`` mode) and ``--json`` (print the API's JSON answer instead of text, for scripts), after the command or
+before it (``dsched --url U --json jobs list``); given in both places, the one after the command wins.
 
 Exit status: 0 done; 1 the API refused (4xx/5xx) or, for ``jobs wait``, the run failed; 2 usage; 3 the server is
 unreachable or ``jobs wait`` timed out. Errors are one line on stderr, ``dsched: ...``.
@@ -38,7 +39,7 @@ COMMANDS = ("jobs", "runs", "dlq", "cluster", "completion")
 FINAL = {"succeeded", "failed", "timed_out", "cancelled"}
 FAILED = {"failed", "timed_out", "cancelled"}
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
-JOB_STATUSES = ["scheduled", "queued", "running", "succeeded", "failed", "paused", "deleted"]
+JOB_STATUSES = ["submitted", "scheduled", "queued", "running", "succeeded", "failed", "paused", "deleted"]
 
 
 class CliError(Exception):
@@ -628,13 +629,37 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 FAST = ("jobs", "runs", "dlq", "cluster")
+VALUED = ("--url", "--api-key", "--user")
+
+
+def hoist_options(argv: list[str]) -> list[str]:
+    """Let the common options come before a client command: ``--url U --json jobs list`` becomes
+    ``jobs list --url U --json``. They go right after the command and its subcommand, so an option given after
+    the command as well (parsed later) wins. Anything else is returned unchanged."""
+    moved: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--json" or (arg.split("=", 1)[0] in VALUED and "=" in arg):
+            moved.append(arg)
+            i += 1
+        elif arg in VALUED and i + 1 < len(argv):
+            moved += argv[i : i + 2]
+            i += 2
+        else:
+            break
+    rest = argv[i:]
+    if not moved or not rest or rest[0] not in FAST:
+        return argv
+    depth = 2 if len(rest) > 1 and not rest[1].startswith("-") else 1
+    return [*rest[:depth], *moved, *rest[depth:]]
 
 
 def entry(argv: list[str] | None = None) -> None:
     """The ``dsched`` console script. Client commands and ``--version`` are parsed here, without importing the
     services (the server side's imports cost seconds on a busy machine); everything else goes to
     :func:`app.cli.main`, whose parser also knows these commands (``dsched --help``, completion)."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = hoist_options(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
         print(f"dsched {version()}")
         sys.exit(0)

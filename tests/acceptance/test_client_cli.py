@@ -196,6 +196,17 @@ def test_url_flag_wins_over_the_environment(server: str) -> None:
     assert "jobs" in as_json(proc)
 
 
+def test_common_options_may_come_before_the_command(server: str) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    job_id = ok(dsched(nowhere, "--url", server, "--user", "cli-front", "jobs", "submit", "x", "--at", "+1h"))
+    listed = as_json(dsched(nowhere, "--json", f"--url={server}", "jobs", "list", user="cli-front"))["jobs"]
+    assert [j["job_id"] for j in listed] == [job_id.strip()]
+    after_wins = dsched(server, "--url", server, "jobs", "list", "--url", nowhere, user="cli-front")
+    assert after_wins.returncode == 3 and nowhere in after_wins.stderr
+    accepted = ok(dsched(server, "jobs", "list", "--status", "submitted", user="cli-front"))  # a status to filter on
+    assert accepted.strip() == "no jobs" or job_id.strip() in accepted  # the writer may not have stored it yet
+
+
 def test_bash_completion(tmp_path: Path) -> None:
     script = subprocess.run([DSCHED, "completion", "bash"], capture_output=True, text=True, timeout=30)
     assert script.returncode == 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from dsched.app.client import parse_at, shard_ranges, table
+from dsched.app.client import hoist_options, parse_at, shard_ranges, table
 from dsched.ingestion.console import Sample, _delta, quantile
 from dsched.libs.models import HttpTarget, Job, Payload
 from dsched.libs.store.base import JobStore
@@ -62,6 +62,19 @@ def test_client_helpers() -> None:
     at = datetime.fromisoformat(parse_at("+90s").replace("Z", "+00:00"))
     assert 85 < (at - datetime.now(UTC)).total_seconds() <= 90
     assert parse_at("2030-01-01T00:00:00Z") == "2030-01-01T00:00:00Z"
+
+
+def test_common_options_before_a_client_command_move_after_it() -> None:
+    assert hoist_options(["--url", "U", "--json", "jobs", "list", "--limit", "2"]) == [
+        "jobs", "list", "--url", "U", "--json", "--limit", "2",
+    ]  # fmt: skip
+    # the option after the command is parsed last: it wins
+    assert hoist_options(["--user=me", "cluster", "status", "--user", "you"]) == [
+        "cluster", "status", "--user=me", "--user", "you",
+    ]  # fmt: skip
+    assert hoist_options(["--json", "jobs", "--help"]) == ["jobs", "--json", "--help"]
+    for unchanged in (["jobs", "list", "--json"], ["--json", "run", "all"], ["--url"], ["--version"], []):
+        assert hoist_options(unchanged) == unchanged
 
 
 def make_job(i: int, **fields: object) -> Job:
