@@ -2,8 +2,10 @@
 
 Every service is its own ``dsched run <service>`` process on shared embedded backends (one data directory),
 each serving ``/metrics`` (ingestion on its API port, the others on ``DSCHED_METRICS_PORT``), so Prometheus
-scrapes every process, as in production. :func:`scaled_rules` writes the real alert rules with their ``for:``
-durations divided by :data:`FOR_SCALE` (at least 1 s), so an alert's whole life fits in a test.
+scrapes every process, as in production. The service ``all`` is ``dsched run all`` (``make run``), scraped on its
+API port only, where it serves its worker children's metrics too (labelled ``process="worker-<i>"``).
+:func:`scaled_rules` writes the real alert rules with their ``for:`` durations divided by :data:`FOR_SCALE` (at
+least 1 s), so an alert's whole life fits in a test.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
 DSCHED = str(Path(sys.executable).with_name("dsched"))
+API_SERVICES = ("ingestion", "all")  # processes serving /metrics on the API port
 FOR_SCALE = 15  # `for: 30s` becomes 2 s, `for: 5m` 20 s
 T = TypeVar("T")
 
@@ -139,16 +142,17 @@ class Cluster:
         env.update({f"DSCHED_{k.upper()}": v for k, v in settings.items()})
         (base / "logs").mkdir(parents=True, exist_ok=True)
         self.processes = {
-            name: Process(name, env, base / "logs", api_port=self.api_port if name == "ingestion" else None)
+            name: Process(name, env, base / "logs", api_port=self.api_port if name in API_SERVICES else None)
             for name in services
         }
         self.prometheus = PrometheusServer(
             base / "prometheus",
-            targets={name: [p.target] for name, p in self.processes.items()},
+            # `dsched run all` is scraped as the README says: one target, its API port, job "ingestion".
+            targets={("ingestion" if name == "all" else name): [p.target] for name, p in self.processes.items()},
             rule_files=[scaled_rules(base / "alerts.scaled.yml")],
         )
 
-    def start(self, timeout_s: float = 30.0) -> None:
+    def start(self, timeout_s: float = 60.0) -> None:
         for process in self.processes.values():
             process.start()
         for process in self.processes.values():

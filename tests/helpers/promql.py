@@ -44,3 +44,35 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(match.group())
     return names
+
+
+AGGREGATIONS = {"sum", "min", "max", "avg", "count", "group", "stddev", "stdvar", "topk", "bottomk", "quantile"}
+# Functions a series passes through on its way to an aggregation (they keep one result per input series).
+_PER_SERIES = {"", "rate", "irate", "increase", "delta", "idelta", "deriv", "abs", "clamp_min", "clamp_max"}
+
+
+def enclosing_aggregations(expr: str, metric: str) -> list[str | None]:
+    """For each use of ``metric`` in ``expr``: the aggregation operator whose argument it is (through
+    per-series functions such as ``rate`` and plain parentheses), or None when it is used per series."""
+    stripped = re.sub(r"\{[^}]*\}", "", expr)
+    stripped = re.sub(r"\[[^\]]*\]", "", stripped)
+    stripped = re.sub(r"\b(by|without)\s*\([^)]*\)", "", stripped)
+    found: list[str | None] = []
+    for match in re.finditer(rf"(?<![A-Za-z0-9_:]){re.escape(metric)}(?![A-Za-z0-9_:])", stripped):
+        depth, aggregation = 0, None
+        for i in range(match.start() - 1, -1, -1):
+            if stripped[i] == ")":
+                depth += 1
+            elif stripped[i] == "(":
+                if depth:
+                    depth -= 1
+                    continue
+                word = re.search(r"([A-Za-z_]*)\s*$", stripped[:i])
+                name = word.group(1) if word else ""
+                if name in AGGREGATIONS:
+                    aggregation = name
+                    break
+                if name not in _PER_SERIES:
+                    break
+        found.append(aggregation)
+    return found

@@ -1,11 +1,14 @@
 """Every panel of every dashboard under deploy/grafana returns data on a real Prometheus scraping a real cluster.
 
-The live test starts the five services as separate ``dsched run`` processes (each scraped on its own port), a
-local HTTP target, and Debian's Prometheus scraping every second with the alert rules loaded; it runs a mixed
-workload (succeeded, failed and retried, dead-lettered, recurring, cmd, echo and http jobs, a late submission)
-and then evaluates each panel's query through the HTTP API, with Grafana's variables replaced as Grafana would
-(``$__rate_interval`` by four scrape intervals and more, ``$__range`` by the dashboard's range, ``$tenant`` by
-its "All" value). A query that returns nothing, or only NaN, is a panel that would say "No data".
+The live test starts the five services as separate ``dsched run`` processes (each scraped on its own port), and
+again as ``dsched run all`` over three processes (one scrape of the API port, the worker children's series
+labelled ``process``), a local HTTP target, and Debian's Prometheus scraping every second with the alert rules
+loaded; it runs a mixed workload (succeeded, failed and retried, dead-lettered, recurring, cmd, echo and http
+jobs, a late submission) and then evaluates each panel's query through the HTTP API, with Grafana's variables
+replaced as Grafana would (``$__rate_interval`` by four scrape intervals and more, ``$__range`` by the
+dashboard's range, ``$tenant`` by its "All" value). A query that returns nothing, or only NaN, is a panel that
+would say "No data". A static check makes every panel and alert aggregate a metric over processes the way its
+meaning needs (sum what each process counts, max what each process sees whole).
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from dsched.libs.metrics import FIRE_LAG_OBJECTIVE_S, LAG_BUCKETS
 from dsched.libs.servers.prometheus import prometheus_binary
 from dsched.libs.settings import SERVICES
-from tests.helpers.observability import DASHBOARDS, Cluster, Hook, running_cluster, wait_until
+from tests.helpers.observability import DASHBOARDS, RULES, Cluster, Hook, running_cluster, wait_until
+from tests.helpers.promql import enclosing_aggregations, exposed_metric_names, metric_names
 
 VARIABLES = {"__rate_interval": "20s", "__interval": "5s", "__range": "10m", "tenant": ".*"}
 
@@ -101,6 +106,46 @@ def test_the_slo_objective_is_a_histogram_bucket() -> None:
     assert f'dsched_fire_lag_seconds_bucket{{le="{FIRE_LAG_OBJECTIVE_S}"}}' in slo
 
 
+# Gauges every exporting process reports whole (each worker samples the one queue, pickers and coordinators know
+# the shard count, an embedded-log writer reads every partition): aggregated with max, never added up.
+WHOLE_GAUGES = {"dsched_queue_depth", "dsched_shard_count", "dsched_writer_lag_seconds", "dsched_writer_lag_records"}
+# Gauges of one process's own share (its shards, its leadership, its slots): added up over processes.
+SHARE_GAUGES = {"dsched_picker_owned_shards", "dsched_coordinator_is_leader", "dsched_worker_slots"}
+SHARE_GAUGES |= {"dsched_worker_inflight_runs"}
+
+
+def test_every_query_aggregates_over_processes_the_right_way() -> None:
+    """A series may come from several processes of one service (replicas, or ``run all``'s worker children, which
+    add a ``process`` label): counters and histograms are summed (a max or a bare series would miss the other
+    processes' counts), share gauges summed, whole gauges maxed (a sum would count the one queue twice)."""
+    rules = yaml.safe_load(RULES.read_text())["groups"]
+    exprs = [(f"{name}: {panel}", expr) for name, panel, expr in panel_queries()]
+    exprs += [(f"alert {rule['alert']}", str(rule["expr"])) for group in rules for rule in group["rules"]]
+    counted = {n for n in exposed_metric_names() if n.endswith(("_total", "_bucket", "_count", "_sum"))}
+    wrong: list[str] = []
+    for where, expr in exprs:
+        for metric in metric_names(expr):
+            if metric in WHOLE_GAUGES:
+                allowed = {"max", "min"}
+            elif metric in SHARE_GAUGES:
+                allowed = {"sum"}
+            elif metric in counted:
+                allowed = {"sum", "count"}
+            else:
+                continue
+            for aggregation in enclosing_aggregations(expr, metric):
+                if aggregation not in allowed:
+                    wrong.append(f"{where}: {metric} under {aggregation}: {expr}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_enclosing_aggregations() -> None:
+    expr = 'max(x) - (sum(rate(y{a="b"}[5m])) or vector(0)) + sum by (le) (deriv(x[1m])) + histogram_quantile(0.5, y)'
+    assert enclosing_aggregations(expr, "x") == ["max", "sum"]
+    assert enclosing_aggregations(expr, "y") == ["sum", None]
+    assert enclosing_aggregations("count(count by (t) (z or w))", "z") == ["count"]
+
+
 def test_variable_substitution() -> None:
     assert substitute('rate(x{t=~"$tenant"}[$__rate_interval]) $__range ${__interval}') == (
         'rate(x{t=~".*"}[20s]) 10m 5s'
@@ -147,12 +192,22 @@ def wait_for_outcomes(cluster: Cluster, jobs: dict[str, str]) -> None:
         assert status == 200 and len(data["dead_letters"]) == 1, (user, data)
 
 
+# The five services as separate processes (one scrape target each), and `dsched run all` (`make run`) over three
+# processes: one target, the API port, serving the worker children's series labelled process="worker-<i>".
+DEPLOYMENTS = {
+    "separate processes": (list(SERVICES), {}),
+    "run all over 3 processes": (["all"], {"processes": "3"}),
+}
+
+
 @pytest.mark.timeout(180)
-def test_every_panel_query_returns_data_on_a_cluster_after_a_mixed_workload(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deployment", list(DEPLOYMENTS))
+def test_every_panel_query_returns_data_on_a_cluster_after_a_mixed_workload(tmp_path: Path, deployment: str) -> None:
     if prometheus_binary() is None:
         pytest.fail("prometheus is not installed: run `make test` (make system-deps installs it)", pytrace=False)
     started = time.monotonic()
-    with Hook() as hook, running_cluster(tmp_path, list(SERVICES)) as cluster:
+    services, settings = DEPLOYMENTS[deployment]
+    with Hook() as hook, running_cluster(tmp_path, services, **settings) as cluster:
         cluster.wait_scraped()
         jobs = mixed_workload(cluster, hook)
         wait_for_outcomes(cluster, jobs)
@@ -161,7 +216,12 @@ def test_every_panel_query_returns_data_on_a_cluster_after_a_mixed_workload(tmp_
         # Prometheus has seen the outcomes (scraped every second), from every process.
         wait_until(lambda: (cluster.value("sum(dsched_dead_letters_total)") or 0) >= 2, 20, "dead letters scraped")
         wait_until(lambda: (cluster.value("sum(dsched_retries_total)") or 0) >= 2, 20, "retries scraped")
-        wait_until(lambda: cluster.value('count(up{job=~".+"} == 1)') == len(SERVICES), 20, "all targets up")
+        wait_until(lambda: cluster.value('count(up{job=~".+"} == 1)') == len(services), 20, "all targets up")
+        if services == ["all"]:
+            # The runs were counted by the worker children, seen through the one target with their process label;
+            # each child's supervised process loop is reported up by the parent.
+            assert (cluster.value('sum(dsched_runs_total{process=~"worker-.+"})') or 0) >= 1
+            assert cluster.value('count(dsched_service_up{service=~"worker-.+"} == 1)') == 2
         # The late submission ran, was counted as such, and stayed out of the fire-lag histogram (an hour late).
         wait_until(lambda: (cluster.value("sum(dsched_late_submission_runs_total)") or 0) >= 1, 20, "late submission")
         over_10_min = 'sum(dsched_fire_lag_seconds_bucket{le="+Inf"}) - sum(dsched_fire_lag_seconds_bucket{le="600.0"})'
