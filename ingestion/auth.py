@@ -178,12 +178,21 @@ class TenantLimits:
             return float(override[name])
         return float(getattr(self.settings, f"tenant_{name}"))
 
-    async def check_submit(self, tenant: str, body_bytes: int | None) -> web.Response | None:
-        """None when the submit may go on, else the 413/429 answer."""
+    def payload_over(self, tenant: str, size: int) -> str | None:
+        """The 413 detail when a body (or batch item) of ``size`` bytes is over the tenant's ``max_payload_bytes``
+        (counted in ``dsched_tenant_limited_total{limit="payload_bytes"}``), else None."""
         max_payload = int(self.limit(tenant, "max_payload_bytes"))
-        if max_payload and body_bytes is not None and body_bytes > max_payload:
+        if max_payload and size > max_payload:
             TENANT_LIMITED.labels("payload_bytes").inc()
-            return json_error(413, "payload_too_large", f"this tenant's submissions are limited to {max_payload} bytes")
+            return f"this tenant's submissions are limited to {max_payload} bytes"
+        return None
+
+    async def check_submit(self, tenant: str, body_bytes: int | None) -> web.Response | None:
+        """None when the submit may go on, else the 413/429 answer. ``body_bytes`` None (a chunked body, whose
+        length is checked once it is read: :meth:`payload_over`) skips the size check."""
+        too_large = self.payload_over(tenant, body_bytes) if body_bytes is not None else None
+        if too_large is not None:
+            return json_error(413, "payload_too_large", too_large)
         rate = self.limit(tenant, "submit_rate")
         if rate > 0:
             burst = int(self.limit(tenant, "submit_burst")) or max(1, math.ceil(rate))

@@ -208,10 +208,18 @@ class Ingestion:
             raise ApiError(401, "unauthorized", "invalid X-User-ID (1-128 of A-Z a-z 0-9 . _ @ : + -)")
         return user
 
-    async def _body(self, request: web.Request) -> dict[str, Any]:
+    async def _body(self, request: web.Request, tenant_cap: bool = False) -> dict[str, Any]:
+        """The request's JSON object body (``{}`` when empty). ``tenant_cap``: the body is a job definition (submit,
+        PATCH), so the caller's ``max_payload_bytes`` applies to its length as read — also when it came chunked,
+        without a ``Content-Length`` for the auth middleware to check."""
         if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
             raise ApiError(413, "payload_too_large", f"body over {self.settings.max_body_bytes} bytes")
         raw = await request.read()
+        principal = principal_of(request)
+        if tenant_cap and principal is not None:
+            too_large = self.auth.limits.payload_over(principal.tenant, len(raw))
+            if too_large is not None:
+                raise ApiError(413, "payload_too_large", too_large)
         if not raw.strip():
             return {}
         try:
@@ -286,7 +294,7 @@ class Ingestion:
         log, answer 202. With an ``Idempotency-Key`` a retry gets the same job and never a second occurrence:
         the job id carries the first attempt's time, from which the retry rebuilds the identical definition."""
         user = self._user(request)
-        body = await self._body(request)
+        body = await self._body(request, tenant_cap=True)
         try:
             req = SubmitRequest.model_validate(body)
         except ValidationError as exc:
@@ -339,12 +347,12 @@ class Ingestion:
             raise ApiError(400, "invalid_field", f"jobs: 1 to {MAX_BATCH_JOBS} items")
         principal = principal_of(request)
         limits = self.auth.limits
-        if principal is not None and not any(
-            limits.limit(principal.tenant, name) > 0 for name in ("submit_rate", "max_active_jobs")
-        ):
-            principal_limited = None  # nothing to count per item (the size limit is the whole body's)
-        else:
-            principal_limited = principal
+        # Limits per item, as for a single submit (max_payload_bytes: each item's JSON), looked up only when the
+        # tenant has one (the batch path is hot).
+        limited = principal is not None and any(
+            limits.limit(principal.tenant, name) > 0 for name in ("submit_rate", "max_active_jobs", "max_payload_bytes")
+        )
+        sized = principal is not None and limits.limit(principal.tenant, "max_payload_bytes") > 0
         results: list[dict[str, Any]] = []
         jobs: list[Job] = []
         now = now_ms()
@@ -356,8 +364,9 @@ class Ingestion:
                     req = SubmitRequest.model_validate(item)
                 except ValidationError as exc:
                     raise ApiError(400, "invalid_field", pydantic_detail(exc)) from exc
-                if principal_limited is not None:  # the same per-tenant limits as a single submit, one per job
-                    refused = await limits.check_submit(principal_limited.tenant, None)
+                if limited and principal is not None:  # the same per-tenant limits as a single submit, one per job
+                    size = len(orjson.dumps(item)) if sized else None
+                    refused = await limits.check_submit(principal.tenant, size)
                     if refused is not None:
                         detail = orjson.loads(refused.body) if isinstance(refused.body, bytes) else {}
                         raise ApiError(refused.status, detail.get("error", "refused"), detail.get("detail", ""))
@@ -429,7 +438,7 @@ class Ingestion:
         job = await self._owned_job(request)
         if job.deleted:
             raise ApiError(409, "conflict", "the job is deleted")
-        body = await self._body(request)
+        body = await self._body(request, tenant_cap=True)
         if not body:
             raise ApiError(400, "invalid_field", "nothing to change: the body is empty")
         if "project_id" in body:
