@@ -164,6 +164,13 @@ def tenant_label(user_id: str) -> str:
     return OTHER_TENANT
 
 
+# Labelled children the per-run path uses, by label values: ``labels()`` validates and locks on every call, a
+# dict lookup does not. Bounded like the labels themselves (tenants capped by MAX_TENANT_LABELS, a few statuses).
+_fire_lag_by_tenant: dict[str, Histogram] = {}
+_runs_by_status: dict[str, Counter] = {}
+_tenant_runs: dict[tuple[str, str], Counter] = {}
+
+
 def observe_run_start(user_id: str, lag_s: float, *, late_submission: bool) -> None:
     """Record a run's fire lag (start minus due). A run of a job submitted with a due time already past is only
     counted (``dsched_late_submission_runs_total``): its lateness is not dsched's and must not burn the SLO."""
@@ -171,7 +178,22 @@ def observe_run_start(user_id: str, lag_s: float, *, late_submission: bool) -> N
         LATE_SUBMISSION_RUNS.inc()
         return
     FIRE_LAG.observe(lag_s)
-    TENANT_FIRE_LAG.labels(tenant_label(user_id)).observe(lag_s)
+    tenant = tenant_label(user_id)
+    if (lag := _fire_lag_by_tenant.get(tenant)) is None:
+        lag = _fire_lag_by_tenant.setdefault(tenant, TENANT_FIRE_LAG.labels(tenant))
+    lag.observe(lag_s)
+
+
+def observe_run_finished(user_id: str, status: str, duration_s: float) -> None:
+    """Count a finished attempt by outcome (overall and per tenant) and record how long it ran."""
+    RUN_DURATION.observe(duration_s)
+    if (runs := _runs_by_status.get(status)) is None:
+        runs = _runs_by_status.setdefault(status, RUNS_FINISHED.labels(status))
+    runs.inc()
+    key = (tenant_label(user_id), status)
+    if (tenant_runs := _tenant_runs.get(key)) is None:
+        tenant_runs = _tenant_runs.setdefault(key, TENANT_RUNS.labels(*key))
+    tenant_runs.inc()
 
 
 async def sample_queue_depth(queue: WorkQueue, interval_s: float = QUEUE_DEPTH_INTERVAL_S) -> None:

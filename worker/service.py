@@ -38,15 +38,12 @@ from dsched.libs.metrics import (
     DEAD_LETTERS,
     DUPLICATE_DELIVERIES,
     RETRIES,
-    RUN_DURATION,
-    RUNS_FINISHED,
-    TENANT_RUNS,
     WORKER_INFLIGHT,
     WORKER_SLOTS,
     export,
+    observe_run_finished,
     observe_run_start,
     sample_queue_depth,
-    tenant_label,
 )
 from dsched.libs.models import (
     FINISHED_RUN_STATUSES,
@@ -401,9 +398,7 @@ class Worker:
             self._started.pop(order.run_id, None)  # before the final record: no "running" may follow it
             tracing.end(span, None if outcome.status == RunStatus.SUCCEEDED else outcome.status.value)
             finished = now_ms()
-            RUN_DURATION.observe((finished - started) / 1000)
-            RUNS_FINISHED.labels(outcome.status.value).inc()
-            TENANT_RUNS.labels(tenant_label(job.user_id), outcome.status.value).inc()
+            observe_run_finished(job.user_id, outcome.status.value, (finished - started) / 1000)
             async with self._recording:  # back-pressure: a slow store holds execution slots here
                 executing = False
                 WORKER_INFLIGHT.dec()
@@ -520,8 +515,8 @@ class Worker:
             http_status=outcome.http_status,
             output=output,
             output_ref=output_ref,
+            output_capped=outcome.output_capped,
         )
-        record.output_capped = outcome.output_capped
         writes: list[Awaitable[object]] = [put_runs([record])]
         last_run = LastRun(
             run_id=order.run_id,
@@ -605,6 +600,7 @@ class Worker:
         http_status: int | None = None,
         output: str | None = None,
         output_ref: str | None = None,
+        output_capped: bool = False,
     ) -> Run:
         return Run(
             run_id=order.run_id,
@@ -621,6 +617,7 @@ class Worker:
             http_status=http_status,
             output=output,
             output_ref=output_ref,
+            output_capped=output_capped,
             error=error,
         )
 
