@@ -1,4 +1,5 @@
-"""The alert rules: valid for promtool, unit-tested by promtool, on exported metrics, each with a runbook."""
+"""The alert rules: valid for promtool, unit-tested by promtool, on exported metrics, each with a runbook; the
+Prometheus of `make stack` loads them and scrapes every service process under the job names they select."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 import yaml
 
 from dsched.libs.servers.prometheus import PrometheusServer, promtool, promtool_binary
+from dsched.libs.servers.stack import REPLICAS, Stack
+from dsched.libs.settings import SERVICES
 from tests.helpers.observability import REPO, RULES, scaled_rules
 from tests.helpers.promql import PROMETHEUS_SERIES, exposed_metric_names, metric_names
 
@@ -127,3 +130,23 @@ def test_the_stack_prometheus_loads_the_real_rules_and_scrapes_every_5s() -> Non
     assert config["rule_files"] == [str(RULES)]
     assert config["global"]["scrape_interval"] == "5s"
     assert {job["job_name"] for job in config["scrape_configs"]} == {"ingestion", "worker"}
+
+
+def test_the_stack_prometheus_scrapes_every_service_process_as_the_rules_name_them(tmp_path: Path) -> None:
+    """``make stack``'s Prometheus has one target per service process (ingestion on its API port, every replica on
+    its own metrics port), in jobs named after the services, the names DschedServiceDown's ``up{job=~...}`` and the
+    overview's health panels select."""
+    stack = Stack(tmp_path, prometheus=False)
+    expected: dict[str, list[str]] = {}
+    for service, count in REPLICAS.items():
+        for i in range(count):
+            env = stack.service_env(f"{service}-{i}")
+            port = env["DSCHED_PORT"] if service == "ingestion" else env["DSCHED_METRICS_PORT"]
+            expected.setdefault(service, []).append(f"{env['DSCHED_HOST']}:{port}")
+    targets = stack.metrics_targets()
+    assert {job: sorted(hosts) for job, hosts in targets.items()} == {job: sorted(h) for job, h in expected.items()}
+    [down] = [rule for rule in alerts() if rule["alert"] == "DschedServiceDown"]
+    match = re.search(r'up\{job=~"([^"]+)"\}', str(down["expr"]))
+    assert match is not None
+    assert all(re.fullmatch(match.group(1), job) for job in targets), (match.group(1), sorted(targets))
+    assert set(targets) == set(SERVICES)
