@@ -23,11 +23,13 @@ import aiohttp
 import jwt
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from dsched.app.runner import started
+from dsched.ingestion import oidc
 from dsched.ingestion.auth import AUTH_FAILURES, Authenticator
 from dsched.ingestion.service import Ingestion
 from dsched.libs.apikeys import Role, create_key
@@ -90,18 +92,21 @@ class Issuer:
         self.ec = ec.generate_private_key(ec.SECP256R1())
         self.retired = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.rotated = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # kid rsa-2, once published
+        self.publish_rotated = False
         self.fetches = 0
         self.url = ""
 
     def jwks(self) -> dict[str, Any]:
         rsa_jwk = RSAAlgorithm.to_jwk(self.rsa.public_key(), as_dict=True)
         ec_jwk = ECAlgorithm.to_jwk(self.ec.public_key(), as_dict=True)
-        return {
-            "keys": [
-                {**rsa_jwk, "kid": "rsa-1", "use": "sig", "alg": "RS256"},
-                {**ec_jwk, "kid": "ec-1", "use": "sig", "alg": "ES256"},
-            ]
-        }
+        keys = [
+            {**rsa_jwk, "kid": "rsa-1", "use": "sig", "alg": "RS256"},
+            {**ec_jwk, "kid": "ec-1", "use": "sig", "alg": "ES256"},
+        ]
+        if self.publish_rotated:
+            keys.append({**RSAAlgorithm.to_jwk(self.rotated.public_key(), as_dict=True), "kid": "rsa-2", "use": "sig"})
+        return {"keys": keys}
 
     def token(
         self, tenant: str, role: str | list[str] | None, *, alg: str = "RS256", exp_in: float = 300, **extra: Any
@@ -113,6 +118,8 @@ class Issuer:
             claims["role"] = role
         claims.update(extra)
         key, kid = (self.ec, "ec-1") if alg == "ES256" else (self.rsa, "rsa-1")
+        if alg == "RS256" and self.publish_rotated:
+            key, kid = self.rotated, "rsa-2"  # the issuer signs with its new key once it has published it
         return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
 
     @contextlib.asynccontextmanager
@@ -406,6 +413,50 @@ async def test_jwt_claims_checked(tmp_path: Path) -> None:
                 assert status == want, (name, status, data)
             hs = jwt.encode({"tenant": ALICE, "role": "admin", "exp": int(time.time()) + 60}, "k" * 32, "HS256")
             assert (await client.call("GET", "/jobs", f"Bearer {hs}"))[0] == 401  # no symmetric algorithms
+
+
+async def test_jwks_is_fetched_again_for_a_new_signing_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The JWKS is cached; a token signed with a key the issuer published since (an unknown kid) makes the verifier
+    fetch it again and is accepted. (The refetch is throttled to once per MIN_REFRESH_S, here 0.)"""
+    monkeypatch.setattr(oidc, "MIN_REFRESH_S", 0.0)
+    issuer = Issuer()
+    async with issuer.serve():
+        async with cluster(
+            tmp_path, auth="jwt", jwt_jwks_url=issuer.url, jwt_issuer=ISSUER, jwt_audience=AUDIENCE
+        ) as client:
+            for _ in range(3):
+                assert (await client.call("GET", "/jobs", f"Bearer {issuer.token(ALICE, 'viewer')}"))[0] == 200
+            assert issuer.fetches == 1  # cached
+            issuer.publish_rotated = True
+            status, _, _ = await client.call("GET", "/jobs", f"Bearer {issuer.token(ALICE, 'viewer')}")
+            assert status == 200 and issuer.fetches == 2
+
+
+async def test_writes_and_refusals_are_audited(tmp_path: Path) -> None:
+    """Each write and each refusal is one ``audit`` line (tenant, key id, route, status, outcome, reason); reads
+    that succeed are not; refusals count in dsched_auth_failures_total by reason."""
+    async with cluster(tmp_path, auth="keys") as client:
+        member_id, member = await add_key(client, ALICE, Role.MEMBER)
+        viewer_id, viewer = await add_key(client, ALICE, Role.VIEWER)
+        before = {r: _failures(r) for r in ("forbidden_role", "key_unknown", "missing")}
+        with structlog.testing.capture_logs() as logs:
+            assert (await client.call("POST", "/submit", f"Bearer {member}", FUTURE_JOB))[0] == 202
+            assert (await client.call("GET", "/jobs", f"Bearer {member}"))[0] == 200
+            assert (await client.call("POST", "/submit", f"Bearer {viewer}", FUTURE_JOB))[0] == 403
+            assert (await client.call("POST", "/submit", "Bearer dsk_0123456789ab_" + "A" * 43, FUTURE_JOB))[0] == 401
+            assert (await client.call("GET", "/jobs", None))[0] == 401
+        audits = [
+            (a["tenant"], a["subject"], a["method"], a["route"], a["status"], a["outcome"], a["reason"])
+            for a in logs
+            if a["event"] == "audit"
+        ]
+        assert audits == [
+            (ALICE, f"key:{member_id}", "POST", "/submit", 202, "ok", None),
+            (ALICE, f"key:{viewer_id}", "POST", "/submit", 403, "denied", "forbidden_role"),
+            (None, None, "POST", "/submit", 401, "denied", "key_unknown"),
+            (None, None, "GET", "/jobs", 401, "denied", "missing"),
+        ]
+        assert {r: _failures(r) - n for r, n in before.items()} == {"forbidden_role": 1, "key_unknown": 1, "missing": 1}
 
 
 async def test_revocation_applies_within_cache_ttl(tmp_path: Path) -> None:
