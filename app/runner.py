@@ -87,7 +87,7 @@ async def started(
             instances["writer"] = writer
         if "coordinator" in services:
             coordinator = await stack.enter_async_context(
-                Coordinator(coordination=b.coordination, settings=settings).open()
+                Coordinator(coordination=b.coordination, settings=settings, supervisor=supervisor).open()
             )
             loops.append(supervisor.start("coordinator", "lead", lambda: coordinator.run(stop)))
             instances["coordinator"] = coordinator

@@ -27,6 +27,7 @@ from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX
 from dsched.libs.metrics import COORDINATOR_LEADER, SHARD_COUNT, export
 from dsched.libs.settings import Settings
+from dsched.libs.supervisor import Supervisor
 
 logger = logs.get("coordinator")
 
@@ -53,7 +54,15 @@ def assign_shards(shard_count: int, members: list[str], current: dict[str, list[
 
 
 class Coordinator:
-    def __init__(self, *, coordination: Coordination, settings: Settings, node_id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        coordination: Coordination,
+        settings: Settings,
+        node_id: str | None = None,
+        supervisor: Supervisor | None = None,
+    ) -> None:
+        self.supervisor = supervisor or Supervisor()
         self.coordination = coordination
         self.settings = settings
         self.node_id = node_id or settings.node_id
@@ -78,11 +87,14 @@ class Coordinator:
             while not stop.is_set():
                 leader_gone.clear()
                 try:
-                    if (lease := await self._campaign()) is not None:
+                    lease = await self._campaign()
+                    self.supervisor.recovered("coordinator", "lead")
+                    if lease is not None:
                         await self._lead(stop, lease)
                         continue
                 except Exception as exc:  # backend hiccup: retry after a short pause, never crash the service
                     logger.warning("coordinator_error", error=f"{type(exc).__name__}: {exc}")
+                    self.supervisor.retrying("coordinator", "lead", exc)  # down in /health until a campaign works
                     await self._step_down()
                 # Campaign again as soon as the leader key goes (its lease expired), or after a while regardless.
                 waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(leader_gone.wait())]
@@ -139,8 +151,18 @@ class Coordinator:
             COORDINATOR_LEADER.set(0)
 
     async def _watch_members(self, changed: asyncio.Event) -> None:
-        async for _event in self.coordination.watch_prefix(PICKERS_PREFIX):
-            changed.set()
+        """Wake the leader on every membership change, for as long as it leads: a failed or ended watch is logged
+        and watched again after a pause (meanwhile the leader re-checks every second), never a silent stop."""
+        while True:
+            try:
+                async for _event in self.coordination.watch_prefix(PICKERS_PREFIX):
+                    changed.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("members_watch_failed", error=f"{type(exc).__name__}: {exc}")
+            changed.set()  # whatever changed while nobody watched is seen by the next rebalance
+            await asyncio.sleep(1.0)
 
     async def rebalance(self) -> bool:
         """Write the assignment for the current members; False if this node is no longer the leader."""

@@ -8,6 +8,8 @@ Semantics:
 - A loop that fails more than :data:`MAX_RESTARTS` times within :data:`RESTART_WINDOW_S` is given up: the
   supervisor records the failure and sets :attr:`Supervisor.failed`; the process runner then shuts everything
   down in order and exits non-zero, so systemd / compose / k8s restart the process. Never a silent stop.
+- A loop that handles a backend hiccup itself (logs it, pauses, tries again) reports it with ``retrying`` and
+  ``recovered``: down in ``/health`` and ``dsched_service_up`` meanwhile, counted once per streak, never given up.
 - A loop that returns normally is finished (it saw its stop signal); it is not restarted.
 - ``close()`` cancels every task and waits for them (shutdown in the caller's order: stop loops, then close).
 """
@@ -45,7 +47,7 @@ class ServiceFailed(RuntimeError):
 class LoopState:
     service: str
     name: str
-    state: str = "up"  # up | starting | restarting | failed | stopped
+    state: str = "up"  # up | starting | restarting | retrying | failed | stopped
     restarts: int = 0
     last_error: str | None = None
     failures: deque[float] = field(default_factory=deque)
@@ -140,6 +142,30 @@ class Supervisor:
             loop.state = state
             self._refresh(service)
 
+    def retrying(self, service: str, name: str, exc: BaseException) -> None:
+        """A loop that handles its own errors (a backend hiccup: it logs, pauses and tries again without
+        returning) reports each one here. The first of a streak counts as a restart
+        (``dsched_service_restarts_total``) and shows the loop ``retrying``: the service is down (``/health`` 503,
+        ``dsched_service_up`` 0) until the loop calls :meth:`recovered`. Never gives the process up: an outage of a
+        backend is waited out, not exited (a loop that raises instead is restarted and given up as above)."""
+        loop = self._loops.get((service, name))
+        if loop is None:
+            self.register(service)
+            loop = self._loops[(service, name)] = LoopState(service, name)
+        loop.last_error = type(exc).__name__
+        if loop.state != "retrying":
+            loop.state = "retrying"
+            loop.restarts += 1
+            SERVICE_RESTARTS.labels(service).inc()
+            self._refresh(service)
+
+    def recovered(self, service: str, name: str) -> None:
+        """A loop that reported :meth:`retrying` made a whole step again: it is up."""
+        loop = self._loops.get((service, name))
+        if loop is not None and loop.state == "retrying":
+            loop.state = "up"
+            self._refresh(service)
+
     def _refresh(self, service: str) -> None:
         SERVICE_UP.labels(service).set(1 if self.service_up(service) else 0)
 
@@ -147,12 +173,13 @@ class Supervisor:
         return all(s.state in ("up", "stopped") for s in self._loops.values() if s.service == service)
 
     def health(self) -> dict[str, dict[str, object]]:
-        """Per service: ``state`` (up / restarting / failed), restarts so far, and each loop's state."""
+        """Per service: ``state`` (up / starting / restarting / retrying / failed), restarts so far, and each
+        loop's state."""
         report: dict[str, dict[str, object]] = {}
         for service in sorted(self._services):
             loops = [s for s in self._loops.values() if s.service == service]
             states = {s.state for s in loops}
-            overall = next((s for s in ("failed", "restarting", "starting") if s in states), "up")
+            overall = next((s for s in ("failed", "restarting", "retrying", "starting") if s in states), "up")
             report[service] = {
                 "state": overall,
                 "restarts": sum(s.restarts for s in loops),

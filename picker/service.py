@@ -190,8 +190,10 @@ class Picker:
                     next_load = now + tick_ms
                 now = now_ms()
                 await self.dispatch_due(now, until=now + self.settings.dispatch_ahead_ms)
+                self.supervisor.recovered("picker", "dispatch")
             except Exception as exc:  # a backend hiccup must not kill the picker; entries stay in the store
                 logger.warning("picker_error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+                self.supervisor.retrying("picker", "dispatch", exc)  # down in /health until a step succeeds
                 await asyncio.sleep(self.settings.picker_tick_s)
             wake_at = next_load
             if self._heap:

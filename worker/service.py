@@ -114,6 +114,7 @@ class Worker:
         self._states = Batcher(store.update_job_states)
         self._acks = Batcher(queue.ack, max_batch=100)
         self._background: list[asyncio.Task[None]] = []
+        self._receivers_failing = 0  # receive loops whose last receive raised (the service is down meanwhile)
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Worker]:
@@ -151,22 +152,42 @@ class Worker:
         await asyncio.gather(*(self._receive_loop(stop) for _ in range(receivers)))
 
     async def _receive_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self._slots.acquire()
-            free = 1
-            while free < 10 and not self._slots.locked():
+        """Receive while slots are free until ``stop``. A failed receive (queue unreachable) is logged and tried
+        again after a pause; from the first failure until every receive loop received again (or ended) the worker
+        is ``retrying`` (down in /health, one restart counted per streak)."""
+        failing = False
+        try:
+            while not stop.is_set():
                 await self._slots.acquire()
-                free += 1
-            try:
-                messages = await self.queue.receive(free, 1.0, self.settings.visibility_timeout_s)
-            except Exception as exc:
-                logger.warning("receive_failed", error=f"{type(exc).__name__}: {exc}")
-                messages = []
-                await asyncio.sleep(0.5)
-            for _ in range(free - len(messages)):
-                self._slots.release()
-            if messages:
-                await self._start(messages)
+                free = 1
+                while free < 10 and not self._slots.locked():
+                    await self._slots.acquire()
+                    free += 1
+                try:
+                    messages = await self.queue.receive(free, 1.0, self.settings.visibility_timeout_s)
+                    if failing:
+                        failing = self._receiver_failing(False)
+                except Exception as exc:
+                    logger.warning("receive_failed", error=f"{type(exc).__name__}: {exc}")
+                    if not failing:
+                        failing = self._receiver_failing(True)
+                    self.supervisor.retrying("worker", "receive", exc)
+                    messages = []
+                    await asyncio.sleep(0.5)
+                for _ in range(free - len(messages)):
+                    self._slots.release()
+                if messages:
+                    await self._start(messages)
+        finally:
+            if failing:
+                self._receiver_failing(False)
+
+    def _receiver_failing(self, failing: bool) -> bool:
+        """Count a receive loop into (or out of) the failing ones; the last one out reports the worker up."""
+        self._receivers_failing += 1 if failing else -1
+        if self._receivers_failing == 0:
+            self.supervisor.recovered("worker", "receive")
+        return failing
 
     async def drain(self, max_rounds: int = 1000) -> int:
         """Burst mode: run everything currently visible in the queue, wait for it, return how many ran."""

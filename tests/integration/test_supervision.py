@@ -67,6 +67,62 @@ async def test_a_failing_loop_turns_health_red_then_comes_back(tmp_path: Path, s
         assert runs[0]["status"] == "succeeded"
 
 
+def _fail_until(target: Any, method: str, released: asyncio.Event) -> None:
+    original = getattr(target, method)
+
+    async def hiccup(*args: Any, **kwargs: Any) -> Any:
+        if not released.is_set():
+            raise ConnectionError(f"injected backend hiccup in {method}")
+        return await original(*args, **kwargs)
+
+    setattr(target, method, hiccup)
+
+
+@pytest.mark.parametrize(
+    ("service", "target", "methods"),
+    [
+        ("picker", "picker", ["load"]),
+        ("coordinator", "coordinator", ["rebalance", "_campaign"]),
+        ("worker", "queue", ["receive"]),
+    ],
+)
+async def test_a_loop_retrying_a_backend_hiccup_is_down_in_health_until_it_recovers(
+    tmp_path: Path, service: str, target: str, methods: list[str]
+) -> None:
+    """Picker, coordinator and the worker's receive loop wait out a backend error themselves (no restart, never
+    given up), but /health and dsched_service_up tell the truth meanwhile, and the streak counts as one restart."""
+    settings = cluster_settings(tmp_path)
+    stop = asyncio.Event()
+    restarts_before = _metric("dsched_service_restarts_total", service)
+    async with started(settings, list(SERVICES), stop) as instances, aiohttp.ClientSession() as session:
+        api = Api(base=f"http://127.0.0.1:{instances['ingestion'].port}", session=session)  # type: ignore[attr-defined]
+        patched: Any = instances["worker"].queue if target == "queue" else instances[target]  # type: ignore[attr-defined]
+        released = asyncio.Event()
+        for method in methods:
+            _fail_until(patched, method, released)
+
+        async def red() -> dict[str, Any] | None:
+            status, health = await api.call("GET", "/health")
+            return health if status == 503 else None
+
+        health = await api.wait_for(red, timeout=10)
+        assert health["services"][service]["state"] == "retrying", health
+        assert health["services"][service]["last_error"] == "ConnectionError", health
+        assert _metric("dsched_service_up", service) == 0
+        released.set()
+
+        async def green() -> bool:
+            status, _ = await api.call("GET", "/health")
+            return status == 200
+
+        await api.wait_for(green, timeout=10)
+        assert _metric("dsched_service_up", service) == 1
+        assert _metric("dsched_service_restarts_total", service) == restarts_before + 1  # one streak, one restart
+        job_id = await api.submit(payload="after the hiccup")
+        runs = await api.finished_runs(job_id, timeout=15)
+        assert runs[0]["status"] == "succeeded"
+
+
 async def test_a_loop_that_keeps_failing_stops_the_process_with_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
