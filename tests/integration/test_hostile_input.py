@@ -4,11 +4,15 @@ never a 5xx, and never stops the pipeline for anyone else."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.helpers.cluster import Api
+from dsched.libs.clock import now_ms
+from dsched.libs.models import Job
+from tests.helpers.cluster import Api, cluster_settings, running
 
 URL = "http://127.0.0.1:9/x"
 DEEP: Any = "leaf"
@@ -155,3 +159,40 @@ async def test_replaying_a_dead_letter_of_a_deleted_job_is_a_conflict(api: Api) 
     await api.wait_for(deleted)
     status, data = await api.call("POST", f"/dead-letters/{letter['id']}/replay")
     assert status == 409, data
+
+
+@pytest.mark.parametrize(
+    ("cron", "zone"),
+    [("not a schedule", "UTC"), ("0 0 30 2 *", "UTC"), ("@hourly", "Mars/Olympus_Mons")],
+    ids=["unparseable", "no_occurrence", "unknown_zone"],
+)
+async def test_a_stored_job_whose_schedule_cannot_be_rendered_is_never_a_5xx(
+    tmp_path: Path, cron: str, zone: str
+) -> None:
+    """A stored definition no current ingestion would accept (an older release's, another producer's) is still
+    readable: the job, the list, and its schedule preview (without the occurrences it cannot compute), never a
+    5xx with internal text."""
+    settings = cluster_settings(tmp_path)
+    async with running(settings, ["ingestion"]) as instances, aiohttp.ClientSession() as session:
+        ingestion: Any = instances["ingestion"]
+        api = Api(base=f"http://127.0.0.1:{ingestion.port}", session=session)
+        now = now_ms()
+        job = Job.model_validate(
+            {
+                "job_id": "unrenderable-1",
+                "user_id": api.user,
+                "project_id": "p",
+                "payload": {"kind": "echo", "text": "x"},
+                "cron_schedule": cron,
+                "timezone": zone,
+                "next_fire_ms": now - 60_000,
+                "dispatched_through_ms": now - 60_000,
+                "created_ms": now - 120_000,
+            }
+        )
+        await ingestion.store.put_jobs([job])
+        for path in ("/job?id=unrenderable-1", "/jobs/unrenderable-1", "/jobs", "/jobs/unrenderable-1/schedule?next=3"):
+            status, data = await api.call("GET", path)
+            assert status == 200, (path, status, data)
+        _, preview = await api.call("GET", "/jobs/unrenderable-1/schedule?next=3")
+        assert len(preview["next"]) <= 1, preview  # at most the stored first fire: nothing it cannot compute
