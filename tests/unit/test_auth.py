@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import structlog
+import yaml
 
-from dsched.ingestion.auth import PUBLIC, ROUTE_ROLES, Authenticator
+from dsched.ingestion.auth import PUBLIC, ROUTE_ROLES, Authenticator, parse_modes
 from dsched.ingestion.openapi import spec
 from dsched.libs.apikeys import (
     InvalidKey,
@@ -23,6 +24,7 @@ from dsched.libs.apikeys import (
     normalize_key_id,
     parse_duration,
 )
+from dsched.libs.errors import BackendConfigError
 from dsched.libs.models import Job, JobState, JobStatus, Payload
 from dsched.libs.settings import Settings
 from dsched.libs.store.sqlite import SqliteStore
@@ -202,3 +204,14 @@ async def test_jwt_with_a_configured_public_key(tmp_path: Path) -> None:
         await verifier.verify(pyjwt.encode({"tenant": "t", "aud": "dsched"}, key, "ES256"))
     with pytest.raises(InvalidToken, match="malformed"):
         await verifier.verify("not.a.jwt")
+
+
+def test_the_compose_stack_faces_the_network_with_api_keys(tmp_path: Path) -> None:
+    """deploy/docker-compose.yml publishes the API beyond loopback, so it must not run in dev: it runs with keys,
+    and the settings it gives every service start (dev with that host would not)."""
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "deploy" / "docker-compose.yml").read_text())
+    env = compose["x-dsched-env"]
+    assert env["DSCHED_HOST"] == "0.0.0.0" and parse_modes(env["DSCHED_AUTH"]) == {"keys"}
+    Authenticator(None, Settings.from_env(host=env["DSCHED_HOST"], auth=env["DSCHED_AUTH"], data_dir=tmp_path))  # type: ignore[arg-type]
+    with pytest.raises(BackendConfigError, match="loopback"):
+        Authenticator(None, Settings.from_env(host=env["DSCHED_HOST"], auth="dev", data_dir=tmp_path))  # type: ignore[arg-type]
