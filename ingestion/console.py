@@ -10,8 +10,11 @@ Routes (registered by :func:`register` before the core routes, so ``/jobs/bulk``
 
 - ``GET /jobs?q=…`` — search the caller's jobs by id (exact), name, project or payload text (case-insensitive
   substring), with the usual ``status``/``project_id`` filters and cursor paging. Without ``q`` the core handler
-  answers. The store matches (``JobStore.search_jobs``: one SQL query on the embedded store; elsewhere a scan of at
-  most ``SEARCH_SCAN`` jobs per request that returns ``next_cursor`` to continue), so a page stays fast at any size.
+  answers. The store matches over windows of ``SEARCH_SCAN`` jobs (``JobStore.search_jobs``: one SQL query per
+  window on the embedded store; elsewhere a scan); a request goes on to the next, older window until it has a page
+  of matches, reached the oldest job, or spent ``SEARCH_BUDGET_S`` searching (it always searches one window).
+  Fewer matches than ``limit`` with a ``next_cursor`` means "not found yet: continue from the cursor", so a
+  request stays bounded at any number of jobs while a search over 100,000 usually finishes in one.
 - ``POST /jobs/bulk`` ``{"action": "pause|resume|trigger|delete", "job_ids": [...]}`` — per-job results.
 - ``POST /dead-letters/replay`` ``{"ids": [...]}`` — replay several dead letters.
 - ``GET /schedule/preview?cron=&timezone=&at=&next=`` — the fire times a submit would get, before submitting.
@@ -55,7 +58,8 @@ from dsched.libs.schedule import parse_schedule, upcoming
 if TYPE_CHECKING:
     from dsched.ingestion.service import Ingestion
 
-SEARCH_SCAN = 5000  # jobs read per search request at most
+SEARCH_SCAN = 5000  # jobs matched per store call (one window)
+SEARCH_BUDGET_S = 0.5  # a search request starts no new window after this long
 BULK_MAX = 500
 SAMPLE_S = 10.0
 WINDOW_MAX_S = 3600
@@ -215,9 +219,16 @@ class Console:
             if exact is not None and exact.user_id == user:
                 found = [exact] if _matches_filters(exact, status, project, now) else []
                 return _json({"jobs": [job_view(j, now) for j in found], "next_cursor": None})
-        matches, next_cursor = await self.ingestion.store.search_jobs(
-            user, query, limit, cursor, status=status, project_id=project, scan=SEARCH_SCAN
-        )
+        matches: list[Job] = []
+        next_cursor = cursor
+        deadline = time.monotonic() + SEARCH_BUDGET_S
+        while True:  # window after window, newest first, while the page is short and time is left
+            found, next_cursor = await self.ingestion.store.search_jobs(
+                user, query, limit - len(matches), next_cursor, status=status, project_id=project, scan=SEARCH_SCAN
+            )
+            matches += found
+            if len(matches) >= limit or next_cursor is None or time.monotonic() >= deadline:
+                break
         return _json({"jobs": [job_view(j, now) for j in matches], "next_cursor": next_cursor})
 
     # Bulk -------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import pytest
 
+from dsched.ingestion import console
 from tests.helpers.cluster import Api, rfc3339
 
 
@@ -148,3 +150,40 @@ async def test_events_stream_a_jobs_runs_and_dead_letters_live(api: Api) -> None
     assert dead_letter is not None and dead_letter["job_id"] == job_id
     status, _ = await api.call("GET", f"/events?job_id={job_id}", user="mallory")
     assert status == 404  # another tenant's job cannot be watched
+
+
+async def test_search_goes_on_through_older_windows_within_one_request(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(console, "SEARCH_SCAN", 10)  # windows of 10 jobs: 35 jobs are four windows
+    future = later()
+    oldest = await api.submit(payload="x", name="needle-oldest", next_fire_at=future)
+    items = [{"project_id": "p1", "payload": "x", "name": f"hay-{i}", "next_fire_at": future} for i in range(34)]
+    status, answer = await api.call("POST", "/submit/batch", json={"jobs": items})
+    assert status == 202, answer
+
+    async def stored() -> bool:
+        _, data = await api.call("GET", "/jobs?status=submitted&limit=1")
+        return not data["jobs"]
+
+    await api.wait_for(stored, what="all 35 jobs stored")
+    _, found = await api.call("GET", "/jobs?q=NEEDLE&limit=25")
+    assert [j["job_id"] for j in found["jobs"]] == [oldest] and found["next_cursor"] is None
+    _, hay = await api.call("GET", "/jobs?q=hay-&limit=25")
+    assert len(hay["jobs"]) == 25 and hay["next_cursor"]  # a full page across three windows, then a cursor
+    _, rest = await api.call("GET", f"/jobs?q=hay-&limit=25&cursor={hay['next_cursor']}")
+    assert len(rest["jobs"]) == 9 and not {j["job_id"] for j in rest["jobs"]} & {j["job_id"] for j in hay["jobs"]}
+
+    monkeypatch.setattr(console, "SEARCH_BUDGET_S", 0.0)  # out of time after the first window: a cursor to go on
+    _, first = await api.call("GET", "/jobs?q=needle&limit=25")
+    assert first["jobs"] == [] and first["next_cursor"]
+    pages = 1
+    cursor = first["next_cursor"]
+    while cursor:
+        _, more = await api.call("GET", f"/jobs?q=needle&limit=25&cursor={cursor}")
+        pages += 1
+        if more["jobs"]:
+            assert [j["job_id"] for j in more["jobs"]] == [oldest]
+            break
+        cursor = more["next_cursor"]
+    assert pages == 4  # the oldest job is in the fourth window
