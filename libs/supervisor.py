@@ -74,9 +74,12 @@ class Supervisor:
         self._services: set[str] = set()
 
     def register(self, service: str) -> None:
-        """Declare a service of this process (reported up until one of its loops fails)."""
+        """Declare a service of this process (reported up until one of its loops fails). Its restart counter is
+        exported from 0 on, so Prometheus's ``increase()`` counts the first restart too (a counter series that
+        first appears at 1 hides its first increment)."""
         self._services.add(service)
         SERVICE_UP.labels(service).set(1)
+        SERVICE_RESTARTS.labels(service)
 
     def start(self, service: str, name: str, loop: Loop) -> asyncio.Task[None]:
         """Run ``loop()`` under supervision; returns its task (done when the loop returns or is given up)."""

@@ -16,6 +16,7 @@ from dsched.libs.log.sqlite import SqliteLog
 from dsched.libs.metrics import REGISTRY
 from dsched.libs.queue.base import OutgoingMessage
 from dsched.libs.queue.sqlite import SqliteQueue
+from dsched.libs.supervisor import Supervisor
 
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
@@ -128,3 +129,12 @@ def test_owned_gauges_are_exported_only_once_asked() -> None:
     finally:
         metrics.REGISTRY = original
     assert registry.get_sample_value("dsched_test_owned") == 0
+
+
+def test_a_services_restart_counter_is_exported_from_zero() -> None:
+    """Before its first restart a service already exports ``dsched_service_restarts_total 0``: a counter series
+    that first appeared at 1 would hide that restart from ``increase()`` (DschedServiceRestarting, the panels)."""
+    labels = {"service": "obs-restart-counter"}
+    assert REGISTRY.get_sample_value("dsched_service_restarts_total", labels) is None
+    Supervisor().register("obs-restart-counter")
+    assert REGISTRY.get_sample_value("dsched_service_restarts_total", labels) == 0
