@@ -48,11 +48,13 @@ def url_problem(value: str) -> str | None:
         return "must not contain whitespace or control characters"
     try:
         parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
+        port = parts.port  # raises ValueError for a port out of range
     except ValueError as exc:
         return f"not a valid URL ({exc})"
     if not parts.hostname:
         return "must name a host"
+    if port == 0:  # parses, but nothing can ever be connected to on it
+        return "not a valid URL (port 0)"
     return None
 
 

@@ -48,6 +48,7 @@ BAD_SUBMITS: dict[str, tuple[dict[str, Any], str]] = {
     "http_hop_header": ({"payload": {"http": {"url": URL, "headers": {"Connection": "close"}}}}, "hop"),
     "http_no_host": ({"payload": {"http": {"url": "http:///path"}}}, "host"),
     "http_bad_port": ({"payload": {"http": {"url": "http://127.0.0.1:99999/x"}}}, "URL"),
+    "http_port_zero": ({"payload": {"http": {"url": "http://example.com:0/x"}}}, "port 0"),
     "http_unknown_key": ({"payload": {"http": {"url": URL, "verb": "GET"}}}, "verb"),
     "http_bad_method": ({"payload": {"http": {"url": URL, "method": "TRACE"}}}, "method"),
     "deep_nesting": ({"payload": {"http": {"url": URL, "method": "POST", "body": DEEP}}}, "deeper"),
