@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from dsched.libs.models import FINISHED_RUN_STATUSES
+
 if TYPE_CHECKING:
     from dsched.libs.queue.base import WorkQueue
 
@@ -182,6 +184,14 @@ def observe_run_start(user_id: str, lag_s: float, *, late_submission: bool) -> N
     if (lag := _fire_lag_by_tenant.get(tenant)) is None:
         lag = _fire_lag_by_tenant.setdefault(tenant, TENANT_FIRE_LAG.labels(tenant))
     lag.observe(lag_s)
+
+
+def export_run_outcomes() -> None:
+    """Called by a process that runs jobs (the worker): ``dsched_runs_total`` for every finished run status is
+    exported from 0 on, so ``rate()`` and ``increase()`` see the first failure or timeout of the process too (a
+    counter series first scraped at 1 hides its first increment). Other processes export none of them."""
+    for status in sorted(FINISHED_RUN_STATUSES):
+        _runs_by_status.setdefault(status.value, RUNS_FINISHED.labels(status.value))
 
 
 def observe_run_finished(user_id: str, status: str, duration_s: float) -> None:

@@ -41,6 +41,7 @@ from dsched.libs.metrics import (
     WORKER_INFLIGHT,
     WORKER_SLOTS,
     export,
+    export_run_outcomes,
     observe_run_finished,
     observe_run_start,
     sample_queue_depth,
@@ -133,6 +134,7 @@ class Worker:
         # This process exports the depth of the queue it consumes (dsched_queue_depth), in every deployment mode.
         self._background.append(supervise("worker", "queue_depth", lambda: sample_queue_depth(self.queue)))
         export(WORKER_INFLIGHT, WORKER_SLOTS)
+        export_run_outcomes()
         WORKER_SLOTS.set(self.settings.worker_concurrency)
         try:
             yield self

@@ -138,3 +138,16 @@ def test_a_services_restart_counter_is_exported_from_zero() -> None:
     assert REGISTRY.get_sample_value("dsched_service_restarts_total", labels) is None
     Supervisor().register("obs-restart-counter")
     assert REGISTRY.get_sample_value("dsched_service_restarts_total", labels) == 0
+
+
+def test_a_worker_exports_every_run_outcome_from_zero() -> None:
+    """A process that runs jobs exports ``dsched_runs_total{status}`` at 0 for every outcome before its first
+    run, so the first failure is a visible increase; a process that runs none exports no outcome at all."""
+    code = "from prometheus_client import generate_latest; from dsched.libs import metrics; "
+    code += "print(generate_latest(metrics.REGISTRY).decode()); print('--- export'); metrics.export_run_outcomes(); "
+    code += "print(generate_latest(metrics.REGISTRY).decode())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    before, after = out.split("--- export")
+    assert "dsched_runs_total{" not in before
+    for status in ("succeeded", "failed", "timed_out", "cancelled", "skipped"):
+        assert f'dsched_runs_total{{status="{status}"}} 0.0' in after, status
