@@ -38,6 +38,24 @@ from dsched.libs.store.base import JobStore
 from dsched.libs.store.sqlite import SqliteStore
 
 Backends = Literal["distributed", "embedded", "production"]
+# The servers ``--use-servers`` may name: production's JVM servers, which take minutes to start on a small machine.
+SHARED_SERVERS = ("kafka", "cassandra", "elasticmq")
+
+
+def parse_use_servers(text: str) -> dict[str, int]:
+    """``kafka=PORT,cassandra=PORT,elasticmq=PORT`` (servers on 127.0.0.1) -> ``{name: port}``; every one of
+    :data:`SHARED_SERVERS` must be named once. ``ValueError`` says what is wrong."""
+    found: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, port = part.partition("=")
+        if not sep or name not in SHARED_SERVERS or name in found or not port.isdigit():
+            raise ValueError(f"{part!r}: expected kafka=PORT,cassandra=PORT,elasticmq=PORT")
+        found[name] = int(port)
+    if missing := [n for n in SHARED_SERVERS if n not in found]:
+        raise ValueError(f"missing {', '.join(missing)}: expected kafka=PORT,cassandra=PORT,elasticmq=PORT")
+    return found
+
+
 ROLES_IN_START_ORDER = ("writer", "coordinator", "picker", "worker", "ingestion")
 
 # Short timings so that every failover happens within a few seconds (see docs/chaos.md).
@@ -215,8 +233,20 @@ class ServiceProcess:
 class Cluster:
     """Backend servers + service processes + a coordination client to look at leader and assignments."""
 
-    def __init__(self, run_dir: Path, shape: Shape, backends: Backends, on_event: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        shape: Shape,
+        backends: Backends,
+        on_event: Callable[[Event], None],
+        use_servers: dict[str, int] | None = None,
+    ) -> None:
+        """``use_servers`` (production only, see :func:`parse_use_servers`): Kafka, Cassandra and ElasticMQ already
+        run on these 127.0.0.1 ports (a test session's, ``make stack``'s); the run neither starts nor stops them
+        and keeps to a topic, keyspace and queue of its own. etcd and moto are always the run's own (its faults
+        restart etcd)."""
         self.run_dir = run_dir
+        self.use_servers = dict(use_servers or {})
         self.shape = shape
         self.backends = backends
         self.on_event = on_event
@@ -306,10 +336,14 @@ class Cluster:
         self.moto = MotoServer(self.run_dir / "moto")
         servers = [self.etcd, self.moto]
         if self.backends == "production":
-            self.kafka = KafkaServer(self.run_dir / "kafka", partitions=4, log_level="WARN")
-            self.cassandra = CassandraServer(self.run_dir / "cassandra", unsafe_system=True, log_level="WARN")
-            self.elasticmq = ElasticMQServer(self.run_dir / "elasticmq")
-            servers += [self.kafka, self.cassandra, self.elasticmq]
+            shared = self.use_servers
+            self.kafka = KafkaServer(self.run_dir / "kafka", port=shared.get("kafka"), partitions=4, log_level="WARN")
+            self.cassandra = CassandraServer(
+                self.run_dir / "cassandra", port=shared.get("cassandra"), unsafe_system=True, log_level="WARN"
+            )
+            self.elasticmq = ElasticMQServer(self.run_dir / "elasticmq", port=shared.get("elasticmq"))
+            if not shared:
+                servers += [self.kafka, self.cassandra, self.elasticmq]
         await asyncio.gather(*(server.astart() for server in servers))
         if self.backends == "production":  # what `dsched db migrate` and the topic init job do
             from dsched.libs.store.migrate import migrate
@@ -436,7 +470,8 @@ class Cluster:
         if self._store is not None:
             await self._store.shutdown()
             self._store = None
-        for server in (self.moto, self.etcd, self.kafka, self.cassandra, self.elasticmq):
+        owned = (self.moto, self.etcd) + (() if self.use_servers else (self.kafka, self.cassandra, self.elasticmq))
+        for server in owned:
             if server is not None:
                 with contextlib.suppress(Exception):
                     server.resume()

@@ -1,7 +1,7 @@
 """``python -m dsched.chaos``: run a chaos scenario against a real multi-process cluster and check what survived.
 
     python -m dsched.chaos [--scenario NAME] [--seed N] [--long] [--backends distributed|embedded|production]
-        [--report PATH]
+        [--use-servers kafka=PORT,cassandra=PORT,elasticmq=PORT] [--report PATH]
 
 One run: start the backend servers (etcd, moto) and the cluster (ingestion, writer, 2 coordinators, 2-3
 pickers, 2-3 workers as separate ``dsched run`` processes), the target HTTP server and the workload; inject the
@@ -40,6 +40,7 @@ from dsched.chaos.cluster import (
     Event,
     log_lines,
     now_ms,
+    parse_use_servers,
 )
 from dsched.chaos.faults import BACKEND_KINDS, Injector, read_markers
 from dsched.chaos.scenarios import LONG_MIN_FAULTS, LONG_WINDOW_S, SCENARIOS, burst_times, long_run_times, probe_times
@@ -70,6 +71,9 @@ class Config:
     backends: Backends = "distributed"
     report: Path | None = None
     run_dir: Path | None = None
+    # Production's Kafka, Cassandra and ElasticMQ already running on these ports (not part of `reproduce`: the
+    # same run without them starts its own).
+    use_servers: dict[str, int] | None = None
 
     def reproduce(self) -> str:
         parts = [f"python -m dsched.chaos --scenario {self.scenario} --seed {self.seed}"]
@@ -109,7 +113,7 @@ async def run(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
     target = Target()
     await target.start()
-    cluster = Cluster(run_dir, scenario.shape, cfg.backends, on_event=events.append)
+    cluster = Cluster(run_dir, scenario.shape, cfg.backends, on_event=events.append, use_servers=cfg.use_servers)
     durations: dict[str, float] = {}
     report: dict[str, Any] = {
         "scenario": cfg.scenario,
@@ -361,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
         help="distributed: etcd + SQS/S3 (moto) + embedded log/store; embedded: all SQLite; "
         "production: Kafka + Cassandra + etcd + ElasticMQ + S3 (moto)",
     )
+    parser.add_argument(
+        "--use-servers",
+        default=None,
+        metavar="kafka=PORT,cassandra=PORT,elasticmq=PORT",
+        help="production only: use these running servers on 127.0.0.1 (e.g. make stack's) instead of starting "
+        "Kafka, Cassandra and ElasticMQ; the run keeps to a topic, keyspace and queue of its own",
+    )
     parser.add_argument("--report", type=Path, default=None, help="where to write the JSON report")
     parser.add_argument("--run-dir", type=Path, default=None, help="logs and data (default reports/chaos/...)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -373,12 +384,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--long runs the mixed scenario")
     if args.scenario and SCENARIOS[args.scenario].needs_distributed and args.backends == "embedded":
         parser.error(f"scenario {args.scenario} needs --backends distributed or production")
+    use_servers = None
+    if args.use_servers is not None:
+        if args.backends != "production":
+            parser.error("--use-servers needs --backends production")
+        try:
+            use_servers = parse_use_servers(args.use_servers)
+        except ValueError as exc:
+            parser.error(f"--use-servers: {exc}")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
     cfg = Config(
         scenario=args.scenario or "mixed",
         seed=seed,
         long=args.long,
         backends=args.backends,
+        use_servers=use_servers,
         report=args.report,
         run_dir=args.run_dir,
     )
