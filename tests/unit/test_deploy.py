@@ -74,7 +74,7 @@ def test_every_dsched_service_runs_a_known_command(compose: dict[str, Any]) -> N
 def test_replicas_and_shared_layout(compose: dict[str, Any]) -> None:
     services = dsched_services(compose)
     replicas = {name: svc.get("deploy", {}).get("replicas", 1) for name, svc in services.items()}
-    assert (replicas["coordinator"], replicas["picker"], replicas["worker"]) == (2, 2, 3)
+    assert (replicas["writer"], replicas["coordinator"], replicas["picker"], replicas["worker"]) == (2, 2, 2, 2)
     layouts = {(s["environment"]["DSCHED_SHARD_COUNT"], s["environment"]["DSCHED_BUCKET_S"]) for s in services.values()}
     assert len(layouts) == 1, "every service must use the same shard count and bucket width"
 

@@ -1,5 +1,6 @@
 """``make stack`` (libs/servers/stack.py) and deploy/docker-compose.yml run the same thing: the same server
-versions where an image exists (Kafka, ElasticMQ), the same layout settings, the same backend per role."""
+versions where an image exists (Kafka, ElasticMQ), the same layout settings, the same backend per role, the same
+services with the same replica counts."""
 
 from __future__ import annotations
 
@@ -50,8 +51,11 @@ def test_layout_and_backends_match(tmp_path: Path) -> None:
     assert sorted(k for k in env if k.startswith("DSCHED_") and k not in own and k not in ours) == []
 
 
-def test_the_stack_runs_every_service() -> None:
-    compose_services = {
-        svc["command"][1] for svc in _compose()["services"].values() if svc.get("command", [""])[0] == "run"
+def test_the_stack_runs_every_service_as_many_times_as_compose() -> None:
+    compose_replicas = {
+        svc["command"][1]: svc.get("deploy", {}).get("replicas", 1)
+        for svc in _compose()["services"].values()
+        if svc.get("command", [""])[0] == "run"
     }
-    assert compose_services == set(REPLICAS)
+    assert compose_replicas == REPLICAS
+
