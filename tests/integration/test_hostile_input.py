@@ -197,3 +197,27 @@ async def test_a_stored_job_whose_schedule_cannot_be_rendered_is_never_a_5xx(
             assert status == 200, (path, status, data)
         _, preview = await api.call("GET", "/jobs/unrenderable-1/schedule?next=3")
         assert len(preview["next"]) <= 1, preview  # at most the stored first fire: nothing it cannot compute
+
+
+async def test_a_backend_outage_is_a_503_that_leaks_nothing_and_accepts_nothing(tmp_path: Path) -> None:
+    """503 is kept for a backend that did not answer: the body never carries the exception's text (it is in the
+    log), and a submit whose append failed leaves no job that looks accepted."""
+    settings = cluster_settings(tmp_path)
+    async with running(settings, ["ingestion"]) as instances, aiohttp.ClientSession() as session:
+        ingestion: Any = instances["ingestion"]
+        api = Api(base=f"http://127.0.0.1:{ingestion.port}", session=session)
+        secret = "broker kafka-7.internal:9092 refused (errno 111) at /srv/dsched/secret"
+
+        async def down(*args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError(secret)
+
+        ingestion.log.append = down
+        status, data = await api.call("POST", "/submit", json={"project_id": "p", "payload": "x"})
+        assert status == 503, data
+        assert data == {"error": "unavailable", "detail": "a backend did not answer; retry later"}
+        status, page = await api.call("GET", "/jobs?status=submitted")
+        assert status == 200 and page["jobs"] == [], page  # the accepted row was withdrawn
+
+        ingestion.store.get_jobs = down
+        status, data = await api.call("GET", "/jobs/some-job")
+        assert status == 503 and secret not in str(data), data
