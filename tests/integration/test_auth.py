@@ -23,12 +23,12 @@ import aiohttp
 import jwt
 import orjson
 import pytest
-import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from dsched.app.runner import started
+from dsched.ingestion import auth as auth_module
 from dsched.ingestion import oidc
 from dsched.ingestion.auth import AUTH_FAILURES, Authenticator
 from dsched.ingestion.service import Ingestion
@@ -432,14 +432,28 @@ async def test_jwks_is_fetched_again_for_a_new_signing_key(tmp_path: Path, monke
             assert status == 200 and issuer.fetches == 2
 
 
-async def test_writes_and_refusals_are_audited(tmp_path: Path) -> None:
+class _AuditLog:
+    """Stands in for the auth module's logger: records each call's event and fields."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.lines.append({"event": event, **fields})
+
+    warning = info
+
+
+async def test_writes_and_refusals_are_audited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each write and each refusal is one ``audit`` line (tenant, key id, route, status, outcome, reason); reads
     that succeed are not; refusals count in dsched_auth_failures_total by reason."""
     async with cluster(tmp_path, auth="keys") as client:
         member_id, member = await add_key(client, ALICE, Role.MEMBER)
         viewer_id, viewer = await add_key(client, ALICE, Role.VIEWER)
         before = {r: _failures(r) for r in ("forbidden_role", "key_unknown", "missing")}
-        with structlog.testing.capture_logs() as logs:
+        log = _AuditLog()
+        with monkeypatch.context() as patch:  # the logger object, not structlog's configuration (tests reconfigure it)
+            patch.setattr(auth_module, "logger", log)
             assert (await client.call("POST", "/submit", f"Bearer {member}", FUTURE_JOB))[0] == 202
             assert (await client.call("GET", "/jobs", f"Bearer {member}"))[0] == 200
             assert (await client.call("POST", "/submit", f"Bearer {viewer}", FUTURE_JOB))[0] == 403
@@ -447,7 +461,7 @@ async def test_writes_and_refusals_are_audited(tmp_path: Path) -> None:
             assert (await client.call("GET", "/jobs", None))[0] == 401
         audits = [
             (a["tenant"], a["subject"], a["method"], a["route"], a["status"], a["outcome"], a["reason"])
-            for a in logs
+            for a in log.lines
             if a["event"] == "audit"
         ]
         assert audits == [
