@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-import structlog
 import yaml
 
 from dsched.ingestion.auth import PUBLIC, ROUTE_ROLES, Authenticator, parse_modes
@@ -165,15 +165,23 @@ def test_openapi_declares_security() -> None:
     assert "Retry-After" in document["paths"]["/submit"]["post"]["responses"]["429"]["headers"]
 
 
-def test_audit_line_fields() -> None:
+def test_audit_line_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     class _Req:
         method, path, remote = "POST", "/submit", "127.0.0.1"
 
+    from dsched.ingestion import auth as auth_module
     from dsched.ingestion.auth import Principal
 
-    with structlog.testing.capture_logs() as logs:
-        Authenticator._audit(_Req(), "/submit", Principal("t", Role.MEMBER, "key:abc", "key"), 202)  # type: ignore[arg-type]
-        Authenticator._audit(_Req(), "/submit", None, 401, reason="key_revoked")  # type: ignore[arg-type]
+    logs: list[dict[str, Any]] = []
+
+    class _Logger:  # in place of the module's logger: structlog.testing.capture_logs misses a logger cached under
+        # an earlier configuration (another test module's CLI run reconfigures logging)
+        def info(self, event: str, **fields: Any) -> None:
+            logs.append({"event": event, **fields})
+
+    monkeypatch.setattr(auth_module, "logger", _Logger())
+    Authenticator._audit(_Req(), "/submit", Principal("t", Role.MEMBER, "key:abc", "key"), 202)  # type: ignore[arg-type]
+    Authenticator._audit(_Req(), "/submit", None, 401, reason="key_revoked")  # type: ignore[arg-type]
     ok, refused = logs
     assert ok["event"] == "audit" and ok["tenant"] == "t" and ok["subject"] == "key:abc" and ok["outcome"] == "ok"
     assert ok["route"] == "/submit" and ok["status"] == 202
