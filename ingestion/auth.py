@@ -155,16 +155,19 @@ def _is_loopback(host: str) -> bool:
 @dataclass
 class _Usage:
     active: int
+    stored_bytes: int
     until: float
 
 
 class TenantLimits:
     """Per-tenant submit rate (GCRA in the store: shared by every ingestion instance on that store) and
     active-job and request-size quotas. ``DSCHED_TENANT_LIMITS`` overrides the defaults per tenant, e.g.
-    ``{"acme": {"submit_rate": 50, "submit_burst": 100, "max_active_jobs": 100000, "max_payload_bytes": 65536}}``.
+    ``{"acme": {"submit_rate": 50, "submit_burst": 100, "max_active_jobs": 100000, "max_payload_bytes": 65536,
+    "max_stored_bytes": 10485760}}``.
 
-    The active-job count is read from the store at most every ``usage_ttl_s`` per tenant and counted up locally
-    in between, so the quota can be overshot by what other instances accept within that time."""
+    The active-job count and their definition bytes are read from the store at most every ``usage_ttl_s`` per
+    tenant and counted up locally in between, so a quota can be overshot by what other instances accept within
+    that time."""
 
     def __init__(self, store: JobStore, settings: Settings, usage_ttl_s: float = 2.0) -> None:
         self.store = store
@@ -207,24 +210,33 @@ class TenantLimits:
                     {"Retry-After": str(max(1, math.ceil(wait_ms / 1000)))},
                 )
         max_active = int(self.limit(tenant, "max_active_jobs"))
-        if max_active:
+        max_stored = int(self.limit(tenant, "max_stored_bytes"))
+        if max_active or max_stored:
             now = time.monotonic()
             usage = self._usage.get(tenant)
             if usage is None or usage.until <= now:
-                active, _ = await self.store.tenant_usage(tenant)
-                usage = self._usage[tenant] = _Usage(active, now + self.usage_ttl_s)
-            if usage.active >= max_active:
+                active, stored_bytes = await self.store.tenant_usage(tenant)
+                usage = self._usage[tenant] = _Usage(active, stored_bytes, now + self.usage_ttl_s)
+            if max_active and usage.active >= max_active:
                 TENANT_LIMITED.labels("active_jobs").inc()
                 return json_error(
                     429, "quota_exceeded", f"this tenant has {usage.active} active jobs (quota {max_active})"
                 )
+            if max_stored and usage.stored_bytes + (body_bytes or 0) > max_stored:
+                TENANT_LIMITED.labels("stored_bytes").inc()
+                return json_error(
+                    429,
+                    "quota_exceeded",
+                    f"this tenant's active jobs hold {usage.stored_bytes} bytes of definitions (quota {max_stored})",
+                )
         return None
 
-    def accepted(self, tenant: str) -> None:
-        """Count a submit accepted since the last read of the tenant's usage."""
+    def accepted(self, tenant: str, size: int | None) -> None:
+        """Count a submit (of ``size`` bytes, if known) accepted since the last read of the tenant's usage."""
         usage = self._usage.get(tenant)
         if usage is not None:
             usage.active += 1
+            usage.stored_bytes += size or 0
 
 
 class Authenticator:
@@ -402,7 +414,7 @@ class Authenticator:
             raise
         finally:
             if principal is not None and route == "/submit" and status == 202:
-                self.limits.accepted(principal.tenant)
+                self.limits.accepted(principal.tenant, request.content_length)
             if request.method not in ("GET", "HEAD"):
                 self._audit(request, route, principal, status)
 

@@ -282,7 +282,7 @@ class Ingestion:
         key = f"payloads/{job_id}/{hashlib.sha256(data).hexdigest()[:32]}"  # a retried submit writes the same
         await self.blobs.put(key, data)
         BLOB_OFFLOADS.labels("payload").inc()
-        return Payload(kind=payload.kind, blob_key=key)
+        return Payload(kind=payload.kind, blob_key=key, size=len(data))
 
     @staticmethod
     def _page_args(request: web.Request) -> tuple[int, str | None]:
@@ -350,9 +350,12 @@ class Ingestion:
         # Limits per item, as for a single submit (max_payload_bytes: each item's JSON), looked up only when the
         # tenant has one (the batch path is hot).
         limited = principal is not None and any(
-            limits.limit(principal.tenant, name) > 0 for name in ("submit_rate", "max_active_jobs", "max_payload_bytes")
+            limits.limit(principal.tenant, name) > 0
+            for name in ("submit_rate", "max_active_jobs", "max_payload_bytes", "max_stored_bytes")
         )
-        sized = principal is not None and limits.limit(principal.tenant, "max_payload_bytes") > 0
+        sized = principal is not None and any(
+            limits.limit(principal.tenant, name) > 0 for name in ("max_payload_bytes", "max_stored_bytes")
+        )
         results: list[dict[str, Any]] = []
         jobs: list[Job] = []
         now = now_ms()
@@ -364,13 +367,15 @@ class Ingestion:
                     req = SubmitRequest.model_validate(item)
                 except ValidationError as exc:
                     raise ApiError(400, "invalid_field", pydantic_detail(exc)) from exc
+                size = len(orjson.dumps(item)) if sized else None
                 if limited and principal is not None:  # the same per-tenant limits as a single submit, one per job
-                    size = len(orjson.dumps(item)) if sized else None
                     refused = await limits.check_submit(principal.tenant, size)
                     if refused is not None:
                         detail = orjson.loads(refused.body) if isinstance(refused.body, bytes) else {}
                         raise ApiError(refused.status, detail.get("error", "refused"), detail.get("detail", ""))
                 job = self._new_job(user, req, new_job_id(now), now, None)
+                if limited and principal is not None:
+                    limits.accepted(principal.tenant, size)  # counted at once: the batch's next item sees it
             except ApiError as exc:
                 results.append({"index": index, "error": exc.error, "detail": exc.detail, "status": exc.status})
                 continue
@@ -386,9 +391,6 @@ class Ingestion:
                 with contextlib.suppress(Exception):  # not accepted: don't leave jobs that will never run
                     await self.store.put_jobs([job.model_copy(update={"deleted": True}) for job in jobs])
                 raise
-            if principal is not None:
-                for _ in jobs:
-                    limits.accepted(principal.tenant)
         logger.info("submitted_batch", user_id=user, accepted=len(jobs), refused=len(items) - len(jobs))
         answer: dict[str, Any] = {"accepted": len(jobs), "refused": len(items) - len(jobs), "results": results}
         if not jobs:  # nothing accepted: an error answer that still gives every item's reason

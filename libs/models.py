@@ -73,6 +73,7 @@ class Payload(Model):
     text: str | None = None  # command line for cmd, the echoed text for echo
     http: HttpTarget | None = None
     blob_key: str | None = None
+    size: int | None = None  # bytes in the blob store when ``blob_key`` is set (tenant stored-bytes quota)
 
 
 class LastRun(Model):

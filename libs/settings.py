@@ -110,7 +110,8 @@ class Settings(BaseSettings):
     tenant_submit_rate: float = 0.0  # submits per second per tenant (0 = unlimited), shared via the store
     tenant_submit_burst: int = 0  # burst on top of the rate (0 = max(1, rate))
     tenant_max_active_jobs: int = 0  # 0 = unlimited
-    tenant_max_payload_bytes: int = 0  # total definition bytes of a tenant's active jobs; 0 = unlimited
+    tenant_max_payload_bytes: int = 0  # largest job definition (body, batch item) per tenant; 0 = unlimited
+    tenant_max_stored_bytes: int = 0  # total definition bytes of a tenant's active jobs; 0 = unlimited
     tenant_limits: dict[str, dict[str, float]] = Field(default_factory=dict)  # per-tenant overrides (JSON)
     tenant_fair_dispatch: bool = True  # workers serve tenants round-robin when many runs are ready
 

@@ -227,8 +227,9 @@ class JobStore(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not keep rate limits")
 
     async def tenant_usage(self, user_id: str) -> tuple[int, int]:
-        """``(active jobs, their definition bytes)`` of a tenant; active = not deleted and not finished
-        (scheduled, queued, running or paused)."""
+        """``(active jobs, their definition bytes)`` of a tenant, the bytes of payloads offloaded to the blob store
+        included (``Payload.size``); active = not deleted and not finished (submitted, scheduled, queued, running
+        or paused)."""
         raise NotImplementedError(f"{type(self).__name__} does not report tenant usage")
 
     async def put_signing_secrets(self, tenant: str, secrets: Sequence[str]) -> None:

@@ -671,8 +671,11 @@ class SqliteStore(JobStore):
     async def tenant_usage(self, user_id: str) -> tuple[int, int]:
         def usage(conn: sqlite3.Connection) -> tuple[int, int]:
             row = conn.execute(
-                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(j.definition)), 0) FROM {_JOBS_FROM} "
-                f"WHERE j.user_id = ? AND {_STATUS_SQL} IN ('scheduled', 'queued', 'running', 'paused')",
+                # an offloaded payload's bytes are in the blob store: its definition names their count
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(j.definition)"
+                " + COALESCE(json_extract(CAST(j.definition AS TEXT), '$.payload.size'), 0)), 0) "
+                f"FROM {_JOBS_FROM} "
+                f"WHERE j.user_id = ? AND {_STATUS_SQL} IN ('submitted', 'scheduled', 'queued', 'running', 'paused')",
                 (user_id,),
             ).fetchone()
             return int(row[0]), int(row[1])

@@ -613,6 +613,32 @@ async def test_submit_rate_limit_and_quota(tmp_path: Path) -> None:
         assert status == 200 and stored["payload"]["text"] == "x"  # the refused PATCH changed nothing
 
 
+async def test_stored_bytes_quota_counts_every_active_definition(tmp_path: Path) -> None:
+    """``max_stored_bytes``: a tenant's active jobs together (offloaded payloads included) stay within the quota;
+    past it submits and batch items are 429 quota_exceeded, and deleting jobs frees room."""
+    async with cluster(tmp_path, auth="keys", tenant_limits={"dave": {"max_stored_bytes": 12_000}}) as client:
+        _, dave = await add_key(client, "dave", Role.MEMBER)
+        auth = f"Bearer {dave}"
+        big = {"project_id": "p", "payload": "z" * 5_000, "next_fire_at": "2099-01-01T00:00:00Z"}  # offloaded
+        statuses, ids = [], []
+        for _ in range(4):
+            status, answer, _ = await client.call("POST", "/submit", auth, big)
+            statuses.append(status)
+            if status == 202:
+                ids.append(answer["job_id"])
+            else:
+                assert answer["error"] == "quota_exceeded"
+        assert statuses == [202, 202, 429, 429]
+        status, batch, _ = await client.call("POST", "/submit/batch", auth, {"jobs": [big]})
+        assert status == 429 and batch["results"][0]["error"] == "quota_exceeded"
+        assert (await client.call("DELETE", f"/jobs/{ids[0]}", auth))[0] in (200, 202, 204)
+        for _ in range(60):  # room again once the deletion is stored and the usage read again (every 2 s)
+            if (status := (await client.call("POST", "/submit", auth, big))[0]) == 202:
+                break
+            await asyncio.sleep(0.25)
+        assert status == 202
+
+
 async def test_rate_limit_is_shared_by_two_ingestion_instances(tmp_path: Path) -> None:
     """Two ingestion instances, each with its own connection to the store file, draw from one bucket."""
     async with cluster(tmp_path, auth="keys", tenant_submit_rate=0.2, tenant_submit_burst=4) as client:

@@ -131,6 +131,12 @@ async def test_tenant_usage_counts_active_jobs(tmp_path: Path) -> None:
         await store.update_job_states([JobState(job_id="j0", state=JobStatus.SUCCEEDED)])
         active, size = await store.tenant_usage("t")
         assert active == 1 and size > 0  # j0 finished, j1 deleted: only the paused j2 is active
+        offloaded = jobs[0].model_copy(
+            update={"job_id": "big", "payload": Payload(kind="echo", blob_key="payloads/big/k", size=50_000)}
+        )
+        await store.put_jobs([offloaded])
+        active, with_blob = await store.tenant_usage("t")
+        assert active == 2 and with_blob > size + 50_000  # the blob's bytes count, not only its reference
         await store.put_signing_secrets("t", ["new", "old"])
         assert await store.get_signing_secrets("t") == ["new", "old"]
         assert await store.get_signing_secrets("u") == []
