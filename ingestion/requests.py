@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -21,6 +21,8 @@ from dsched.libs import limits
 from dsched.libs.clock import parse_rfc3339, to_rfc3339
 from dsched.libs.models import DeadLetter, HttpTarget, Job, Payload, RetryPolicy, Run
 from dsched.libs.schedule import ScheduleError, first_undispatched, next_in_chain, parse_schedule
+
+T = TypeVar("T", str, str | None)
 
 USER_ID = re.compile(r"^[A-Za-z0-9._@:+\-]{1,128}$")
 # RFC 9110 token characters: what a header name may contain.
@@ -132,10 +134,28 @@ class JobFields(Strict):
     misfire: Literal["fire_once", "skip", "fire_all"] | None = None
     max_lateness_s: float | None = Field(default=None, gt=0, le=limits.MAX_LATENESS_S)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return _without_control_characters(value)
+
 
 class SubmitRequest(JobFields):
     project_id: str = Field(min_length=1, max_length=200)
     payload: str | dict[str, Any]
+
+    @field_validator("project_id")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        return _without_control_characters(value)
+
+
+def _without_control_characters(value: T) -> T:
+    """A name or project id as given, refused if it holds a control character (NUL, CR, LF, ESC, ...): they end
+    up in log lines, CLI tables, listings and partition keys, where none of them means anything."""
+    if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("control characters (NUL, CR, LF, TAB, ...) are not allowed")
+    return value
 
 
 # Definition fields copied as given (``null`` = the model's default).

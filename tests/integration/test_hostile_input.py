@@ -52,6 +52,8 @@ BAD_SUBMITS: dict[str, tuple[dict[str, Any], str]] = {
     "http_unknown_key": ({"payload": {"http": {"url": URL, "verb": "GET"}}}, "verb"),
     "http_bad_method": ({"payload": {"http": {"url": URL, "method": "TRACE"}}}, "method"),
     "deep_nesting": ({"payload": {"http": {"url": URL, "method": "POST", "body": DEEP}}}, "deeper"),
+    "name_with_nul": ({"payload": "x", "name": "a\u0000b"}, "control characters"),
+    "project_with_newline": ({"payload": "x", "project_id": "p\nq"}, "control characters"),
 }
 
 
