@@ -6,11 +6,16 @@ migrations, creates the topics, and starts the services as separate ``dsched run
 ingestion x1 (the API, on ``DSCHED_PORT``, default 8080), writer x2, coordinator x2, picker x2, worker x2.
 Each service process gets the environment the compose stack gives its containers (``deploy/docker-compose.yml``)
 with 127.0.0.1 URLs, plus ``DSCHED_ALLOW_CMD`` / ``DSCHED_ALLOW_PRIVATE_HTTP`` on unless the environment says
-otherwise (as ``dsched run all`` does), so every README example works against it.
+otherwise (as ``dsched run all`` does), so every README example works against it (under ``DSCHED_AUTH=keys``
+with the admin key below in place of ``X-User-ID``).
 
 Everything lives under ``<DSCHED_DATA_DIR>/stack`` (default ``.dsched/stack``); the ports chosen on the first
 start are kept in ``stack.json`` there, so a second ``make stack`` resumes with the same data and URLs —
 except S3: moto keeps blobs in memory, so offloaded payloads and outputs of an earlier run are gone.
+
+Authentication: API keys (``DSCHED_AUTH=keys``, as the compose stack), unless ``--auth`` or ``DSCHED_AUTH`` says
+otherwise. On the first start it creates an admin key of tenant ``demo`` and keeps it in ``<data dir>/admin.key``
+(mode 0600; printed as a path, never on the terminal): the README's examples send it as ``Authorization: Bearer``.
 
 A service process that exits is started again after a second (at most ``MAX_RESTARTS`` times per service), as
 the compose stack's ``restart: unless-stopped`` does. Ctrl-C or SIGTERM stops the services first (SIGTERM: runs
@@ -43,6 +48,7 @@ from dsched.libs.servers.moto import MotoServer
 REPLICAS = {"ingestion": 1, "writer": 2, "coordinator": 2, "picker": 2, "worker": 2}
 TOPIC = "dsched.submissions"
 MAX_RESTARTS = 20
+ADMIN_KEY_FILE = "admin.key"  # make stack's admin key (DSCHED_AUTH=keys), under the stack's data dir
 # Fixed at creation, as in deploy/docker-compose.yml: every service must agree (the store refuses another layout).
 LAYOUT = {"DSCHED_SHARD_COUNT": "16", "DSCHED_BUCKET_S": "60", "DSCHED_LOG_PARTITIONS": "8"}
 
@@ -316,6 +322,31 @@ class Stack:
             with contextlib.suppress(Exception):
                 process.stop(kill=True)
 
+    async def admin_key(self, tenant: str = "demo") -> Path:
+        """The file holding an admin key of ``tenant`` for this stack's store, created with ``dsched keys create``
+        (run with the ingestion process's environment: same store and pepper) the first time; kept afterwards, so
+        a restarted stack (same data) keeps answering to it."""
+        path = self.data_dir / ADMIN_KEY_FILE
+        if path.is_file() and path.read_text().strip():
+            return path
+        command = [sys.executable, "-m", "dsched.app.cli", "keys", "create", "--tenant", tenant, "--role", "admin"]
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            "--name",
+            "make stack",
+            env=self.service_env("ingestion-0"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        lines = out.decode().strip().splitlines()
+        if process.returncode != 0 or not lines or not lines[-1].startswith("dsk_"):
+            raise RuntimeError(f"dsched keys create failed ({process.returncode}): {err.decode()[-500:]}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(lines[-1] + "\n")
+        return path
+
     def service(self, name: str) -> ServiceProcess:
         return next(s for s in self.services if s.name == name)
 
@@ -352,12 +383,14 @@ class Stack:
         return lines
 
 
-async def run(data_dir: Path, api_port: int, prometheus: bool) -> int:
+async def run(data_dir: Path, api_port: int, prometheus: bool, auth: str = "keys") -> int:
+    """``make stack``: start everything, print where it listens (and, with API keys, where the admin key is),
+    supervise until SIGTERM/SIGINT, stop everything."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stack = Stack(data_dir, api_port=api_port, prometheus=prometheus)
+    stack = Stack(data_dir, api_port=api_port, prometheus=prometheus, extra_env={"DSCHED_AUTH": auth})
     print(f"dsched stack: starting servers and services under {stack.data_dir}", flush=True)
     try:
         starting = asyncio.ensure_future(stack.start())
@@ -371,6 +404,14 @@ async def run(data_dir: Path, api_port: int, prometheus: bool) -> int:
             took = starting.result()
             for line in stack.describe():
                 print(f"  {line}", flush=True)
+            if "keys" in auth.split(","):
+                try:
+                    key_file = await stack.admin_key()
+                except RuntimeError as exc:  # the stack still serves; keys can be created by hand (README)
+                    print(f"dsched stack: no admin key: {exc}", flush=True)
+                else:
+                    print(f"dsched stack: DSCHED_AUTH={auth}; admin key of tenant demo in {key_file}:", flush=True)
+                    print(f'  curl -H "Authorization: Bearer $(cat {key_file})" {stack.api_url}/jobs', flush=True)
             print(f"dsched stack: ready in {took:.1f} s — API at {stack.api_url}; Ctrl-C stops everything", flush=True)
             await stack.supervise(stop)
         stopped.cancel()
@@ -388,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=default_dir)
     parser.add_argument("--port", type=int, default=int(os.environ.get("DSCHED_PORT", "8080")))
     parser.add_argument("--no-prometheus", action="store_true")
+    parser.add_argument(
+        "--auth", default=os.environ.get("DSCHED_AUTH") or "keys", help="DSCHED_AUTH of the services (default: keys)"
+    )
     args = parser.parse_args(argv)
-    return asyncio.run(run(args.data_dir, args.port, not args.no_prometheus))
+    return asyncio.run(run(args.data_dir, args.port, not args.no_prometheus, args.auth))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """``make stack`` as a user runs it: ``python -m dsched.libs.servers.stack`` (what the Makefile target runs).
 
-It prints where each server and service listens and "ready"; every command of the README's "Try it" block works
-against it (run with bash and curl as printed there, ``curl -f`` so an HTTP error fails); SIGTERM stops every
+It prints where each server and service listens and "ready"; it runs with API keys and made an admin key of tenant
+``demo`` (a file of mode 0600, named on its output, the key itself never printed); every command of the README's
+"Try it" block works against it with that key in place of ``X-User-ID`` (run with bash and curl as printed there,
+``curl -f`` so an HTTP error fails) while ``X-User-ID`` alone is a 401; SIGTERM stops every
 service and server and exits 0; a second start on the same data directory resumes: same ports, the jobs of the
 first run with their runs, and the recurring job fires again.
 """
@@ -157,11 +159,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _run_readme(commands: list[str], port: int, hook: Hook, http: Http) -> dict[str, str]:
-    """Run the README's commands against the stack; returns {"echo": job id, "recurring": job id}."""
+def _run_readme(commands: list[str], port: int, hook: Hook, http: Http, key_file: Path) -> dict[str, str]:
+    """Run the README's commands against the stack, with its admin key as the README says (in place of
+    ``X-User-ID: demo``); returns {"echo": job id, "recurring": job id}."""
     ids: dict[str, str] = {}
     for command in commands:
         line = command.replace("localhost:8080", f"127.0.0.1:{port}").replace("curl -s ", "curl -sf ")
+        line = line.replace("-H 'X-User-ID: demo'", f'-H "Authorization: Bearer $(cat {key_file})"')
         line = line.replace("http://127.0.0.1:9000/hook", hook.url).replace("python3 ", f"{sys.executable} ")
         if "6f1c…" in line or "<run_id>" in line:
             runs = wait_until(
@@ -184,16 +188,22 @@ def _run_readme(commands: list[str], port: int, hook: Hook, http: Http) -> dict[
 
 def test_make_stack_serves_the_readme_stops_on_sigterm_and_resumes(tmp_path: Path, hook: Hook) -> None:
     data_dir, port = tmp_path / "stack", free_port()
-    http = Http(port, user="demo")
     first = StackRun(data_dir, port)
+    key_file = data_dir / "admin.key"
     try:
         first.wait_ready()
+        assert any(str(key_file) in line for line in first.lines), first.output()
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert key.startswith("dsk_") and not any(key in line for line in first.lines)
+        http = Http(port, user="demo", token=key)
+        assert Http(port, user="demo").call("GET", "/jobs")[0] == 401  # X-User-ID alone: not in keys mode
         where = first.where()
         assert all(name in where for name in SERVERS), first.output()
         services = {f"{service}-{i}" for service, count in REPLICAS.items() for i in range(count)}
         assert services <= set(where), first.output()
         assert where["ingestion-0"].endswith(f"API http://127.0.0.1:{port}")
-        ids = _run_readme(try_it_commands(), port, hook, http)
+        ids = _run_readme(try_it_commands(), port, hook, http, key_file)
         wait_until(lambda: hook.calls >= 1, 120.0, "the README's HTTP job to call its target")
         wait_until(lambda: len(http.runs(ids["recurring"])) >= 2, 120.0, "two runs of the recurring job")
         assert first.terminate() == 0, first.output()

@@ -76,9 +76,13 @@ class Service:
 
 
 class Http:
-    def __init__(self, port: int, user: str = "acceptance") -> None:
+    """A blocking client of one ingestion: as ``user`` (``X-User-ID``, dev mode) or, once ``token`` is set, with
+    ``Authorization: Bearer <token>``."""
+
+    def __init__(self, port: int, user: str = "acceptance", token: str | None = None) -> None:
         self.base = f"http://127.0.0.1:{port}"
         self.user = user
+        self.token = token
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = orjson.dumps(body) if body is not None else None
@@ -86,7 +90,10 @@ class Http:
             self.base + path,
             data=data,
             method=method,
-            headers={"X-User-ID": self.user, "Content-Type": "application/json"},
+            headers={
+                **({"Authorization": f"Bearer {self.token}"} if self.token else {"X-User-ID": self.user}),
+                "Content-Type": "application/json",
+            },
         )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:

@@ -58,4 +58,3 @@ def test_the_stack_runs_every_service_as_many_times_as_compose() -> None:
         if svc.get("command", [""])[0] == "run"
     }
     assert compose_replicas == REPLICAS
-
