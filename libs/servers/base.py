@@ -170,7 +170,9 @@ class ServerProcess:
             time.sleep(self.probe_interval_s)
 
     async def astart(self) -> None:
-        await asyncio.to_thread(self._spawn)
+        await asyncio.to_thread(self._prepare)  # may take seconds (Kafka formats its storage)
+        # Forked from the loop's thread, not a worker thread's: on the main thread, die_with_parent applies.
+        self._spawn(prepared=True)
         deadline = time.monotonic() + self.start_timeout_s
         while not await asyncio.to_thread(self._probe):
             if time.monotonic() > deadline:
@@ -248,10 +250,11 @@ class ServerProcess:
 
     # -- internals
 
-    def _spawn(self) -> None:
+    def _spawn(self, *, prepared: bool = False) -> None:
         if self.running:
             return
-        self._prepare()
+        if not prepared:
+            self._prepare()
         self._log = open(self.log_path, "ab")  # closed in _after_stop
         env = self._env()
         self._proc = subprocess.Popen(

@@ -139,15 +139,22 @@ class StackRun:
         try:
             code = self.proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
-            self.kill()
+            self.proc.kill()
+            self.proc.wait()
             raise AssertionError(f"make stack did not stop within 180 s of SIGTERM:\n{self.output()}") from None
         self.reader.join(timeout=10)  # every line it printed is read
         return code
 
     def kill(self) -> None:
+        """Stop it whatever happened (a failed assertion too): SIGTERM, as Ctrl-C, so that it stops its services and
+        servers; SIGKILL only if it has not stopped within 180 s (its servers then die with it: die_with_parent)."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.reader.join(timeout=10)
 
 
