@@ -18,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from dsched.libs import logs
 from dsched.libs.batching import Coalescer
 
 T = TypeVar("T")
+logger = logs.get("sqlite")
 MAX_GROUP = 256  # writes per group commit
 CHECKPOINT_INTERVAL_S = 0.2
 LOCK_WAIT_S = 30.0  # how long a statement waits for another connection's lock before it fails
@@ -76,13 +78,19 @@ class SqliteDB:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-ckpt-{self.path.stem}")
         loop = asyncio.get_running_loop()
         conn = await loop.run_in_executor(executor, _connect, self.path, self._synchronous)
+        failing = False
         try:
             while True:
                 await asyncio.sleep(CHECKPOINT_INTERVAL_S)
                 try:
                     await loop.run_in_executor(executor, _passive_checkpoint, conn)
+                    failing = False
                 except sqlite3.Error:  # busy or locked by another process's checkpoint: try again next time
                     continue
+                except Exception as exc:  # never a silent end of checkpoints: logged once a streak, tried again
+                    if not failing:
+                        logger.warning("checkpoint_failed", path=str(self.path), error=f"{type(exc).__name__}: {exc}")
+                    failing = True
         finally:
             # Queued behind any checkpoint still running on that thread: the connection is never used by two.
             executor.submit(conn.close)

@@ -7,6 +7,9 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
+
+from dsched.libs import sqlite as sqlite_module
 from dsched.libs.sqlite import CHECKPOINT_INTERVAL_S, SqliteDB, begin_immediate
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
@@ -78,3 +81,31 @@ def test_begin_immediate_waits_for_another_connections_write_transaction(tmp_pat
     assert waiter.execute("PRAGMA busy_timeout").fetchone() == (30000,)  # other statements keep the handler
     holder.close()
     waiter.close()
+
+
+async def test_a_checkpoint_that_raises_is_logged_once_and_checkpoints_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Anything but an SQLite error (busy, locked) used to end the background checkpoints without a word, and the
+    # write-ahead log would then grow for the rest of the process's life.
+    calls: list[int] = []
+    warnings: list[dict[str, object]] = []
+
+    def checkpoint(conn: sqlite3.Connection) -> None:
+        calls.append(1)
+        if len(calls) <= 3:
+            raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(sqlite_module, "_passive_checkpoint", checkpoint)
+    monkeypatch.setattr(sqlite_module.logger, "warning", lambda event, **fields: warnings.append({"event": event}))
+    db = SqliteDB(tmp_path / "ckpt.db", schema=SCHEMA)
+    await db.open()
+    try:
+        for _ in range(200):  # bounded: ~5 checkpoints a second
+            if len(calls) >= 5:
+                break
+            await asyncio.sleep(CHECKPOINT_INTERVAL_S / 2)
+    finally:
+        await db.close()
+    assert len(calls) >= 5  # it went on after the failures
+    assert warnings == [{"event": "checkpoint_failed"}]  # one line for the streak of three
