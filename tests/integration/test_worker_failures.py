@@ -415,7 +415,8 @@ async def test_heartbeat_calls_never_pile_up_on_a_slow_queue(
         while time.monotonic() < end:
             assert await queue.receive(10, 0.2, 30) == [], "the message reappeared while its run was alive"
         await w.wait_idle()
-    assert len(calls) >= 3
+    # A 3 s run under a 2 s timeout needs at least two extends to stay hidden (more when the loop is not busy).
+    assert len(calls) >= 2
     assert max(calls) == 1  # never two extends at once
     run, _, _ = await outcome(backends.store, job)
     assert run is not None and run.status == RunStatus.SUCCEEDED
