@@ -56,6 +56,7 @@ from aiohttp.resolver import DefaultResolver
 from dsched.libs.blobs.base import BlobStore
 from dsched.libs.limits import command_problem
 from dsched.libs.models import HttpTarget, Payload, RunStatus
+from dsched.worker import http1
 
 _CHUNK = 65536
 
@@ -646,16 +647,22 @@ async def call_http(
     signing_secrets: list[str] | None = None,
     cancellation: Cancellation | None = None,
     inline_bytes: int | None = None,
+    lean: http1.Http1Client | None = None,
 ) -> Outcome:
     """One HTTP call. The response body is kept up to ``output_cap`` bytes (spooled beyond ``inline_bytes``).
 
-    Unless ``allow_private``, ``session`` must use :func:`http_connector` (else the call fails: a check done
-    here with a lookup of its own could be rebound before the connection's lookup).
+    A plain ``http://`` URL with an ASCII host goes through ``lean`` when given (:mod:`worker.http1`), anything
+    else through ``session``. Unless ``allow_private``, the client used must resolve through a
+    :class:`GuardedResolver` (``session``: :func:`http_connector`), else the call fails: a check done here with a
+    lookup of its own could be rebound before the connection's lookup.
     """
+    parts = urlsplit(target.url)
+    use_lean = lean is not None and parts.scheme == "http" and parts.netloc.isascii()
     try:
         check_target(target.url, allow_private)
-        if not allow_private and not _guarded(session):
-            raise TargetRefused("the HTTP session has no address guard (use executors.http_connector)")
+        guarded = isinstance(lean.resolver, GuardedResolver) if use_lean and lean is not None else _guarded(session)
+        if not allow_private and not guarded:
+            raise TargetRefused("the HTTP client has no address guard (use executors.http_connector)")
     except TargetRefused as exc:
         return Outcome(RunStatus.FAILED, error=f"target refused: {exc}", retryable=False)
     body = target.body.encode() if target.body is not None else b""
@@ -665,6 +672,17 @@ async def call_http(
         all_headers["X-Dsched-Timestamp"] = timestamp
         all_headers["X-Dsched-Signature"] = ",".join(signature(s, timestamp, body) for s in signing_secrets)
     sink = OutputSink(output_cap, inline_bytes)
+
+    async def call_lean(client: http1.Http1Client) -> Outcome:
+        async with asyncio.timeout(timeout_s):
+            address = _ip_literal(parts.hostname or "")
+            method = target.method.upper()
+            answer = await client.request(parts, address, method, all_headers, body, sink)
+        if 200 <= answer.status < 300:
+            return sink.outcome(RunStatus.SUCCEEDED, http_status=answer.status)
+        return sink.outcome(
+            RunStatus.FAILED, error=f"HTTP {answer.status}", http_status=answer.status, retry_after=answer.retry_after
+        )
 
     async def call() -> Outcome:
         async with session.request(
@@ -688,7 +706,7 @@ async def call_http(
                 retry_after=resp.headers.get("Retry-After"),
             )
 
-    task = asyncio.ensure_future(call())
+    task = asyncio.ensure_future(call_lean(lean) if use_lean and lean is not None else call())
     if cancellation is not None:
         cancellation.guard(task)
     try:
@@ -710,6 +728,9 @@ async def call_http(
         refused = _refused(exc)
         if refused is not None:
             return Outcome(RunStatus.FAILED, error=f"target refused: {refused}", retryable=False)
+        return Outcome(RunStatus.FAILED, error=f"connection error: {type(exc).__name__}: {exc}")
+    except (OSError, http1.ResponseError) as exc:  # the lean client's (after TimeoutError, an OSError)
+        sink.discard()
         return Outcome(RunStatus.FAILED, error=f"connection error: {type(exc).__name__}: {exc}")
 
 

@@ -64,7 +64,7 @@ from dsched.libs.sharding import entry_for
 from dsched.libs.signing import SigningSecrets
 from dsched.libs.store.base import JobStore
 from dsched.libs.supervisor import Supervisor
-from dsched.worker import executors, failures, presence
+from dsched.worker import executors, failures, http1, presence
 
 RUNNING_REPORT_S = 0.2
 RECORD_RETRY_PAUSE_S = 0.2  # before recording a run's outcome a second time, on its own
@@ -111,6 +111,7 @@ class Worker:
         self._started: dict[str, tuple[RunOrder, int]] = {}  # runs whose "running" record is not written yet
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        self._lean: http1.Http1Client | None = None  # plain http:// calls (worker/http1.py)
         self._runs = Batcher(store.put_runs)
         self._states = Batcher(store.update_job_states)
         self._acks = Batcher(queue.ack, max_batch=100)
@@ -122,6 +123,7 @@ class Worker:
         # One guarded DNS answer per connection: the SSRF check and the connect see the same addresses.
         connector = executors.http_connector(self.settings.allow_private_http, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(connector=connector)
+        self._lean = http1.Http1Client(executors.GuardedResolver(self.settings.allow_private_http))
         supervise = self.supervisor.start
         self._background = [
             supervise("worker", "heartbeat", self._heartbeat),
@@ -147,6 +149,8 @@ class Worker:
                     await task
             await self._session.close()
             self._session = None
+            await self._lean.close()
+            self._lean = None
 
     # Main loops -------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -493,6 +497,7 @@ class Worker:
             signing_secrets=await self.signing.for_job(job.user_id, job.project_id),
             cancellation=cancellation,
             inline_bytes=inline,
+            lean=self._lean,
         )
 
     async def _record_or_fail(
