@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -27,6 +26,7 @@ import pytest
 from dsched.libs.servers.base import port_open
 from dsched.libs.servers.stack import REPLICAS
 from tests.helpers.processes import Http, free_port, wait_until
+from tests.helpers.targets import CountingTarget
 
 # Two starts of three JVMs and nine Python processes on a shared 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -54,35 +54,9 @@ def try_it_commands() -> list[str]:
     return commands
 
 
-class Hook:
-    """The README's HTTP example's target (``http://127.0.0.1:9000/hook``), on a free port: counts calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                hook.calls += 1
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def hook() -> Iterator[Hook]:
-    server = Hook()
+def hook() -> Iterator[CountingTarget]:
+    server = CountingTarget()
     yield server
     server.close()
 
@@ -166,7 +140,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _run_readme(commands: list[str], port: int, hook: Hook, http: Http, key_file: Path) -> dict[str, str]:
+def _run_readme(commands: list[str], port: int, hook: CountingTarget, http: Http, key_file: Path) -> dict[str, str]:
     """Run the README's commands against the stack, with its admin key as the README says (in place of
     ``X-User-ID: demo``); returns {"echo": job id, "recurring": job id}."""
     ids: dict[str, str] = {}
@@ -193,7 +167,7 @@ def _run_readme(commands: list[str], port: int, hook: Hook, http: Http, key_file
     return ids
 
 
-def test_make_stack_serves_the_readme_stops_on_sigterm_and_resumes(tmp_path: Path, hook: Hook) -> None:
+def test_make_stack_serves_the_readme_stops_on_sigterm_and_resumes(tmp_path: Path, hook: CountingTarget) -> None:
     data_dir, port = tmp_path / "stack", free_port()
     first = StackRun(data_dir, port)
     key_file = data_dir / "admin.key"
@@ -211,7 +185,7 @@ def test_make_stack_serves_the_readme_stops_on_sigterm_and_resumes(tmp_path: Pat
         assert services <= set(where), first.output()
         assert where["ingestion-0"].endswith(f"API http://127.0.0.1:{port}")
         ids = _run_readme(try_it_commands(), port, hook, http, key_file)
-        wait_until(lambda: hook.calls >= 1, 120.0, "the README's HTTP job to call its target")
+        wait_until(lambda: hook.total >= 1, 120.0, "the README's HTTP job to call its target")
         wait_until(lambda: len(http.runs(ids["recurring"])) >= 2, 120.0, "two runs of the recurring job")
         assert first.terminate() == 0, first.output()
     finally:

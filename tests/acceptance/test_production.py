@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -29,6 +27,7 @@ from dsched.libs.servers import CassandraServer, ElasticMQServer, EtcdServer, Ka
 from dsched.libs.servers.stack import ServiceProcess, Stack, StackServers
 from dsched.libs.settings import Settings
 from tests.helpers.processes import Http
+from tests.helpers.targets import CountingTarget
 
 # Two Kafka/Cassandra/ElasticMQ restarts and nine processes on a shared 2-core machine: minutes, not seconds.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -47,38 +46,9 @@ ENV = {
 }
 
 
-class Target:
-    """A local HTTP endpoint counting the calls per job (``X-Dsched-Job-Id``)."""
-
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {}
-        lock = threading.Lock()
-        calls = self.calls
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with lock:
-                    job_id = self.headers.get("X-Dsched-Job-Id", "")
-                    calls[job_id] = calls.get(job_id, 0) + 1
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def target() -> Iterator[Target]:
-    server = Target()
+def target() -> Iterator[CountingTarget]:
+    server = CountingTarget()
     yield server
     server.close()
 
@@ -194,7 +164,7 @@ async def _wait_until(what: str, check: object, timeout_s: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def test_every_accepted_job_runs_through_kills_and_server_restarts(stack: Stack, target: Target) -> None:
+async def test_every_accepted_job_runs_through_kills_and_server_restarts(stack: Stack, target: CountingTarget) -> None:
     http = Http(stack.ports.api)
     stop = asyncio.Event()
     supervisor = asyncio.create_task(stack.supervise(stop, interval_s=0.5))  # restarts what we kill

@@ -5,18 +5,17 @@ pooled connection, malformed answers, and the SSRF guard when reached through ``
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from dsched.libs.models import HttpTarget, RunStatus
 from dsched.worker.executors import GuardedResolver, OutputSink, call_http, http_connector
 from dsched.worker.http1 import Http1Client, ResponseError
+from tests.helpers.targets import ScriptedDns
 
 Reply = Callable[[bytes], bytes | None]  # request head -> bytes to send (None: close without answering)
 
@@ -212,24 +211,6 @@ async def test_a_server_that_closes_a_new_connection_unanswered_is_an_error(serv
 
 
 # Through call_http, as the worker calls it --------------------------------------------------------------------
-class ScriptedDns(AbstractResolver):
-    def __init__(self, *answers: list[str]) -> None:
-        self.answers = list(answers)
-        self.lookups = 0
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        answer = self.answers[min(self.lookups, len(self.answers) - 1)]
-        self.lookups += 1
-        return [
-            ResolveResult(hostname=host, host=a, port=port, family=socket.AF_INET, proto=0, flags=0) for a in answer
-        ]
-
-    async def close(self) -> None:
-        return None
-
-
 async def test_call_http_uses_the_lean_client_for_http_and_times_out(serve: Serve) -> None:
     server = await serve(fixed(b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone"))
     lean = Http1Client(GuardedResolver(allow_private=True))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -20,36 +18,9 @@ from cryptography.x509.oid import NameOID
 
 from dsched.libs.models import HttpTarget, RunStatus
 from dsched.worker.executors import GuardedResolver, TargetRefused, call_http, http_connector
+from tests.helpers.targets import ScriptedDns
 
 PUBLIC = "93.184.216.34"  # never connected to: the tests intercept every connection to a non-loopback address
-
-
-class ScriptedDns(AbstractResolver):
-    """Answers each lookup with the next scripted list of addresses (the last one repeats); counts lookups."""
-
-    def __init__(self, *answers: list[str]) -> None:
-        self.answers = list(answers)
-        self.lookups = 0
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        answer = self.answers[min(self.lookups, len(self.answers) - 1)]
-        self.lookups += 1
-        return [
-            ResolveResult(
-                hostname=host,
-                host=address,
-                port=port,
-                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST,
-            )
-            for address in answer
-        ]
-
-    async def close(self) -> None:
-        return None
 
 
 @pytest.fixture
