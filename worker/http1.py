@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 IDLE_S = 4.0  # a pooled connection idle longer than this is closed, not reused (servers time out idle ones: 5 s+)
 MAX_IDLE_PER_KEY = 64  # idle connections kept per (address, port, Host)
 DNS_TTL_S = 60.0  # how long a checked DNS answer is reused (as the aiohttp connector's ttl_dns_cache)
+MAX_DNS_ENTRIES = 4096  # checked answers kept (expired ones dropped first)
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers of an answer
 MAX_INTERIM = 8  # 1xx answers skipped before the final one
 READ_HIGH_WATER = 256 * 1024  # the connection stops reading while this much is buffered and unread
@@ -158,11 +159,7 @@ class Http1Client:
             except OSError as exc:
                 last = exc
                 continue
-            key = (candidate, port, authority)
-            try:
-                return await self._exchange(connection, key, message, method, sink, reused=False)
-            except _StaleConnection as exc:
-                raise ResponseError("the server closed the connection without an answer") from exc
+            return await self._exchange(connection, (candidate, port, authority), message, method, sink, reused=False)
         raise last if last is not None else OSError(f"no address for {host}")
 
     async def _resolve(self, host: str, port: int) -> list[str]:
@@ -174,18 +171,26 @@ class Http1Client:
         addresses = [entry["host"] for entry in answer]
         if not addresses:
             raise OSError(f"{host} has no address")
+        if len(self._dns) >= MAX_DNS_ENTRIES:  # bounded, however many host names the jobs name
+            self._dns = {name: entry for name, entry in self._dns.items() if entry[0] > now}
+            if len(self._dns) >= MAX_DNS_ENTRIES:
+                self._dns.clear()
         self._dns[(host, port)] = (now + DNS_TTL_S, addresses)
         return addresses
 
     def _pooled(self, key: tuple[str, int, str]) -> _Connection | None:
         connections = self._idle.get(key)
         now = time.monotonic()
-        while connections:
+        found = None
+        while connections and found is None:
             connection = connections.pop()
             if connection.usable and now - connection.idle_since < IDLE_S:
-                return connection
-            connection.close()
-        return None
+                found = connection
+            else:
+                connection.close()
+        if connections is not None and not connections:
+            del self._idle[key]  # no empty entry kept per host ever called
+        return found
 
     def _release(self, key: tuple[str, int, str], connection: _Connection) -> None:
         connections = self._idle.setdefault(key, [])
