@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -166,11 +166,18 @@ def tenant_label(user_id: str) -> str:
     return OTHER_TENANT
 
 
-# Labelled children the per-run path uses, by label values: ``labels()`` validates and locks on every call, a
-# dict lookup does not. Bounded like the labels themselves (tenants capped by MAX_TENANT_LABELS, a few statuses).
-_fire_lag_by_tenant: dict[str, Histogram] = {}
-_runs_by_status: dict[str, Counter] = {}
-_tenant_runs: dict[tuple[str, str], Counter] = {}
+# Labelled children the per-run path uses, by metric and label values: ``labels()`` validates and locks on every
+# call, a dict lookup does not. Bounded like the labels themselves (tenants capped by MAX_TENANT_LABELS, a few
+# statuses).
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+_Metric = TypeVar("_Metric", Counter, Histogram)
+
+
+def _child(metric: _Metric, *values: str) -> _Metric:
+    key = (id(metric), values)  # module-level metrics: their ids never change
+    if (child := _children.get(key)) is None:
+        child = _children.setdefault(key, metric.labels(*values))
+    return cast(_Metric, child)
 
 
 def observe_run_start(user_id: str, lag_s: float, *, late_submission: bool) -> None:
@@ -180,10 +187,7 @@ def observe_run_start(user_id: str, lag_s: float, *, late_submission: bool) -> N
         LATE_SUBMISSION_RUNS.inc()
         return
     FIRE_LAG.observe(lag_s)
-    tenant = tenant_label(user_id)
-    if (lag := _fire_lag_by_tenant.get(tenant)) is None:
-        lag = _fire_lag_by_tenant.setdefault(tenant, TENANT_FIRE_LAG.labels(tenant))
-    lag.observe(lag_s)
+    _child(TENANT_FIRE_LAG, tenant_label(user_id)).observe(lag_s)
 
 
 def export_run_outcomes() -> None:
@@ -191,19 +195,14 @@ def export_run_outcomes() -> None:
     exported from 0 on, so ``rate()`` and ``increase()`` see the first failure or timeout of the process too (a
     counter series first scraped at 1 hides its first increment). Other processes export none of them."""
     for status in sorted(FINISHED_RUN_STATUSES):
-        _runs_by_status.setdefault(status.value, RUNS_FINISHED.labels(status.value))
+        _child(RUNS_FINISHED, status.value)
 
 
 def observe_run_finished(user_id: str, status: str, duration_s: float) -> None:
     """Count a finished attempt by outcome (overall and per tenant) and record how long it ran."""
     RUN_DURATION.observe(duration_s)
-    if (runs := _runs_by_status.get(status)) is None:
-        runs = _runs_by_status.setdefault(status, RUNS_FINISHED.labels(status))
-    runs.inc()
-    key = (tenant_label(user_id), status)
-    if (tenant_runs := _tenant_runs.get(key)) is None:
-        tenant_runs = _tenant_runs.setdefault(key, TENANT_RUNS.labels(*key))
-    tenant_runs.inc()
+    _child(RUNS_FINISHED, status).inc()
+    _child(TENANT_RUNS, tenant_label(user_id), status).inc()
 
 
 async def sample_queue_depth(queue: WorkQueue, interval_s: float = QUEUE_DEPTH_INTERVAL_S) -> None:

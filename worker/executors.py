@@ -657,10 +657,10 @@ async def call_http(
     lookup of its own could be rebound before the connection's lookup.
     """
     parts = urlsplit(target.url)
-    use_lean = lean is not None and parts.scheme == "http" and parts.netloc.isascii()
+    lean_client = lean if parts.scheme == "http" and parts.netloc.isascii() else None
     try:
         check_target(target.url, allow_private)
-        guarded = isinstance(lean.resolver, GuardedResolver) if use_lean and lean is not None else _guarded(session)
+        guarded = isinstance(lean_client.resolver, GuardedResolver) if lean_client is not None else _guarded(session)
         if not allow_private and not guarded:
             raise TargetRefused("the HTTP client has no address guard (use executors.http_connector)")
     except TargetRefused as exc:
@@ -678,11 +678,7 @@ async def call_http(
             address = _ip_literal(parts.hostname or "")
             method = target.method.upper()
             answer = await client.request(parts, address, method, all_headers, body, sink)
-        if 200 <= answer.status < 300:
-            return sink.outcome(RunStatus.SUCCEEDED, http_status=answer.status)
-        return sink.outcome(
-            RunStatus.FAILED, error=f"HTTP {answer.status}", http_status=answer.status, retry_after=answer.retry_after
-        )
+        return _http_outcome(sink, answer.status, answer.retry_after)
 
     async def call() -> Outcome:
         async with session.request(
@@ -697,16 +693,9 @@ async def call_http(
                 sink.write(chunk)
             if sink.full and not resp.content.at_eof() and await resp.content.read(1):
                 sink.capped = True
-            if 200 <= resp.status < 300:
-                return sink.outcome(RunStatus.SUCCEEDED, http_status=resp.status)
-            return sink.outcome(
-                RunStatus.FAILED,
-                error=f"HTTP {resp.status}",
-                http_status=resp.status,
-                retry_after=resp.headers.get("Retry-After"),
-            )
+            return _http_outcome(sink, resp.status, resp.headers.get("Retry-After"))
 
-    task = asyncio.ensure_future(call_lean(lean) if use_lean and lean is not None else call())
+    task = asyncio.ensure_future(call_lean(lean_client) if lean_client is not None else call())
     if cancellation is not None:
         cancellation.guard(task)
     try:
@@ -732,6 +721,13 @@ async def call_http(
     except (OSError, http1.ResponseError) as exc:  # the lean client's (after TimeoutError, an OSError)
         sink.discard()
         return Outcome(RunStatus.FAILED, error=f"connection error: {type(exc).__name__}: {exc}")
+
+
+def _http_outcome(sink: OutputSink, status: int, retry_after: str | None) -> Outcome:
+    """A 2xx is a success; any other status a failed attempt saying which (with ``Retry-After`` for the retry)."""
+    if 200 <= status < 300:
+        return sink.outcome(RunStatus.SUCCEEDED, http_status=status)
+    return sink.outcome(RunStatus.FAILED, error=f"HTTP {status}", http_status=status, retry_after=retry_after)
 
 
 def echo(payload: Payload, output_cap: int | None = None) -> Outcome:
