@@ -155,10 +155,7 @@ class Writer:
         return [job], [entry]
 
     async def _store(self, jobs: list[Job], entries: list[BucketEntry]) -> None:
-        if jobs:
-            await self.store.put_jobs(jobs)
-        if entries:
-            await self.store.put_entries(entries)
+        await self.store.put_jobs_and_entries(jobs, entries)
 
     async def _store_answers(self) -> bool:
         """Whether the store serves a read right now (tells a poison record from an outage)."""

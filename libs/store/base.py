@@ -121,6 +121,15 @@ class JobStore(ABC):
     async def put_entries(self, entries: Sequence[BucketEntry]) -> None:
         """Idempotent: the same entry (same primary key) written twice is one entry."""
 
+    async def put_jobs_and_entries(self, jobs: Sequence[Job], entries: Sequence[BucketEntry]) -> None:
+        """:meth:`put_jobs`, then :meth:`put_entries` (the writer's store write per batch of log records): an entry
+        is never stored unless the jobs before it are. A backend may do both in one round trip (the embedded store:
+        one transaction, so either both are stored or neither); if this raises, either may have been stored."""
+        if jobs:
+            await self.put_jobs(jobs)
+        if entries:
+            await self.put_entries(entries)
+
     @abstractmethod
     async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[BucketEntry]:
         """Entries of one partition with ``due_ms <= until_ms``, earliest first."""

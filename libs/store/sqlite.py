@@ -140,6 +140,20 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
         conn.execute("ALTER TABLE jobs ADD COLUMN accepted INTEGER NOT NULL DEFAULT 0")
 
 
+_PUT_JOB = (
+    "INSERT INTO jobs (job_id, user_id, project_id, created_ms, paused, deleted, definition, accepted) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
+    "user_id = excluded.user_id, project_id = excluded.project_id, "
+    "created_ms = excluded.created_ms, paused = excluded.paused, deleted = excluded.deleted, "
+    "definition = excluded.definition, accepted = excluded.accepted"
+)
+_PUT_ENTRY = (
+    "INSERT OR REPLACE INTO job_queue "
+    "(shard, bucket_ms, due_ms, job_id, scheduled_ms, attempt, kind, version, priority) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 def _job_row(job: Job) -> tuple[Any, ...]:
     definition = job.model_dump_json(exclude=set(_STATE_FIELDS)).encode()
     accepted = job.version == ACCEPTED_VERSION
@@ -195,16 +209,7 @@ class SqliteStore(JobStore):
         if not jobs:
             return
         rows = [_job_row(job) for job in jobs]
-        await self._writer.write(
-            lambda conn: conn.executemany(
-                "INSERT INTO jobs (job_id, user_id, project_id, created_ms, paused, deleted, definition, accepted) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
-                "user_id = excluded.user_id, project_id = excluded.project_id, "
-                "created_ms = excluded.created_ms, paused = excluded.paused, deleted = excluded.deleted, "
-                "definition = excluded.definition, accepted = excluded.accepted",
-                rows,
-            )
-        )
+        await self._writer.write(lambda conn: conn.executemany(_PUT_JOB, rows))
 
     async def update_job_states(self, updates: Sequence[JobState]) -> None:
         rows = [
@@ -368,14 +373,18 @@ class SqliteStore(JobStore):
         if not entries:
             return
         rows = [_entry_row(e) for e in entries]
-        await self._writer.write(
-            lambda conn: conn.executemany(
-                "INSERT OR REPLACE INTO job_queue "
-                "(shard, bucket_ms, due_ms, job_id, scheduled_ms, attempt, kind, version, priority) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-        )
+        await self._writer.write(lambda conn: conn.executemany(_PUT_ENTRY, rows))
+
+    async def put_jobs_and_entries(self, jobs: Sequence[Job], entries: Sequence[BucketEntry]) -> None:
+        job_rows = [_job_row(job) for job in jobs]
+        entry_rows = [_entry_row(e) for e in entries]
+
+        def put(conn: sqlite3.Connection) -> None:
+            conn.executemany(_PUT_JOB, job_rows).close()
+            conn.executemany(_PUT_ENTRY, entry_rows).close()
+
+        if job_rows or entry_rows:
+            await self._writer.write(put)
 
     async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[BucketEntry]:
         return (await self.due_entries_many([(shard, bucket_ms)], until_ms, limit))[(shard, bucket_ms)]

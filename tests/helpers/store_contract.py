@@ -246,6 +246,22 @@ async def entries_keep_all_fields_and_re_putting_is_idempotent(store: JobStore) 
 
 
 @case
+async def put_jobs_and_entries_stores_both_and_either_may_be_empty(store: JobStore) -> None:
+    job = make_job("u", 1000)
+    e = entry(2, T0 + 20, job_id=job.job_id, version=3)
+    await store.put_jobs_and_entries([job], [e])
+    assert await store.get_jobs([job.job_id]) == {job.job_id: job}
+    assert await store.due_entries(2, T0, T0 + 20, limit=10) == [e]
+    renamed = job.model_copy(update={"name": "renamed"})
+    await store.put_jobs_and_entries([renamed], [])
+    assert (await store.get_jobs([job.job_id]))[job.job_id].name == "renamed"
+    later = entry(2, T0 + 25, job_id=job.job_id, version=4)
+    await store.put_jobs_and_entries([], [later])
+    assert await store.due_entries(2, T0, T0 + 30, limit=10) == [e, later]
+    await store.put_jobs_and_entries([], [])
+
+
+@case
 async def entries_of_one_job_differ_by_occurrence_and_attempt(store: JobStore) -> None:
     job_id = uid("j")
     base = entry(2, T0 + 10, job_id=job_id)

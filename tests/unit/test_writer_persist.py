@@ -11,7 +11,7 @@ import pytest
 from dsched.libs.clock import now_ms
 from dsched.libs.log.base import ConsumedRecord
 from dsched.libs.log.sqlite import SqliteLog
-from dsched.libs.models import Job, Payload, Submission
+from dsched.libs.models import BucketEntry, Job, Payload, Submission
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import entry_for
 from dsched.libs.store.sqlite import SqliteStore
@@ -102,6 +102,9 @@ async def test_undecodable_and_invalid_records_are_parked_and_the_rest_stored(en
 async def test_a_store_outage_raises_and_parks_nothing(env: Env) -> None:
     class Down(SqliteStore):
         async def put_jobs(self, jobs: Sequence[Job]) -> None:
+            raise OSError("store unreachable")
+
+        async def put_jobs_and_entries(self, jobs: Sequence[Job], entries: Sequence[BucketEntry]) -> None:
             raise OSError("store unreachable")
 
         async def get_jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
