@@ -109,3 +109,29 @@ async def test_a_checkpoint_that_raises_is_logged_once_and_checkpoints_go_on(
         await db.close()
     assert len(calls) >= 5  # it went on after the failures
     assert warnings == [{"event": "checkpoint_failed"}]  # one line for the streak of three
+
+
+async def test_a_write_that_fails_half_way_is_undone_alone_and_its_group_commits(tmp_path: Path) -> None:
+    # A group first runs without savepoints; a write that raises after changing rows must still leave nothing,
+    # while the writes grouped with it (before and after) commit.
+    db = SqliteDB(tmp_path / "group.db", schema=SCHEMA)
+    await db.open()
+    try:
+
+        def half_then_fail(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO t VALUES ('half', 1)")
+            raise ValueError("the second half failed")
+
+        results = await asyncio.gather(
+            db.write(lambda conn: conn.execute("INSERT INTO t VALUES ('a', 1)")),
+            db.write(half_then_fail),
+            db.write(lambda conn: conn.execute("INSERT INTO t VALUES ('b', 2)")),
+            return_exceptions=True,
+        )
+        alone = await asyncio.gather(db.write(half_then_fail), return_exceptions=True)
+        rows = await db.run(lambda conn: conn.execute("SELECT k FROM t ORDER BY k").fetchall())
+    finally:
+        await db.close()
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], ValueError) and isinstance(alone[0], ValueError)
+    assert rows == [("a",), ("b",)]
