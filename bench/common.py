@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+
+KEEP_DATA_ENV = "DSCHED_BENCH_KEEP_DATA"  # =1: a bench leaves its scheduler's data directory (and logs) behind
 
 
 def free_port() -> int:
@@ -201,7 +204,9 @@ class Scheduler:
                     total += int(line.split()[1])
         return total / 1024
 
-    def stop(self) -> None:
+    def stop(self, *, keep_data: bool = False) -> None:
+        """Stop the scheduler's processes; remove its data directory unless ``keep_data`` (a restart follows)
+        or ``DSCHED_BENCH_KEEP_DATA=1``."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -210,6 +215,10 @@ class Scheduler:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(15)
+        # A bench's data directory holds up to gigabytes (10^6 future jobs); kept only when asked, for a look.
+        if not keep_data and os.environ.get(KEEP_DATA_ENV) != "1":
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def print_cpu(before: dict[str, float], after: dict[str, float], jobs: int) -> None:

@@ -61,7 +61,7 @@ async def steady(scheduler: Scheduler, target: Target, rate: float, seconds: flo
 
 
 async def restart(scheduler: Scheduler, target: Target) -> str:
-    scheduler.stop()
+    scheduler.stop(keep_data=True)
     scheduler.procs.clear()
     began = time.monotonic()
     await scheduler.start()  # returns once /health answers 200
