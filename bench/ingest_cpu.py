@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +27,18 @@ WARM_UP = 2  # requests before the measurement (first-use costs: imports, caches
 
 async def main(batch: int, batches: int) -> None:
     logs.configure("WARNING")
-    settings = Settings.from_env(
-        data_dir=Path(tempfile.mkdtemp(prefix="dsched-ingest-cpu-")), port=0, node_id="bench"
-    ).with_dev_defaults()
+    data_dir = Path(tempfile.mkdtemp(prefix="dsched-ingest-cpu-"))
+    settings = Settings.from_env(data_dir=data_dir, port=0, node_id="bench").with_dev_defaults()
     due = to_rfc3339(int(time.time() * 1000) + 86_400_000)
     job = {"project_id": "bench", "payload": {"http": {"url": "http://127.0.0.1:9/x"}}, "next_fire_at": due}
     body = {"jobs": [job] * batch}
+    try:
+        await measure(settings, body, batch, batches)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def measure(settings: Settings, body: dict[str, object], batch: int, batches: int) -> None:
     async with started(settings, ["ingestion"], asyncio.Event()) as services:
         url = f"http://127.0.0.1:{services['ingestion'].port}/submit/batch"  # type: ignore[attr-defined]
         async with aiohttp.ClientSession() as session:
