@@ -43,16 +43,17 @@ SHARED_SERVERS = ("kafka", "cassandra", "elasticmq")
 
 
 def parse_use_servers(text: str) -> dict[str, int]:
-    """``kafka=PORT,cassandra=PORT,elasticmq=PORT`` (servers on 127.0.0.1) -> ``{name: port}``; every one of
-    :data:`SHARED_SERVERS` must be named once. ``ValueError`` says what is wrong."""
+    """``kafka=PORT,cassandra=PORT,elasticmq=PORT`` (servers on 127.0.0.1) -> ``{name: port}``: any of
+    :data:`SHARED_SERVERS`, each at most once; the run starts the ones not named. ``ValueError`` says what is
+    wrong."""
     found: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, port = part.partition("=")
         if not sep or name not in SHARED_SERVERS or name in found or not port.isdigit():
-            raise ValueError(f"{part!r}: expected kafka=PORT,cassandra=PORT,elasticmq=PORT")
+            raise ValueError(f"{part!r}: expected kafka=PORT,cassandra=PORT,elasticmq=PORT (any of them)")
         found[name] = int(port)
-    if missing := [n for n in SHARED_SERVERS if n not in found]:
-        raise ValueError(f"missing {', '.join(missing)}: expected kafka=PORT,cassandra=PORT,elasticmq=PORT")
+    if not found:
+        raise ValueError("no server named: expected kafka=PORT,cassandra=PORT,elasticmq=PORT (any of them)")
     return found
 
 
@@ -241,10 +242,10 @@ class Cluster:
         on_event: Callable[[Event], None],
         use_servers: dict[str, int] | None = None,
     ) -> None:
-        """``use_servers`` (production only, see :func:`parse_use_servers`): Kafka, Cassandra and ElasticMQ already
-        run on these 127.0.0.1 ports (a test session's, ``make stack``'s); the run neither starts nor stops them
-        and keeps to a topic, keyspace and queue of its own. etcd and moto are always the run's own (its faults
-        restart etcd)."""
+        """``use_servers`` (production only, see :func:`parse_use_servers`): those of Kafka, Cassandra and
+        ElasticMQ already running on these 127.0.0.1 ports (a test session's, ``make stack``'s); the run neither
+        starts nor stops them and keeps to a topic, keyspace and queue of its own, and starts the ones not named.
+        etcd and moto are always the run's own (its faults restart etcd)."""
         self.run_dir = run_dir
         self.use_servers = dict(use_servers or {})
         self.shape = shape
@@ -327,6 +328,11 @@ class Cluster:
         return env
 
     # -- lifecycle -----------------------------------------------------------------------------------------
+    def _own_jvm_servers(self) -> list[Any]:
+        """The production JVM servers this run starts and stops: those ``use_servers`` does not name."""
+        servers = {"kafka": self.kafka, "cassandra": self.cassandra, "elasticmq": self.elasticmq}
+        return [server for name, server in servers.items() if name not in self.use_servers and server is not None]
+
     async def start_backends(self) -> None:
         if self.backends == "embedded":
             return
@@ -342,8 +348,7 @@ class Cluster:
                 self.run_dir / "cassandra", port=shared.get("cassandra"), unsafe_system=True, log_level="WARN"
             )
             self.elasticmq = ElasticMQServer(self.run_dir / "elasticmq", port=shared.get("elasticmq"))
-            if not shared:
-                servers += [self.kafka, self.cassandra, self.elasticmq]
+            servers += self._own_jvm_servers()
         await asyncio.gather(*(server.astart() for server in servers))
         if self.backends == "production":  # what `dsched db migrate` and the topic init job do
             from dsched.libs.store.migrate import migrate
@@ -470,7 +475,7 @@ class Cluster:
         if self._store is not None:
             await self._store.shutdown()
             self._store = None
-        owned = (self.moto, self.etcd) + (() if self.use_servers else (self.kafka, self.cassandra, self.elasticmq))
+        owned = [self.moto, self.etcd, *self._own_jvm_servers()]
         for server in owned:
             if server is not None:
                 with contextlib.suppress(Exception):

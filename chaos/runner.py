@@ -369,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         "--use-servers",
         default=None,
         metavar="kafka=PORT,cassandra=PORT,elasticmq=PORT",
-        help="production only: use these running servers on 127.0.0.1 (e.g. make stack's) instead of starting "
-        "Kafka, Cassandra and ElasticMQ; the run keeps to a topic, keyspace and queue of its own",
+        help="production only: use these running servers on 127.0.0.1 (e.g. make stack's), any of Kafka, Cassandra "
+        "and ElasticMQ, and start the others; the run keeps to a topic, keyspace and queue of its own",
     )
     parser.add_argument("--report", type=Path, default=None, help="where to write the JSON report")
     parser.add_argument("--run-dir", type=Path, default=None, help="logs and data (default reports/chaos/...)")

@@ -19,7 +19,7 @@ import pytest
 
 from dsched.chaos.cluster import parse_use_servers
 from dsched.chaos.scenarios import SCENARIOS
-from dsched.libs.servers import CassandraServer, ElasticMQServer, KafkaServer, etcd_binary, moto_binary
+from dsched.libs.servers import CassandraServer, KafkaServer, etcd_binary, moto_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("CHAOS_SEED", "1"))
@@ -93,11 +93,14 @@ def test_scenario_on_production_backends(
     tmp_path: Path,
     kafka_server: KafkaServer,
     cassandra_server: CassandraServer,
-    elasticmq_server: ElasticMQServer,
 ) -> None:
     if etcd_binary() is None or moto_binary() is None:
         pytest.fail("the chaos suite needs etcd and moto_server: run `make test`, which installs them", pytrace=False)
-    servers = f"kafka={kafka_server.port},cassandra={cassandra_server.port},elasticmq={elasticmq_server.port}"
+    # Kafka and Cassandra are the session's (minutes to start); each scenario gets an ElasticMQ of its own (seconds).
+    # Twice in clean-clone runs the session's ElasticMQ, after the rest of the suite had used it, left one
+    # SendMessageBatch unanswered until its 21 s request timeout, and the picker waiting on it kept its shards
+    # (docs/chaos.md "Known findings"); a fresh one, as a standalone run has, never did.
+    servers = f"kafka={kafka_server.port},cassandra={cassandra_server.port}"
     _run_scenario(
         scenario, tmp_path, "--backends", "production", "--use-servers", servers, timeout_s=PRODUCTION_TIMEOUT_S
     )
@@ -109,6 +112,7 @@ def test_use_servers_names_each_jvm_server_once() -> None:
         "cassandra": 9042,
         "elasticmq": 9324,
     }
-    for wrong in ("kafka=9092,cassandra=9042", "kafka=9092,kafka=1,cassandra=9042,elasticmq=9324", "etcd=2379"):
+    assert parse_use_servers("kafka=9092,cassandra=9042") == {"kafka": 9092, "cassandra": 9042}  # ElasticMQ: own
+    for wrong in ("", "kafka=9092,kafka=1,cassandra=9042", "etcd=2379", "kafka=x"):
         with pytest.raises(ValueError, match="expected kafka=PORT"):
             parse_use_servers(wrong)
