@@ -11,7 +11,9 @@ Loop (one task, so loading and dispatching never race):
 3. Move a shard's checkpoint past a bucket once the bucket is empty and older than ``bucket_grace_s``.
 
 Ownership comes from the coordinator's assignment and is only believed while this picker's own lease is
-known to be alive (last successful keepalive + TTL, measured from when the keepalive was sent).
+known to be alive (last successful keepalive + TTL, measured from when the keepalive was sent). The lease is
+renewed only while the loop makes progress: a load or dispatch batch stuck in backend calls for half a TTL
+(:data:`STALLED_STEP_TTL_SHARE`) lets the lease expire, so the coordinator moves the shards to a live picker.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import asyncio
 import contextlib
 import heapq
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import orjson
@@ -49,6 +51,10 @@ logger = logs.get("picker")
 DEFAULT_MAX_LATENESS_MS = 60_000
 # A run still marked running this long after its timeout is treated as abandoned by overlap checks.
 OVERLAP_STALE_MS = 30_000
+# A picker whose loop has made no progress inside a step (a load, or a dispatch batch: backend calls) for this share
+# of the lease TTL stops renewing its lease: one stuck in a call that never answers gives its shards up as a frozen
+# picker does.
+STALLED_STEP_TTL_SHARE = 0.5
 
 
 @dataclass
@@ -99,6 +105,8 @@ class Picker:
         self._owners: dict[str, str] = {}  # job id -> tenant of loaded entries, read ahead for fair dispatch
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # Monotonic time the loop's step in flight started or last finished a batch; None between steps.
+        self._progress_at: float | None = None
 
     # Lifecycle --------------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -134,6 +142,10 @@ class Picker:
         ttl = self.settings.lease_ttl_s
         while True:
             await asyncio.sleep(ttl / 3)
+            if (stalled_s := self.stalled_s()) >= ttl * STALLED_STEP_TTL_SHARE:
+                # Renewing would keep the shards with a loop that does not dispatch them.
+                logger.warning("lease_not_renewed", node=self.node_id, reason="step_stalled", stalled_s=stalled_s)
+                continue
             try:
                 sent = time.monotonic()
                 if self._lease is not None and await self.coordination.keepalive(self._lease):
@@ -172,6 +184,24 @@ class Picker:
         self._assigned = shards
         self._wake.set()
 
+    def stalled_s(self) -> float:
+        """Seconds the loop's step in flight has gone without progress (a finished load or dispatch batch); 0
+        between steps."""
+        since = self._progress_at
+        return 0.0 if since is None else round(time.monotonic() - since, 3)
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[None]:
+        self._progress_at = time.monotonic()
+        try:
+            yield
+        finally:
+            self._progress_at = None
+
+    def _progressed(self) -> None:
+        if self._progress_at is not None:
+            self._progress_at = time.monotonic()
+
     def owned_shards(self) -> set[int]:
         """Shards this picker may dispatch right now (empty once its lease may have expired)."""
         if time.monotonic() >= self._lease_valid_until:
@@ -186,10 +216,12 @@ class Picker:
             try:
                 now = now_ms()
                 if now >= next_load:
-                    await self.load(now)
+                    with self._step():
+                        await self.load(now)
                     next_load = now + tick_ms
                 now = now_ms()
-                await self.dispatch_due(now, until=now + self.settings.dispatch_ahead_ms)
+                with self._step():
+                    await self.dispatch_due(now, until=now + self.settings.dispatch_ahead_ms)
                 self.supervisor.recovered("picker", "dispatch")
             except Exception as exc:  # a backend hiccup must not kill the picker; entries stay in the store
                 logger.warning("picker_error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
@@ -212,8 +244,10 @@ class Picker:
         sent = 0
         for _ in range(max_rounds):
             now = now_ms() if until_ms is None else until_ms
-            await self.load(now, lookahead_ms=0)
-            count = await self.dispatch_due(now)
+            with self._step():
+                await self.load(now, lookahead_ms=0)
+            with self._step():
+                count = await self.dispatch_due(now)
             sent += count
             if count == 0 and not any(e[0] <= now for e in self._heap):
                 break
@@ -302,6 +336,7 @@ class Picker:
                 batch.append(item[3])
             try:
                 sent += await self._dispatch(batch, now)
+                self._progressed()
             finally:
                 for entry in batch:
                     self._loaded.discard(entry.key)
@@ -327,6 +362,7 @@ class Picker:
             start, size = 0, min(FAIR_FIRST_BATCH, self.settings.picker_batch)
             while start < len(due):
                 sent += await self._dispatch(due[start : start + size], now)
+                self._progressed()
                 start, size = start + size, min(2 * size, self.settings.picker_batch)
         finally:
             for entry in due:  # sent, or (after a failure) re-read from the store by the next load

@@ -1,0 +1,162 @@
+"""A picker stuck in one backend call gives its lease up (so the coordinator can move its shards); one that is
+slow but makes progress keeps it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dsched.libs.clock import now_ms
+from dsched.libs.coordination.keys import PICKERS_PREFIX
+from dsched.libs.models import Job, Payload
+from dsched.libs.queue.base import OutgoingMessage
+from dsched.libs.queue.sqlite import SqliteQueue
+from dsched.libs.settings import Settings
+from dsched.libs.sharding import entry_for
+from dsched.libs.store.sqlite import SqliteStore
+from dsched.picker.service import Picker
+from tests.helpers.pickers import picker_owning
+
+TTL_S = 0.6
+SHARDS = 6
+
+
+class GatedQueue:
+    """A work queue whose ``send`` waits ``delay_s`` (``None``: until ``release`` is set) before sending."""
+
+    def __init__(self, inner: SqliteQueue, delay_s: float | None) -> None:
+        self.inner, self.delay_s = inner, delay_s
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.sends = 0
+        self.sent = 0  # messages
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def send(self, messages: Sequence[OutgoingMessage]) -> None:
+        self.entered.set()
+        self.sends += 1
+        if self.delay_s is None:
+            await asyncio.wait_for(self.release.wait(), timeout=30)
+        else:
+            await asyncio.sleep(self.delay_s)
+        await self.inner.send(messages)
+        self.sent += len(messages)
+
+
+@pytest.fixture
+async def backends(tmp_path: Path) -> AsyncIterator[tuple[Settings, SqliteStore, SqliteQueue]]:
+    settings = Settings.from_env(
+        data_dir=tmp_path, shard_count=SHARDS, bucket_s=60, lease_ttl_s=TTL_S, picker_tick_s=0.05, picker_batch=2
+    )
+    store, queue = SqliteStore(tmp_path / "store.db"), SqliteQueue(tmp_path / "queue.db", max_receives=5)
+    await store.startup()
+    await queue.startup()
+    try:
+        yield settings, store, queue
+    finally:
+        await queue.shutdown()
+        await store.shutdown()
+
+
+async def _due_jobs(store: SqliteStore, settings: Settings, count: int) -> None:
+    now = now_ms()
+    jobs = [
+        Job.model_validate(
+            dict(
+                job_id=f"j{i}",
+                user_id="u",
+                project_id="p",
+                payload=Payload(kind="echo", text="x"),
+                next_fire_ms=now,
+                created_ms=now - 1000,
+            )
+        )
+        for i in range(count)
+    ]
+    await store.put_jobs(jobs)
+    await store.put_entries(
+        [
+            entry_for(
+                job,
+                now,
+                scheduled_ms=now,
+                attempt=0,
+                kind="schedule",
+                shard_count=SHARDS,
+                bucket_ms=settings.bucket_ms,
+                now=now,
+            )
+            for job in jobs
+        ]
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(picker: Picker) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(picker.run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _registered(picker: Picker) -> bool:
+    return await picker.coordination.get(PICKERS_PREFIX + picker.node_id) is not None
+
+
+async def _until_registered(picker: Picker, wanted: bool, timeout_s: float) -> bool:
+    for _ in range(int(timeout_s / 0.05)):
+        if await _registered(picker) == wanted:
+            return True
+        await asyncio.sleep(0.05)
+    return await _registered(picker) == wanted
+
+
+async def test_a_picker_stuck_in_a_send_lets_its_lease_expire_and_joins_again_after(
+    backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
+) -> None:
+    settings, store, inner = backends
+    queue = GatedQueue(inner, delay_s=None)
+    await _due_jobs(store, settings, 1)
+    async with picker_owning(range(SHARDS), store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:  # type: ignore[arg-type]
+        async with running(picker):
+            await asyncio.wait_for(queue.entered.wait(), timeout=5)
+            assert await _registered(picker)
+            # Its membership expires with the lease: the coordinator would now give its shard to another picker.
+            assert await _until_registered(picker, False, 6 * TTL_S)
+            assert picker.owned_shards() == set()
+            queue.release.set()
+            assert await _until_registered(picker, True, 6 * TTL_S), "the picker joins again once its loop moves"
+            assert picker.stalled_s() < TTL_S / 2
+
+
+async def test_a_picker_slow_but_progressing_through_batches_keeps_its_lease(
+    backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
+) -> None:
+    settings, store, inner = backends
+    # A load reads 2 entries per shard (picker_batch): ~12 due, dispatched in batches of 2, each send taking a fifth
+    # of the TTL, so one dispatch step lasts ~a TTL, twice the stall limit, making progress all along.
+    queue = GatedQueue(inner, delay_s=TTL_S / 5)
+    await _due_jobs(store, settings, 36)
+    async with picker_owning(range(SHARDS), store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:  # type: ignore[arg-type]
+        lease = picker._lease
+        async with running(picker):
+            for _ in range(int(10 * TTL_S / 0.05)):
+                if queue.sent >= 36:
+                    break
+                assert await _registered(picker), f"lease lost after {queue.sends} sends"
+                assert picker.owned_shards() == set(range(SHARDS))
+                await asyncio.sleep(0.05)
+            assert queue.sent == 36
+            assert picker._lease == lease, "the lease was never lost (a lost one is replaced by a new id)"
