@@ -269,7 +269,11 @@ def analyse(ev: Evidence) -> tuple[list[CheckResult], dict[str, Any], dict[str, 
             elif not _wiped(v, ev, occ):
                 gap_problems.append({**_describe(v), "problem": "occurrence never executed", "scheduled_ms": occ})
             occ += interval
-        times = sorted(t for t in first_hit.values() if t <= ev.window_end_ms + interval)
+        # Executions up to the window's end (plus one interval), and the first one after: a gap that starts in the
+        # window and ends past its end is still a gap.
+        cutoff = ev.window_end_ms + interval
+        times = sorted(first_hit.values())
+        times = times[: next((i + 1 for i, t in enumerate(times) if t > cutoff), len(times))]
         for a, b in itertools.pairwise(times):
             allowed = interval / 1000 + ev.ttl_s + 2.0
             allowed += sum(allowance_s(f, ev.ttl_s, ev.visibility_s) for f in ev.faults if _overlaps(f, a, b))

@@ -121,6 +121,16 @@ def test_a_missing_recurring_occurrence_and_a_long_gap_are_caught() -> None:
     assert not results(evidence([(s, j)], runs, late))["recurring_no_gaps"]
 
 
+def test_a_gap_running_past_the_end_of_the_window_is_caught() -> None:
+    s, j = job("r", every_s=1, purpose="recurring", state=JobStatus.SCHEDULED)
+    runs = [run(j, occ) for occ in range(j.next_fire_ms, T0 + 14_001, 1000)]
+    on_time = [hit(r, r.scheduled_ms + 20) for r in runs]
+    assert results(evidence([(s, j)], runs, on_time))["recurring_no_gaps"]
+    # 8 s..10 s (the window's end) all ran, but only 12 s after 7 s: the gap outlasts the window.
+    late = on_time[:7] + [hit(r, T0 + 19_000 + 10 * i) for i, r in enumerate(runs[7:])]
+    assert not results(evidence([(s, j)], runs, late))["recurring_no_gaps"]
+
+
 def test_a_job_that_failed_for_good_must_be_dead_lettered() -> None:
     s, j = job("a", fail=-1, max_retries=1, state=JobStatus.FAILED)
     r0 = run(j, j.next_fire_ms, 0, RunStatus.FAILED, http_status=500)
