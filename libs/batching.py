@@ -32,7 +32,9 @@ class Coalescer(Generic[In, Out]):
       flush). When such an item succeeds, ``on_abandoned(item, value)`` runs, so its effect can be undone or
       handed back (e.g. messages received for a caller that gave up).
     - **Latency**: the flusher yields to the event loop once before each batch, so callers woken in the same
-      loop iteration share it; nothing waits on a timer.
+      loop iteration share it; nothing waits on a timer unless ``linger_s`` is set: then the flusher waits that
+      long before each batch, so items trickling in one at a time still share a flush (for writes off the
+      latency path, where a few milliseconds cost nothing and every flush costs a commit).
     """
 
     def __init__(
@@ -42,10 +44,12 @@ class Coalescer(Generic[In, Out]):
         max_batch: int = DEFAULT_MAX_BATCH,
         weight: Callable[[In], int] | None = None,
         on_abandoned: Callable[[In, Out], None] | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         if max_batch <= 0:
             raise ValueError("max_batch must be > 0")
         self._flush = flush
+        self._linger_s = linger_s
         self._max_batch = max_batch
         self._weight = weight
         self._on_abandoned = on_abandoned
@@ -74,7 +78,7 @@ class Coalescer(Generic[In, Out]):
     async def _run(self) -> None:
         try:
             while self._pending:
-                await asyncio.sleep(0)
+                await asyncio.sleep(self._linger_s)
                 batch = self._take()
                 await self._flush_batch(batch)
         except BaseException as exc:  # cancelled: nobody will flush what is still queued
@@ -131,12 +135,20 @@ class Batcher(Generic[T]):
     """A :class:`Coalescer` for writes that take a list and return nothing (``store.put_runs``, ``queue.ack``).
 
     ``enqueue(items)`` keeps a call's items together in one flush; a flush holds at most ``max_batch`` items
-    unless one call alone brings more.
+    unless one call alone brings more. ``linger_s``: see :class:`Coalescer`.
     """
 
-    def __init__(self, flush: Callable[[Sequence[T]], Awaitable[None]], *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(
+        self,
+        flush: Callable[[Sequence[T]], Awaitable[None]],
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        linger_s: float = 0.0,
+    ) -> None:
         self._write = flush
-        self._coalescer: Coalescer[Sequence[T], None] = Coalescer(self._flush, max_batch=max_batch, weight=len)
+        self._coalescer: Coalescer[Sequence[T], None] = Coalescer(
+            self._flush, max_batch=max_batch, weight=len, linger_s=linger_s
+        )
 
     async def submit(self, item: T) -> None:
         await self._coalescer.submit([item])

@@ -127,3 +127,23 @@ async def test_sqlite_group_commit_rolls_back_a_failing_write_alone(tmp_path: Pa
         assert rows == [(1,), (2,)]
     finally:
         await db.close()
+
+
+async def test_a_lingering_batcher_flushes_items_trickling_in_together() -> None:
+    flushed: list[list[str]] = []
+
+    async def write(items: Sequence[str]) -> None:
+        flushed.append(list(items))
+
+    async def trickle(batcher: Batcher[str]) -> None:
+        waits = []
+        for item in "abcd":  # one item per loop turn, as runs finishing one at a time
+            waits.append(batcher.enqueue([item]))
+            await asyncio.sleep(0)
+        await asyncio.gather(*waits)
+
+    await trickle(Batcher(write))
+    assert len(flushed) > 1  # without a linger each item is flushed on its own
+    flushed.clear()
+    await trickle(Batcher(write, linger_s=0.05))
+    assert flushed == [["a", "b", "c", "d"]]
