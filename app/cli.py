@@ -1,9 +1,9 @@
 """The ``dsched`` command.
 
-dsched run all [--processes N] the five services (dev defaults: cmd: and loopback HTTP on): ingestion, writer,
-                               coordinator and picker in this process, the worker in N - 1 children
-                               (DSCHED_PROCESSES, default 2; 1 = all in one process)
-dsched run <service>           one of ingestion, writer, coordinator, picker, worker
+dsched run all [--processes N] the five services (dev defaults: cmd: and loopback HTTP on) over N processes
+                               (DSCHED_PROCESSES, default 3: ingestion and coordinator here, writer and picker in
+                               a child, the worker in N - 2 children; 2: the worker alone in a child; 1: all here)
+dsched run <service>[,...]     one or several of ingestion, writer, coordinator, picker, worker in one process
 dsched db migrate              apply the CQL schema (Scylla store) idempotently
 dsched chaos [options]         the chaos suite (python -m dsched.chaos)
 dsched jobs|runs|dlq|cluster   the HTTP client (app/client.py); dsched --version, dsched completion bash
@@ -45,11 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"dsched {client.version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run services")
-    run.add_argument("service", choices=["all", *SERVICES])
+    run.add_argument(
+        "service",
+        type=_services_arg,
+        metavar="{all," + ",".join(SERVICES) + "}",
+        help="all, one service, or several in one process joined by commas (e.g. writer,picker)",
+    )
     run.add_argument(
         "--processes",
         type=int,
-        help="run all: OS processes in all (1 = one process; N > 1 = N - 1 worker processes); DSCHED_PROCESSES",
+        help="run all: OS processes in all (1: one; 2: the worker in a child; N >= 3: writer and picker in a child, "
+        "the worker in N - 2); DSCHED_PROCESSES",
     )
     db = sub.add_parser("db", help="store schema")
     db.add_argument("action", choices=["migrate"])
@@ -64,14 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(settings.log_level.upper())
     try:
         if args.command == "run":
-            if args.service == "all":
+            if args.service == ["all"]:
                 if args.processes is not None:
                     if args.processes < 1:
                         parser.error("--processes must be at least 1")
                     settings = settings.model_copy(update={"processes": args.processes})
-                run_loop(_serve(settings.with_dev_defaults(), list(SERVICES), settings.processes - 1))
+                run_loop(_serve(settings.with_dev_defaults(), list(SERVICES), settings.processes))
             else:
-                run_loop(_serve(settings, [args.service]))
+                run_loop(_serve(settings, args.service))
         elif args.command == "db":
             asyncio.run(_migrate(settings))
         elif args.command == "keys":
@@ -84,6 +90,16 @@ def main(argv: list[str] | None = None) -> None:
         pass
 
 
+def _services_arg(text: str) -> list[str]:
+    if text == "all":
+        return ["all"]
+    names = text.split(",")
+    unknown = [name for name in names if name not in SERVICES]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: all, or distinct services among {', '.join(SERVICES)}")
+    return names
+
+
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run a service on uvloop where it is installed (all but Windows), else on asyncio's own loop."""
     try:
@@ -94,13 +110,11 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-async def _serve(settings: Settings, services: list[str], worker_processes: int = 0) -> None:
+async def _serve(settings: Settings, services: list[str], processes: int = 1) -> None:
+    from dsched.app import processes as layout
     from dsched.app.runner import serve
 
-    if worker_processes:
-        await serve(settings, services, worker_processes=worker_processes)
-    else:
-        await serve(settings, services)
+    await serve(settings, services, layout.plan(processes)[1] if processes > 1 else ())
 
 
 async def _migrate(settings: Settings) -> None:

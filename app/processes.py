@@ -1,12 +1,18 @@
-"""``dsched run all`` over several OS processes: worker children of the process that serves the API.
+"""``dsched run all`` over several OS processes: children of the process that serves the API.
 
-With ``DSCHED_PROCESSES=N`` (``--processes N``), N > 1, the process started by the user runs ingestion, writer,
-coordinator and picker itself and starts N - 1 children, each ``dsched run worker`` on the same data directory
-and settings, so the workers' CPU (the largest share of a run's cost) is on another core than the API, the
-writer and the picker. The embedded backends are safe for several processes on one directory; the queue's
-doorbell (libs/doorbell.py) wakes a child's waiting receive as soon as the picker commits.
+``DSCHED_PROCESSES=N`` (``--processes N``) chooses the layout (:func:`plan`); each process is one interpreter, so
+one GIL, and the services that cost the most CPU get their own:
 
-Each child is one supervised loop (libs/supervisor.py) of a service ``worker-<i>``:
+- ``1``: the five services in one process;
+- ``2``: ingestion, writer, coordinator and picker in the process the user started, the worker in a child;
+- ``N >= 3`` (the default is 3): ingestion and coordinator in the first, writer and picker in a child
+  (``writer-picker``), the worker in ``N - 2`` children (``worker-<i>``). Submissions and firing then no longer
+  share one interpreter: measured in docs/benchmarks.md (issue 15, "process layout").
+
+The embedded backends are safe for several processes on one directory; doorbells (libs/doorbell.py) wake a
+process's waiting log consumer or queue receive as soon as another process commits.
+
+Each child is one supervised loop (libs/supervisor.py) named after it (``writer-picker``, ``worker-<i>``):
 - it is ``starting`` (``/health`` 503) until the child reports it serves (one byte on a socket pair), then ``up``;
 - a child that exits while the cluster is not stopping is logged (pid, exit status) and restarted with the
   supervisor's backoff; more than ``MAX_RESTARTS`` exits within the window stop everything and the command
@@ -28,13 +34,14 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from dsched.libs import logs, metrics
-from dsched.libs.settings import Settings
+from dsched.libs.settings import SERVICES, Settings
 from dsched.libs.supervisor import Supervisor
 
 # The child's end of the socket pair; set for children only (read and removed by the child at start).
@@ -59,14 +66,41 @@ def _env_value(value: Any) -> str:
     return str(value)
 
 
-def child_environment(settings: Settings, index: int, count: int) -> dict[str, str]:
-    """The environment of worker child ``index`` of ``count``: the parent's settings as ``DSCHED_*`` variables
-    (whether they came from the environment, a file or overrides), dev defaults included, plus what must differ.
+@dataclass(frozen=True)
+class ChildSpec:
+    """One child of ``run all``: the services it runs and how it differs from the parent."""
 
-    Node id: a single child is the worker of the parent's node (the parent runs no worker), so ``cluster status``
-    and the runs' ``worker_id`` show the same node as with one process; several children are
-    ``<node id>-w<i>``. Either way a restarted child keeps its predecessor's id, which tells it that an
-    at-most-once run claimed under that id died with the predecessor (worker/service.py ``_claimer_alive``)."""
+    name: str  # its supervised loop (``/health``, ``process`` label of its metrics): writer-picker, worker-<i>
+    services: tuple[str, ...]
+    index: int  # 1, 2, ...: its metrics port is the parent's + index
+    node_id_suffix: str = ""  # appended to the parent's node id (several workers need distinct ids)
+
+
+def plan(processes: int) -> tuple[list[str], list[ChildSpec]]:
+    """The services ``run all`` runs itself and its children, for ``DSCHED_PROCESSES=processes`` (see above).
+
+    Node ids: a child keeps the parent's node id unless several children run the worker (``<node id>-w<i>``), so
+    ``cluster status`` and the runs' ``worker_id`` show the same node as with one process. Either way a restarted
+    child keeps its predecessor's id, which tells it that an at-most-once run claimed under that id died with the
+    predecessor (worker/service.py ``_claimer_alive``)."""
+    if processes <= 1:
+        return list(SERVICES), []
+    children: list[ChildSpec] = []
+    if processes == 2:
+        workers = 1
+    else:
+        children.append(ChildSpec("writer-picker", ("writer", "picker"), index=1))
+        workers = processes - 2
+    for i in range(1, workers + 1):
+        suffix = "" if workers == 1 else f"-w{i}"
+        children.append(ChildSpec(f"worker-{i}", ("worker",), index=len(children) + 1, node_id_suffix=suffix))
+    in_children = {service for child in children for service in child.services}
+    return [s for s in SERVICES if s not in in_children], children
+
+
+def child_environment(settings: Settings, child: ChildSpec) -> dict[str, str]:
+    """The environment of ``child``: the parent's settings as ``DSCHED_*`` variables (whether they came from the
+    environment, a file or overrides), dev defaults included, plus what must differ (node id, metrics port)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("DSCHED_")}
     names = set(settings.model_fields_set) | {"allow_cmd", "allow_private_http", "data_dir"}
     for name in sorted(names):
@@ -74,11 +108,11 @@ def child_environment(settings: Settings, index: int, count: int) -> dict[str, s
         if name == "data_dir":
             value = Path(value).resolve()
         env[f"DSCHED_{name.upper()}"] = _env_value(value)
-    env["DSCHED_NODE_ID"] = settings.node_id if count == 1 else f"{settings.node_id}-w{index}"
+    env["DSCHED_NODE_ID"] = settings.node_id + child.node_id_suffix
     # One port cannot serve several processes: child i serves /metrics and /health on the parent's port + i, or
     # on a free loopback port; the parent serves the children's metrics with its own (libs/metrics.exposition).
     if settings.metrics_port:
-        env["DSCHED_METRICS_PORT"] = str(settings.metrics_port + index)
+        env["DSCHED_METRICS_PORT"] = str(settings.metrics_port + child.index)
     else:
         env["DSCHED_METRICS_PORT"] = str(_free_loopback_port())
         env["DSCHED_HOST"] = "127.0.0.1"
@@ -97,14 +131,13 @@ def _metrics_host(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
 
 
-class WorkerProcess:
-    """One ``dsched run worker`` child, run by :meth:`run` as a supervised loop of service ``worker-<index>``."""
+class ChildProcess:
+    """One ``dsched run <services>`` child, run by :meth:`run` as a supervised loop named after it."""
 
-    def __init__(self, settings: Settings, index: int, count: int, supervisor: Supervisor, stop: asyncio.Event) -> None:
+    def __init__(self, settings: Settings, child: ChildSpec, supervisor: Supervisor, stop: asyncio.Event) -> None:
         self.settings = settings
-        self.index = index
-        self.count = count
-        self.service = f"worker-{index}"
+        self.child = child
+        self.service = child.name
         self.supervisor = supervisor
         self.stop = stop
         self.proc: asyncio.subprocess.Process | None = None
@@ -118,7 +151,7 @@ class WorkerProcess:
         if self.stop.is_set():
             return
         ours, theirs = socket.socketpair()
-        env = child_environment(self.settings, self.index, self.count)
+        env = child_environment(self.settings, self.child)
         metrics_url = (
             f"http://{_metrics_host(env.get('DSCHED_HOST', self.settings.host))}:{env['DSCHED_METRICS_PORT']}/metrics"
         )
@@ -128,7 +161,7 @@ class WorkerProcess:
                 "-m",
                 "dsched.app.cli",
                 "run",
-                "worker",
+                ",".join(self.child.services),
                 env={**env, SUPERVISOR_FD_ENV: str(theirs.fileno())},
                 pass_fds=(theirs.fileno(),),
                 start_new_session=True,

@@ -7,7 +7,7 @@ import contextlib
 import gc
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -129,9 +129,9 @@ async def started(
     await supervisor.close()
 
 
-async def serve(settings: Settings, services: list[str], worker_processes: int = 0) -> None:
-    """Run until SIGTERM/SIGINT. ``worker_processes`` > 0 (``run all`` with ``DSCHED_PROCESSES`` > 1): the worker
-    runs in that many child processes (app/processes.py) instead of here."""
+async def serve(settings: Settings, services: list[str], children: Sequence[processes.ChildSpec] = ()) -> None:
+    """Run until SIGTERM/SIGINT. ``children`` (``run all`` with ``DSCHED_PROCESSES`` > 1, app/processes.py): child
+    processes that run some of ``services`` instead of this one."""
     for name in services:
         if name not in SERVICES:
             raise ValueError(f"unknown service {name!r}")
@@ -149,17 +149,15 @@ async def serve(settings: Settings, services: list[str], worker_processes: int =
     supervisor = Supervisor()
     give_up = asyncio.ensure_future(supervisor.failed.wait())
     give_up.add_done_callback(lambda _: stop.set())
-    local = [s for s in services if not (worker_processes and s == "worker")]
-    children = [
-        processes.WorkerProcess(settings, index, worker_processes, supervisor, stop)
-        for index in range(1, worker_processes + 1)
-    ]
-    for child in children:  # reported (starting) from the first /health on, not only once they are spawned
+    in_children = {service for child in children for service in child.services}
+    local = [s for s in services if s not in in_children]
+    child_processes = [processes.ChildProcess(settings, child, supervisor, stop) for child in children]
+    for child in child_processes:  # reported (starting) from the first /health on, not only once they are spawned
         supervisor.set_state(child.service, "process", "starting")
     local_stop = asyncio.Event()  # this process's own loops: stopped after the children
     # Spawned at once, not after this process's services have opened: a writer's group join may take a minute
     # (Kafka, after a crash), and the workers need none of it (every backend creates its schema idempotently).
-    child_tasks = [supervisor.start(c.service, "process", c.run) for c in children]
+    child_tasks = [supervisor.start(c.service, "process", c.run) for c in child_processes]
     try:
         async with started(settings, local, local_stop, supervisor):
             logger.info(
@@ -167,13 +165,14 @@ async def serve(settings: Settings, services: list[str], worker_processes: int =
                 services=services,
                 node=settings.node_id,
                 processes=1 + len(children),
+                here=local,
                 url=f"http://{settings.host}:{settings.port}" if "ingestion" in services else None,
             )
             gc.freeze()  # what start-up built lives as long as the process: never walked again
             processes.report_ready(parent)
             await stop.wait()
             logger.info("stopping", services=services)
-            if child_tasks:  # the workers first: they finish or hand back their runs, then the rest
+            if child_tasks:  # the children first (the workers finish or hand back their runs), then the rest
                 await supervisor.wait(child_tasks, grace_s=settings.shutdown_grace_s + 2 * processes.KILL_MARGIN_S)
     finally:
         if any(not task.done() for task in child_tasks):  # this process failed to start or stopped abnormally

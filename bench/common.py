@@ -79,7 +79,7 @@ class Scheduler:
             }
         )
         dsched = str(Path(sys.executable).with_name("dsched"))
-        services = ["ingestion", "writer", "coordinator", "picker", "worker"] if self.split else ["all"]
+        services = self._names()
         for service in services:
             proc_env = dict(env, DSCHED_NODE_ID=f"bench-{service}")
             if service in ("picker", "worker"):
@@ -141,10 +141,14 @@ class Scheduler:
                 )
         return "; ".join(parts)
 
+    def _names(self) -> list[str]:
+        """The ``dsched run`` argument of each started process."""
+        return ["ingestion", "writer", "coordinator", "picker", "worker"] if self.split else ["all"]
+
     def _processes(self) -> list[tuple[str, int]]:
         """(name, pid) of every scheduler process: the started ones and their children (``run all`` with
-        ``DSCHED_PROCESSES`` > 1 runs its workers as children, named ``<name>+child<i>``)."""
-        names = ["ingestion", "writer", "coordinator", "picker", "worker"] if self.split else ["all"]
+        ``DSCHED_PROCESSES`` > 1), named ``<name>+<what the child runs>``, e.g. ``all+writer,picker``."""
+        names = self._names()
         parents: dict[int, list[int]] = {}
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
@@ -157,7 +161,11 @@ class Scheduler:
         for name, proc in zip(names, self.procs, strict=False):
             out.append((name, proc.pid))
             for i, child in enumerate(sorted(parents.get(proc.pid, [])), start=1):
-                out.append((f"{name}+child{i}", child))
+                try:  # named by what it runs: the last argument of its `dsched run`
+                    runs = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[-2].decode()
+                except (OSError, IndexError, UnicodeDecodeError):
+                    runs = f"child{i}"
+                out.append((f"{name}+{runs}", child))
         return out
 
     def cpu_s(self) -> float:
@@ -172,7 +180,7 @@ class Scheduler:
         return total / os.sysconf("SC_CLK_TCK")
 
     def cpu_breakdown(self) -> dict[str, float]:
-        """CPU seconds so far per process (``--split``: per service; children as ``<name>+child<i>``) and, within
+        """CPU seconds so far per process (``--split``: per service; children as ``<name>+<what it runs>``) and, within
         each, its event-loop (main) thread versus its helper threads (SQLite calls run on those)."""
         out: dict[str, float] = {}
         tick = os.sysconf("SC_CLK_TCK")

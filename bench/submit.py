@@ -47,9 +47,9 @@ async def single(base: str, bodies: list[dict[str, object]], clients: int) -> tu
     return accepted, time.monotonic() - start, latencies
 
 
-async def main(jobs: int, clients: int, batch_jobs: int, batch: int, batch_clients: int) -> None:
+async def main(jobs: int, clients: int, batch_jobs: int, batch: int, batch_clients: int, split: bool) -> None:
     print(f"load average at start: {load_average()}")
-    scheduler = Scheduler()
+    scheduler = Scheduler(split=split)
     await scheduler.start()
     base = f"http://127.0.0.1:{scheduler.port}"
     due = to_rfc3339(int(time.time() * 1000) + 86_400_000)
@@ -86,5 +86,6 @@ if __name__ == "__main__":
     parser.add_argument("--batch-jobs", type=int, default=100000, help="jobs sent in batches (0: skip)")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--batch-clients", type=int, default=4)
+    parser.add_argument("--split", action="store_true", help="one process per service instead of `run all`")
     args = parser.parse_args()
-    run_loop(main(args.jobs, args.clients, args.batch_jobs, args.batch, args.batch_clients))
+    run_loop(main(args.jobs, args.clients, args.batch_jobs, args.batch, args.batch_clients, args.split))

@@ -1,8 +1,8 @@
-"""``dsched run all`` over several OS processes (app/processes.py): the real command, its worker children.
+"""``dsched run all`` over several OS processes (app/processes.py): the real command and its children.
 
-A job runs end to end with the worker in a child; a child killed by SIGKILL is noticed (``/health`` 503, logged,
-restarted); one that keeps dying stops the whole command non-zero, never a silent partial cluster; SIGTERM
-stops the children first and exits 0 with nothing left behind.
+A job runs end to end with writer and picker in one child and the worker in others; a child killed by SIGKILL is
+noticed (``/health`` 503, logged, restarted) and jobs run again; one that keeps dying stops the whole command
+non-zero, never a silent partial cluster; SIGTERM stops the children first and exits 0 with nothing left behind.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def children_of(pid: int) -> list[int]:
     return sorted(found)
 
 
+def running(pid: int) -> str:
+    """The services a child runs: the argument of its ``dsched run``."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode()
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -50,7 +55,7 @@ def health(http: Http) -> tuple[int, dict[str, Any]]:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Any:
     port = free_port()
-    env = base_env(tmp_path / "data", port, DSCHED_PROCESSES="3", DSCHED_NODE_ID="multi")
+    env = base_env(tmp_path / "data", port, DSCHED_PROCESSES="4", DSCHED_NODE_ID="multi")
     service = Service("all", env, tmp_path, "all").start()
     http = Http(port)
     try:
@@ -63,15 +68,16 @@ def cluster(tmp_path: Path) -> Any:
             os.kill(child, signal.SIGKILL)
 
 
-def test_a_job_runs_in_a_worker_child_and_a_killed_child_is_noticed_and_restarted(cluster: Any) -> None:
+def test_a_job_runs_across_the_children_and_a_killed_child_is_noticed_and_restarted(cluster: Any) -> None:
     service, http = cluster
     assert service.proc is not None
     status, report = health(http)
     assert status == 200
-    assert {"worker-1", "worker-2"} <= set(report["services"]), report
-    assert "worker" not in report["services"]  # the worker runs in the children only
-    workers = children_of(service.proc.pid)
-    assert len(workers) == 2, workers
+    assert {"writer-picker", "worker-1", "worker-2"} <= set(report["services"]), report
+    # The parent runs only the API and the coordinator; the rest is in the children.
+    assert not {"worker", "writer", "picker"} & set(report["services"]), report
+    children = children_of(service.proc.pid)
+    assert sorted(running(pid) for pid in children) == ["worker", "worker", "writer,picker"], children
 
     job_id = http.submit(payload="cmd:echo from a child")
     runs = http.wait_all_succeeded([job_id], timeout=30)[job_id]
@@ -82,26 +88,31 @@ def test_a_job_runs_in_a_worker_child_and_a_killed_child_is_noticed_and_restarte
         families = {f.name: f for f in text_string_to_metric_families(answer.read().decode())}
     finished = [s for s in families["dsched_runs"].samples if s.name == "dsched_runs_total"]
     assert any(s.labels.get("process", "").startswith("worker-") and s.value >= 1 for s in finished), finished
+    dispatched = [s for s in families["dsched_picker_dispatched"].samples if s.name.endswith("_total")]
+    assert any(s.labels.get("process") == "writer-picker" and s.value >= 1 for s in dispatched), dispatched
     assert "dsched_http_requests" in families  # the parent's own series are still there
 
-    victim = workers[0]
-    os.kill(victim, signal.SIGKILL)
-    status, report = wait_until(lambda: (h := health(http))[0] == 503 and h, 10, "/health 503")
-    down = [name for name, s in report["services"].items() if s["state"] != "up"]
-    assert len(down) == 1 and down[0].startswith("worker-"), report
+    for kind, name in (("worker", "worker-"), ("writer,picker", "writer-picker")):
+        victim = next(pid for pid in children_of(service.proc.pid) if running(pid) == kind)
+        before = children_of(service.proc.pid)
+        os.kill(victim, signal.SIGKILL)
+        status, report = wait_until(lambda: (h := health(http))[0] == 503 and h, 10, "/health 503")
+        down = [name for name, s in report["services"].items() if s["state"] != "up"]
+        assert len(down) == 1 and down[0].startswith(name), report
 
-    def restarted() -> dict[str, Any] | None:
-        status, report = health(http)
-        return report if status == 200 and report["services"][down[0]]["restarts"] == 1 else None
+        def restarted(down: str = down[0]) -> dict[str, Any] | None:
+            status, report = health(http)
+            return report if status == 200 and report["services"][down]["restarts"] == 1 else None
 
-    wait_until(restarted, 30, "the child restarted")
-    replacement = [pid for pid in children_of(service.proc.pid) if pid not in workers]
-    assert len(replacement) == 1 and len(children_of(service.proc.pid)) == 2
-    log = service.log_path.read_text()
-    assert '"event":"child_exited"' in log.replace(" ", "") and str(victim) in log
+        wait_until(restarted, 30, f"the child {kind} restarted")
+        replacement = [pid for pid in children_of(service.proc.pid) if pid not in before]
+        assert len(replacement) == 1 and len(children_of(service.proc.pid)) == 3
+        assert running(replacement[0]) == kind
+        log = service.log_path.read_text()
+        assert '"event":"child_exited"' in log.replace(" ", "") and str(victim) in log
 
-    after = http.submit(payload="cmd:echo still served")
-    assert http.wait_all_succeeded([after], timeout=30)[after][0]["status"] == "succeeded"
+        after = http.submit(payload=f"cmd:echo still served after {kind} died")
+        assert http.wait_all_succeeded([after], timeout=30)[after][0]["status"] == "succeeded"
 
     # SIGTERM: the children stop first, then the parent; exit 0 and no process left.
     children = children_of(service.proc.pid)

@@ -1,7 +1,7 @@
 """Every panel of every dashboard under deploy/grafana returns data on a real Prometheus scraping a real cluster.
 
 The live test starts the five services as separate ``dsched run`` processes (each scraped on its own port), and
-again as ``dsched run all`` over three processes (one scrape of the API port, the worker children's series
+again as ``dsched run all`` over four processes (one scrape of the API port, the children's series
 labelled ``process``), a local HTTP target, and Debian's Prometheus scraping every second with the alert rules
 loaded; it runs a mixed workload (succeeded, failed and retried, dead-lettered, recurring, cmd, echo and http
 jobs, a late submission) and then evaluates each panel's query through the HTTP API, with Grafana's variables
@@ -192,11 +192,12 @@ def wait_for_outcomes(cluster: Cluster, jobs: dict[str, str]) -> None:
         assert status == 200 and len(data["dead_letters"]) == 1, (user, data)
 
 
-# The five services as separate processes (one scrape target each), and `dsched run all` (`make run`) over three
-# processes: one target, the API port, serving the worker children's series labelled process="worker-<i>".
+# The five services as separate processes (one scrape target each), and `dsched run all` (`make run`) over four
+# processes: one target, the API port, serving its children's series labelled process="writer-picker" and
+# process="worker-<i>".
 DEPLOYMENTS = {
     "separate processes": (list(SERVICES), {}),
-    "run all over 3 processes": (["all"], {"processes": "3"}),
+    "run all over 4 processes": (["all"], {"processes": "4"}),
 }
 
 
@@ -218,10 +219,12 @@ def test_every_panel_query_returns_data_on_a_cluster_after_a_mixed_workload(tmp_
         wait_until(lambda: (cluster.value("sum(dsched_retries_total)") or 0) >= 2, 20, "retries scraped")
         wait_until(lambda: cluster.value('count(up{job=~".+"} == 1)') == len(services), 20, "all targets up")
         if services == ["all"]:
-            # The runs were counted by the worker children, seen through the one target with their process label;
-            # each child's supervised process loop is reported up by the parent.
+            # The runs were counted by the worker children and dispatched by the writer-picker child, seen through
+            # the one target with their process label; each child's supervised process loop is reported up.
             assert (cluster.value('sum(dsched_runs_total{process=~"worker-.+"})') or 0) >= 1
+            assert (cluster.value('sum(dsched_picker_dispatched_total{process="writer-picker"})') or 0) >= 1
             assert cluster.value('count(dsched_service_up{service=~"worker-.+"} == 1)') == 2
+            assert cluster.value('count(dsched_service_up{service="writer-picker"} == 1)') == 1
         # The late submission ran, was counted as such, and stayed out of the fire-lag histogram (an hour late).
         wait_until(lambda: (cluster.value("sum(dsched_late_submission_runs_total)") or 0) >= 1, 20, "late submission")
         over_10_min = 'sum(dsched_fire_lag_seconds_bucket{le="+Inf"}) - sum(dsched_fire_lag_seconds_bucket{le="600.0"})'
