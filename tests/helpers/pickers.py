@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX
 from dsched.libs.coordination.sqlite import SqliteCoordination
 from dsched.libs.queue.base import WorkQueue
+from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
 from dsched.libs.store.base import JobStore
+from dsched.libs.store.sqlite import SqliteStore
 from dsched.picker.service import Picker
 
 
@@ -30,3 +33,17 @@ async def picker_owning(
             yield picker
     finally:
         await coordination.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def picker_backends(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[Settings, SqliteStore, SqliteQueue]]:
+    """Settings (``settings`` over the defaults), an embedded store and work queue, started, for a picker test."""
+    config = Settings.from_env(data_dir=tmp_path, bucket_s=60, **settings)
+    store, queue = SqliteStore(tmp_path / "store.db"), SqliteQueue(tmp_path / "queue.db", max_receives=5)
+    await store.startup()
+    await queue.startup()
+    try:
+        yield config, store, queue
+    finally:
+        await queue.shutdown()
+        await store.shutdown()

@@ -15,7 +15,7 @@ from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, entry_for
 from dsched.libs.store.sqlite import SqliteStore
-from tests.helpers.pickers import picker_owning
+from tests.helpers.pickers import picker_backends, picker_owning
 
 NOW = 1_800_000_000_000
 
@@ -47,15 +47,8 @@ class Recording:
 
 @pytest.fixture
 async def backends(tmp_path: Path) -> AsyncIterator[tuple[Settings, SqliteStore, SqliteQueue]]:
-    settings = Settings.from_env(data_dir=tmp_path, shard_count=1, bucket_s=60)
-    store, queue = SqliteStore(tmp_path / "store.db"), SqliteQueue(tmp_path / "queue.db", max_receives=5)
-    await store.startup()
-    await queue.startup()
-    try:
-        yield settings, store, queue
-    finally:
-        await queue.shutdown()
-        await store.shutdown()
+    async with picker_backends(tmp_path, shard_count=1) as backends:
+        yield backends
 
 
 def _job(job_id: str, **fields: Any) -> Job:

@@ -20,7 +20,7 @@ from dsched.libs.settings import Settings
 from dsched.libs.sharding import entry_for
 from dsched.libs.store.sqlite import SqliteStore
 from dsched.picker.service import Picker
-from tests.helpers.pickers import picker_owning
+from tests.helpers.pickers import picker_backends, picker_owning
 
 TTL_S = 0.6
 SHARDS = 6
@@ -52,17 +52,9 @@ class GatedQueue:
 
 @pytest.fixture
 async def backends(tmp_path: Path) -> AsyncIterator[tuple[Settings, SqliteStore, SqliteQueue]]:
-    settings = Settings.from_env(
-        data_dir=tmp_path, shard_count=SHARDS, bucket_s=60, lease_ttl_s=TTL_S, picker_tick_s=0.05, picker_batch=2
-    )
-    store, queue = SqliteStore(tmp_path / "store.db"), SqliteQueue(tmp_path / "queue.db", max_receives=5)
-    await store.startup()
-    await queue.startup()
-    try:
-        yield settings, store, queue
-    finally:
-        await queue.shutdown()
-        await store.shutdown()
+    settings = dict(shard_count=SHARDS, lease_ttl_s=TTL_S, picker_tick_s=0.05, picker_batch=2)
+    async with picker_backends(tmp_path, **settings) as backends:
+        yield backends
 
 
 async def _due_jobs(store: SqliteStore, settings: Settings, count: int) -> None:
