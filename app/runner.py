@@ -14,15 +14,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from dsched.app import processes
 from dsched.app.backends import Backends
-from dsched.coordinator.service import Coordinator
-from dsched.ingestion.service import Ingestion
 from dsched.libs import logs, tracing
 from dsched.libs.metrics import exposition
 from dsched.libs.settings import SERVICES, Settings
 from dsched.libs.supervisor import Supervisor
-from dsched.picker.service import Picker
-from dsched.worker.service import Worker
-from dsched.writer.service import Writer
 
 ROLES = {
     "ingestion": {"log", "store", "blobs", "queue", "coordination"},
@@ -73,7 +68,11 @@ async def started(
         loops: list[asyncio.Task[None]] = []
         for name in services:
             supervisor.register(name)
+        # Each service's module is imported only where it runs: a child of `run all` running the worker alone does
+        # not carry the API's modules (~10-20 MiB of RSS per process).
         if "ingestion" in services:
+            from dsched.ingestion.service import Ingestion
+
             ingestion = await stack.enter_async_context(
                 Ingestion(
                     log=b.log,
@@ -89,16 +88,22 @@ async def started(
         elif (metrics := await _metrics_server(settings, supervisor)) is not None:
             stack.push_async_callback(metrics.cleanup)
         if "writer" in services:
+            from dsched.writer.service import Writer
+
             writer = await stack.enter_async_context(Writer(log=b.log, store=b.store, settings=settings).open())
             loops.append(supervisor.start("writer", "consume", lambda: writer.run(stop)))
             instances["writer"] = writer
         if "coordinator" in services:
+            from dsched.coordinator.service import Coordinator
+
             coordinator = await stack.enter_async_context(
                 Coordinator(coordination=b.coordination, settings=settings, supervisor=supervisor).open()
             )
             loops.append(supervisor.start("coordinator", "lead", lambda: coordinator.run(stop)))
             instances["coordinator"] = coordinator
         if "worker" in services:
+            from dsched.worker.service import Worker
+
             worker = await stack.enter_async_context(
                 Worker(
                     queue=b.queue,
@@ -112,6 +117,8 @@ async def started(
             loops.append(supervisor.start("worker", "receive", lambda: worker.run(stop)))
             instances["worker"] = worker
         if "picker" in services:
+            from dsched.picker.service import Picker
+
             picker = await stack.enter_async_context(
                 Picker(
                     store=b.store, queue=b.queue, coordination=b.coordination, settings=settings, supervisor=supervisor
