@@ -126,6 +126,8 @@ async def started(
             )
             loops.append(supervisor.start("picker", "dispatch", lambda: picker.run(stop)))
             instances["picker"] = picker
+            if "writer" in services:  # in one process: what the writer stores reaches the picker without a tick
+                writer.on_stored = picker.entries_stored
         instances["supervisor"] = supervisor
         try:
             yield instances

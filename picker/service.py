@@ -55,6 +55,9 @@ OVERLAP_STALE_MS = 30_000
 # of the lease TTL stops renewing its lease: one stuck in a call that never answers gives its shards up as a frozen
 # picker does.
 STALLED_STEP_TTL_SHARE = 0.5
+# Loads brought forward by a writer in the same process (entries due sooner than the next tick) are at least this far
+# apart: jobs due at once arriving steadily cost one load per this interval, not one per write.
+NUDGED_LOAD_GAP_MS = 10
 
 
 @dataclass
@@ -107,6 +110,8 @@ class Picker:
         self._tasks: list[asyncio.Task[None]] = []
         # Monotonic time the loop's step in flight started or last finished a batch; None between steps.
         self._progress_at: float | None = None
+        self._next_load_ms = 0  # epoch ms of the next load (run loop); entries_stored may bring it forward
+        self._last_load_ms = 0
 
     # Lifecycle --------------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -202,6 +207,16 @@ class Picker:
         if self._progress_at is not None:
             self._progress_at = time.monotonic()
 
+    def entries_stored(self, earliest_due_ms: int) -> None:
+        """A writer in this process stored queue entries, the earliest due at ``earliest_due_ms``: if the next
+        regular load would read it too late to dispatch it ahead, load sooner, but at most every
+        :data:`NUDGED_LOAD_GAP_MS` (a load reads every owned shard). A job due now then fires without waiting for
+        a tick."""
+        wanted = max(earliest_due_ms - self.settings.dispatch_ahead_ms, self._last_load_ms + NUDGED_LOAD_GAP_MS)
+        if wanted < self._next_load_ms:
+            self._next_load_ms = wanted
+            self._wake.set()
+
     def owned_shards(self) -> set[int]:
         """Shards this picker may dispatch right now (empty once its lease may have expired)."""
         if time.monotonic() >= self._lease_valid_until:
@@ -211,14 +226,16 @@ class Picker:
     # Main loop --------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         tick_ms = int(self.settings.picker_tick_s * 1000)
-        next_load = 0
+        self._next_load_ms = 0
         while not stop.is_set():
+            self._wake.clear()  # before the work: a nudge or an assignment during it ends the wait below at once
             try:
                 now = now_ms()
-                if now >= next_load:
+                if now >= self._next_load_ms:
+                    self._last_load_ms = now
+                    self._next_load_ms = now + tick_ms  # before the load: entries_stored may bring it forward
                     with self._step():
                         await self.load(now)
-                    next_load = now + tick_ms
                 now = now_ms()
                 with self._step():
                     await self.dispatch_due(now, until=now + self.settings.dispatch_ahead_ms)
@@ -227,7 +244,7 @@ class Picker:
                 logger.warning("picker_error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
                 self.supervisor.retrying("picker", "dispatch", exc)  # down in /health until a step succeeds
                 await asyncio.sleep(self.settings.picker_tick_s)
-            wake_at = next_load
+            wake_at = self._next_load_ms
             if self._heap:
                 # Sent ahead, a run waits at the worker for its due time anyway: wake at most every quarter of the
                 # lead, so each wake-up sends a batch instead of one run per due millisecond.
@@ -235,7 +252,6 @@ class Picker:
                 wake_at = min(wake_at, max(self._heap[0][0] - ahead, now + ahead // 4))
             delay = max(0.0, (wake_at - now_ms()) / 1000)
             if delay > 0:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
 

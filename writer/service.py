@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from pydantic import ValidationError
 
@@ -30,10 +30,20 @@ logger = logs.get("writer")
 
 
 class Writer:
-    def __init__(self, *, log: SubmissionLog, store: JobStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        *,
+        log: SubmissionLog,
+        store: JobStore,
+        settings: Settings,
+        on_stored: Callable[[int], None] | None = None,
+    ) -> None:
+        """``on_stored(earliest_due_ms)``: called after each store write that added queue entries, with the
+        earliest due time among them (a picker in the same process loads them at once instead of at its tick)."""
         self.log = log
         self.store = store
         self.settings = settings
+        self.on_stored = on_stored
         self._consumer: LogConsumer | None = None
         self._batch_oldest_ms: int | None = None  # append time of the oldest record polled and not yet committed
 
@@ -156,6 +166,8 @@ class Writer:
 
     async def _store(self, jobs: list[Job], entries: list[BucketEntry]) -> None:
         await self.store.put_jobs_and_entries(jobs, entries)
+        if entries and self.on_stored is not None:
+            self.on_stored(min(entry.due_ms for entry in entries))
 
     async def _store_answers(self) -> bool:
         """Whether the store serves a read right now (tells a poison record from an outage)."""
