@@ -114,7 +114,10 @@ async def _serve(settings: Settings, services: list[str], processes: int = 1) ->
     from dsched.app import processes as layout
     from dsched.app.runner import serve
 
-    await serve(settings, services, layout.plan(processes)[1] if processes > 1 else ())
+    if processes > 1:
+        await serve(settings, services, layout.plan(processes)[1])
+    else:
+        await serve(settings, services)
 
 
 async def _migrate(settings: Settings) -> None:

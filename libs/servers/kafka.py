@@ -130,8 +130,7 @@ class KafkaServer(JavaServer):
             classpath(self.jar_set),
             "kafka.tools.StorageTool",
             "format",
-            "--cluster-id",
-            cluster_id,
+            f"--cluster-id={cluster_id}",  # one argument: an id may begin with "-" (argparse would take it for an option)
             "--config",
             str(self.config_path),
         ]

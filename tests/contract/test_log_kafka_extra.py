@@ -17,6 +17,7 @@ import pytest
 from dsched.libs.log.base import ConsumedRecord
 from dsched.libs.log.kafka import KafkaLog, KafkaLogConsumer
 from dsched.libs.servers import KafkaServer
+from dsched.libs.servers import kafka as kafka_server_module
 from tests.helpers import backends
 
 DEADLINE_S = 45.0
@@ -143,9 +144,17 @@ async def test_a_dead_letter_lands_on_the_dlq_topic_with_its_reason(kafka_log: K
 
 @pytest.fixture(scope="module")
 def own_kafka() -> Iterator[KafkaServer]:
-    """A broker of this module's own: the test below kills it, which the session's broker must not see."""
-    with KafkaServer(partitions=4) as server:
+    """A broker of this module's own: the test below kills it, which the session's broker must not see. Its
+    cluster id begins with "-", as one random id in 64 does: storage formatting must still take it."""
+    random_id = kafka_server_module._cluster_id
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kafka_server_module, "_cluster_id", lambda: "-" + random_id()[1:])
+        server = KafkaServer(partitions=4)
+        server.start()
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 async def test_appends_across_a_broker_crash_arrive_once_and_in_order(own_kafka: KafkaServer, tmp_path: Path) -> None:
