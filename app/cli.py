@@ -1,8 +1,9 @@
 """The ``dsched`` command.
 
 dsched run all [--processes N] the five services (dev defaults: cmd: and loopback HTTP on) over N processes
-                               (DSCHED_PROCESSES, default 3: ingestion and coordinator here, writer and picker in
-                               a child, the worker in N - 2 children; 2: the worker alone in a child; 1: all here)
+                               (DSCHED_PROCESSES, default 2: the worker in a child, the rest here; N >= 3:
+                               ingestion and coordinator here, writer and picker in a child, the worker in N - 2
+                               children; 1: all here)
 dsched run <service>[,...]     one or several of ingestion, writer, coordinator, picker, worker in one process
 dsched db migrate              apply the CQL schema (Scylla store) idempotently
 dsched chaos [options]         the chaos suite (python -m dsched.chaos)

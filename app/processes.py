@@ -4,10 +4,12 @@
 one GIL, and the services that cost the most CPU get their own:
 
 - ``1``: the five services in one process;
-- ``2``: ingestion, writer, coordinator and picker in the process the user started, the worker in a child;
-- ``N >= 3`` (the default is 3): ingestion and coordinator in the first, writer and picker in a child
-  (``writer-picker``), the worker in ``N - 2`` children (``worker-<i>``). Submissions and firing then no longer
-  share one interpreter: measured in docs/benchmarks.md (issue 15, "process layout").
+- ``2`` (the default): ingestion, writer, coordinator and picker in the process the user started, the worker in a
+  child;
+- ``N >= 3``: ingestion and coordinator in the first, writer and picker in a child (``writer-picker``), the worker
+  in ``N - 2`` children (``worker-<i>``). Submissions and firing then no longer share one interpreter: batch
+  submits +10-15 %, at ~9 % more CPU per job in a steady state and ~50 MiB more memory (docs/benchmarks.md, issue
+  15, "`run all` over three processes").
 
 The embedded backends are safe for several processes on one directory; doorbells (libs/doorbell.py) wake a
 process's waiting log consumer or queue receive as soon as another process commits.

@@ -37,10 +37,10 @@ class Settings(BaseSettings):
     queue_url: str = ""
     blobs_url: str = ""
 
-    # `dsched run all`: OS processes in all (app/processes.py). 1 = the five services in one process; 2 = the
-    # worker in a child; N >= 3 = ingestion and coordinator in the first, writer and picker in a child, the worker
-    # in N - 2 children.
-    processes: int = 3
+    # `dsched run all`: OS processes in all (app/processes.py). 1 = the five services in one process; 2 (default) =
+    # the worker in a child; N >= 3 = ingestion and coordinator in the first, writer and picker in a child, the
+    # worker in N - 2 children.
+    processes: int = 2
 
     # Identity of this process in the cluster (pickers, workers, coordinators).
     node_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
