@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -47,3 +48,17 @@ async def picker_backends(tmp_path: Path, **settings: Any) -> AsyncIterator[tupl
     finally:
         await queue.shutdown()
         await store.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def running(picker: Picker) -> AsyncIterator[None]:
+    """``picker.run`` in a task for the block's duration (its loop, with ticks, nudges and keepalives)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(picker.run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -4,8 +4,6 @@ waiting for the picker's next tick; ``run all`` wires the two when they share a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from dsched.app.runner import started
@@ -16,22 +14,9 @@ from dsched.libs.settings import Settings
 from dsched.libs.sharding import entry_for
 from dsched.libs.store.sqlite import SqliteStore
 from dsched.picker.service import Picker
-from tests.helpers.pickers import picker_backends, picker_owning
+from tests.helpers.pickers import picker_backends, picker_owning, running
 
 TICK_S = 60.0  # far longer than the test: only a nudge can make the picker load
-
-
-@contextlib.asynccontextmanager
-async def running(picker: Picker) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(picker.run(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _store_due_now(store: SqliteStore, settings: Settings) -> int:

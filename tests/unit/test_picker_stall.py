@@ -4,7 +4,6 @@ slow but makes progress keeps it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from dsched.libs.settings import Settings
 from dsched.libs.sharding import entry_for
 from dsched.libs.store.sqlite import SqliteStore
 from dsched.picker.service import Picker
-from tests.helpers.pickers import picker_backends, picker_owning
+from tests.helpers.pickers import picker_backends, picker_owning, running
 
 TTL_S = 0.6
 SHARDS = 6
@@ -88,19 +87,6 @@ async def _due_jobs(store: SqliteStore, settings: Settings, count: int) -> None:
             for job in jobs
         ]
     )
-
-
-@contextlib.asynccontextmanager
-async def running(picker: Picker) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(picker.run(stop))
-    try:
-        yield
-    finally:
-        stop.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _registered(picker: Picker) -> bool:
