@@ -130,7 +130,7 @@ class KafkaServer(JavaServer):
             classpath(self.jar_set),
             "kafka.tools.StorageTool",
             "format",
-            f"--cluster-id={cluster_id}",  # one argument: an id may begin with "-" (argparse would take it for an option)
+            f"--cluster-id={cluster_id}",  # one argument: an id may begin with "-", which argparse takes for an option
             "--config",
             str(self.config_path),
         ]
