@@ -45,7 +45,9 @@ from dsched.libs.sqlite import SqliteDB, begin_immediate
 
 T = TypeVar("T")
 
-POLL_INTERVAL_S = 0.02
+# How often a waiting receive looks anyway: sends ring the doorbell, so this catches a lost ring, a delayed message
+# or an expired visibility timeout (long: each look is a thread hop and a transaction).
+POLL_INTERVAL_S = 0.1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
