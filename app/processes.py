@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,13 @@ def plan(processes: int) -> tuple[list[str], list[ChildSpec]]:
     for i in range(1, workers + 1):
         suffix = "" if workers == 1 else f"-w{i}"
         children.append(ChildSpec(f"worker-{i}", ("worker",), index=len(children) + 1, node_id_suffix=suffix))
+    return services_here(list(SERVICES), children), children
+
+
+def services_here(services: list[str], children: Sequence[ChildSpec]) -> list[str]:
+    """The services of ``services`` that none of ``children`` runs: the parent's own."""
     in_children = {service for child in children for service in child.services}
-    return [s for s in SERVICES if s not in in_children], children
+    return [s for s in services if s not in in_children]
 
 
 def child_environment(settings: Settings, child: ChildSpec) -> dict[str, str]:

@@ -158,8 +158,7 @@ async def serve(settings: Settings, services: list[str], children: Sequence[proc
     supervisor = Supervisor()
     give_up = asyncio.ensure_future(supervisor.failed.wait())
     give_up.add_done_callback(lambda _: stop.set())
-    in_children = {service for child in children for service in child.services}
-    local = [s for s in services if s not in in_children]
+    local = processes.services_here(services, children)
     child_processes = [processes.ChildProcess(settings, child, supervisor, stop) for child in children]
     for child in child_processes:  # reported (starting) from the first /health on, not only once they are spawned
         supervisor.set_state(child.service, "process", "starting")
