@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import uuid
 from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from dsched.libs.entropy import random_bytes
 
 # Why a time-bucket entry / queue message exists: a schedule occurrence, a retry, a manual trigger or a replay.
 EntryKind = Literal["schedule", "retry", "trigger", "replay"]
@@ -250,7 +251,7 @@ def new_job_id(now_ms: int) -> str:
     """A UUIDv7 (RFC 9562): 48 bits of ``now_ms``, then random bits. Job ids sort by creation time, and the
     creation time can be read back (:func:`job_id_ms`): a retried idempotent submit rebuilds the first attempt's
     definition exactly from it."""
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(random_bytes(10), "big")
     value = (now_ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & (2**62 - 1)
     text = f"{value:032x}"  # str(uuid.UUID(int=value)) without building the object
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"

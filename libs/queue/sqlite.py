@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any, TypeVar, cast
 from dsched.libs import clock
 from dsched.libs.batching import Coalescer
 from dsched.libs.doorbell import Doorbell
+from dsched.libs.entropy import random_bytes
 from dsched.libs.queue.base import (
     MAX_BATCH,
     OutgoingMessage,
@@ -298,7 +298,7 @@ def _receive(
         for ident, body, count in rows:
             if count >= max_receives:
                 continue
-            nonce = os.urandom(8).hex()
+            nonce = random_bytes(8).hex()
             updates.append((now + visibility_ms, count + 1, nonce, ident))
             out.append(ReceivedMessage(str(ident), f"{ident}:{nonce}", bytes(body), count + 1))
         if updates:
