@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -18,6 +19,7 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 DEFAULT_MAX_BATCH = 500  # items per flush: bounds one round trip's size and the latency of the items behind it
+ARRIVAL_WINDOW_S = 1.0  # what a linger_when_busy coalescer averages its arrival rate over
 
 
 class Coalescer(Generic[In, Out]):
@@ -34,7 +36,10 @@ class Coalescer(Generic[In, Out]):
     - **Latency**: the flusher yields to the event loop once before each batch, so callers woken in the same
       loop iteration share it; nothing waits on a timer unless ``linger_s`` is set: then the flusher waits that
       long before each batch, so items trickling in one at a time still share a flush (for writes off the
-      latency path, where a few milliseconds cost nothing and every flush costs a commit).
+      latency path, where a few milliseconds cost nothing and every flush costs a commit). With
+      ``linger_when_busy`` it waits only while items arrive at least one per ``linger_s`` (a rate averaged over
+      :data:`ARRIVAL_WINDOW_S`), i.e. while a companion is expected: under load items share flushes, and a lone
+      item (a job due now on a quiet scheduler) is flushed at once.
     """
 
     def __init__(
@@ -45,11 +50,15 @@ class Coalescer(Generic[In, Out]):
         weight: Callable[[In], int] | None = None,
         on_abandoned: Callable[[In, Out], None] | None = None,
         linger_s: float = 0.0,
+        linger_when_busy: bool = False,
     ) -> None:
         if max_batch <= 0:
             raise ValueError("max_batch must be > 0")
         self._flush = flush
         self._linger_s = linger_s
+        # Arrivals, decayed over ARRIVAL_WINDOW_S (their rate times the window); None: linger always.
+        self._arrivals: float | None = 0.0 if linger_when_busy and linger_s > 0 else None
+        self._arrived_at = 0.0
         self._max_batch = max_batch
         self._weight = weight
         self._on_abandoned = on_abandoned
@@ -58,8 +67,13 @@ class Coalescer(Generic[In, Out]):
 
     def submit(self, item: In) -> asyncio.Future[Out]:
         """Queue ``item`` now and return the future of its outcome."""
-        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Out] = loop.create_future()
         self._pending.append((item, future))
+        if self._arrivals is not None:
+            now = loop.time()
+            self._arrivals = self._arrivals * math.exp((self._arrived_at - now) / ARRIVAL_WINDOW_S) + 1.0
+            self._arrived_at = now
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
         return future
@@ -78,13 +92,19 @@ class Coalescer(Generic[In, Out]):
     async def _run(self) -> None:
         try:
             while self._pending:
-                await asyncio.sleep(self._linger_s)
+                await asyncio.sleep(self._linger_s if self._busy() else 0)
                 batch = self._take()
                 await self._flush_batch(batch)
         except BaseException as exc:  # cancelled: nobody will flush what is still queued
             batch, self._pending = self._pending, []
             _fail(batch, exc)
             raise
+
+    def _busy(self) -> bool:
+        """Whether to linger before the next flush (see the class docstring)."""
+        if self._arrivals is None:
+            return True
+        return self._arrivals * self._linger_s >= ARRIVAL_WINDOW_S  # a rate of at least one per linger
 
     def _take(self) -> list[tuple[In, asyncio.Future[Out]]]:
         if self._weight is None:

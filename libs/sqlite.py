@@ -24,6 +24,10 @@ from dsched.libs.batching import Coalescer
 T = TypeVar("T")
 logger = logs.get("sqlite")
 MAX_GROUP = 256  # writes per group commit
+# While writes arrive at least this often, a group commit waits this long for company: at a steady 1,000 submits/s
+# groups of 1-3 writes became groups of several (CPU 1.36 -> 1.20 ms/job, fire lag unchanged); a lone write (a job
+# due now on a quiet scheduler) commits at once (see Coalescer's linger_when_busy).
+GROUP_LINGER_S = 0.002
 CHECKPOINT_INTERVAL_S = 0.2
 LOCK_WAIT_S = 30.0  # how long a statement waits for another connection's lock before it fails
 LOCK_POLL_MIN_S = 0.0002  # first pause of a writer waiting for another process's write transaction...
@@ -52,7 +56,7 @@ class SqliteDB:
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._writes: Coalescer[Callable[[sqlite3.Connection], Any], Any] = Coalescer(
-            self._write_group, max_batch=MAX_GROUP
+            self._write_group, max_batch=MAX_GROUP, linger_s=GROUP_LINGER_S, linger_when_busy=True
         )
 
     async def open(self) -> None:

@@ -147,3 +147,24 @@ async def test_a_lingering_batcher_flushes_items_trickling_in_together() -> None
     flushed.clear()
     await trickle(Batcher(write, linger_s=0.05))
     assert flushed == [["a", "b", "c", "d"]]
+
+
+async def test_a_coalescer_that_lingers_when_busy_flushes_a_lone_item_at_once() -> None:
+    """Under load items wait ``linger_s`` for company; a lone item (a job due now, a quiet scheduler) does not."""
+    flushed: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        flushed.append(list(items))
+        return items
+
+    coalescer: Coalescer[int, int] = Coalescer(flush, linger_s=0.2, linger_when_busy=True)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await coalescer.submit(1) == 1
+    assert loop.time() - started < 0.1  # quiet: not held for the linger
+    for number in range(2, 12):  # ten arrivals within a few ms: busier than one per linger
+        coalescer.submit(number)
+    started = loop.time()
+    await coalescer.submit(12)
+    assert loop.time() - started >= 0.19  # busy: held for the linger...
+    assert flushed == [[1], list(range(2, 13))]  # ...so everything that came meanwhile shares one flush
