@@ -40,7 +40,7 @@ async def main(argv: list[str]) -> int:
             await stack.start_servers()  # schema and topics in the run's namespace
             env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")}
             env.update({**LAYOUT, **stack.urls(), "DSCHED_LEASE_TTL_S": "3"})
-            command = [sys.executable, "-m", f"bench.{argv[0]}", *argv[1:]]
+            command = [sys.executable, "-m", f"dsched.bench.{argv[0]}", *argv[1:]]
             return (await asyncio.to_thread(subprocess.run, command, env=env, check=False)).returncode
         finally:
             await servers.stop()
