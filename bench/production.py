@@ -19,7 +19,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from dsched.bench.common import KEEP_DATA_ENV
 from dsched.libs.servers.stack import LAYOUT, Stack
+
+# Settings a caller may give the benchmark's services (the backends' URLs and the layout come from the stack).
+PASSED_THROUGH = frozenset({KEEP_DATA_ENV, "DSCHED_LOG_LEVEL"})
 
 
 async def main(argv: list[str]) -> int:
@@ -38,7 +42,7 @@ async def main(argv: list[str]) -> int:
                 kafka_session_timeout_ms=6000,
             )
             await stack.start_servers()  # schema and topics in the run's namespace
-            env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_")}
+            env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_") or k in PASSED_THROUGH}
             env.update({**LAYOUT, **stack.urls(), "DSCHED_LEASE_TTL_S": "3"})
             command = [sys.executable, "-m", f"dsched.bench.{argv[0]}", *argv[1:]]
             return (await asyncio.to_thread(subprocess.run, command, env=env, check=False)).returncode

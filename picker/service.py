@@ -42,7 +42,14 @@ from dsched.libs.store.base import JobStore
 from dsched.libs.supervisor import Supervisor
 from dsched.picker.fair import fair_order
 
-FAIR_FIRST_BATCH = 100  # first batch of a fair burst; each next one doubles (up to DSCHED_PICKER_BATCH)
+FAIR_FIRST_BATCH = 100  # first batch of a fair burst; each next one doubles (up to the dispatch batch size)
+# Dispatch batches start this small and double while each takes under DISPATCH_STEP_TTL_SHARE of the lease TTL (up to
+# DSCHED_PICKER_BATCH); a slower one shrinks the next to fit. On SQLite a batch of 2,000 takes ~50 ms; on ElasticMQ
+# (~240 sends/s here) it took 8 s, which the stall check below read as a stuck picker: its lease lapsed mid-burst
+# and the next owner sent again what was sent and not yet deleted (2,100 duplicates in a 20,000-job burst).
+FIRST_DISPATCH_BATCH = 100
+MIN_DISPATCH_BATCH = 10
+DISPATCH_STEP_TTL_SHARE = 0.1
 OWNERS_SLACK = 10_000  # tenants of entries no longer loaded that may stay cached before a clean-up
 
 logger = logs.get("picker")
@@ -104,12 +111,14 @@ class Picker:
         self._lease_valid_until = 0.0  # monotonic
         self._checkpoints: dict[int, int] = {}
         self._heap: list[tuple[int, int, tuple[int, int, int, str, int, int], BucketEntry]] = []
+        self._batch_size = min(FIRST_DISPATCH_BATCH, settings.picker_batch)  # see DISPATCH_STEP_TTL_SHARE
         self._loaded: set[tuple[int, int, int, str, int, int]] = set()
         self._owners: dict[str, str] = {}  # job id -> tenant of loaded entries, read ahead for fair dispatch
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # Monotonic time the loop's step in flight started or last finished a batch; None between steps.
         self._progress_at: float | None = None
+        self._step_name = ""  # "load" or "dispatch": what the step in flight is doing (logged if it stalls)
         self._next_load_ms = 0  # epoch ms of the next load (run loop); entries_stored may bring it forward
         self._last_load_ms = 0
 
@@ -149,7 +158,13 @@ class Picker:
             await asyncio.sleep(ttl / 3)
             if (stalled_s := self.stalled_s()) >= ttl * STALLED_STEP_TTL_SHARE:
                 # Renewing would keep the shards with a loop that does not dispatch them.
-                logger.warning("lease_not_renewed", node=self.node_id, reason="step_stalled", stalled_s=stalled_s)
+                logger.warning(
+                    "lease_not_renewed",
+                    node=self.node_id,
+                    reason="step_stalled",
+                    step=self._step_name,
+                    stalled_s=stalled_s,
+                )
                 continue
             try:
                 sent = time.monotonic()
@@ -196,7 +211,8 @@ class Picker:
         return 0.0 if since is None else round(time.monotonic() - since, 3)
 
     @contextlib.contextmanager
-    def _step(self) -> Iterator[None]:
+    def _step(self, name: str) -> Iterator[None]:
+        self._step_name = name
         self._progress_at = time.monotonic()
         try:
             yield
@@ -234,10 +250,10 @@ class Picker:
                 if now >= self._next_load_ms:
                     self._last_load_ms = now
                     self._next_load_ms = now + tick_ms  # before the load: entries_stored may bring it forward
-                    with self._step():
+                    with self._step("load"):
                         await self.load(now)
                 now = now_ms()
-                with self._step():
+                with self._step("dispatch"):
                     await self.dispatch_due(now, until=now + self.settings.dispatch_ahead_ms)
                 self.supervisor.recovered("picker", "dispatch")
             except Exception as exc:  # a backend hiccup must not kill the picker; entries stay in the store
@@ -260,9 +276,9 @@ class Picker:
         sent = 0
         for _ in range(max_rounds):
             now = now_ms() if until_ms is None else until_ms
-            with self._step():
+            with self._step("load"):
                 await self.load(now, lookahead_ms=0)
-            with self._step():
+            with self._step("dispatch"):
                 count = await self.dispatch_due(now)
             sent += count
             if count == 0 and not any(e[0] <= now for e in self._heap):
@@ -302,7 +318,7 @@ class Picker:
                     advance_to = bucket + bucket_ms
             if advance_to != checkpoint:
                 await self._advance(shard, checkpoint, advance_to)
-        if self.settings.tenant_fair_dispatch and len(self._heap) > self.settings.picker_batch:
+        if self.settings.tenant_fair_dispatch and len(self._heap) > self._batch_size:
             try:  # read ahead, off the due instant's path (dispatch reads what is still missing)
                 if len(self._owners) > 2 * len(self._heap) + OWNERS_SLACK:  # left by entries gone another way
                     loaded = {item[3].job_id for item in self._heap}
@@ -343,16 +359,15 @@ class Picker:
         the run until its due time) in batches; returns the number of runs sent."""
         until = now if until is None else until
         sent = 0
-        if self.settings.tenant_fair_dispatch and len(self._heap) > self.settings.picker_batch:
+        if self.settings.tenant_fair_dispatch and len(self._heap) > self._batch_size:
             return await self._dispatch_fairly(now, until)  # more than one batch may be due: see picker/fair.py
         while self._heap and self._heap[0][0] <= until:
             batch: list[BucketEntry] = []
-            while self._heap and self._heap[0][0] <= until and len(batch) < self.settings.picker_batch:
+            while self._heap and self._heap[0][0] <= until and len(batch) < self._batch_size:
                 item = heapq.heappop(self._heap)
                 batch.append(item[3])
             try:
-                sent += await self._dispatch(batch, now)
-                self._progressed()
+                sent += await self._timed_dispatch(batch, now)
             finally:
                 for entry in batch:
                     self._loaded.discard(entry.key)
@@ -375,11 +390,10 @@ class Picker:
                     due = fair_order(due, lambda e: owners.get(e.job_id, ""), lambda e: e.priority, self._weights())
             # Small batches first, doubling up to DSCHED_PICKER_BATCH: the head of the fair order (every tenant's
             # first runs) reaches the queue after a short batch instead of after a full one.
-            start, size = 0, min(FAIR_FIRST_BATCH, self.settings.picker_batch)
+            start, size = 0, min(FAIR_FIRST_BATCH, self._batch_size)
             while start < len(due):
-                sent += await self._dispatch(due[start : start + size], now)
-                self._progressed()
-                start, size = start + size, min(2 * size, self.settings.picker_batch)
+                sent += await self._timed_dispatch(due[start : start + size], now)
+                start, size = start + size, min(2 * size, self._batch_size)
         finally:
             for entry in due:  # sent, or (after a failure) re-read from the store by the next load
                 self._loaded.discard(entry.key)
@@ -393,6 +407,19 @@ class Picker:
 
     def _weights(self) -> dict[str, float]:
         return {t: float(v["weight"]) for t, v in self.settings.tenant_limits.items() if "weight" in v}
+
+    async def _timed_dispatch(self, entries: list[BucketEntry], now: int) -> int:
+        """:meth:`_dispatch` one batch, count it as progress, and size the next batch from how long it took."""
+        started = time.monotonic()
+        sent = await self._dispatch(entries, now)
+        self._progressed()
+        took = time.monotonic() - started
+        target = self.settings.lease_ttl_s * DISPATCH_STEP_TTL_SHARE
+        if took > target:
+            self._batch_size = max(MIN_DISPATCH_BATCH, min(self._batch_size, int(len(entries) * target / took)))
+        elif len(entries) >= self._batch_size:
+            self._batch_size = min(self.settings.picker_batch, 2 * self._batch_size)
+        return sent
 
     async def _dispatch(self, entries: list[BucketEntry], now: int) -> int:
         """Dispatch ``entries`` (due by now) of the shards this picker owns; returns the runs sent."""

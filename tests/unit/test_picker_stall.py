@@ -26,10 +26,12 @@ SHARDS = 6
 
 
 class GatedQueue:
-    """A work queue whose ``send`` waits ``delay_s`` (``None``: until ``release`` is set) before sending."""
+    """A work queue whose ``send`` waits ``delay_s`` (``None``: until ``release`` is set) plus ``per_message_s`` for
+    each message before sending."""
 
-    def __init__(self, inner: SqliteQueue, delay_s: float | None) -> None:
-        self.inner, self.delay_s = inner, delay_s
+    def __init__(self, inner: SqliteQueue, delay_s: float | None, per_message_s: float = 0.0) -> None:
+        self.inner, self.delay_s, self.per_message_s = inner, delay_s, per_message_s
+        self.batches: list[int] = []  # messages per send
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
         self.sends = 0
@@ -41,10 +43,11 @@ class GatedQueue:
     async def send(self, messages: Sequence[OutgoingMessage]) -> None:
         self.entered.set()
         self.sends += 1
+        self.batches.append(len(messages))
         if self.delay_s is None:
             await asyncio.wait_for(self.release.wait(), timeout=30)
         else:
-            await asyncio.sleep(self.delay_s)
+            await asyncio.sleep(self.delay_s + self.per_message_s * len(messages))
         await self.inner.send(messages)
         self.sent += len(messages)
 
@@ -138,3 +141,27 @@ async def test_a_picker_slow_but_progressing_through_batches_keeps_its_lease(
                 await asyncio.sleep(0.05)
             assert queue.sent == 36
             assert picker._lease == lease, "the lease was never lost (a lost one is replaced by a new id)"
+
+
+async def test_a_picker_on_a_slow_queue_shrinks_its_batches_and_keeps_its_lease(tmp_path: Path) -> None:
+    """1,200 due runs on a queue that sends 1,000 messages/s (ElasticMQ here: ~240/s): in one batch they would take
+    1.2 s, twice the lease TTL, and the stall check would let the lease lapse mid-send. Batches shrink to fit, so
+    the lease holds and no run is sent twice."""
+    async with picker_backends(
+        tmp_path, shard_count=SHARDS, lease_ttl_s=TTL_S, picker_tick_s=0.05, picker_batch=2000
+    ) as (settings, store, inner):
+        queue = GatedQueue(inner, delay_s=0.0, per_message_s=0.001)
+        await _due_jobs(store, settings, 1200)
+        async with picker_owning(
+            range(SHARDS), store=store, queue=queue, settings=settings, tmp_path=tmp_path
+        ) as picker:  # type: ignore[arg-type]
+            lease = picker._lease
+            async with running(picker):
+                for _ in range(int(30 * TTL_S / 0.05)):
+                    if queue.sent >= 1200:
+                        break
+                    assert await _registered(picker), f"lease lost; batches sent: {queue.batches}"
+                    await asyncio.sleep(0.05)
+                assert queue.sent == 1200, "every run sent, once"
+                assert picker._lease == lease, "the lease was never lost"
+                assert max(queue.batches) * 0.001 < TTL_S / 2, queue.batches
