@@ -122,6 +122,20 @@ async def test_a_picker_stuck_in_a_send_lets_its_lease_expire_and_joins_again_af
             assert picker.stalled_s() < TTL_S / 2
 
 
+async def _sends_all_keeping_the_lease(picker: Picker, queue: GatedQueue, count: int, timeout_s: float) -> None:
+    """Run ``picker`` until ``count`` runs are sent, checking all along that it keeps its lease and shards."""
+    lease = picker._lease
+    async with running(picker):
+        for _ in range(int(timeout_s / 0.05)):
+            if queue.sent >= count:
+                break
+            assert await _registered(picker), f"lease lost; messages per send: {queue.batches}"
+            assert picker.owned_shards() == set(range(SHARDS))
+            await asyncio.sleep(0.05)
+        assert queue.sent == count, "every run sent, once"
+        assert picker._lease == lease, "the lease was never lost (a lost one is replaced by a new id)"
+
+
 async def test_a_picker_slow_but_progressing_through_batches_keeps_its_lease(
     backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> None:
@@ -130,38 +144,20 @@ async def test_a_picker_slow_but_progressing_through_batches_keeps_its_lease(
     # of the TTL, so one dispatch step lasts ~a TTL, twice the stall limit, making progress all along.
     queue = GatedQueue(inner, delay_s=TTL_S / 5)
     await _due_jobs(store, settings, 36)
-    async with picker_owning(range(SHARDS), store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:  # type: ignore[arg-type]
-        lease = picker._lease
-        async with running(picker):
-            for _ in range(int(10 * TTL_S / 0.05)):
-                if queue.sent >= 36:
-                    break
-                assert await _registered(picker), f"lease lost after {queue.sends} sends"
-                assert picker.owned_shards() == set(range(SHARDS))
-                await asyncio.sleep(0.05)
-            assert queue.sent == 36
-            assert picker._lease == lease, "the lease was never lost (a lost one is replaced by a new id)"
+    owning = picker_owning(range(SHARDS), store=store, queue=queue, settings=settings, tmp_path=tmp_path)  # type: ignore[arg-type]
+    async with owning as picker:
+        await _sends_all_keeping_the_lease(picker, queue, 36, timeout_s=10 * TTL_S)
 
 
 async def test_a_picker_on_a_slow_queue_shrinks_its_batches_and_keeps_its_lease(tmp_path: Path) -> None:
     """1,200 due runs on a queue that sends 1,000 messages/s (ElasticMQ here: ~240/s): in one batch they would take
     1.2 s, twice the lease TTL, and the stall check would let the lease lapse mid-send. Batches shrink to fit, so
     the lease holds and no run is sent twice."""
-    async with picker_backends(
-        tmp_path, shard_count=SHARDS, lease_ttl_s=TTL_S, picker_tick_s=0.05, picker_batch=2000
-    ) as (settings, store, inner):
+    backends = picker_backends(tmp_path, shard_count=SHARDS, lease_ttl_s=TTL_S, picker_tick_s=0.05, picker_batch=2000)
+    async with backends as (settings, store, inner):
         queue = GatedQueue(inner, delay_s=0.0, per_message_s=0.001)
         await _due_jobs(store, settings, 1200)
-        async with picker_owning(
-            range(SHARDS), store=store, queue=queue, settings=settings, tmp_path=tmp_path
-        ) as picker:  # type: ignore[arg-type]
-            lease = picker._lease
-            async with running(picker):
-                for _ in range(int(30 * TTL_S / 0.05)):
-                    if queue.sent >= 1200:
-                        break
-                    assert await _registered(picker), f"lease lost; batches sent: {queue.batches}"
-                    await asyncio.sleep(0.05)
-                assert queue.sent == 1200, "every run sent, once"
-                assert picker._lease == lease, "the lease was never lost"
-                assert max(queue.batches) * 0.001 < TTL_S / 2, queue.batches
+        owning = picker_owning(range(SHARDS), store=store, queue=queue, settings=settings, tmp_path=tmp_path)  # type: ignore[arg-type]
+        async with owning as picker:
+            await _sends_all_keeping_the_lease(picker, queue, 1200, timeout_s=30 * TTL_S)
+        assert max(queue.batches) * 0.001 < TTL_S / 2, queue.batches
