@@ -235,8 +235,7 @@ def run_id_for(job_id: str, scheduled_ms: int, attempt: int) -> str:
     head = _id_head(job_id)
     digest = hashlib.sha1(RUN_NAMESPACE.bytes + f"{job_id}/{scheduled_ms}/{attempt}".encode()).digest()
     tail = 0b10 << 62 | int.from_bytes(digest[:8], "big") & (2**62 - 1)
-    text = f"{(head & ~0xF000 | 0x8000) << 64 | tail:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    return _uuid_text((head & ~0xF000 | 0x8000) << 64 | tail)
 
 
 def _id_head(job_id: str) -> int:
@@ -253,7 +252,12 @@ def new_job_id(now_ms: int) -> str:
     definition exactly from it."""
     rand = int.from_bytes(random_bytes(10), "big")
     value = (now_ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & (2**62 - 1)
-    text = f"{value:032x}"  # str(uuid.UUID(int=value)) without building the object
+    return _uuid_text(value)
+
+
+def _uuid_text(value: int) -> str:
+    """``str(uuid.UUID(int=value))`` without building the object."""
+    text = f"{value:032x}"
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 

@@ -388,7 +388,7 @@ class Picker:
                 else:
                     owners = self._owners
                     due = fair_order(due, lambda e: owners.get(e.job_id, ""), lambda e: e.priority, self._weights())
-            # Small batches first, doubling up to DSCHED_PICKER_BATCH: the head of the fair order (every tenant's
+            # Small batches first, doubling up to the dispatch batch size: the head of the fair order (every tenant's
             # first runs) reaches the queue after a short batch instead of after a full one.
             start, size = 0, min(FAIR_FIRST_BATCH, self._batch_size)
             while start < len(due):
