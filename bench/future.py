@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sqlite3
 import time
 
 import aiohttp
 
 from dsched.app.cli import run_loop
 from dsched.bench.common import Scheduler, Target, load_average, percentile, submit_all, submit_batches, wait_hits
+from dsched.libs import sqlite
 from dsched.libs.clock import to_rfc3339
 
 SPREAD_MS = 3 * 86_400_000  # future jobs are due uniformly over the next three days
@@ -29,10 +29,10 @@ FUTURE_START_MS = 3_600_000  # ... starting in an hour (nothing of them fires du
 
 def stored_entries(scheduler: Scheduler) -> int:
     """Entries in the store's time-bucket table (one per stored future job), read directly from the file."""
-    conn = sqlite3.connect(f"file:{scheduler.data_dir / 'store.db'}?mode=ro", uri=True, timeout=30)
+    conn = sqlite.connect(scheduler.data_dir / "store.db", read_only=True)
     try:
         return int(conn.execute("SELECT COUNT(*) FROM job_queue").fetchone()[0])
-    except sqlite3.OperationalError:
+    except sqlite.Error:
         return 0
     finally:
         conn.close()

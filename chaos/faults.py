@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 from dsched.chaos.cluster import LEASE_TTL_S, SHARD_COUNT, Cluster, ServiceProcess, now_ms
 from dsched.chaos.target import Target
+from dsched.libs import sqlite
 from dsched.libs.coordination.keys import LEADER_KEY
 
 KINDS = ("kill", "kill-leader", "kill-busy-worker", "freeze", "etcd-restart", "moto-pause", "moto-restart")
@@ -52,13 +52,14 @@ def _holds_sqlite_lock(data_dir: Path) -> bool:
     """Whether some process holds the write lock of one of the embedded backends' files in ``data_dir``."""
     for path in sorted(data_dir.glob("*.db")):
         try:
-            conn = sqlite3.connect(path, timeout=0, isolation_level=None)
-        except sqlite3.Error:
+            conn = sqlite.connect(path)
+            conn.execute("PRAGMA busy_timeout=0")
+        except sqlite.Error:
             continue
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("ROLLBACK")
-        except sqlite3.OperationalError:
+        except sqlite.Error:
             return True
         finally:
             conn.close()

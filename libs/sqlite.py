@@ -1,8 +1,14 @@
-"""Shared plumbing of the embedded SQLite backends.
+"""Shared plumbing of the embedded SQLite backends, and the one module that imports the SQLite driver.
 
 Each process opens its own connection per database file, in WAL mode with a busy timeout, so several
 processes can share one data directory. All calls run on one dedicated thread per connection: the event loop
 never blocks on SQLite, and the connection is only ever used from the thread that created it.
+
+The driver is apsw, whose wheel carries its own SQLite: Python's ``sqlite3`` uses the system's library, and every
+SQLite before 3.51.3 has the WAL-reset bug: a checkpoint racing a commit of another process can leave the WAL index
+claiming frames were copied into the database file when they were not, and the rows they hold are then lost.
+dsched's processes share each file and checkpoint it often, which is the pattern the bug needs (a chaos run lost
+two committed run records this way). :func:`connect` refuses a library older than :data:`MIN_SQLITE_VERSION`.
 """
 
 from __future__ import annotations
@@ -11,18 +17,21 @@ import asyncio
 import contextlib
 import functools
 import random
-import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
+
+import apsw
 
 from dsched.libs import logs
 from dsched.libs.batching import Coalescer
 
 T = TypeVar("T")
 logger = logs.get("sqlite")
+Error = apsw.Error  # what every SQLite failure raises
+MIN_SQLITE_VERSION = (3, 51, 3)  # the first release without the WAL-reset bug (see the module docstring)
 MAX_GROUP = 256  # writes per group commit
 # While writes arrive at least this often, a group commit waits this long for company: at a steady 1,000 submits/s
 # groups of 1-3 writes became groups of several (CPU 1.36 -> 1.20 ms/job, fire lag unchanged); a lone write (a job
@@ -32,6 +41,25 @@ CHECKPOINT_INTERVAL_S = 0.2
 LOCK_WAIT_S = 30.0  # how long a statement waits for another connection's lock before it fails
 LOCK_POLL_MIN_S = 0.0002  # first pause of a writer waiting for another process's write transaction...
 LOCK_POLL_MAX_S = 0.001  # ...doubling up to this (see begin_immediate)
+
+
+class Cursor(Protocol):
+    """A statement's rows (apsw's cursor, typed as the backends read it: column types are the schema's)."""
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def close(self, force: bool = False) -> None: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """The connection API the embedded backends use (apsw's, in autocommit mode)."""
+
+    def execute(self, statements: str, bindings: Any = None) -> Cursor: ...
+    def executemany(self, statements: str, sequenceofbindings: Iterable[Any]) -> Cursor: ...
+    def changes(self) -> int: ...
+    def last_insert_rowid(self) -> int: ...
+    def close(self, force: bool = False) -> None: ...
 
 
 class SqliteDB:
@@ -54,8 +82,8 @@ class SqliteDB:
         self._on_commit = on_commit
         self._checkpointer: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
-        self._writes: Coalescer[Callable[[sqlite3.Connection], Any], Any] = Coalescer(
+        self._conn: Connection | None = None
+        self._writes: Coalescer[Callable[[Connection], Any], Any] = Coalescer(
             self._write_group, max_batch=MAX_GROUP, linger_s=GROUP_LINGER_S, linger_when_busy=True
         )
 
@@ -89,7 +117,7 @@ class SqliteDB:
                 try:
                     await loop.run_in_executor(executor, _passive_checkpoint, conn)
                     failing = False
-                except sqlite3.Error:  # busy or locked by another process's checkpoint: try again next time
+                except apsw.Error:  # busy or locked by another process's checkpoint: try again next time
                     continue
                 except Exception as exc:  # never a silent end of checkpoints: logged once a streak, tried again
                     if not failing:
@@ -115,13 +143,13 @@ class SqliteDB:
         self._executor.shutdown(wait=True)
         self._executor = None
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn(conn)`` on the connection's thread (no transaction opened for you)."""
         if self._executor is None:
             raise RuntimeError(f"{self.path} is not open")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[Connection], T]) -> T:
         """Run ``fn(conn)`` in a write transaction and return its result once committed.
 
         Group commit: writes queued while a transaction is in flight run together in the next one (one thread
@@ -132,39 +160,56 @@ class SqliteDB:
             raise RuntimeError(f"{self.path} is not open")
         return cast(T, await self._writes.submit(fn))
 
-    async def _write_group(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+    async def _write_group(self, fns: list[Callable[[Connection], Any]]) -> list[Any]:
         """One transaction for ``fns``; a failing COMMIT raises, failing every write of the group."""
         outcomes = await self.run(functools.partial(_run_group, fns=fns))
         if self._on_commit is not None:
             self._on_commit()
         return outcomes
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _call(self, fn: Callable[[Connection], T]) -> T:
         if self._conn is None:
             raise RuntimeError(f"{self.path} is closed")
         result = fn(self._conn)
-        if isinstance(result, sqlite3.Cursor):
-            # A cursor must never leave this thread: finalizing it elsewhere resets a cached statement this
-            # thread may be running at that moment ("bad parameter or other API misuse").
+        if isinstance(result, apsw.Cursor):
+            # A cursor never leaves this thread: its statement is finished here, not whenever another thread
+            # drops the last reference.
             result.close()
             return None  # type: ignore[return-value]
         return result
 
 
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=LOCK_WAIT_S, isolation_level=None, check_same_thread=True)
-    conn.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000)}")
+def sqlite_version() -> tuple[int, ...]:
+    """The version of the SQLite library the driver runs."""
+    return tuple(int(part) for part in apsw.sqlite_lib_version().split("."))
+
+
+def connect(path: Path | str, *, read_only: bool = False) -> Connection:
+    """A connection in autocommit mode (transactions are explicit ``BEGIN`` … ``COMMIT``) that waits up to
+    :data:`LOCK_WAIT_S` for another connection's lock. Raises RuntimeError on a SQLite older than
+    :data:`MIN_SQLITE_VERSION`."""
+    if sqlite_version() < MIN_SQLITE_VERSION:
+        wanted = ".".join(map(str, MIN_SQLITE_VERSION))
+        raise RuntimeError(f"SQLite {apsw.sqlite_lib_version()} has the WAL-reset bug; dsched needs {wanted} or later")
+    flags = apsw.SQLITE_OPEN_READONLY if read_only else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+    conn = apsw.Connection(str(path), flags=flags)
+    conn.set_busy_timeout(int(LOCK_WAIT_S * 1000))
+    return conn
+
+
+def _connect(path: Path, synchronous: str) -> Connection:
+    conn = connect(path)
     _enable_wal(conn, deadline=time.monotonic() + 30.0)
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA wal_autocheckpoint=0")  # see SqliteDB._checkpoint_loop
     return conn
 
 
-def _passive_checkpoint(conn: sqlite3.Connection) -> None:
+def _passive_checkpoint(conn: Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").close()
 
 
-def _enable_wal(conn: sqlite3.Connection, *, deadline: float) -> None:
+def _enable_wal(conn: Connection, *, deadline: float) -> None:
     """Switch the file to WAL, retrying while another process holds the lock.
 
     Changing the journal mode of a fresh file needs an exclusive lock, and SQLite can answer "database is
@@ -175,14 +220,14 @@ def _enable_wal(conn: sqlite3.Connection, *, deadline: float) -> None:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             return
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc) or time.monotonic() + delay > deadline:
+        except (apsw.BusyError, apsw.LockedError):
+            if time.monotonic() + delay > deadline:
                 raise
         time.sleep(delay + random.uniform(0, delay))
         delay = min(delay * 2, 0.1)
 
 
-def begin_immediate(conn: sqlite3.Connection) -> None:
+def begin_immediate(conn: Connection) -> None:
     """``BEGIN IMMEDIATE``: take the write lock up front (two writers never deadlock on an upgrade), waiting for
     another process's transaction in steps of at most :data:`LOCK_POLL_MAX_S`.
 
@@ -198,8 +243,8 @@ def begin_immediate(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 return
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() > deadline:
+            except (apsw.BusyError, apsw.LockedError):
+                if time.monotonic() > deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, LOCK_POLL_MAX_S)
@@ -207,15 +252,10 @@ def begin_immediate(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000)}")
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    message = str(exc)
-    return "locked" in message or "busy" in message
-
-
 class _immediate:
     """A write transaction begun with :func:`begin_immediate`, committed on success, rolled back on error."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     def __enter__(self) -> None:
@@ -225,7 +265,7 @@ class _immediate:
         self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
 
 
-def _run_group(conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+def _run_group(conn: Connection, fns: list[Callable[[Connection], Any]]) -> list[Any]:
     """Run each of ``fns`` in its own savepoint of one transaction: its result, or the exception it raised."""
     outcomes: list[Any] = []
     with _immediate(conn):
@@ -233,7 +273,7 @@ def _run_group(conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection]
             conn.execute("SAVEPOINT w")
             try:
                 result = fn(conn)
-                if isinstance(result, sqlite3.Cursor):  # never let a cursor leave this thread (see _call)
+                if isinstance(result, apsw.Cursor):  # never let a cursor leave this thread (see _call)
                     result.close()
                     result = None
             except Exception as exc:
@@ -246,8 +286,8 @@ def _run_group(conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection]
     return outcomes
 
 
-def _run_script(conn: sqlite3.Connection, script: str) -> None:
-    # executescript() would COMMIT our open transaction; run statement by statement instead.
+def _run_script(conn: Connection, script: str) -> None:
+    # Statement by statement, inside the caller's transaction.
     for statement in script.split(";"):
         if statement.strip():
             conn.execute(statement)

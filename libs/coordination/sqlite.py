@@ -10,7 +10,6 @@ AUTOINCREMENT column and are never reused, so a stale holder can never keep a ne
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import TypeVar
 
 from dsched.libs import clock
 from dsched.libs.coordination.base import Coordination, LeaseNotFound, WatchCompacted, WatchEvent
-from dsched.libs.sqlite import SqliteDB
+from dsched.libs.sqlite import Connection, SqliteDB
 
 T = TypeVar("T")
 
@@ -91,13 +90,13 @@ class SqliteCoordination(Coordination):
         await self._db.close()
 
     # Transactions ---------------------------------------------------------------------------------------
-    async def _tx(self, fn: Callable[[sqlite3.Connection, int], T]) -> T:
+    async def _tx(self, fn: Callable[[Connection, int], T]) -> T:
         """Run ``fn(conn, now_ms)`` in one write transaction after purging expired leases."""
         prune = time.monotonic() - self._last_prune > _PRUNE_EVERY_S
         if prune:
             self._last_prune = time.monotonic()
 
-        def run(conn: sqlite3.Connection) -> tuple[T, int]:
+        def run(conn: Connection) -> tuple[T, int]:
             now = clock.now_ms()
             _purge_expired(conn, now)
             result = fn(conn, now)
@@ -113,18 +112,16 @@ class SqliteCoordination(Coordination):
     async def grant_lease(self, ttl_s: float) -> int:
         ttl_ms = max(1, int(ttl_s * 1000))
 
-        def grant(conn: sqlite3.Connection, now: int) -> int:
-            cur = conn.execute("INSERT INTO leases (ttl_ms, expires_at_ms) VALUES (?, ?)", (ttl_ms, now + ttl_ms))
-            if cur.lastrowid is None:  # only when no row was inserted
-                raise sqlite3.DatabaseError("granting a lease inserted no row")
-            return cur.lastrowid
+        def grant(conn: Connection, now: int) -> int:
+            conn.execute("INSERT INTO leases (ttl_ms, expires_at_ms) VALUES (?, ?)", (ttl_ms, now + ttl_ms))
+            return conn.last_insert_rowid()
 
         return await self._tx(grant)
 
     async def keepalive(self, lease_id: int) -> bool:
-        def keepalive(conn: sqlite3.Connection, now: int) -> bool:
-            cur = conn.execute("UPDATE leases SET expires_at_ms = ? + ttl_ms WHERE id = ?", (now, lease_id))
-            return cur.rowcount == 1
+        def keepalive(conn: Connection, now: int) -> bool:
+            conn.execute("UPDATE leases SET expires_at_ms = ? + ttl_ms WHERE id = ?", (now, lease_id))
+            return conn.changes() == 1
 
         return await self._tx(keepalive)
 
@@ -133,7 +130,7 @@ class SqliteCoordination(Coordination):
 
     # Keys -----------------------------------------------------------------------------------------------
     async def create(self, key: str, value: bytes, lease_id: int | None = None) -> bool:
-        def create(conn: sqlite3.Connection, now: int) -> bool:
+        def create(conn: Connection, now: int) -> bool:
             if conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is not None:
                 return False
             _put(conn, key, value, lease_id, now)
@@ -145,7 +142,7 @@ class SqliteCoordination(Coordination):
         await self._tx(lambda conn, now: _put(conn, key, value, lease_id, now))
 
     async def put_if(self, guard_key: str, guard_value: bytes, key: str, value: bytes) -> bool:
-        def put_if(conn: sqlite3.Connection, now: int) -> bool:
+        def put_if(conn: Connection, now: int) -> bool:
             row = conn.execute("SELECT value FROM kv WHERE key = ?", (guard_key,)).fetchone()
             if row is None or bytes(row[0]) != guard_value:
                 return False
@@ -155,14 +152,14 @@ class SqliteCoordination(Coordination):
         return await self._tx(put_if)
 
     async def get(self, key: str) -> bytes | None:
-        def get(conn: sqlite3.Connection, now: int) -> bytes | None:
+        def get(conn: Connection, now: int) -> bytes | None:
             row = conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
             return None if row is None else bytes(row[0])
 
         return await self._tx(get)
 
     async def get_prefix(self, prefix: str) -> dict[str, bytes]:
-        def get_prefix(conn: sqlite3.Connection, now: int) -> dict[str, bytes]:
+        def get_prefix(conn: Connection, now: int) -> dict[str, bytes]:
             sql, params = _prefix_where(prefix)
             rows = conn.execute(f"SELECT key, value FROM kv WHERE {sql} ORDER BY key", params).fetchall()
             return {key: bytes(value) for key, value in rows}
@@ -184,7 +181,7 @@ class SqliteCoordination(Coordination):
     async def _watch(self, prefix: str, after: int) -> AsyncIterator[WatchEvent]:
         where, params = _prefix_where(prefix)
 
-        def changes(conn: sqlite3.Connection, now: int) -> tuple[list[tuple[int, str, bytes | None]], int]:
+        def changes(conn: Connection, now: int) -> tuple[list[tuple[int, str, bytes | None]], int]:
             oldest = conn.execute("SELECT MIN(revision) FROM changes").fetchone()[0]
             if oldest is not None and oldest > after + 1 and _revision(conn) > after:
                 # Revisions after ``after`` were pruned before we read them: we cannot tell what changed.
@@ -210,12 +207,12 @@ class SqliteCoordination(Coordination):
             await asyncio.sleep(WATCH_POLL_S)
 
 
-def _revision(conn: sqlite3.Connection) -> int:
+def _revision(conn: Connection) -> int:
     value: int = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
     return value
 
 
-def _log_changes(conn: sqlite3.Connection, changes: Sequence[tuple[str, bytes | None]], now: int) -> None:
+def _log_changes(conn: Connection, changes: Sequence[tuple[str, bytes | None]], now: int) -> None:
     """Give each change the next revision and record it for watchers."""
     if not changes:
         return
@@ -227,7 +224,7 @@ def _log_changes(conn: sqlite3.Connection, changes: Sequence[tuple[str, bytes | 
     conn.execute("UPDATE meta SET value = ? WHERE name = 'revision'", (base + len(changes),))
 
 
-def _put(conn: sqlite3.Connection, key: str, value: bytes, lease_id: int | None, now: int) -> None:
+def _put(conn: Connection, key: str, value: bytes, lease_id: int | None, now: int) -> None:
     if lease_id is not None and not conn.execute("SELECT 1 FROM leases WHERE id = ?", (lease_id,)).fetchone():
         raise LeaseNotFound(f"lease {lease_id} has expired or been revoked")
     _log_changes(conn, [(key, value)], now)
@@ -239,14 +236,14 @@ def _put(conn: sqlite3.Connection, key: str, value: bytes, lease_id: int | None,
     )
 
 
-def _delete_keys(conn: sqlite3.Connection, keys: Sequence[str], now: int) -> None:
+def _delete_keys(conn: Connection, keys: Sequence[str], now: int) -> None:
     existing = [key for key in keys if conn.execute("SELECT 1 FROM kv WHERE key = ?", (key,)).fetchone() is not None]
     if existing:
         conn.executemany("DELETE FROM kv WHERE key = ?", [(key,) for key in existing])
         _log_changes(conn, [(key, None) for key in existing], now)
 
 
-def _drop_leases(conn: sqlite3.Connection, lease_ids: Sequence[int], now: int) -> None:
+def _drop_leases(conn: Connection, lease_ids: Sequence[int], now: int) -> None:
     """Delete leases and every key attached to them, logging the deletions."""
     if not lease_ids:
         return
@@ -257,7 +254,7 @@ def _drop_leases(conn: sqlite3.Connection, lease_ids: Sequence[int], now: int) -
     conn.executemany("DELETE FROM leases WHERE id = ?", [(lease_id,) for lease_id in lease_ids])
 
 
-def _purge_expired(conn: sqlite3.Connection, now: int) -> None:
+def _purge_expired(conn: Connection, now: int) -> None:
     expired = [row[0] for row in conn.execute("SELECT id FROM leases WHERE expires_at_ms <= ?", (now,))]
     for start in range(0, len(expired), 500):
         _drop_leases(conn, expired[start : start + 500], now)

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-import sqlite3
 import zlib
 from collections.abc import Sequence
 from functools import partial
@@ -31,7 +30,7 @@ from pathlib import Path
 from dsched.libs import clock
 from dsched.libs.doorbell import Doorbell
 from dsched.libs.log.base import ConsumedRecord, ConsumerLag, LogConsumer, SubmissionLog
-from dsched.libs.sqlite import SqliteDB
+from dsched.libs.sqlite import Connection, SqliteDB
 
 # How often a waiting consumer looks for records appended by other processes (in-process appends wake it at
 # once, other processes' appends ring its doorbell; this poll is the fallback, so it is long: each look is a thread
@@ -78,7 +77,7 @@ def partition_for(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
-def _stored_partitions(conn: sqlite3.Connection, default: int) -> int:
+def _stored_partitions(conn: Connection, default: int) -> int:
     row = conn.execute("SELECT value FROM meta WHERE name = 'partitions'").fetchone()
     if row is not None:
         return int(row[0])
@@ -133,7 +132,7 @@ class SqliteLog(SubmissionLog):
         self._wake_consumers()
         self._bell.ring()  # one datagram per other listening process, per commit
 
-    def _insert(self, conn: sqlite3.Connection, records: list[tuple[str, bytes]]) -> None:
+    def _insert(self, conn: Connection, records: list[tuple[str, bytes]]) -> None:
         now = clock.now_ms()
         next_offset: dict[int, int] = {}
         rows = []
@@ -168,7 +167,7 @@ class SqliteLogConsumer(LogConsumer):
     async def startup(self) -> None:
         await self._db.open()
 
-        def load(conn: sqlite3.Connection) -> tuple[int, dict[int, int]]:
+        def load(conn: Connection) -> tuple[int, dict[int, int]]:
             partitions = _stored_partitions(conn, self._log.partitions)
             rows = conn.execute("SELECT partition, next_offset FROM committed WHERE grp = ?", (self.group,)).fetchall()
             return partitions, {int(p): int(o) for p, o in rows}
@@ -199,7 +198,7 @@ class SqliteLogConsumer(LogConsumer):
                 async with asyncio.timeout(min(POLL_INTERVAL_S, remaining)):
                     await appended.wait()
 
-    def _read(self, conn: sqlite3.Connection, position: dict[int, int], limit: int) -> list[ConsumedRecord]:
+    def _read(self, conn: Connection, position: dict[int, int], limit: int) -> list[ConsumedRecord]:
         per_partition = [
             [
                 ConsumedRecord(partition, offset, key, bytes(value), timestamp_ms)
@@ -218,7 +217,7 @@ class SqliteLogConsumer(LogConsumer):
     async def lag(self) -> ConsumerLag:
         """Exact: offsets are contiguous per partition, so each partition costs two primary-key lookups."""
 
-        def read(conn: sqlite3.Connection) -> ConsumerLag:
+        def read(conn: Connection) -> ConsumerLag:
             committed = dict(
                 conn.execute("SELECT partition, next_offset FROM committed WHERE grp = ?", (self.group,)).fetchall()
             )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from dsched.libs.queue.base import (
     ReceivedMessage,
     WorkQueue,
 )
-from dsched.libs.sqlite import SqliteDB, begin_immediate
+from dsched.libs.sqlite import Connection, SqliteDB, begin_immediate
 
 T = TypeVar("T")
 
@@ -78,7 +77,7 @@ _SELECT_VISIBLE = (
 _DELETE = "DELETE FROM messages WHERE id = ? AND receipt = ?"
 
 _Handle = tuple[int, str]  # (message id, delivery nonce) parsed from a receipt
-_OpFn = Callable[[sqlite3.Connection, int], Any]
+_OpFn = Callable[[Connection, int], Any]
 
 
 @dataclass(slots=True)
@@ -136,7 +135,7 @@ class SqliteQueue(WorkQueue):
             return
         rows = [(m.body, m.priority, max(0, int(m.delay_s * 1000))) for m in messages]
 
-        def send(conn: sqlite3.Connection, now: int) -> None:
+        def send(conn: Connection, now: int) -> None:
             conn.executemany(
                 "INSERT INTO messages (body, priority, visible_at_ms, sent_ms) VALUES (?, ?, ?, ?)",
                 [(body, priority, now + delay_ms, now) for body, priority, delay_ms in rows],
@@ -151,7 +150,7 @@ class SqliteQueue(WorkQueue):
         visibility_ms = max(0, int(visibility_s * 1000))
         max_receives = self.max_receives
 
-        def receive(conn: sqlite3.Connection, now: int) -> list[ReceivedMessage]:
+        def receive(conn: Connection, now: int) -> list[ReceivedMessage]:
             return _receive(conn, now, limit, visibility_ms, max_receives)
 
         loop = asyncio.get_running_loop()
@@ -183,7 +182,7 @@ class SqliteQueue(WorkQueue):
         handles = _parse_receipts(receipts)
         visibility_ms = max(0, int(visibility_s * 1000))
 
-        def extend(conn: sqlite3.Connection, now: int) -> None:
+        def extend(conn: Connection, now: int) -> None:
             conn.executemany(
                 "UPDATE messages SET visible_at_ms = ? WHERE id = ? AND receipt = ?",
                 [(now + visibility_ms, ident, nonce) for ident, nonce in handles],
@@ -198,7 +197,7 @@ class SqliteQueue(WorkQueue):
             await self._submit(_Op(_nack_fn(handles, max(0, int(delay_s * 1000))), wakes=True))
 
     async def dead_letters(self, max_messages: int) -> list[ReceivedMessage]:
-        def peek(conn: sqlite3.Connection) -> list[ReceivedMessage]:
+        def peek(conn: Connection) -> list[ReceivedMessage]:
             rows = conn.execute(
                 "SELECT id, body, receive_count FROM dead_messages ORDER BY id LIMIT ?",
                 (max(0, max_messages),),
@@ -220,7 +219,7 @@ class SqliteQueue(WorkQueue):
             )
 
     async def counts(self) -> QueueCounts:
-        def counts(conn: sqlite3.Connection) -> QueueCounts:
+        def counts(conn: Connection) -> QueueCounts:
             now = clock.now_ms()
             visible, in_flight = conn.execute(
                 "SELECT COALESCE(SUM(visible_at_ms <= ?), 0), "
@@ -253,7 +252,7 @@ class SqliteQueue(WorkQueue):
 
 
 def _nack_fn(handles: list[_Handle], delay_ms: int) -> _OpFn:
-    def nack(conn: sqlite3.Connection, now: int) -> None:
+    def nack(conn: Connection, now: int) -> None:
         conn.executemany(
             "UPDATE messages SET visible_at_ms = ?, receipt = NULL WHERE id = ? AND receipt = ?",
             [(now + delay_ms, ident, nonce) for ident, nonce in handles],
@@ -262,7 +261,7 @@ def _nack_fn(handles: list[_Handle], delay_ms: int) -> _OpFn:
     return nack
 
 
-def _run_batch(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
+def _run_batch(conn: Connection, batch: list[_Op]) -> list[Any]:
     """Run ``batch`` in order in one transaction (none if it only receives and nothing is visible)."""
     now = clock.now_ms()
     if all(op.receive for op in batch):
@@ -285,9 +284,7 @@ def _run_batch(conn: sqlite3.Connection, batch: list[_Op]) -> list[Any]:
     return results
 
 
-def _receive(
-    conn: sqlite3.Connection, now: int, limit: int, visibility_ms: int, max_receives: int
-) -> list[ReceivedMessage]:
+def _receive(conn: Connection, now: int, limit: int, visibility_ms: int, max_receives: int) -> list[ReceivedMessage]:
     out: list[ReceivedMessage] = []
     while len(out) < limit:
         rows = conn.execute(_SELECT_VISIBLE, (now, limit - len(out))).fetchall()

@@ -14,7 +14,6 @@ block).
 from __future__ import annotations
 
 import base64
-import sqlite3
 from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +23,7 @@ import orjson
 from dsched.libs import clock
 from dsched.libs.apikeys import ApiKey
 from dsched.libs.models import ACCEPTED_VERSION, BucketEntry, DeadLetter, Job, JobState, JobStatus, Run
-from dsched.libs.sqlite import SqliteDB
+from dsched.libs.sqlite import Connection, SqliteDB
 from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch
 
 T = TypeVar("T")
@@ -133,7 +132,7 @@ def _decode_cursor(cursor: str, arity: int) -> list[Any]:
     return key
 
 
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
+def _add_missing_columns(conn: Connection) -> None:
     """Bring a store file created by an earlier release up to this schema (columns added since)."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     if "accepted" not in columns:
@@ -190,7 +189,7 @@ class SqliteStore(JobStore):
     async def check_layout(self, shard_count: int, bucket_ms: int) -> None:
         wanted = {"shard_count": shard_count, "bucket_ms": bucket_ms}
 
-        def check(conn: sqlite3.Connection) -> None:
+        def check(conn: Connection) -> None:
             stored = dict(conn.execute("SELECT name, value FROM meta WHERE name IN ('shard_count', 'bucket_ms')"))
             if not stored:
                 conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", list(wanted.items()))
@@ -240,7 +239,7 @@ class SqliteStore(JobStore):
         if not ids:
             return {}
 
-        def get(conn: sqlite3.Connection) -> dict[str, Job]:
+        def get(conn: Connection) -> dict[str, Job]:
             found: dict[str, Job] = {}
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
@@ -318,7 +317,7 @@ class SqliteStore(JobStore):
         window_sql += " ORDER BY created_ms DESC, job_id DESC LIMIT 1 OFFSET ?"
         window_args.append(max(1, scan) - 1)
 
-        def window_end(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+        def window_end(conn: Connection) -> tuple[Any, ...] | None:
             row = conn.execute(window_sql, window_args).fetchone()
             return tuple(row) if row is not None else None
 
@@ -361,7 +360,7 @@ class SqliteStore(JobStore):
         sql = f"SELECT {', '.join(keys)}, {select} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
         args = [*params, limit + 1]  # one more tells whether there is a next page
 
-        def page(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        def page(conn: Connection) -> list[tuple[Any, ...]]:
             return conn.execute(sql, args).fetchall()
 
         rows = await self._reader.run(page)
@@ -379,7 +378,7 @@ class SqliteStore(JobStore):
         job_rows = [_job_row(job) for job in jobs]
         entry_rows = [_entry_row(e) for e in entries]
 
-        def put(conn: sqlite3.Connection) -> None:
+        def put(conn: Connection) -> None:
             conn.executemany(_PUT_JOB, job_rows).close()
             conn.executemany(_PUT_ENTRY, entry_rows).close()
 
@@ -400,7 +399,7 @@ class SqliteStore(JobStore):
         if limit <= 0:
             return {p: [] for p in partitions}
 
-        def due(conn: sqlite3.Connection) -> dict[tuple[int, int], list[tuple[Any, ...]]]:
+        def due(conn: Connection) -> dict[tuple[int, int], list[tuple[Any, ...]]]:
             # One thread hop for every partition: the picker reads all its shards each tick.
             return {
                 (shard, bucket_ms): conn.execute(
@@ -447,24 +446,22 @@ class SqliteStore(JobStore):
 
     # Picker checkpoints -----------------------------------------------------------------------------------
     async def get_checkpoint(self, shard: int) -> int | None:
-        def get(conn: sqlite3.Connection) -> int | None:
+        def get(conn: Connection) -> int | None:
             row = conn.execute("SELECT bucket_ms FROM picker_checkpoints WHERE shard = ?", (shard,)).fetchone()
             return None if row is None else int(row[0])
 
         return await self._reader.run(get)
 
     async def advance_checkpoint(self, shard: int, expected: int | None, new: int) -> bool:
-        def cas(conn: sqlite3.Connection) -> bool:
+        def cas(conn: Connection) -> bool:
             if expected is None:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO picker_checkpoints (shard, bucket_ms) VALUES (?, ?)", (shard, new)
-                )
+                conn.execute("INSERT OR IGNORE INTO picker_checkpoints (shard, bucket_ms) VALUES (?, ?)", (shard, new))
             else:
-                cur = conn.execute(
+                conn.execute(
                     "UPDATE picker_checkpoints SET bucket_ms = ? WHERE shard = ? AND bucket_ms = ?",
                     (new, shard, expected),
                 )
-            return cur.rowcount == 1
+            return conn.changes() == 1
 
         return await self._writer.write(cas)
 
@@ -485,7 +482,7 @@ class SqliteStore(JobStore):
         if not ids:
             return {}
 
-        def get(conn: sqlite3.Connection) -> list[bytes]:
+        def get(conn: Connection) -> list[bytes]:
             bodies: list[bytes] = []
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
@@ -515,16 +512,16 @@ class SqliteStore(JobStore):
         if not ids:
             return set()
 
-        def claim(conn: sqlite3.Connection) -> set[str]:
+        def claim(conn: Connection) -> set[str]:
             now = clock.now_ms()
             won = set()
-            # One statement per id inside the one transaction: rowcount tells which inserts this call made.
+            # One statement per id inside the one transaction: changes() tells which inserts this call made.
             for run_id in ids:
-                cur = conn.execute(
+                conn.execute(
                     "INSERT OR IGNORE INTO run_claims (run_id, worker_id, claimed_ms) VALUES (?, ?, ?)",
                     (run_id, worker_id, now),
                 )
-                if cur.rowcount == 1:
+                if conn.changes() == 1:
                     won.add(run_id)
             return won
 
@@ -559,7 +556,7 @@ class SqliteStore(JobStore):
         return [DeadLetter.model_validate_json(row[0]) for row in rows], next_cursor
 
     async def get_dead_letter(self, user_id: str, dead_letter_id: str) -> DeadLetter | None:
-        def get(conn: sqlite3.Connection) -> bytes | None:
+        def get(conn: Connection) -> bytes | None:
             row = conn.execute(
                 "SELECT body FROM dead_letters WHERE user_id = ? AND dead_letter_id = ?",
                 (user_id, dead_letter_id),
@@ -571,7 +568,7 @@ class SqliteStore(JobStore):
 
     # Idempotent submit ------------------------------------------------------------------------------------
     async def claim_idempotency_key(self, user_id: str, key: str, job_id: str, ttl_s: int) -> str:
-        def claim(conn: sqlite3.Connection) -> str:
+        def claim(conn: Connection) -> str:
             now = clock.now_ms()
             row = conn.execute(
                 "SELECT job_id, expires_ms FROM idempotency_keys WHERE user_id = ? AND key = ?",
@@ -595,7 +592,7 @@ class SqliteStore(JobStore):
 
     # Stats ------------------------------------------------------------------------------------------------
     async def stats(self, now_ms: int) -> dict[str, int]:
-        def stats(conn: sqlite3.Connection) -> dict[str, int]:
+        def stats(conn: Connection) -> dict[str, int]:
             conn.execute("BEGIN")  # one snapshot for all three counts
             try:
                 by_status = dict(
@@ -624,7 +621,7 @@ class SqliteStore(JobStore):
         )
 
     async def get_api_key(self, key_id: str) -> ApiKey | None:
-        def get(conn: sqlite3.Connection) -> bytes | None:
+        def get(conn: Connection) -> bytes | None:
             row = conn.execute("SELECT body FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
             return None if row is None else bytes(row[0])
 
@@ -632,7 +629,7 @@ class SqliteStore(JobStore):
         return None if body is None else ApiKey.model_validate_json(body)
 
     async def list_api_keys(self, tenant: str | None = None) -> list[ApiKey]:
-        def rows(conn: sqlite3.Connection) -> list[bytes]:
+        def rows(conn: Connection) -> list[bytes]:
             if tenant is None:
                 found = conn.execute("SELECT body FROM api_keys ORDER BY created_ms DESC, key_id").fetchall()
             else:
@@ -644,7 +641,7 @@ class SqliteStore(JobStore):
         return [ApiKey.model_validate_json(b) for b in await self._reader.run(rows)]
 
     async def _update_api_key(self, key_id: str, change: str, at_ms: int) -> bool:
-        def update(conn: sqlite3.Connection) -> bool:
+        def update(conn: Connection) -> bool:
             row = conn.execute("SELECT body FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
             if row is None:
                 return False
@@ -665,7 +662,7 @@ class SqliteStore(JobStore):
         await self._update_api_key(key_id, "touch", used_ms)
 
     async def take_rate_token(self, name: str, interval_ms: int, burst: int, now_ms: int) -> int:
-        def take(conn: sqlite3.Connection) -> int:
+        def take(conn: Connection) -> int:
             row = conn.execute("SELECT tat_ms FROM rate_limits WHERE name = ?", (name,)).fetchone()
             tat = max(int(row[0]) if row else now_ms, now_ms)
             new_tat = tat + interval_ms
@@ -678,7 +675,7 @@ class SqliteStore(JobStore):
         return await self._writer.write(take)
 
     async def tenant_usage(self, user_id: str) -> tuple[int, int]:
-        def usage(conn: sqlite3.Connection) -> tuple[int, int]:
+        def usage(conn: Connection) -> tuple[int, int]:
             row = conn.execute(
                 # an offloaded payload's bytes are in the blob store: its definition names their count
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(j.definition)"
@@ -702,7 +699,7 @@ class SqliteStore(JobStore):
     async def get_job_owners(self, job_ids: Sequence[str]) -> dict[str, str]:
         ids = list(dict.fromkeys(job_ids))
 
-        def owners(conn: sqlite3.Connection) -> dict[str, str]:
+        def owners(conn: Connection) -> dict[str, str]:
             found: dict[str, str] = {}
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
@@ -712,7 +709,7 @@ class SqliteStore(JobStore):
         return await self._reader.run(owners) if ids else {}
 
     async def get_signing_secrets(self, tenant: str) -> list[str]:
-        def get(conn: sqlite3.Connection) -> bytes | None:
+        def get(conn: Connection) -> bytes | None:
             row = conn.execute("SELECT body FROM signing_secrets WHERE tenant = ?", (tenant,)).fetchone()
             return None if row is None else bytes(row[0])
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import sqlite3
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from dsched.libs.log.base import ConsumedRecord, LogConsumer
 from dsched.libs.log.sqlite import SqliteLog
+from dsched.libs.sqlite import Connection
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ async def test_concurrent_appends_share_transactions_and_all_land(
     transactions = 0
     run = log._db.run  # one call per group commit (one transaction on the connection's thread)
 
-    async def counting_run(fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def counting_run(fn: Callable[[Connection], T]) -> T:
         nonlocal transactions
         transactions += 1
         return await run(fn)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, JobStatus, Payload
+from dsched.libs.sqlite import connect
 from dsched.libs.store.base import LayoutMismatch
 from dsched.libs.store.sqlite import SqliteStore
 
@@ -134,16 +134,17 @@ async def test_large_batches_go_through(store: SqliteStore) -> None:
 async def test_a_store_file_from_before_the_accepted_column_opens_and_lists_its_jobs(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     old = job(1000)
-    with sqlite3.connect(path) as conn:  # the jobs table as earlier releases created it
-        conn.execute(
-            "CREATE TABLE jobs (job_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, project_id TEXT NOT NULL, "
-            "created_ms INTEGER NOT NULL, paused INTEGER NOT NULL, deleted INTEGER NOT NULL, "
-            "definition BLOB NOT NULL) WITHOUT ROWID"
-        )
-        conn.execute(
-            "INSERT INTO jobs VALUES (?, 'u', 'p', 1000, 0, 0, ?)",
-            (old.job_id, old.model_dump_json(exclude={"state", "last_run", "dispatched_through_ms"}).encode()),
-        )
+    conn = connect(path)  # the jobs table as earlier releases created it
+    conn.execute(
+        "CREATE TABLE jobs (job_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, project_id TEXT NOT NULL, "
+        "created_ms INTEGER NOT NULL, paused INTEGER NOT NULL, deleted INTEGER NOT NULL, "
+        "definition BLOB NOT NULL) WITHOUT ROWID"
+    )
+    conn.execute(
+        "INSERT INTO jobs VALUES (?, 'u', 'p', 1000, 0, 0, ?)",
+        (old.job_id, old.model_dump_json(exclude={"state", "last_run", "dispatched_through_ms"}).encode()),
+    )
+    conn.close()
     upgraded = SqliteStore(path)
     await upgraded.startup()
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from dsched.libs.log.sqlite import SqliteLog
 from dsched.libs.models import BucketEntry, Job, Payload, Submission
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import entry_for
+from dsched.libs.sqlite import connect
 from dsched.libs.store.sqlite import SqliteStore
 from dsched.writer.service import Writer
 
@@ -54,8 +54,11 @@ class Env:
         return [(e.due_ms, e.job_id, e.version) for e in found if e.job_id == job.job_id]
 
     def parked_offsets(self) -> list[int]:
-        with sqlite3.connect(self.log.path) as conn:
+        conn = connect(self.log.path)
+        try:
             return [row[0] for row in conn.execute("SELECT offset FROM dead_letters ORDER BY offset")]
+        finally:
+            conn.close()
 
 
 @pytest.fixture
