@@ -12,8 +12,9 @@ Loop (one task, so loading and dispatching never race):
 
 Ownership comes from the coordinator's assignment and is only believed while this picker's own lease is
 known to be alive (last successful keepalive + TTL, measured from when the keepalive was sent). The lease is
-renewed only while the loop makes progress: a load or dispatch batch stuck in backend calls for half a TTL
-(:data:`STALLED_STEP_TTL_SHARE`) lets the lease expire, so the coordinator moves the shards to a live picker.
+renewed only while the loop makes progress (each backend call of a load that returns, each dispatch batch): a step
+stuck in one backend call for half a TTL (:data:`STALLED_STEP_TTL_SHARE`) lets the lease expire, so the coordinator
+moves the shards to a live picker.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ logger = logs.get("picker")
 DEFAULT_MAX_LATENESS_MS = 60_000
 # A run still marked running this long after its timeout is treated as abandoned by overlap checks.
 OVERLAP_STALE_MS = 30_000
-# A picker whose loop has made no progress inside a step (a load, or a dispatch batch: backend calls) for this share
+# A picker whose loop has made no progress inside a step (no load call or dispatch batch returned) for this share
 # of the lease TTL stops renewing its lease: one stuck in a call that never answers gives its shards up as a frozen
 # picker does.
 STALLED_STEP_TTL_SHARE = 0.5
@@ -298,13 +299,19 @@ class Picker:
         bucket_ms = self.settings.bucket_ms
         last_bucket = bucket_for(until, bucket_ms)
         grace_ms = int(self.settings.bucket_grace_s * 1000)
-        checkpoints = {shard: await self._checkpoint(shard, now) for shard in sorted(owned)}
+        # Each backend call that returns counts as progress (see _keepalive_loop): on a store slowed by write
+        # pressure, a load of many shards is slow without being stuck.
+        checkpoints: dict[int, int] = {}
+        for shard in sorted(owned):
+            checkpoints[shard] = await self._checkpoint(shard, now)
+            self._progressed()
         partitions = [
             (shard, bucket)
             for shard, checkpoint in checkpoints.items()
             for bucket in range(checkpoint, last_bucket + 1, bucket_ms)
         ]
         found = await self.store.due_entries_many(partitions, until, self.settings.picker_batch, known=self._loaded)
+        self._progressed()
         for shard, checkpoint in checkpoints.items():
             advance_to = checkpoint
             for bucket in range(checkpoint, last_bucket + 1, bucket_ms):
@@ -317,7 +324,8 @@ class Picker:
                 if advance_to == bucket and not entries and bucket + bucket_ms + grace_ms <= now:
                     advance_to = bucket + bucket_ms
             if advance_to != checkpoint:
-                await self._advance(shard, checkpoint, advance_to)
+                await self._advance(shard, checkpoint, advance_to)  # a compare-and-set: an LWT on Scylla
+                self._progressed()
         if self.settings.tenant_fair_dispatch and len(self._heap) > self._batch_size:
             try:  # read ahead, off the due instant's path (dispatch reads what is still missing)
                 if len(self._owners) > 2 * len(self._heap) + OWNERS_SLACK:  # left by entries gone another way

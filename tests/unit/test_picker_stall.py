@@ -1,5 +1,5 @@
 """A picker stuck in one backend call gives its lease up (so the coordinator can move its shards); one that is
-slow but makes progress keeps it."""
+slow but makes progress (dispatch batches, or a load's calls one shard after another) keeps it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dsched.libs.models import Job, Payload
 from dsched.libs.queue.base import OutgoingMessage
 from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
-from dsched.libs.sharding import entry_for
+from dsched.libs.sharding import bucket_for, entry_for
 from dsched.libs.store.sqlite import SqliteStore
 from dsched.picker.service import Picker
 from tests.helpers.pickers import picker_backends, picker_owning, running
@@ -161,3 +161,37 @@ async def test_a_picker_on_a_slow_queue_shrinks_its_batches_and_keeps_its_lease(
         async with owning as picker:
             await _sends_all_keeping_the_lease(picker, queue, 1200, timeout_s=30 * TTL_S)
         assert max(queue.batches) * 0.001 < TTL_S / 2, queue.batches
+
+
+class SlowCheckpoints(SqliteStore):
+    """A store whose checkpoint compare-and-set takes ``delay_s`` (Scylla's LWT under write pressure)."""
+
+    delay_s = 0.0
+
+    async def advance_checkpoint(self, shard: int, expected: int | None, new: int) -> bool:
+        if expected is not None:
+            await asyncio.sleep(self.delay_s)
+        return await super().advance_checkpoint(shard, expected, new)
+
+
+async def test_a_picker_whose_load_is_slow_shard_after_shard_keeps_its_lease(tmp_path: Path) -> None:
+    """Every shard's checkpoint is ten minutes behind, so the first load moves each one (a compare-and-set per
+    shard), and each move takes a third of the TTL: the load lasts twice the TTL. Each move counts as progress."""
+    backends = picker_backends(tmp_path, shard_count=SHARDS, lease_ttl_s=TTL_S, picker_tick_s=0.05)
+    async with backends as (settings, plain, inner):
+        store = SlowCheckpoints(plain.path)
+        await store.startup()
+        try:
+            old = bucket_for(now_ms() - 600_000, settings.bucket_ms)
+            for shard in range(SHARDS):
+                await store.advance_checkpoint(shard, None, old)
+            store.delay_s = TTL_S / 3
+            await _due_jobs(store, settings, 12)
+            queue = GatedQueue(inner, delay_s=0.0)
+            owning = picker_owning(range(SHARDS), store=store, queue=queue, settings=settings, tmp_path=tmp_path)
+            async with owning as picker:
+                await _sends_all_keeping_the_lease(picker, queue, 12, timeout_s=20 * TTL_S)
+            moved = [await store.get_checkpoint(shard) != old for shard in range(SHARDS)]
+            assert all(moved), "every shard's checkpoint moved"
+        finally:
+            await store.shutdown()
