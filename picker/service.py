@@ -119,7 +119,8 @@ class Picker:
         self._tasks: list[asyncio.Task[None]] = []
         # Monotonic time the loop's step in flight started or last finished a batch; None between steps.
         self._progress_at: float | None = None
-        self._step_name = ""  # "load" or "dispatch": what the step in flight is doing (logged if it stalls)
+        # What the step in flight is doing, logged if it stalls: "dispatch", or "load" and the load's call in flight.
+        self._step_name = ""
         self._next_load_ms = 0  # epoch ms of the next load (run loop); entries_stored may bring it forward
         self._last_load_ms = 0
 
@@ -302,6 +303,7 @@ class Picker:
         # Each backend call that returns counts as progress (see _keepalive_loop): on a store slowed by write
         # pressure, a load of many shards is slow without being stuck.
         checkpoints: dict[int, int] = {}
+        self._step_name = "load: checkpoints"
         for shard in sorted(owned):
             checkpoints[shard] = await self._checkpoint(shard, now)
             self._progressed()
@@ -310,8 +312,10 @@ class Picker:
             for shard, checkpoint in checkpoints.items()
             for bucket in range(checkpoint, last_bucket + 1, bucket_ms)
         ]
+        self._step_name = "load: due entries"
         found = await self.store.due_entries_many(partitions, until, self.settings.picker_batch, known=self._loaded)
         self._progressed()
+        self._step_name = "load: advance checkpoints"
         for shard, checkpoint in checkpoints.items():
             advance_to = checkpoint
             for bucket in range(checkpoint, last_bucket + 1, bucket_ms):
@@ -331,6 +335,7 @@ class Picker:
                 if len(self._owners) > 2 * len(self._heap) + OWNERS_SLACK:  # left by entries gone another way
                     loaded = {item[3].job_id for item in self._heap}
                     self._owners = {job: tenant for job, tenant in self._owners.items() if job in loaded}
+                self._step_name = "load: owners"
                 await self._read_owners([item[3] for item in self._heap])
             except Exception as exc:
                 logger.warning("fair_owners_failed", error=f"{type(exc).__name__}: {exc}")
