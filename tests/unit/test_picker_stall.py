@@ -59,8 +59,9 @@ async def backends(tmp_path: Path) -> AsyncIterator[tuple[Settings, SqliteStore,
         yield backends
 
 
-async def _due_jobs(store: SqliteStore, settings: Settings, count: int) -> None:
+async def _due_jobs(store: SqliteStore, settings: Settings, count: int, due_in_ms: int = 0) -> None:
     now = now_ms()
+    due = now + due_in_ms
     jobs = [
         Job.model_validate(
             dict(
@@ -68,7 +69,7 @@ async def _due_jobs(store: SqliteStore, settings: Settings, count: int) -> None:
                 user_id="u",
                 project_id="p",
                 payload=Payload(kind="echo", text="x"),
-                next_fire_ms=now,
+                next_fire_ms=due,
                 created_ms=now - 1000,
             )
         )
@@ -79,8 +80,8 @@ async def _due_jobs(store: SqliteStore, settings: Settings, count: int) -> None:
         [
             entry_for(
                 job,
-                now,
-                scheduled_ms=now,
+                due,
+                scheduled_ms=due,
                 attempt=0,
                 kind="schedule",
                 shard_count=SHARDS,
@@ -193,5 +194,41 @@ async def test_a_picker_whose_load_is_slow_shard_after_shard_keeps_its_lease(tmp
                 await _sends_all_keeping_the_lease(picker, queue, 12, timeout_s=20 * TTL_S)
             moved = [await store.get_checkpoint(shard) != old for shard in range(SHARDS)]
             assert all(moved), "every shard's checkpoint moved"
+        finally:
+            await store.shutdown()
+
+
+class SlowOwners(SqliteStore):
+    """A store that takes ``per_id_s`` per job to answer an owners read (Cassandra under write pressure)."""
+
+    per_id_s = 0.0
+
+    async def get_job_owners(self, job_ids: Sequence[str]) -> dict[str, str]:
+        await asyncio.sleep(self.per_id_s * len(job_ids))
+        return await super().get_job_owners(job_ids)
+
+
+async def test_a_picker_reading_many_owners_ahead_on_a_slow_store_keeps_its_lease(tmp_path: Path) -> None:
+    """2,000 runs due in 30 s are loaded; fair dispatch reads their owners ahead, which takes three TTLs on this
+    store. Read in chunks, each counting as progress, it keeps the lease."""
+    backends = picker_backends(
+        tmp_path, shard_count=SHARDS, lease_ttl_s=TTL_S, picker_tick_s=0.05, picker_lookahead_s=60
+    )
+    async with backends as (settings, plain, inner):
+        store = SlowOwners(plain.path)
+        await store.startup()
+        try:
+            await _due_jobs(store, settings, 2000, due_in_ms=30_000)
+            store.per_id_s = 3 * TTL_S / 2000
+            owning = picker_owning(range(SHARDS), store=store, queue=inner, settings=settings, tmp_path=tmp_path)
+            async with owning as picker, running(picker):
+                lease = picker._lease
+                for _ in range(int(6 * TTL_S / 0.05)):  # bounded: the owners are read within ~3 TTLs
+                    assert await _registered(picker), "lease lost while reading owners"
+                    if len(picker._owners) == 2000:
+                        break
+                    await asyncio.sleep(0.05)
+                assert len(picker._owners) == 2000
+                assert picker._lease == lease, "the lease was never lost"
         finally:
             await store.shutdown()
