@@ -11,10 +11,11 @@ import pytest
 
 from dsched.libs.clock import now_ms
 from dsched.libs.log.sqlite import SqliteLog
-from dsched.libs.models import BucketEntry, Job, Payload, Submission
+from dsched.libs.models import BucketEntry, Job, Submission
 from dsched.libs.settings import Settings
 from dsched.libs.store.sqlite import SqliteStore
 from dsched.writer.service import GROUP, Writer
+from tests.helpers.store_contract import make_job
 
 BATCH = 4
 JOBS = 20
@@ -49,17 +50,7 @@ async def parts(tmp_path: Path) -> AsyncIterator[tuple[Settings, SqliteLog, Flak
     await log.startup()
     await store.startup()
     now = now_ms()
-    jobs = [
-        Job(
-            job_id=f"job-{i:02d}",
-            user_id="u",
-            project_id="p",
-            payload=Payload(kind="echo", text="x"),
-            next_fire_ms=now + 60_000,
-            created_ms=now,
-        )
-        for i in range(JOBS)
-    ]
+    jobs = [make_job("u", now, job_id=f"job-{i:02d}", next_fire_ms=now + 60_000) for i in range(JOBS)]
     await log.append([(j.job_id, Submission(op="submit", job=j, at_ms=now).model_dump_json().encode()) for j in jobs])
     try:
         yield settings, log, store, [j.job_id for j in jobs]
