@@ -6,6 +6,8 @@ dsched run all [--processes N] the five services (dev defaults: cmd: and loopbac
                                children; 1: all here)
 dsched run <service>[,...]     one or several of ingestion, writer, coordinator, picker, worker in one process
 dsched db migrate              apply the CQL schema (Scylla store) idempotently
+dsched db check                PRAGMA integrity_check on every embedded file of the data directory (exit 1 if any
+                               is damaged)
 dsched chaos [options]         the chaos suite (python -m dsched.chaos)
 dsched jobs|runs|dlq|cluster   the HTTP client (app/client.py); dsched --version, dsched completion bash
 dsched keys create|list|revoke API keys in the configured store (app/keys_cli.py)
@@ -58,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         help="run all: OS processes in all (1: one; 2: the worker in a child; N >= 3: writer and picker in a child, "
         "the worker in N - 2); DSCHED_PROCESSES",
     )
-    db = sub.add_parser("db", help="store schema")
-    db.add_argument("action", choices=["migrate"])
+    db = sub.add_parser("db", help="store schema; integrity of the embedded files")
+    db.add_argument("action", choices=["migrate", "check"])
     sub.add_parser("chaos", help="run the chaos suite (see docs/chaos.md)")
     keys_cli.add_parser(sub)
     client.add_commands(sub)  # jobs, runs, dlq, cluster, completion: the HTTP client (app/client.py)
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
                 run_loop(_serve(settings.with_dev_defaults(), list(SERVICES), settings.processes))
             else:
                 run_loop(_serve(settings, args.service))
+        elif args.command == "db" and args.action == "check":
+            sys.exit(_check(settings))
         elif args.command == "db":
             asyncio.run(_migrate(settings))
         elif args.command == "keys":
@@ -119,6 +123,24 @@ async def _serve(settings: Settings, services: list[str], processes: int = 1) ->
         await serve(settings, services, layout.plan(processes)[1])
     else:
         await serve(settings, services)
+
+
+def _check(settings: Settings) -> int:
+    """``dsched db check``: one line per embedded SQLite file of the data directory; 1 if any is damaged."""
+    from dsched.libs.sqlite import integrity_problems
+
+    paths = sorted(settings.data_dir.glob("*.db"))
+    if not paths:
+        print(f"dsched: no embedded database files in {settings.data_dir}")
+        return 0
+    damaged = 0
+    for path in paths:
+        problems = integrity_problems(path)
+        damaged += bool(problems)
+        print(f"{path.name}: " + ("ok" if not problems else "DAMAGED"))
+        for line in (line for problem in problems for line in problem.splitlines()):
+            print(f"  {line}")
+    return 1 if damaged else 0
 
 
 async def _migrate(settings: Settings) -> None:

@@ -197,6 +197,21 @@ def connect(path: Path | str, *, read_only: bool = False) -> Connection:
     return conn
 
 
+def integrity_problems(path: Path, limit: int = 10) -> list[str]:
+    """What ``PRAGMA integrity_check`` finds wrong in the database at ``path`` (at most ``limit`` lines; empty:
+    intact). Reads a consistent snapshot, so services may keep running; a file SQLite cannot even read as a
+    database is one problem."""
+    try:
+        conn = connect(path, read_only=True)
+        try:
+            rows = conn.execute(f"PRAGMA integrity_check({int(limit)})").fetchall()
+        finally:
+            conn.close()
+    except apsw.Error as exc:
+        return [f"{type(exc).__name__}: {exc}"]
+    return [] if [tuple(row) for row in rows] == [("ok",)] else [str(row[0]) for row in rows]
+
+
 def _connect(path: Path, synchronous: str) -> Connection:
     conn = connect(path)
     _enable_wal(conn, deadline=time.monotonic() + 30.0)

@@ -89,3 +89,34 @@ def test_bad_backend_url_fails_with_one_line(tmp_path: Path) -> None:
     lines = [line for line in proc.stderr.decode().splitlines() if line.startswith("dsched:")]
     assert lines == ["dsched: DSCHED_QUEUE_URL: unsupported scheme 'nosuch' (use sqlite:// or sqs://)"]
     assert "Traceback" not in proc.stderr.decode()
+
+
+def test_db_check_reports_each_embedded_file_and_fails_on_a_damaged_one(tmp_path: Path) -> None:
+    import asyncio
+    import subprocess
+
+    from dsched.libs.store.sqlite import SqliteStore
+    from tests.helpers.processes import DSCHED
+    from tests.helpers.store_contract import make_job
+
+    data = tmp_path / "data"
+
+    async def fill() -> None:
+        store = SqliteStore(data / "store.db")
+        await store.startup()
+        await store.put_jobs([make_job("u", 1_000 + i) for i in range(400)])
+        await store.shutdown()  # the last connection closes: the WAL is copied into the file
+
+    asyncio.run(fill())
+    env = base_env(data, free_port())
+    intact = subprocess.run([DSCHED, "db", "check"], env=env, capture_output=True, timeout=60)
+    assert intact.returncode == 0, intact.stderr.decode()
+    assert intact.stdout.decode().splitlines() == ["store.db: ok"]
+
+    with (data / "store.db").open("r+b") as file:  # garbage over pages 3-6 (4 KiB pages): the jobs' b-tree
+        file.seek(2 * 4096)
+        file.write(b"\xa5" * 4 * 4096)
+    damaged = subprocess.run([DSCHED, "db", "check"], env=env, capture_output=True, timeout=60)
+    assert damaged.returncode == 1
+    assert damaged.stdout.decode().startswith("store.db: DAMAGED\n  ")
+    assert "Traceback" not in damaged.stderr.decode()
