@@ -49,9 +49,9 @@ def _open(driver: str, path: Path, synchronous: str) -> Any:
 
 def _version(driver: str) -> str:
     if driver == "dsched":
-        import apsw
+        from dsched.libs import sqlite
 
-        return apsw.sqlite_lib_version()
+        return ".".join(map(str, sqlite.sqlite_version()))
     return sqlite3.sqlite_version
 
 

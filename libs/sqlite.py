@@ -7,8 +7,9 @@ never blocks on SQLite, and the connection is only ever used from the thread tha
 The driver is apsw, whose wheel carries its own SQLite: Python's ``sqlite3`` uses the system's library, and every
 SQLite before 3.51.3 has the WAL-reset bug: a checkpoint racing a commit of another process can leave the WAL index
 claiming frames were copied into the database file when they were not, and the rows they hold are then lost.
-dsched's processes share each file and checkpoint it often, which is the pattern the bug needs (a chaos run lost
-two committed run records this way). :func:`connect` refuses a library older than :data:`MIN_SQLITE_VERSION`.
+dsched's processes share each file and checkpoint it often, which is the pattern the bug needs (the likely cause
+of two committed run records lost in a chaos run; ``bench.sqlite_wal_reset`` reproduces such losses).
+:func:`connect` refuses a library older than :data:`MIN_SQLITE_VERSION`.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class SqliteDB:
                 try:
                     await loop.run_in_executor(executor, _passive_checkpoint, conn)
                     failing = False
-                except apsw.Error:  # busy or locked by another process's checkpoint: try again next time
+                except Error:  # busy or locked by another process's checkpoint: try again next time
                     continue
                 except Exception as exc:  # never a silent end of checkpoints: logged once a streak, tried again
                     if not failing:
@@ -207,9 +208,9 @@ def integrity_problems(path: Path, limit: int = 10) -> list[str]:
             rows = conn.execute(f"PRAGMA integrity_check({int(limit)})").fetchall()
         finally:
             conn.close()
-    except apsw.Error as exc:
+    except Error as exc:
         return [f"{type(exc).__name__}: {exc}"]
-    return [] if [tuple(row) for row in rows] == [("ok",)] else [str(row[0]) for row in rows]
+    return [] if rows == [("ok",)] else [str(row[0]) for row in rows]
 
 
 def _connect(path: Path, synchronous: str) -> Connection:
