@@ -190,6 +190,14 @@ def test_failover_lateness_is_bounded_by_ttl_plus_one_second() -> None:
     assert results(evidence([(s, j)], [r], [hit(r, T0 + 9000)], faults=[elsewhere]))["picker_failover_lateness"]
 
 
+def test_failover_lateness_of_a_run_due_before_the_fault_counts_from_the_fault() -> None:
+    s, j = job("a", due=2000)
+    r = run(j, j.next_fire_ms)
+    fault = picker_fault([shard_for(j.job_id, 8)], T0 + 2150)  # due 150 ms before the picker froze
+    assert results(evidence([(s, j)], [r], [hit(r, T0 + 2150 + 2950)], faults=[fault]))["picker_failover_lateness"]
+    assert not results(evidence([(s, j)], [r], [hit(r, T0 + 2150 + 3050)], faults=[fault]))["picker_failover_lateness"]
+
+
 def test_failover_with_leader_loss_gets_twice_the_ttl() -> None:
     s, j = job("a", due=2000)
     r = run(j, j.next_fire_ms)
