@@ -58,6 +58,7 @@ class Connection(Protocol):
 
     def execute(self, statements: str, bindings: Any = None) -> Cursor: ...
     def executemany(self, statements: str, sequenceofbindings: Iterable[Any]) -> Cursor: ...
+    def set_busy_timeout(self, milliseconds: int) -> None: ...
     def changes(self) -> int: ...
     def last_insert_rowid(self) -> int: ...
     def close(self, force: bool = False) -> None: ...
@@ -251,7 +252,7 @@ def begin_immediate(conn: Connection) -> None:
     another process's transaction waits 8-50 ms for a lock held 1-5 ms: with the queue shared by the picker and
     worker processes that was the fire-lag tail. The busy handler stays for every other statement.
     """
-    conn.execute("PRAGMA busy_timeout=0")
+    conn.set_busy_timeout(0)
     try:
         delay = LOCK_POLL_MIN_S
         deadline = time.monotonic() + LOCK_WAIT_S
@@ -265,7 +266,7 @@ def begin_immediate(conn: Connection) -> None:
             time.sleep(delay)
             delay = min(delay * 2, LOCK_POLL_MAX_S)
     finally:
-        conn.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000)}")
+        conn.set_busy_timeout(int(LOCK_WAIT_S * 1000))
 
 
 class _immediate:
