@@ -206,6 +206,8 @@ class Picker:
         shards = set(orjson.loads(value)["shards"]) if value else set()
         if shards != self._assigned:
             logger.info("assignment", node=self.node_id, shards=sorted(shards))
+        if shards - self._assigned:
+            self._next_load_ms = 0  # shards taken over (a failover): what they owe is read now, not at the tick
         self._assigned = shards
         self._wake.set()
 

@@ -1,13 +1,17 @@
 """A writer in the picker's process nudges it (``Picker.entries_stored``): a job due now is dispatched without
-waiting for the picker's next tick; ``run all`` wires the two when they share a process."""
+waiting for the picker's next tick; ``run all`` wires the two when they share a process. Shards newly assigned (a
+failover) are read at once too."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import orjson
+
 from dsched.app.runner import started
 from dsched.libs.clock import now_ms
+from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX
 from dsched.libs.models import Job, Payload
 from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
@@ -44,6 +48,19 @@ async def test_a_nudged_picker_loads_and_sends_a_job_due_now_before_its_tick(tmp
         due = await _store_due_now(store, settings)
         assert await _received(queue, wait_s=0.5) == 0  # not loaded: stored behind the picker's back
         picker.entries_stored(due)
+        assert await _received(queue, wait_s=5) == 1
+
+
+async def test_a_picker_assigned_a_shard_loads_it_at_once_not_at_its_tick(tmp_path: Path) -> None:
+    async with (
+        picker_backends(tmp_path, shard_count=1, picker_tick_s=TICK_S) as (settings, store, queue),
+        picker_owning([], store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker,
+        running(picker),
+    ):
+        await _store_due_now(store, settings)
+        await asyncio.sleep(0.2)  # the first load ran, owning nothing; the next regular one is a minute away
+        assert await _received(queue, wait_s=0.3) == 0
+        await picker.coordination.put(ASSIGNMENTS_PREFIX + "picker-1", orjson.dumps({"shards": [0]}))
         assert await _received(queue, wait_s=5) == 1
 
 
