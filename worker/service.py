@@ -68,6 +68,9 @@ from dsched.worker import executors, failures, http1, presence
 
 RUNNING_REPORT_S = 0.2
 RECORD_RETRY_PAUSE_S = 0.2  # before recording a run's outcome a second time, on its own
+# A batch the store could not deduplicate (the store is down) is handed back this long, and its receive loop rests
+# as long: each receive counts toward the queue's max_receives, so an outage must not burn them in a tight loop.
+STORE_DOWN_PAUSE_S = 2.0
 # Finished runs' records, job states and acks wait this long for company before their write: runs finishing one at
 # a time (a steady rate) then share one commit instead of paying one each. After the run, so no fire lag.
 RECORD_LINGER_S = 0.005
@@ -249,11 +252,12 @@ class Worker:
                 m.run_id for _, m in decoded if m.job.execution == "at_most_once" and m.run_id not in existing
             ]
             claimed = await self.store.claim_runs(at_most_once, self.node_id) if at_most_once else set()
-        except Exception as exc:  # store unavailable: hand the batch back untouched
+        except Exception as exc:  # store unavailable: hand the batch back untouched, for a while
             logger.warning("dedupe_failed", error=f"{type(exc).__name__}: {exc}")
-            await self._nack_quietly([m.receipt for m, _ in decoded])
+            await self._nack_quietly([m.receipt for m, _ in decoded], STORE_DOWN_PAUSE_S)
             for _ in messages:
                 self._slots.release()
+            await asyncio.sleep(STORE_DOWN_PAUSE_S)
             return
         watching: list[tuple[ReceivedMessage, RunOrder]] = []
         for message, order in decoded:
@@ -769,9 +773,9 @@ class Worker:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self._nack_quietly(receipts)
 
-    async def _nack_quietly(self, receipts: list[str]) -> None:
+    async def _nack_quietly(self, receipts: list[str], delay_s: float = 0.0) -> None:
         if receipts:
             try:
-                await self.queue.nack(receipts, 0.0)
+                await self.queue.nack(receipts, delay_s)
             except Exception as exc:
                 logger.warning("nack_failed", error=f"{type(exc).__name__}: {exc}")

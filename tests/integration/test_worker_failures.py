@@ -383,6 +383,39 @@ async def test_a_batch_stays_hidden_while_its_deduplication_waits_for_a_slow_sto
     assert run is not None and run.status == RunStatus.SUCCEEDED
 
 
+async def test_a_store_outage_during_deduplication_does_not_burn_the_messages_deliveries(
+    worker: Worker, backends: Backends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose deduplication fails (store down) is handed back for a while, not received again at once: a
+    short outage must not use up the queue's max_receives (2 here) and park a run that could still run."""
+    job = await new_job(backends.store, execution="at_most_once")  # looked up before its first run
+    real_get_runs = backends.store.get_runs
+    down_until = time.monotonic() + 1.0
+
+    async def get_runs(run_ids: Sequence[str]) -> dict[str, Run]:
+        if time.monotonic() < down_until:
+            raise ConnectionError("store down")
+        return await real_get_runs(run_ids)
+
+    monkeypatch.setattr(backends.store, "get_runs", get_runs)
+    await send(backends.queue, message_for(job).model_dump_json().encode())
+    stop = asyncio.Event()
+    loop = asyncio.create_task(worker.run(stop))
+    try:
+        run_id = run_id_for(job.job_id, job.next_fire_ms, 0)
+        for _ in range(150):  # up to 15 s for the run's record
+            if run_id in await real_get_runs([run_id]):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 10.0)
+    await worker.wait_idle()
+    run, _, letters = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.SUCCEEDED, run
+    assert letters == []
+
+
 async def test_heartbeat_calls_never_pile_up_on_a_slow_queue(
     backends: Backends, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
