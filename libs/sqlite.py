@@ -34,10 +34,10 @@ logger = logs.get("sqlite")
 Error = apsw.Error  # what every SQLite failure raises
 MIN_SQLITE_VERSION = (3, 51, 3)  # the first release without the WAL-reset bug (see the module docstring)
 MAX_GROUP = 256  # writes per group commit
-# While writes arrive at least this often, a group commit waits this long for company: at a steady 1,000 submits/s
-# groups of 1-3 writes became groups of several (CPU 1.36 -> 1.20 ms/job at 2 ms, ~1.25 on a noisier box at 5 ms
-# against ~1.35 at 2 ms; at 300/s 3.4 -> 2.7 ms/job), fire lag p99 unchanged; a lone write (a job due now on a quiet
-# scheduler) commits at once (see Coalescer's linger_when_busy).
+# While writes arrive at least this often, a group commit waits this long for company: under a steady load a commit
+# holds several writes instead of 1-3 (CPU per job at 1,000/s -7 % against 2 ms, at 300/s -20 %; fire lag p99
+# unchanged, docs/benchmarks.md); a lone write (a job due now on a quiet scheduler) commits at once (see Coalescer's
+# linger_when_busy).
 GROUP_LINGER_S = 0.005
 CHECKPOINT_INTERVAL_S = 0.2
 LOCK_WAIT_S = 30.0  # how long a statement waits for another connection's lock before it fails

@@ -188,8 +188,8 @@ class Worker:
                     await asyncio.sleep(0.5)
                 for _ in range(free - len(messages)):
                     self._slots.release()
-                if messages:
-                    await self._start(messages)
+                if messages and not await self._start(messages):
+                    await asyncio.sleep(STORE_DOWN_PAUSE_S)  # the store is down: let the batch rest, and us
         finally:
             if failing:
                 self._receiver_failing(False)
@@ -219,16 +219,17 @@ class Worker:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _start(self, messages: list[ReceivedMessage]) -> None:
+    async def _start(self, messages: list[ReceivedMessage]) -> bool:
         """Decode and deduplicate one received batch, then start its runs (each holds one slot). The heartbeat
-        keeps the whole batch hidden from here on, through the deduplication's store round trips."""
+        keeps the whole batch hidden from here on, through the deduplication's store round trips. False: the
+        store could not deduplicate it, and the batch was handed back for :data:`STORE_DOWN_PAUSE_S`."""
         self._receiving.update(m.receipt for m in messages)
         try:
-            await self._start_batch(messages)
+            return await self._start_batch(messages)
         finally:
             self._receiving.difference_update(m.receipt for m in messages)
 
-    async def _start_batch(self, messages: list[ReceivedMessage]) -> None:
+    async def _start_batch(self, messages: list[ReceivedMessage]) -> bool:
         decoded: list[tuple[ReceivedMessage, RunOrder]] = []
         to_ack: list[str] = []
         for message in messages:
@@ -257,8 +258,7 @@ class Worker:
             await self._nack_quietly([m.receipt for m, _ in decoded], STORE_DOWN_PAUSE_S)
             for _ in messages:
                 self._slots.release()
-            await asyncio.sleep(STORE_DOWN_PAUSE_S)
-            return
+            return False
         watching: list[tuple[ReceivedMessage, RunOrder]] = []
         for message, order in decoded:
             previous = existing.get(order.run_id)
@@ -319,6 +319,7 @@ class Worker:
             task = asyncio.create_task(start)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _hold(self, message: ReceivedMessage, order: RunOrder) -> None:
         """A run the picker sent ahead of its due time (``dispatch_ahead_ms``): wait for the due time, then run it.

@@ -29,11 +29,16 @@ async def picker_owning(
     await coordination.startup()
     try:
         picker = Picker(store=store, queue=queue, coordination=coordination, settings=settings, node_id="picker-1")
-        await coordination.put(ASSIGNMENTS_PREFIX + "picker-1", orjson.dumps({"shards": sorted(shards)}))
+        await assign(picker, shards)
         async with picker.open():
             yield picker
     finally:
         await coordination.shutdown()
+
+
+async def assign(picker: Picker, shards: Iterable[int]) -> None:
+    """Assign ``shards`` to ``picker`` in its coordination, as a leader would."""
+    await picker.coordination.put(ASSIGNMENTS_PREFIX + picker.node_id, orjson.dumps({"shards": sorted(shards)}))
 
 
 @contextlib.asynccontextmanager

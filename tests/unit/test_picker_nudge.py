@@ -7,18 +7,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import orjson
-
 from dsched.app.runner import started
 from dsched.libs.clock import now_ms
-from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX
 from dsched.libs.models import Job, Payload
 from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import entry_for
 from dsched.libs.store.sqlite import SqliteStore
 from dsched.picker.service import Picker
-from tests.helpers.pickers import picker_backends, picker_owning, running
+from tests.helpers.pickers import assign, picker_backends, picker_owning, running
 
 TICK_S = 60.0  # far longer than the test: only a nudge can make the picker load
 
@@ -60,7 +57,7 @@ async def test_a_picker_assigned_a_shard_loads_it_at_once_not_at_its_tick(tmp_pa
         await _store_due_now(store, settings)
         await asyncio.sleep(0.2)  # the first load ran, owning nothing; the next regular one is a minute away
         assert await _received(queue, wait_s=0.3) == 0
-        await picker.coordination.put(ASSIGNMENTS_PREFIX + "picker-1", orjson.dumps({"shards": [0]}))
+        await assign(picker, [0])
         assert await _received(queue, wait_s=5) == 1
 
 
