@@ -65,12 +65,18 @@ from dsched.libs.signing import SigningSecrets
 from dsched.libs.store.base import JobStore
 from dsched.libs.supervisor import Supervisor
 from dsched.worker import executors, failures, http1, presence
+from dsched.worker.store_gate import StoreGate
 
 RUNNING_REPORT_S = 0.2
 RECORD_RETRY_PAUSE_S = 0.2  # before recording a run's outcome a second time, on its own
-# A batch the store could not deduplicate (the store is down) is handed back this long, and its receive loop rests
-# as long: each receive counts toward the queue's max_receives, so an outage must not burn them in a tight loop.
+# A batch the store could not deduplicate (the store is down) is handed back this long; meanwhile this worker
+# receives nothing until the store answers (worker/store_gate.py): each receive counts toward max_receives.
 STORE_DOWN_PAUSE_S = 2.0
+# A finished run whose record fails because the store does not answer waits this long for it (hidden, not run again),
+# at most this many outages, then is left to reappear.
+STORE_OUTAGE_WAIT_S = 600.0
+STORE_OUTAGES_PER_RECORD = 10
+GATE_CHECK_S = 0.5  # how often a receive loop held by the store gate looks at its stop event
 # Finished runs' records, job states and acks wait this long for company before their write: runs finishing one at
 # a time (a steady rate) then share one commit instead of paying one each. After the run, so no fire lag.
 RECORD_LINGER_S = 0.005
@@ -123,6 +129,7 @@ class Worker:
         self._acks = Batcher(queue.ack, max_batch=100, linger_s=RECORD_LINGER_S)
         self._background: list[asyncio.Task[None]] = []
         self._receivers_failing = 0  # receive loops whose last receive raised (the service is down meanwhile)
+        self._store_gate = StoreGate(store, self.supervisor)
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[Worker]:
@@ -135,6 +142,7 @@ class Worker:
             supervise("worker", "heartbeat", self._heartbeat),
             supervise("worker", "report_running", self._report_running),
             supervise("worker", "queue_dead_letters", lambda: failures.sweep_forever(self)),
+            supervise("worker", "store", self._store_gate.watch),
         ]
         if (coordination := self.coordination) is not None:
             self._background.append(supervise("worker", "watch_cancels", lambda: self._watch_cancels(coordination)))
@@ -170,6 +178,8 @@ class Worker:
         failing = False
         try:
             while not stop.is_set():
+                if not await self._store_gate.wait_up(GATE_CHECK_S):
+                    continue  # the store does not answer: receive nothing (a receive it cannot dedupe is burnt)
                 await self._slots.acquire()
                 free = 1
                 while free < 10 and not self._slots.locked():
@@ -188,8 +198,8 @@ class Worker:
                     await asyncio.sleep(0.5)
                 for _ in range(free - len(messages)):
                     self._slots.release()
-                if messages and not await self._start(messages):
-                    await asyncio.sleep(STORE_DOWN_PAUSE_S)  # the store is down: let the batch rest, and us
+                if messages:
+                    await self._start(messages)
         finally:
             if failing:
                 self._receiver_failing(False)
@@ -219,17 +229,17 @@ class Worker:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _start(self, messages: list[ReceivedMessage]) -> bool:
+    async def _start(self, messages: list[ReceivedMessage]) -> None:
         """Decode and deduplicate one received batch, then start its runs (each holds one slot). The heartbeat
-        keeps the whole batch hidden from here on, through the deduplication's store round trips. False: the
-        store could not deduplicate it, and the batch was handed back for :data:`STORE_DOWN_PAUSE_S`."""
+        keeps the whole batch hidden from here on, through the deduplication's store round trips. If the store
+        cannot deduplicate it, the batch is handed back for :data:`STORE_DOWN_PAUSE_S` and the store gate closes."""
         self._receiving.update(m.receipt for m in messages)
         try:
-            return await self._start_batch(messages)
+            await self._start_batch(messages)
         finally:
             self._receiving.difference_update(m.receipt for m in messages)
 
-    async def _start_batch(self, messages: list[ReceivedMessage]) -> bool:
+    async def _start_batch(self, messages: list[ReceivedMessage]) -> None:
         decoded: list[tuple[ReceivedMessage, RunOrder]] = []
         to_ack: list[str] = []
         for message in messages:
@@ -255,10 +265,11 @@ class Worker:
             claimed = await self.store.claim_runs(at_most_once, self.node_id) if at_most_once else set()
         except Exception as exc:  # store unavailable: hand the batch back untouched, for a while
             logger.warning("dedupe_failed", error=f"{type(exc).__name__}: {exc}")
+            self._store_gate.close(exc)
             await self._nack_quietly([m.receipt for m, _ in decoded], STORE_DOWN_PAUSE_S)
             for _ in messages:
                 self._slots.release()
-            return False
+            return
         watching: list[tuple[ReceivedMessage, RunOrder]] = []
         for message, order in decoded:
             previous = existing.get(order.run_id)
@@ -319,7 +330,6 @@ class Worker:
             task = asyncio.create_task(start)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return True
 
     async def _hold(self, message: ReceivedMessage, order: RunOrder) -> None:
         """A run the picker sent ahead of its due time (``dispatch_ahead_ms``): wait for the due time, then run it.
@@ -511,23 +521,40 @@ class Worker:
     async def _record_or_fail(
         self, order: RunOrder, outcome: executors.Outcome, started: int | None, finished: int
     ) -> None:
-        """Record the outcome; if that raises, try once more on its own (unbatched: a poison record in a shared
-        batch fails its batch-mates too), then record the attempt as failed for good with the reason and a dead
-        letter (:func:`worker.failures.record_failure`). Raises only if that fails as well (the store is down)."""
-        try:
-            await self._record(order, outcome, started, finished)
-            return
-        except Exception as exc:
-            logger.warning("record_failed", job_id=order.job.job_id, run_id=order.run_id, error=repr(exc)[:300])
-        await asyncio.sleep(RECORD_RETRY_PAUSE_S)
-        try:
-            await self._record(order, outcome, started, finished, direct=True)
-            return
-        except Exception as exc:
-            logger.error(
-                "record_failed", job_id=order.job.job_id, run_id=order.run_id, error=repr(exc)[:300], trace=_trace(exc)
-            )
-            reason = f"recording the outcome ({outcome.status.value}) failed: {type(exc).__name__}: {exc}"[:1000]
+        """Record the outcome.
+
+        If that raises while the store does not answer (an outage), wait for the store (up to
+        :data:`STORE_OUTAGE_WAIT_S`, the message hidden meanwhile, the run not repeated) and record again. If it
+        raises while the store answers, try once more on its own (unbatched: a poison record in a shared batch
+        fails its batch-mates too), then record the attempt as failed for good with the reason and a dead letter
+        (:func:`worker.failures.record_failure`). Raises only if the store stays down (the message reappears)."""
+        direct = False
+        outages = 0
+        while True:
+            try:
+                await self._record(order, outcome, started, finished, direct=direct)
+                return
+            except Exception as exc:
+                failure = exc
+            if not await self._store_gate.answers():
+                outages += 1
+                logger.warning("record_waits_for_store", job_id=order.job.job_id, run_id=order.run_id)
+                if outages > STORE_OUTAGES_PER_RECORD or not await self._store_gate.wait_up(STORE_OUTAGE_WAIT_S):
+                    raise failure
+                continue
+            if direct:
+                break
+            logger.warning("record_failed", job_id=order.job.job_id, run_id=order.run_id, error=repr(failure)[:300])
+            await asyncio.sleep(RECORD_RETRY_PAUSE_S)
+            direct = True
+        logger.error(
+            "record_failed",
+            job_id=order.job.job_id,
+            run_id=order.run_id,
+            error=repr(failure)[:300],
+            trace=_trace(failure),
+        )
+        reason = f"recording the outcome ({outcome.status.value}) failed: {type(failure).__name__}: {failure}"[:1000]
         await failures.record_failure(self, order, reason, started, finished)
 
     async def _record(

@@ -9,6 +9,7 @@ the worker lives. Embedded backends (SQLite queue and store, file blobs), one wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -383,37 +384,76 @@ async def test_a_batch_stays_hidden_while_its_deduplication_waits_for_a_slow_sto
     assert run is not None and run.status == RunStatus.SUCCEEDED
 
 
+def store_down_for(store: JobStore, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every call of the worker's store paths raises for ``seconds`` from now (an outage), then works again."""
+    down_until = time.monotonic() + seconds
+    for name in ("get_runs", "claim_runs", "put_runs", "update_job_states", "put_entries", "put_dead_letters"):
+        real = getattr(store, name)
+
+        async def down(*args: Any, _real: Any = real) -> Any:
+            if time.monotonic() < down_until:
+                raise ConnectionError("store down")
+            return await _real(*args)
+
+        monkeypatch.setattr(store, name, down)
+
+
+async def run_until_recorded(backends: Backends, tmp_path: Path, job: Job, *, timeout_s: float) -> list[str]:
+    """A worker (made now: it binds the store's methods, outage included) runs its receive loops until the job's
+    first run is recorded; returns the worker's /health states seen meanwhile."""
+    settings = Settings.from_env(data_dir=tmp_path, max_receives=2, visibility_timeout_s=VISIBILITY_S, allow_cmd=True)
+    store = backends.store
+    run_id = run_id_for(job.job_id, job.next_fire_ms, 0)
+    states: list[str] = []
+    async with Worker(queue=backends.queue, store=store, blobs=backends.blobs, settings=settings).open() as worker:
+        stop = asyncio.Event()
+        loop = asyncio.create_task(worker.run(stop))
+        try:
+            for _ in range(int(timeout_s * 10)):
+                states.append(str(worker.supervisor.health()["worker"]["state"]))
+                with contextlib.suppress(ConnectionError):
+                    if run_id in await store.get_runs([run_id]):
+                        break
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await asyncio.wait_for(loop, 10.0)
+        await worker.wait_idle()
+    return states
+
+
 async def test_a_store_outage_during_deduplication_does_not_burn_the_messages_deliveries(
-    worker: Worker, backends: Backends, monkeypatch: pytest.MonkeyPatch
+    backends: Backends, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A batch whose deduplication fails (store down) is handed back for a while, not received again at once: a
-    short outage must not use up the queue's max_receives (2 here) and park a run that could still run."""
+    """A batch whose deduplication fails (store down) is handed back, and the worker receives nothing more until
+    the store answers: an outage, however long, must not use up the queue's max_receives (2 here) and park a run
+    that could still run. The worker is down in /health meanwhile."""
     job = await new_job(backends.store, execution="at_most_once")  # looked up before its first run
-    real_get_runs = backends.store.get_runs
-    down_until = time.monotonic() + 1.0
-
-    async def get_runs(run_ids: Sequence[str]) -> dict[str, Run]:
-        if time.monotonic() < down_until:
-            raise ConnectionError("store down")
-        return await real_get_runs(run_ids)
-
-    monkeypatch.setattr(backends.store, "get_runs", get_runs)
+    store_down_for(backends.store, monkeypatch, 5.0)
     await send(backends.queue, message_for(job).model_dump_json().encode())
-    stop = asyncio.Event()
-    loop = asyncio.create_task(worker.run(stop))
-    try:
-        run_id = run_id_for(job.job_id, job.next_fire_ms, 0)
-        for _ in range(150):  # up to 15 s for the run's record
-            if run_id in await real_get_runs([run_id]):
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        stop.set()
-        await asyncio.wait_for(loop, 10.0)
-    await worker.wait_idle()
+    states = await run_until_recorded(backends, tmp_path, job, timeout_s=20.0)
     run, _, letters = await outcome(backends.store, job)
     assert run is not None and run.status == RunStatus.SUCCEEDED, run
     assert letters == []
+    assert "retrying" in states and states[-1] == "up"
+
+
+async def test_a_run_whose_record_meets_a_store_outage_is_recorded_once_the_store_is_back(
+    backends: Backends, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An at-least-once run executes on its first delivery without a lookup; if the store is down when its outcome
+    is written, the worker keeps the message hidden and writes the outcome when the store answers again: the run
+    succeeded once, not failed, not run twice, no dead letter."""
+    marker = tmp_path / "ran.log"
+    job = await new_job(backends.store, payload=Payload(kind="cmd", text=f"echo x >> {marker}"))
+    store_down_for(backends.store, monkeypatch, 5.0)
+    await send(backends.queue, message_for(job).model_dump_json().encode())
+    await run_until_recorded(backends, tmp_path, job, timeout_s=20.0)
+    run, _, letters = await outcome(backends.store, job)
+    assert run is not None and run.status == RunStatus.SUCCEEDED, run
+    assert letters == []
+    assert marker.read_text().count("x") == 1
+    assert await queue_is_empty(backends.queue)
 
 
 async def test_heartbeat_calls_never_pile_up_on_a_slow_queue(
