@@ -367,18 +367,25 @@ class Worker:
         await self._execute(message, order, cancellation)
 
     async def _claimer_alive(self, run_id: str, previous: Run | None) -> bool:
-        """Whether the worker that claimed this at-most-once run still lives: it runs here, or its ``running``
-        record names another worker whose presence key (``workers/<node>``, under its lease) still exists. Unknown
-        (no record yet, no coordination) counts as dead, as before; a failed presence lookup counts as alive (wait
-        rather than declare a live run lost)."""
+        """Whether the worker that claimed this at-most-once run still lives: it runs here, or the claim's holder
+        (named by the run's ``running`` record, else by the claim itself: a run held for its due time or shorter
+        than a running report has no record yet) is another worker whose presence key (``workers/<node>``, under
+        its lease) still exists. Without coordination, or with no claim found, it counts as dead; a failed lookup
+        counts as alive (wait rather than declare a live run lost).
+
+        A message can be delivered twice at once (a standard SQS queue may; moto's server does under concurrent
+        receives): the second delivery then finds the run claimed by a live worker that has not started it yet."""
         if run_id in self._receipts_by_run:
             return True
-        if previous is None or not previous.worker_id or previous.worker_id == self.node_id:
-            return False  # our own id but not running here: this process restarted, the run died with the old one
-        if self.coordination is None:
-            return False
         try:
-            return await self.coordination.get(WORKERS_PREFIX + previous.worker_id) is not None
+            claimer = previous.worker_id if previous is not None and previous.worker_id else None
+            if claimer is None:
+                claimer = (await self.store.run_claimers([run_id])).get(run_id)
+            if not claimer or claimer == self.node_id:
+                return False  # our own id but not running here: this process restarted, the run died with the old one
+            if self.coordination is None:
+                return False
+            return await self.coordination.get(WORKERS_PREFIX + claimer) is not None
         except Exception as exc:
             logger.warning("presence_lookup_failed", error=f"{type(exc).__name__}: {exc}")
             return True

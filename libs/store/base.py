@@ -14,6 +14,7 @@ due_entries            job_queue((shard, bucket)) due_ms <= until  -
 get/advance_checkpoint picker_checkpoints(shard)                   LWT ``IF bucket = ?`` (a claim)
 put_runs               job_runs(job_id) + runs_by_id(run_id)       idempotent upsert
 claim_runs             run_claims(run_id)                          LWT ``IF NOT EXISTS`` (at-most-once)
+run_claimers           run_claims(run_id), one read per id         -
 put_dead_letters       dead_letters(user_id)                       idempotent
 claim_idempotency_key  idempotency_keys((user_id, key)) TTL 24 h   LWT ``IF NOT EXISTS``
 put/get/list_api_keys  api_keys(key_id)                            idempotent upsert
@@ -179,6 +180,10 @@ class JobStore(ABC):
     @abstractmethod
     async def claim_runs(self, run_ids: Sequence[str], worker_id: str) -> set[str]:
         """Claim runs for execution, once ever each (LWT ``IF NOT EXISTS``). Returns the ids this call won."""
+
+    @abstractmethod
+    async def run_claimers(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """The worker id holding each claimed run's claim (ids never claimed are absent)."""
 
     # Dead letters -----------------------------------------------------------------------------------------
     @abstractmethod

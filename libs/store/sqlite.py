@@ -527,6 +527,19 @@ class SqliteStore(JobStore):
 
         return await self._writer.write(claim)
 
+    async def run_claimers(self, run_ids: Sequence[str]) -> dict[str, str]:
+        ids = list(dict.fromkeys(run_ids))
+
+        def get(conn: Connection) -> dict[str, str]:
+            found: dict[str, str] = {}
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT run_id, worker_id FROM run_claims WHERE run_id IN ({marks})"
+                found.update(conn.execute(sql, chunk).fetchall())
+            return found
+
+        return await self._reader.run(get) if ids else {}
+
     # Dead letters -----------------------------------------------------------------------------------------
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:

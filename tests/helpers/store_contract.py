@@ -344,6 +344,9 @@ async def claim_runs_grants_each_run_exactly_once(store: JobStore) -> None:
     fresh = str(uuid.uuid4())
     assert await store.claim_runs([fresh, ids[0]], "w3") == {fresh}
     assert await store.claim_runs([], "w3") == set()
+    holders = await store.run_claimers([*ids, fresh, uid("never-claimed")])
+    assert holders == {**{i: "w1" for i in first}, **{i: "w2" for i in second}, fresh: "w3"}
+    assert await store.run_claimers([]) == {}
 
 
 # Dead letters ---------------------------------------------------------------------------------------------

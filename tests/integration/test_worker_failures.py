@@ -553,6 +553,37 @@ async def test_a_redelivered_at_most_once_run_whose_worker_lives_is_not_declared
     assert await queue_is_empty(b.queue)
 
 
+async def test_a_second_delivery_of_a_claimed_run_held_for_its_due_time_is_not_declared_lost(
+    cluster_backends: Backends, tmp_path: Path
+) -> None:
+    """Worker 1 received an at-most-once run ahead of its due time and claimed it; no run record exists yet. The
+    same message is delivered again meanwhile (a standard SQS queue may deliver twice; moto's server does under
+    concurrent receives). Worker 2 finds the claim's holder alive and watches instead of recording the run lost:
+    the run succeeds once, with no dead letter (before: "succeeded" and a dead letter "not run again")."""
+    b = cluster_backends
+    assert b.queue and b.store
+    marker = tmp_path / "ran.log"
+    job = await new_job(b.store, payload=Payload(kind="cmd", text=f"echo x >> {marker}"), execution="at_most_once")
+    await send(b.queue, message_for(job, due_ms=now_ms() + 1500).model_dump_json().encode())
+    w1, w2 = two_workers(b, tmp_path)
+    async with w1.open(), w2.open():
+        first = await b.queue.receive(10, 1.0, VISIBILITY_S)
+        await w1._slots.acquire()
+        await w1._start(first)  # claimed, held for its due time
+        assert await b.store.run_claimers([message_for(job).run_id]) == {message_for(job).run_id: "w1"}
+        await b.queue.nack([first[0].receipt], 0)  # the second delivery
+        again = await b.queue.receive(10, 1.0, VISIBILITY_S)
+        assert len(again) == 1 and again[0].receive_count == 2
+        await w2._slots.acquire()
+        await w2._start(again)
+        await w1.wait_idle()
+        await w2.wait_idle()
+    run, current, letters = await outcome(b.store, job)
+    assert run is not None and run.status == RunStatus.SUCCEEDED, run
+    assert current.status == JobStatus.SUCCEEDED and letters == []
+    assert marker.read_text().count("x") == 1
+
+
 async def test_a_redelivered_at_most_once_run_whose_worker_died_is_a_failed_run(
     cluster_backends: Backends, tmp_path: Path
 ) -> None:
