@@ -4,9 +4,9 @@ holds its finished runs' records until it does.
 Why a gate: every receive counts toward the work queue's ``max_receives``. A worker that kept receiving through a
 store outage (deduplication reads the store) handed the same messages back and forth until the queue parked them,
 and a run that had executed was recorded as failed because only its record was late. Now the first store call
-that fails for the store's sake closes the gate; while it is closed one probe (a read of a run id that never
-exists) runs every :data:`PROBE_INTERVAL_S`, and the first answer opens it. Meanwhile the worker is ``retrying``
-in ``/health`` (loop ``worker/store``), so an operator sees why nothing runs.
+that fails for the store's sake closes the gate; while it is closed one probe (:meth:`JobStore.probe`, a read of
+a job id that never exists) runs every :data:`PROBE_INTERVAL_S`, and the first answer opens it. Meanwhile the
+worker is ``retrying`` in ``/health`` (loop ``worker/store``), so an operator sees why nothing runs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dsched.libs.supervisor import Supervisor
 
 PROBE_INTERVAL_S = 0.5  # between probes while the store does not answer
 PROBE_TIMEOUT_S = 5.0  # a probe slower than this counts as no answer
-PROBE_RUN_ID = "dsched-store-probe"  # never a real run id (those are uuids)
 LOOP = "store"  # the worker's loop in /health that reports the outage
 logger = logs.get("worker")
 
@@ -82,7 +81,7 @@ class StoreGate:
     async def _answered(self, *, close_on_failure: bool = True) -> bool:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
-                await self._store.get_runs([PROBE_RUN_ID])
+                await self._store.probe()
         except Exception as exc:
             if close_on_failure:
                 self.close(exc)

@@ -24,7 +24,6 @@ from dsched.libs.sharding import entry_for, initial_checkpoint
 from dsched.libs.store.base import JobStore
 
 GROUP = "dsched-writer"
-PROBE_JOB_ID = "~probe"  # read by the writer to tell a poison record from a store outage
 LAG_SAMPLE_S = 1.0  # how often the writer measures its lag behind the log (dsched_writer_lag_*)
 logger = logs.get("writer")
 
@@ -172,7 +171,7 @@ class Writer:
     async def _store_answers(self) -> bool:
         """Whether the store serves a read right now (tells a poison record from an outage)."""
         try:
-            await self.store.get_jobs([PROBE_JOB_ID])
+            await self.store.probe()
         except Exception:
             return False
         return True

@@ -44,12 +44,21 @@ class LayoutMismatch(RuntimeError):
     """The store was created with another shard count or bucket width; starting would lose jobs."""
 
 
+PROBE_JOB_ID = "~probe"  # never a job id (those are uuids): what JobStore.probe reads
+
+
 class JobStore(ABC):
     @abstractmethod
     async def startup(self) -> None: ...
 
     @abstractmethod
     async def shutdown(self) -> None: ...
+
+    async def probe(self) -> None:
+        """Serve one cheap read (of a job id that never exists); raises what the store raises when it does not
+        answer. Tells an outage from a write the store refuses on its own (a poison record): that one fails while
+        the probe succeeds."""
+        await self.get_jobs([PROBE_JOB_ID])
 
     @abstractmethod
     async def check_layout(self, shard_count: int, bucket_ms: int) -> None:

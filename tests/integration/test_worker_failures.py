@@ -387,7 +387,15 @@ async def test_a_batch_stays_hidden_while_its_deduplication_waits_for_a_slow_sto
 def store_down_for(store: JobStore, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
     """Every call of the worker's store paths raises for ``seconds`` from now (an outage), then works again."""
     down_until = time.monotonic() + seconds
-    for name in ("get_runs", "claim_runs", "put_runs", "update_job_states", "put_entries", "put_dead_letters"):
+    for name in (
+        "get_jobs",
+        "get_runs",
+        "claim_runs",
+        "put_runs",
+        "update_job_states",
+        "put_entries",
+        "put_dead_letters",
+    ):
         real = getattr(store, name)
 
         async def down(*args: Any, _real: Any = real) -> Any:
