@@ -89,6 +89,14 @@ async def outcome(store: JobStore, job: Job) -> tuple[Run | None, Job, list[str]
     return run, current, [d.dead_letter_id for d in letters if d.job_id == job.job_id]
 
 
+async def assert_succeeded_once(store: JobStore, job: Job, marker: Path) -> None:
+    """The job's first run succeeded, its command ran once (one line in ``marker``), and no dead letter exists."""
+    run, current, letters = await outcome(store, job)
+    assert run is not None and run.status == RunStatus.SUCCEEDED, run
+    assert current.status == JobStatus.SUCCEEDED and letters == []
+    assert (await asyncio.to_thread(marker.read_text)).count("x") == 1
+
+
 async def queue_is_empty(queue: WorkQueue) -> bool:
     counts = await queue.counts()
     return counts.visible == 0 and counts.in_flight == 0 and counts.dead == 0
@@ -457,10 +465,7 @@ async def test_a_run_whose_record_meets_a_store_outage_is_recorded_once_the_stor
     store_down_for(backends.store, monkeypatch, 5.0)
     await send(backends.queue, message_for(job).model_dump_json().encode())
     await run_until_recorded(backends, tmp_path, job, timeout_s=20.0)
-    run, _, letters = await outcome(backends.store, job)
-    assert run is not None and run.status == RunStatus.SUCCEEDED, run
-    assert letters == []
-    assert marker.read_text().count("x") == 1
+    await assert_succeeded_once(backends.store, job, marker)
     assert await queue_is_empty(backends.queue)
 
 
@@ -554,10 +559,7 @@ async def test_a_redelivered_at_most_once_run_whose_worker_lives_is_not_declared
             assert await b.queue.receive(10, 0.2, 30) == [], "the watched message reappeared"
         await w1.wait_idle()
         await w2.wait_idle()
-    run, current, letters = await outcome(b.store, job)
-    assert run is not None and run.status == RunStatus.SUCCEEDED, run
-    assert current.status == JobStatus.SUCCEEDED and letters == []
-    assert marker.read_text().count("x") == 1
+    await assert_succeeded_once(b.store, job, marker)
     assert await queue_is_empty(b.queue)
 
 
@@ -586,10 +588,7 @@ async def test_a_second_delivery_of_a_claimed_run_held_for_its_due_time_is_not_d
         await w2._start(again)
         await w1.wait_idle()
         await w2.wait_idle()
-    run, current, letters = await outcome(b.store, job)
-    assert run is not None and run.status == RunStatus.SUCCEEDED, run
-    assert current.status == JobStatus.SUCCEEDED and letters == []
-    assert marker.read_text().count("x") == 1
+    await assert_succeeded_once(b.store, job, marker)
 
 
 async def test_a_redelivered_at_most_once_run_whose_worker_died_is_a_failed_run(
