@@ -377,14 +377,14 @@ class Worker:
         receives): the second delivery then finds the run claimed by a live worker that has not started it yet."""
         if run_id in self._receipts_by_run:
             return True
+        if self.coordination is None:
+            return False  # no presence keys to ask
         try:
             claimer = previous.worker_id if previous is not None and previous.worker_id else None
             if claimer is None:
                 claimer = (await self.store.run_claimers([run_id])).get(run_id)
             if not claimer or claimer == self.node_id:
                 return False  # our own id but not running here: this process restarted, the run died with the old one
-            if self.coordination is None:
-                return False
             return await self.coordination.get(WORKERS_PREFIX + claimer) is not None
         except Exception as exc:
             logger.warning("presence_lookup_failed", error=f"{type(exc).__name__}: {exc}")

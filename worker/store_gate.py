@@ -32,10 +32,6 @@ class StoreGate:
         self._down = asyncio.Event()
         self._probe: asyncio.Task[bool] | None = None  # one probe shared by everyone asking at once
 
-    @property
-    def is_up(self) -> bool:
-        return self._up.is_set()
-
     def close(self, exc: BaseException) -> None:
         """A store call failed for the store's sake (not for its own data): stop until a probe is answered."""
         if not self._up.is_set():
@@ -72,18 +68,18 @@ class StoreGate:
         while True:
             await self._down.wait()
             await asyncio.sleep(PROBE_INTERVAL_S)
-            if await self._answered(close_on_failure=False):
+            if await self._answered():
                 self._down.clear()
                 self._up.set()
                 logger.info("store_up")
                 self._supervisor.recovered("worker", LOOP)
 
-    async def _answered(self, *, close_on_failure: bool = True) -> bool:
+    async def _answered(self) -> bool:
+        """One probe; a failure closes the gate (a no-op while it is closed already)."""
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 await self._store.probe()
         except Exception as exc:
-            if close_on_failure:
-                self.close(exc)
+            self.close(exc)
             return False
         return True
