@@ -2,6 +2,10 @@
 
     python -m dsched.bench.fire_lag --jobs 20000 --rate 1000 [--repeat 3] [--split]
     python -m dsched.bench.fire_lag --rates 1000,1500,2000,2500 --seconds 20     # rising rates, one run each
+    python -m dsched.bench.production fire_lag --split --rates 50,100,200 --seconds 20 --warmup 20
+
+``--warmup S`` first runs S seconds at the first rate, reported but left out of the table: on the production stack
+the servers' JVMs start cold with each benchmark, and the first measured rate would otherwise pay their warm-up.
 
 Job i is submitted (``POST /submit``, 64 clients) at start + i/rate and is due ``--lead`` seconds after that, so
 ingestion, writer, picker and worker all work concurrently at the target rate. Fire lag = arrival at the target
@@ -62,7 +66,12 @@ async def one_run(jobs: int, rate: float, lead: float, split: bool) -> dict[str,
         await target.stop()
 
 
-async def main(jobs: int, rates: list[float], seconds: float | None, lead: float, split: bool, repeat: int) -> None:
+async def main(
+    jobs: int, rates: list[float], seconds: float | None, lead: float, split: bool, repeat: int, warmup: float
+) -> None:
+    if warmup > 0:
+        print(f"== warm-up: {warmup:g} s at {rates[0]:g}/s (not in the table)")
+        await one_run(max(1, int(rates[0] * warmup)), rates[0], lead, split)
     rows = []
     for rate in rates:
         for _ in range(repeat):
@@ -85,6 +94,7 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, help="jobs = rate x seconds (overrides --jobs)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per rate")
     parser.add_argument("--lead", type=float, default=2.0)
+    parser.add_argument("--warmup", type=float, default=0.0, help="seconds at the first rate before measuring")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate]
-    run_loop(main(args.jobs, rates, args.seconds, args.lead, args.split, args.repeat))
+    run_loop(main(args.jobs, rates, args.seconds, args.lead, args.split, args.repeat, args.warmup))

@@ -1,6 +1,6 @@
 """Benchmarks on the production backends: Kafka, Cassandra (the Scylla store), etcd, ElasticMQ, S3 (moto).
 
-    python -m dsched.bench.production fire_lag --split --rates 50,100,200 --seconds 20
+    python -m dsched.bench.production fire_lag --split --rates 50,100,200 --seconds 20 [--warmup 20]
     python -m dsched.bench.production burst --split --jobs 20000
 
 Starts the servers (:class:`libs.servers.stack.Stack`, without its service processes), applies the schema and
