@@ -1,6 +1,7 @@
 """N jobs due at one instant: how fast are they all executed, against the floor measured in the same run?
 
     python -m dsched.bench.burst --jobs 20000 [--kind http|echo] [--split] [--submit batch|single] [--no-floor]
+    python -m dsched.bench.burst --jobs 20000 --repeat 5     # five runs, each with its floor; the median ratio
 
 For ``http`` jobs the floor runs first (:mod:`bench.floor`: a bare ``loop.call_at`` loop with one aiohttp session
 in its own process, the same GETs to the same target at one due instant), then dsched. All of dsched's jobs are
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import time
 
@@ -76,7 +78,23 @@ async def floor(target: Target, jobs: int) -> dict[str, float]:
     return {"executed_per_s": rate, "cpu_ms_per_job": cpu_ms}
 
 
-async def main(jobs: int, lead: float, split: bool, kind: str, submit: str, with_floor: bool) -> None:
+async def main(jobs: int, lead: float, split: bool, kind: str, submit: str, with_floor: bool, repeat: int) -> None:
+    """``repeat`` runs in a row, each with its own floor; then one line per run and the median ratio (this
+    machine's speed drifts by tens of percent within minutes, so one run's ratio says little)."""
+    rows = [await one_run(jobs, lead, split, kind, submit, with_floor) for _ in range(repeat)]
+    if repeat > 1:
+        print("\nrun  floor/s  dsched/s  ratio  cpu_ms/job  lost  dup")
+        for i, r in enumerate(rows, 1):
+            print(
+                f"{i:>3} {r['floor_per_s']:>8,.0f} {r['executed_per_s']:>9,.0f} {100 * r['ratio']:>5.0f} % "
+                f"{r['cpu_ms_per_job']:>10.3f} {r['lost']:>5.0f} {r['duplicates']:>4.0f}"
+            )
+        ratios = [r["ratio"] for r in rows if r["ratio"] == r["ratio"]]  # NaN without a floor
+        if ratios:
+            print(f"median ratio to the floor: {100 * statistics.median(ratios):.0f} % over {len(ratios)} runs")
+
+
+async def one_run(jobs: int, lead: float, split: bool, kind: str, submit: str, with_floor: bool) -> dict[str, float]:
     print(f"load average at start: {load_average()}")
     target = Target()
     await target.start()
@@ -120,7 +138,10 @@ async def main(jobs: int, lead: float, split: bool, kind: str, submit: str, with
         )
         cpu_end = scheduler.cpu_s()
         count = max(1, len(due_by_id))
-        print(f"{'scheduler_cpu_ms_per_job':>36}: {1000 * (cpu_end - cpu_before) / count:.3f}")
+        result["cpu_ms_per_job"] = 1000 * (cpu_end - cpu_before) / count
+        result["floor_per_s"] = floor_result["executed_per_s"] if floor_result is not None else float("nan")
+        result["ratio"] = result["executed_per_s"] / result["floor_per_s"]
+        print(f"{'scheduler_cpu_ms_per_job':>36}: {result['cpu_ms_per_job']:.3f}")
         print(f"{'  of which submit phase':>36}: {1000 * (cpu_at_due - cpu_before) / count:.3f}")
         print(f"{'  of which fire phase':>36}: {1000 * (cpu_end - cpu_at_due) / count:.3f}")
         print("submit phase by process/thread:")
@@ -128,10 +149,10 @@ async def main(jobs: int, lead: float, split: bool, kind: str, submit: str, with
         print("fire phase by process/thread:")
         print_cpu(parts_at_due, scheduler.cpu_breakdown(), count)
         if floor_result is not None:
-            ratio = result["executed_per_s"] / floor_result["executed_per_s"]
-            print(f"{'ratio to the floor':>36}: {100 * ratio:.0f} %")
+            print(f"{'ratio to the floor':>36}: {100 * result['ratio']:.0f} %")
         print(await scheduler.lag_summary())
         print(f"load average at end: {load_average()}")
+        return result
     finally:
         scheduler.stop()
         await target.stop()
@@ -145,5 +166,6 @@ if __name__ == "__main__":
     parser.add_argument("--submit", choices=["batch", "single"], default="batch")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare-loop floor (http only)")
     parser.add_argument("--lead", type=float, default=30.0)
+    parser.add_argument("--repeat", type=int, default=1, help="runs in a row, each with its own floor")
     args = parser.parse_args()
-    run_loop(main(args.jobs, args.lead, args.split, args.kind, args.submit, not args.no_floor))
+    run_loop(main(args.jobs, args.lead, args.split, args.kind, args.submit, not args.no_floor, max(1, args.repeat)))

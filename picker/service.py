@@ -33,7 +33,16 @@ from dsched.libs.clock import now_ms
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
 from dsched.libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT, export
-from dsched.libs.models import BucketEntry, Job, JobState, Run, RunOrder, RunStatus, run_id_for
+from dsched.libs.models import (
+    FINISHED_RUN_STATUSES,
+    BucketEntry,
+    Job,
+    JobState,
+    Run,
+    RunOrder,
+    RunStatus,
+    run_id_for,
+)
 from dsched.libs.queue.base import OutgoingMessage, WorkQueue
 from dsched.libs.retrying import until_up
 from dsched.libs.schedule import ScheduleError, first_undispatched, parse_schedule, plan_misfire
@@ -614,6 +623,18 @@ class Picker:
                 return "superseded"
             if entry.scheduled_ms <= job.dispatched_through_ms:
                 return "already_dispatched"
+        last = job.last_run
+        if (
+            not job.recurring
+            and last is not None
+            and last.status in FINISHED_RUN_STATUSES
+            and last.run_id == run_id_for(job.job_id, entry.scheduled_ms, entry.attempt)
+        ):
+            # This entry's run already ran: a picker sent it, then stopped (frozen, killed) before recording
+            # the dispatch and deleting the entry. Sent again it would only be deduplicated by the worker, after
+            # its "queued" had overwritten the finished job's state for good. (A recurring job's next
+            # occurrence rewrites its state anyway, and its chain relies on the entry: left as it was.)
+            return "already_ran"
         return None
 
     def _plan_recurring(

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from dsched.libs.models import BucketEntry, Job, JobStatus, Payload
+from dsched.libs.models import BucketEntry, Job, JobState, JobStatus, LastRun, Payload, RunStatus, run_id_for
 from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, entry_for
@@ -153,3 +153,47 @@ async def test_an_older_definitions_entry_for_the_current_occurrence_is_sent_wit
     assert await store.due_entries(0, loaded.bucket_ms, NOW, 10) == []  # handled once
     jobs = await store.get_jobs(["patched"])
     assert jobs["patched"].dispatched_through_ms == NOW
+
+
+async def test_an_entry_whose_run_already_ran_is_dropped_and_leaves_the_jobs_state_alone(
+    backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
+) -> None:
+    """Found by chaos `frozen-picker` on the production backends (advisory `job_states_settled`): a picker frozen
+    after its send, before recording the dispatch and deleting the entry. The new owner sent the entry again, wrote
+    "queued", and the worker only deduplicated the second message: the one-off job stayed "queued" for good although
+    its run had succeeded."""
+    settings, store, queue = backends
+    ran, failed = _job("ran"), _job("failed", max_retries=1)
+    await store.put_jobs([ran, failed])
+    succeeded = LastRun(
+        run_id=run_id_for("ran", NOW, 0), status=RunStatus.SUCCEEDED, attempt=0, scheduled_ms=NOW, finished_ms=NOW + 5
+    )
+    first_attempt = LastRun(
+        run_id=run_id_for("failed", NOW, 0), status=RunStatus.FAILED, attempt=0, scheduled_ms=NOW, finished_ms=NOW + 5
+    )
+    await store.update_job_states(
+        [
+            JobState(job_id="ran", state=JobStatus.SUCCEEDED, last_run=succeeded),
+            JobState(job_id="failed", state=JobStatus.SCHEDULED, last_run=first_attempt),
+        ]
+    )
+    left_over = _entry(ran, settings)  # sent and run, never deleted
+    retry = entry_for(
+        failed,
+        NOW + 10,
+        scheduled_ms=NOW,
+        attempt=1,
+        kind="retry",
+        shard_count=1,
+        bucket_ms=settings.bucket_ms,
+        now=NOW,
+    )
+    await store.put_entries([left_over, retry])
+    async with picker_owning([0], store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:
+        assert await picker._dispatch([left_over, retry], NOW + 10) == 1
+    [message] = await queue.receive(10, 0.0, 30.0)
+    assert orjson.loads(message.body)["run_id"] == run_id_for("failed", NOW, 1)  # the retry's own run still goes
+    jobs = await store.get_jobs(["ran", "failed"])
+    assert jobs["ran"].status == JobStatus.SUCCEEDED and jobs["ran"].last_run == succeeded
+    assert jobs["failed"].status == JobStatus.QUEUED
+    assert await store.due_entries(0, left_over.bucket_ms, NOW + 10, 10) == []  # both handled
