@@ -22,7 +22,8 @@ the run fail):
                               during the failover, counted from the later of their due time and the fault's start
                               (a run due just before the fault was not yet late by the fault's doing): at most
                               TTL + 1 s for an isolated picker fault (no other fault touching those jobs),
-                              2 * TTL + 1 s when the leader was lost at the same time.
+                              2 * TTL + 1 s when the leader was lost at the same time; plus the run's baseline,
+                              the median lateness of the one-off runs no fault touched (the normal path's own).
 
 Advisory (reported, never failing): final job states, the work queue's own dead-letter store, processes that
 exited on their own, at-least-once duplicates.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -496,6 +498,14 @@ def _failover_lateness(
     samples: list[tuple[_JobView, int, float]] = [
         (v, v.due_ms, (v.starts[0] - v.due_ms) / 1000) for v in one_offs if v.starts
     ]
+    # The normal path's own lateness in this run: the median of the one-off runs no fault could have delayed. On a
+    # loaded machine every run is that late; only what a failover adds on top of it is the failover's.
+    undisturbed = [
+        late
+        for v, due, late in samples
+        if not any(_interferes(f, v, v.job.created_ms if v.job is not None else due, due, ev) for f in ev.faults)
+    ]
+    baseline_s = round(max(0.0, statistics.median(undisturbed)), 3) if undisturbed else 0.0
     samples += occurrences
     for fault in ev.faults:
         if not _picker_fault(fault) or not fault.affected_shards:
@@ -507,7 +517,7 @@ def _failover_lateness(
             others = [f for f in ev.faults if f is not fault and _interferes(f, v, created, due, ev)]
             if others and not all(_leader_loss(f) for f in others):
                 continue  # compound with other kinds of faults: only reported in the overall percentiles
-            bound = ev.ttl_s + 1.0 if not others else 2 * ev.ttl_s + 1.0
+            bound = round((ev.ttl_s + 1.0 if not others else 2 * ev.ttl_s + 1.0) + baseline_s, 3)
             # What the failover owes: the delay after the fault began (a run due up to 200 ms before it may have
             # been in the failed picker's hands, but its lateness until then is the normal path's).
             failover_s = late - max(0, fault.start_ms - due) / 1000
@@ -522,6 +532,7 @@ def _failover_lateness(
                 "lateness_s": round(late, 3),
                 "after_fault_start_s": round(failover_s, 3),
                 "bound_s": bound,
+                "baseline_s": baseline_s,
                 "with_leader_loss": bool(others),
             }
             rows.append(row)

@@ -198,6 +198,30 @@ def test_failover_lateness_of_a_run_due_before_the_fault_counts_from_the_fault()
     assert not results(evidence([(s, j)], [r], [hit(r, T0 + 2150 + 3050)], faults=[fault]))["picker_failover_lateness"]
 
 
+def test_failover_lateness_allows_for_the_runs_baseline_lateness() -> None:
+    """Found by clean-clone runs on a slow machine: when every run was already ~0.5 s late, a failover that added
+    its usual delay went over TTL + 1 s. The bound adds the median lateness of the runs no fault touched."""
+    s, j = job("a", due=2000)
+    r = run(j, j.next_fire_ms)
+    shard = shard_for(j.job_id, 8)
+    fault = picker_fault([shard], T0 + 1500)
+    calm = []  # one-offs on other shards, all 500 ms late
+    for i in range(40):
+        cs, cj = job(f"c{i}", due=1000 + 100 * i)
+        if shard_for(cj.job_id, 8) != shard:
+            calm.append((cs, cj, run(cj, cj.next_fire_ms)))
+    specs = [(s, j)] + [(cs, cj) for cs, cj, _ in calm]
+    runs = [r] + [cr for _, _, cr in calm]
+    calm_hits = [hit(cr, cj.next_fire_ms + 500) for _, cj, cr in calm]
+
+    def failover_ok(after_due_ms: int) -> bool:
+        found = results(evidence(specs, runs, [hit(r, T0 + 2000 + after_due_ms), *calm_hits], faults=[fault]))
+        return found["picker_failover_lateness"]
+
+    assert failover_ok(3400)  # 3 s + the 0.5 s baseline
+    assert not failover_ok(3600)
+
+
 def test_failover_with_leader_loss_gets_twice_the_ttl() -> None:
     s, j = job("a", due=2000)
     r = run(j, j.next_fire_ms)
