@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 import time
@@ -89,7 +90,7 @@ async def main(jobs: int, lead: float, split: bool, kind: str, submit: str, with
                 f"{i:>3} {r['floor_per_s']:>8,.0f} {r['executed_per_s']:>9,.0f} {100 * r['ratio']:>5.0f} % "
                 f"{r['cpu_ms_per_job']:>10.3f} {r['lost']:>5.0f} {r['duplicates']:>4.0f}"
             )
-        ratios = [r["ratio"] for r in rows if r["ratio"] == r["ratio"]]  # NaN without a floor
+        ratios = [r["ratio"] for r in rows if not math.isnan(r["ratio"])]  # NaN without a floor
         if ratios:
             print(f"median ratio to the floor: {100 * statistics.median(ratios):.0f} % over {len(ratios)} runs")
 

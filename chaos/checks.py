@@ -500,11 +500,7 @@ def _failover_lateness(
     ]
     # The normal path's own lateness in this run: the median of the one-off runs no fault could have delayed. On a
     # loaded machine every run is that late; only what a failover adds on top of it is the failover's.
-    undisturbed = [
-        late
-        for v, due, late in samples
-        if not any(_interferes(f, v, v.job.created_ms if v.job is not None else due, due, ev) for f in ev.faults)
-    ]
+    undisturbed = [late for v, due, late in samples if not any(_interferes(f, v, due, ev) for f in ev.faults)]
     baseline_s = round(max(0.0, statistics.median(undisturbed)), 3) if undisturbed else 0.0
     samples += occurrences
     for fault in ev.faults:
@@ -513,8 +509,7 @@ def _failover_lateness(
         for v, due, late in samples:
             if v.shard not in fault.affected_shards or not fault.start_ms - 200 <= due <= fault.start_ms + window_ms:
                 continue
-            created = v.job.created_ms if v.job is not None else due
-            others = [f for f in ev.faults if f is not fault and _interferes(f, v, created, due, ev)]
+            others = [f for f in ev.faults if f is not fault and _interferes(f, v, due, ev)]
             if others and not all(_leader_loss(f) for f in others):
                 continue  # compound with other kinds of faults: only reported in the overall percentiles
             bound = round((ev.ttl_s + 1.0 if not others else 2 * ev.ttl_s + 1.0) + baseline_s, 3)
@@ -541,8 +536,9 @@ def _failover_lateness(
     return rows, problems
 
 
-def _interferes(f: FaultRecord, v: _JobView, created_ms: int, due_ms: int, ev: Evidence) -> bool:
+def _interferes(f: FaultRecord, v: _JobView, due_ms: int, ev: Evidence) -> bool:
     """Whether fault ``f`` may have delayed this run independently of the picker fault being measured."""
+    created_ms = v.job.created_ms if v.job is not None else due_ms
     hi = due_ms + int((ev.ttl_s + 1.0) * 1000)
     if _picker_fault(f):
         return v.shard in (f.affected_shards or []) and _overlaps(f, due_ms - 1000, hi, ev.ttl_s)
