@@ -12,6 +12,22 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_last_decision_us = 0
+
+
+def decision_us(after: int = 0) -> int:
+    """A job-state write's decision time in epoch microseconds: the wall clock, strictly increasing within this
+    process and later than ``after`` (a decision this one follows from, e.g. the dispatch a run's outcome answers).
+
+    The store keeps, per state column, the value with the latest decision time (Scylla's cell timestamps,
+    ``USING TIMESTAMP``), not the value that arrived last: a write delayed in flight (a frozen process, a
+    retried request) cannot set a job back. Across machines this relies on clocks within the time between
+    causally unrelated decisions; causally related ones are ordered by ``after``."""
+    global _last_decision_us
+    _last_decision_us = max(_last_decision_us + 1, time.time_ns() // 1000, after + 1)
+    return _last_decision_us
+
+
 def to_rfc3339(ms: int | None) -> str | None:
     if ms is None or not MIN_INSTANT_MS <= ms <= MAX_INSTANT_MS:
         return None

@@ -19,7 +19,10 @@ status         set by                      when
 =============  ==========================  ==========================================================================
 
 Transitions are idempotent column writes: applying one twice (a redelivered message, a replayed batch) leaves the
-same status.
+same status. Each carries when it was decided (``JobState.at_us``, :func:`libs.clock.decision_us`), and the store
+keeps, per field, the value decided last rather than the one that arrived last: the picker's "queued" is decided
+when it read the job, a worker's writes after the dispatch they answer. So a write held up in flight (a frozen
+picker, a retried request) or based on a read from before the run's outcome cannot set a finished job back.
 """
 
 from __future__ import annotations

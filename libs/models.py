@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dsched.libs.clock import decision_us
 from dsched.libs.entropy import random_bytes
 
 # Why a time-bucket entry / queue message exists: a schedule occurrence, a retry, a manual trigger or a replay.
@@ -124,6 +125,8 @@ class Job(Model):
     state: JobStatus | None = None
     last_run: LastRun | None = None
     dispatched_through_ms: int = -1  # scheduled time of the last occurrence handed to the work queue
+    # The latest decision time (libs.clock.decision_us) among the runtime state fields as read; 0 if none.
+    state_at_us: int = 0
 
     @property
     def status(self) -> JobStatus:
@@ -138,12 +141,16 @@ class Job(Model):
 
 
 class JobState(Model):
-    """A runtime-state update of one job (idempotent column writes)."""
+    """A runtime-state update of one job (idempotent column writes).
+
+    ``at_us`` is when it was decided (:func:`libs.clock.decision_us`, by default when it is built): per field,
+    the store keeps the value decided last, whatever order the writes arrive in."""
 
     job_id: str
     state: JobStatus | None = None
     last_run: LastRun | None = None
     dispatched_through_ms: int | None = None
+    at_us: int = Field(default_factory=decision_us)
 
 
 class BucketEntry(Model):
@@ -201,6 +208,9 @@ class RunOrder(Model):
     due_ms: int
     kind: EntryKind = "schedule"
     dispatched_ms: int = 0
+    # The decision time of the picker's "queued" write (libs.clock.decision_us): the worker's writes of this run's
+    # state are decided after it. 0 in orders from before this field.
+    decided_us: int = 0
     traceparent: str | None = None  # the picker's dispatch span (libs.tracing); None while tracing is off
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from dsched.libs import job_states, logs, tracing
+from dsched.libs import clock, job_states, logs, tracing
 from dsched.libs.clock import now_ms
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
@@ -455,8 +455,11 @@ class Picker:
         entries = [e for e in entries if e.shard in owned]
         if not entries:
             return 0
+        # Decided as of this read: a state write delayed past a later decision (this picker frozen with the write
+        # in flight, or the run's outcome recorded after this read) cannot set the job back.
+        read_us = clock.decision_us()
         jobs = await self.store.get_jobs(list({e.job_id for e in entries}))
-        plan = self._plan(entries, jobs, now)
+        plan = self._plan(entries, jobs, now, read_us)
         if self.settings.tenant_fair_dispatch and len(set(plan.tenants)) > 1:
             pairs = fair_order(
                 list(zip(plan.tenants, plan.messages, strict=True)),
@@ -470,9 +473,12 @@ class Picker:
             logger.debug("dispatched", count=sent)
         return sent
 
-    def _plan(self, entries: list[BucketEntry], jobs: dict[str, Job], now: int) -> DispatchPlan:
+    def _plan(self, entries: list[BucketEntry], jobs: dict[str, Job], now: int, read_us: int) -> DispatchPlan:
         """What dispatching ``entries`` writes and sends (no I/O): runs to send, the next occurrences, skipped
-        runs, job states, the previous runs to cancel (``overlap: replace``) and the entries done."""
+        runs, job states, the previous runs to cancel (``overlap: replace``) and the entries done.
+
+        ``read_us``: when ``jobs`` were read (:func:`libs.clock.decision_us`). A job's state writes are decided
+        then, or just after the state it showed (``state_at_us``) if that was decided on a clock ahead of ours."""
         plan = DispatchPlan(done=list(entries))
         for entry in entries:
             job = jobs.get(entry.job_id)
@@ -486,6 +492,7 @@ class Picker:
                     if chained is not None:
                         plan.next_entries.append(chained)
                 continue
+            decided_us = max(read_us, job.state_at_us + 1)
             fire = [entry.scheduled_ms]
             if entry.kind == "schedule" and job.recurring:
                 fire, skipped, next_entry = self._plan_recurring(job, entry, now)
@@ -501,16 +508,16 @@ class Picker:
                     else:
                         plan.cancels.append(job.last_run.run_id)
             for scheduled in fire:
-                plan.messages.append(self._message(job, entry, scheduled, now))
+                plan.messages.append(self._message(job, entry, scheduled, now, decided_us))
                 plan.tenants.append(job.user_id)
                 PICKER_DISPATCHED.labels(entry.kind).inc()
             if entry.kind == "schedule" and fire:
                 plan.mark_dispatched(job.job_id, max(fire))
-            plan.queued[job.job_id] = JobState(job_id=job.job_id, state=job_states.dispatched())
+            plan.queued[job.job_id] = JobState(job_id=job.job_id, state=job_states.dispatched(), at_us=decided_us)
         return plan
 
     @staticmethod
-    def _message(job: Job, entry: BucketEntry, scheduled: int, now: int) -> OutgoingMessage:
+    def _message(job: Job, entry: BucketEntry, scheduled: int, now: int, decided_us: int) -> OutgoingMessage:
         run_id = run_id_for(job.job_id, scheduled, entry.attempt)
         order = RunOrder(
             run_id=run_id,
@@ -520,6 +527,7 @@ class Picker:
             due_ms=entry.due_ms if scheduled == entry.scheduled_ms else scheduled,
             kind=entry.kind,
             dispatched_ms=now,
+            decided_us=decided_us,
             # The queue message carries the trace on to the worker (libs/tracing.py); None while off.
             traceparent=tracing.instant("picker", "dsched.dispatch", job.traceparent, {"dsched.run_id": run_id})
             if tracing.ENABLED
@@ -561,7 +569,10 @@ class Picker:
         if plan.dispatched:
             if not self._still_owns(shards, "dispatched", plan):
                 return 0
-            states = [JobState(job_id=job_id, dispatched_through_ms=ms) for job_id, ms in plan.dispatched.items()]
+            states = [
+                JobState(job_id=job_id, dispatched_through_ms=ms, at_us=plan.queued[job_id].at_us)
+                for job_id, ms in plan.dispatched.items()
+            ]
             await self.store.update_job_states(states)
         if not self._still_owns(shards, "delete", plan):
             return 0

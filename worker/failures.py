@@ -29,7 +29,7 @@ import orjson
 from prometheus_client import Counter
 
 from dsched.libs import job_states, logs
-from dsched.libs.clock import now_ms
+from dsched.libs.clock import decision_us, now_ms
 from dsched.libs.metrics import DEAD_LETTERS, REGISTRY
 from dsched.libs.models import (
     FINISHED_RUN_STATUSES,
@@ -99,7 +99,8 @@ async def record_failure(worker: Worker, order: RunOrder, reason: str, started: 
         finished_ms=finished,
     )
     state = job_states.finished(recurring=job.recurring, outcome=RunStatus.FAILED, retry_coming=False)
-    await worker.store.update_job_states([JobState(job_id=job.job_id, state=state, last_run=last_run)])
+    at_us = decision_us(after=order.decided_us)
+    await worker.store.update_job_states([JobState(job_id=job.job_id, state=state, last_run=last_run, at_us=at_us)])
 
 
 async def _identify(worker: Worker, body: bytes) -> RunOrder | None:

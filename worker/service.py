@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from dsched.libs import job_states, logs, tracing
 from dsched.libs.batching import Batcher
 from dsched.libs.blobs.base import BlobStore
-from dsched.libs.clock import now_ms
+from dsched.libs.clock import decision_us, now_ms
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import CANCEL_PREFIX, WORKERS_PREFIX
 from dsched.libs.metrics import (
@@ -621,7 +621,8 @@ class Worker:
                     )
                 )
         state = job_states.finished(recurring=job.recurring, outcome=outcome.status, retry_coming=retry_coming)
-        writes.append(put_states([JobState(job_id=job.job_id, state=state, last_run=last_run)]))
+        at_us = decision_us(after=order.decided_us)  # after the dispatch it answers, whatever the clocks say
+        writes.append(put_states([JobState(job_id=job.job_id, state=state, last_run=last_run, at_us=at_us)]))
         try:
             for write in writes:  # futures of shared batches, not tasks: awaiting them in turn costs nothing extra
                 await write
@@ -710,6 +711,7 @@ class Worker:
                 [
                     JobState(
                         job_id=order.job.job_id,
+                        at_us=decision_us(after=order.decided_us),
                         state=job_states.running(),
                         last_run=LastRun(
                             run_id=order.run_id,

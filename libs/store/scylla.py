@@ -25,9 +25,11 @@ recommended alternative to a multi-partition ``BATCH``).
 Schema (``db/migrations``) and the method mapping are in :mod:`libs.store.base`. Specific choices:
 
 - Jobs: ``put_jobs`` writes only ``user_id`` and ``definition`` (JSON); ``update_job_states`` writes only the
-  given state columns (the others bound as ``UNSET``, so no tombstones). A batch is reduced to one write
-  per key first (the last definition, the merged state fields, the last run record), since concurrent
-  writes of one key would otherwise race. CQL updates are upserts, so a state
+  given state columns (the others bound as ``UNSET``, so no tombstones) ``USING TIMESTAMP`` of the update's
+  decision time (``JobState.at_us``), so a cell keeps the value decided last whatever the arrival order, and
+  reads return ``WRITETIME`` as ``Job.state_at_us``. A batch is reduced to one write per key first (the last
+  definition, the state fields merged per decision time, the last run record), since concurrent writes of one
+  key would otherwise race. CQL updates are upserts, so a state
   update of an unknown job leaves a row without a definition; reads ignore such rows, which is what
   "ignored" means here.
 - ``list_jobs`` pages ``jobs_by_user`` (newest first), reads the jobs, and applies the status and project
@@ -81,7 +83,7 @@ STATS_MAX_BUCKETS = 60
 MIN_TOKEN, MAX_TOKEN = -(2**63), 2**63 - 1  # Murmur3Partitioner
 RING = 2**64
 
-_STATE_FIELDS = frozenset({"state", "last_run", "dispatched_through_ms"})
+_STATE_FIELDS = frozenset({"state", "last_run", "dispatched_through_ms", "state_at_us"})
 _STATS_STATUSES = (
     JobStatus.SCHEDULED,
     JobStatus.QUEUED,
@@ -305,8 +307,14 @@ def _statements() -> dict[str, str]:
         # Jobs
         "put_job": "INSERT INTO jobs (job_id, user_id, definition) VALUES (?, ?, ?)",
         "put_job_by_user": ("INSERT INTO jobs_by_user (user_id, created_ms, job_id, project_id) VALUES (?, ?, ?, ?)"),
-        "update_job_state": ("UPDATE jobs SET state = ?, last_run = ?, dispatched_through_ms = ? WHERE job_id = ?"),
-        "get_job": "SELECT definition, state, last_run, dispatched_through_ms FROM jobs WHERE job_id = ?",
+        "update_job_state": (
+            "UPDATE jobs USING TIMESTAMP ? SET state = ?, last_run = ?, dispatched_through_ms = ? WHERE job_id = ?"
+        ),
+        "get_job": (
+            "SELECT definition, state, last_run, dispatched_through_ms, WRITETIME(state) AS state_at, "
+            "WRITETIME(last_run) AS last_run_at, WRITETIME(dispatched_through_ms) AS dispatched_at "
+            "FROM jobs WHERE job_id = ?"
+        ),
         "list_jobs": "SELECT created_ms, job_id, project_id FROM jobs_by_user WHERE user_id = ? LIMIT ?",
         "list_jobs_after": (
             "SELECT created_ms, job_id, project_id FROM jobs_by_user "
@@ -409,6 +417,7 @@ def job_from_row(row: dict[str, Any]) -> Job | None:
     data["last_run"] = None if row.get("last_run") is None else orjson.loads(row["last_run"])
     dispatched = row.get("dispatched_through_ms")
     data["dispatched_through_ms"] = -1 if dispatched is None else dispatched
+    data["state_at_us"] = max(row.get("state_at") or 0, row.get("last_run_at") or 0, row.get("dispatched_at") or 0)
     return Job.model_validate(data)
 
 
@@ -417,6 +426,7 @@ def state_params(update: JobState) -> tuple[Any, ...] | None:
     if update.state is None and update.last_run is None and update.dispatched_through_ms is None:
         return None
     return (
+        update.at_us,
         UNSET_VALUE if update.state is None else update.state.value,
         UNSET_VALUE if update.last_run is None else update.last_run.model_dump_json(),
         UNSET_VALUE if update.dispatched_through_ms is None else update.dispatched_through_ms,
@@ -425,15 +435,18 @@ def state_params(update: JobState) -> tuple[Any, ...] | None:
 
 
 def merge_states(updates: Sequence[JobState]) -> list[JobState]:
-    """One update per job: later fields win, as if the updates were applied in order."""
-    merged: dict[str, JobState] = {}
+    """One update per job and decision time: later fields win, as if the updates were applied in order (updates
+    decided at different times stay apart; their cell timestamps order them)."""
+    merged: dict[tuple[str, int], JobState] = {}
     for update in updates:
-        before = merged.get(update.job_id)
+        key = (update.job_id, update.at_us)
+        before = merged.get(key)
         if before is None:
-            merged[update.job_id] = update
+            merged[key] = update
             continue
-        merged[update.job_id] = JobState(
+        merged[key] = JobState(
             job_id=update.job_id,
+            at_us=update.at_us,
             state=update.state if update.state is not None else before.state,
             last_run=update.last_run if update.last_run is not None else before.last_run,
             dispatched_through_ms=(

@@ -28,7 +28,7 @@ from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch
 
 T = TypeVar("T")
 
-_STATE_FIELDS = frozenset({"state", "last_run", "dispatched_through_ms"})
+_STATE_FIELDS = frozenset({"state", "last_run", "dispatched_through_ms", "state_at_us"})
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's bound-variable limit
 
 _SCHEMA = """
@@ -48,7 +48,11 @@ CREATE TABLE IF NOT EXISTS job_states (
     job_id TEXT PRIMARY KEY,
     state TEXT,
     last_run BLOB,
-    dispatched_through_ms INTEGER
+    dispatched_through_ms INTEGER,
+    -- Each column's decision time (JobState.at_us), as Scylla's cell timestamps: the latest decision wins.
+    state_at INTEGER,
+    last_run_at INTEGER,
+    dispatched_at INTEGER
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_by_user ON jobs (user_id, created_ms DESC, job_id DESC);
 CREATE TABLE IF NOT EXISTS job_queue (
@@ -109,7 +113,10 @@ _STATUS_SQL = (
     "CASE WHEN j.deleted THEN 'deleted' WHEN j.paused THEN 'paused' "
     "WHEN s.state IS NULL AND j.accepted THEN 'submitted' ELSE COALESCE(s.state, 'scheduled') END"
 )
-_JOB_COLUMNS = "j.definition, s.state, s.last_run, COALESCE(s.dispatched_through_ms, -1)"
+_JOB_COLUMNS = (
+    "j.definition, s.state, s.last_run, COALESCE(s.dispatched_through_ms, -1), "
+    "MAX(COALESCE(s.state_at, 0), COALESCE(s.last_run_at, 0), COALESCE(s.dispatched_at, 0))"
+)
 _JOBS_FROM = "jobs AS j LEFT JOIN job_states AS s ON s.job_id = j.job_id"
 
 
@@ -137,6 +144,10 @@ def _add_missing_columns(conn: Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     if "accepted" not in columns:
         conn.execute("ALTER TABLE jobs ADD COLUMN accepted INTEGER NOT NULL DEFAULT 0")
+    state_columns = {row[1] for row in conn.execute("PRAGMA table_info(job_states)")}
+    for name in ("state_at", "last_run_at", "dispatched_at"):
+        if name not in state_columns:
+            conn.execute(f"ALTER TABLE job_states ADD COLUMN {name} INTEGER")
 
 
 _PUT_JOB = (
@@ -153,17 +164,46 @@ _PUT_ENTRY = (
 )
 
 
+def _latest(column: str, at: str) -> str:
+    """``column = <the given value if decided at least as late as the stored one, else the stored one>``."""
+    newer = f"excluded.{column} IS NOT NULL AND excluded.{at} >= COALESCE({at}, 0)"
+    return (
+        f"{column} = CASE WHEN {newer} THEN excluded.{column} ELSE {column} END, "
+        f"{at} = CASE WHEN {newer} THEN excluded.{at} ELSE {at} END"
+    )
+
+
+# ?1-?3 the state fields (NULL = not set by this write), ?4 the job id, ?5 the decision time. SQLite evaluates every
+# SET expression on the row as it was, so each column's guard compares with its own stored decision time.
+_UPDATE_STATE = (
+    "INSERT INTO job_states (job_id, state, last_run, dispatched_through_ms, state_at, last_run_at, dispatched_at) "
+    "SELECT ?4, ?1, ?2, ?3, IIF(?1 IS NULL, NULL, ?5), IIF(?2 IS NULL, NULL, ?5), IIF(?3 IS NULL, NULL, ?5) "
+    "WHERE EXISTS (SELECT 1 FROM jobs WHERE job_id = ?4) ON CONFLICT (job_id) DO UPDATE SET "
+    + ", ".join(
+        _latest(column, at)
+        for column, at in (
+            ("state", "state_at"),
+            ("last_run", "last_run_at"),
+            ("dispatched_through_ms", "dispatched_at"),
+        )
+    )
+)
+
+
 def _job_row(job: Job) -> tuple[Any, ...]:
     definition = job.model_dump_json(exclude=set(_STATE_FIELDS)).encode()
     accepted = job.version == ACCEPTED_VERSION
     return (job.job_id, job.user_id, job.project_id, job.created_ms, job.paused, job.deleted, definition, accepted)
 
 
-def _job_from_row(definition: bytes, state: str | None, last_run: bytes | None, dispatched: int) -> Job:
+def _job_from_row(
+    definition: bytes, state: str | None, last_run: bytes | None, dispatched: int, state_at_us: int
+) -> Job:
     data = orjson.loads(definition)
     data["state"] = state
     data["last_run"] = None if last_run is None else orjson.loads(last_run)
     data["dispatched_through_ms"] = dispatched
+    data["state_at_us"] = state_at_us
     return Job.model_validate(data)
 
 
@@ -217,22 +257,13 @@ class SqliteStore(JobStore):
                 None if u.last_run is None else u.last_run.model_dump_json().encode(),
                 u.dispatched_through_ms,
                 u.job_id,
+                u.at_us,
             )
             for u in updates
             if u.state is not None or u.last_run is not None or u.dispatched_through_ms is not None
         ]
-        if not rows:
-            return
-        await self._writer.write(
-            lambda conn: conn.executemany(
-                "INSERT INTO job_states (job_id, state, last_run, dispatched_through_ms) "
-                "SELECT ?4, ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM jobs WHERE job_id = ?4) "
-                "ON CONFLICT (job_id) DO UPDATE SET state = COALESCE(excluded.state, state), "
-                "last_run = COALESCE(excluded.last_run, last_run), "
-                "dispatched_through_ms = COALESCE(excluded.dispatched_through_ms, dispatched_through_ms)",
-                rows,
-            )
-        )
+        if rows:
+            await self._writer.write(lambda conn: conn.executemany(_UPDATE_STATE, rows))
 
     async def get_jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
         ids = list(dict.fromkeys(job_ids))

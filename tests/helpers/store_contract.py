@@ -145,6 +145,36 @@ async def update_job_states_sets_only_the_given_fields(store: JobStore) -> None:
 
 
 @case
+async def update_job_states_keep_each_fields_latest_decision(store: JobStore) -> None:
+    """A state write delayed in flight (a frozen picker's "queued") lands after the run's outcome it preceded:
+    each field keeps the value decided last, not the one that arrived last, and reads say when that was."""
+    user = uid("user")
+    job = make_job(user, 1000)
+    await store.put_jobs([job])
+    base = time.time_ns() // 1000
+    last = LastRun(run_id="r1", status=RunStatus.SUCCEEDED, attempt=0, scheduled_ms=5000, finished_ms=5100)
+    await store.update_job_states([JobState(job_id=job.job_id, state=JobStatus.SUCCEEDED, last_run=last, at_us=base)])
+    late = [JobState(job_id=job.job_id, state=JobStatus.QUEUED, dispatched_through_ms=5000, at_us=base - 10)]
+    await store.update_job_states(late)
+    got = (await store.get_jobs([job.job_id]))[job.job_id]
+    assert (got.state, got.last_run, got.dispatched_through_ms) == (JobStatus.SUCCEEDED, last, 5000)
+    assert got.state_at_us == base
+    # Later decisions win, field by field, and within one batch too.
+    running = LastRun(run_id="r2", status=RunStatus.RUNNING, attempt=0, scheduled_ms=6000)
+    await store.update_job_states(
+        [
+            JobState(job_id=job.job_id, state=JobStatus.RUNNING, last_run=running, at_us=base + 20),
+            JobState(job_id=job.job_id, state=JobStatus.QUEUED, dispatched_through_ms=6000, at_us=base + 10),
+        ]
+    )
+    got = (await store.get_jobs([job.job_id]))[job.job_id]
+    assert (got.state, got.last_run, got.dispatched_through_ms) == (JobStatus.RUNNING, running, 6000)
+    assert got.state_at_us == base + 20
+    listed, _ = await store.list_jobs(user, 10)
+    assert [j.state for j in listed if j.job_id == job.job_id] == [JobStatus.RUNNING]
+
+
+@case
 async def list_jobs_is_newest_first_paginated_and_per_user(store: JobStore) -> None:
     user, other = uid("user"), uid("user")
     jobs = [make_job(user, 1000 + i * 10) for i in range(7)]

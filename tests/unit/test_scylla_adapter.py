@@ -242,24 +242,26 @@ def test_job_definition_excludes_runtime_state_and_round_trips() -> None:
     assert job_from_row({"definition": None, "state": "running"}) is None  # a state-only (unknown) job
 
 
-def test_state_params_leave_unset_fields_untouched() -> None:
+def test_state_params_leave_unset_fields_untouched_and_carry_the_decision_time() -> None:
     assert state_params(JobState(job_id="j")) is None
-    params = state_params(JobState(job_id="j", dispatched_through_ms=0))
-    assert params == (UNSET_VALUE, UNSET_VALUE, 0, "j")
+    params = state_params(JobState(job_id="j", dispatched_through_ms=0, at_us=7))
+    assert params == (7, UNSET_VALUE, UNSET_VALUE, 0, "j")
 
 
-def test_merge_states_applies_a_batch_in_order() -> None:
+def test_merge_states_merges_what_was_decided_together_in_order() -> None:
     last = LastRun(run_id="r", status=RunStatus.SUCCEEDED, attempt=0, scheduled_ms=5)
     merged = merge_states(
         [
-            JobState(job_id="a", state=JobStatus.QUEUED, dispatched_through_ms=5),
-            JobState(job_id="b", state=JobStatus.RUNNING),
-            JobState(job_id="a", state=JobStatus.SUCCEEDED, last_run=last),
+            JobState(job_id="a", state=JobStatus.QUEUED, dispatched_through_ms=5, at_us=10),
+            JobState(job_id="b", state=JobStatus.RUNNING, at_us=10),
+            JobState(job_id="a", state=JobStatus.SUCCEEDED, last_run=last, at_us=10),
+            JobState(job_id="a", state=JobStatus.QUEUED, at_us=4),  # decided earlier: its own write, which loses
         ]
     )
     assert merged == [
-        JobState(job_id="a", state=JobStatus.SUCCEEDED, last_run=last, dispatched_through_ms=5),
-        JobState(job_id="b", state=JobStatus.RUNNING),
+        JobState(job_id="a", state=JobStatus.SUCCEEDED, last_run=last, dispatched_through_ms=5, at_us=10),
+        JobState(job_id="b", state=JobStatus.RUNNING, at_us=10),
+        JobState(job_id="a", state=JobStatus.QUEUED, at_us=4),
     ]
 
 
@@ -381,6 +383,8 @@ class Table:
     data: dict[tuple[Any, ...], dict[tuple[Any, ...], tuple[dict[str, Any], float | None]]] = field(
         default_factory=dict
     )
+    # (partition key, clustering key) -> column -> its cell's write timestamp (µs), as WRITETIME returns it
+    written: dict[tuple[tuple[Any, ...], tuple[Any, ...]], dict[str, int]] = field(default_factory=dict)
 
     def live_rows(self, pk: tuple[Any, ...]) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -425,7 +429,7 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 _SHAPES = {
     "insert": r"INSERT INTO (\w+) \(([^)]*)\) VALUES \(([^)]*)\)"
     r"(?P<ine> IF NOT EXISTS)?(?P<ttl> USING TTL \?)?$",
-    "update": r"UPDATE (\w+) SET (.*?) WHERE (.*?)(?: IF (?P<cond>.*))?$",
+    "update": r"UPDATE (\w+)(?P<ts> USING TIMESTAMP \?)? SET (.*?) WHERE (.*?)(?: IF (?P<cond>.*))?$",
     "delete": r"DELETE FROM (\w+) WHERE (.*)$",
     "select": r"SELECT (.*?) FROM (\w+) WHERE (.*?)(?P<limit> LIMIT \?)?$",
 }
@@ -523,10 +527,13 @@ class FakeCql:
                 raise InvalidRequest("Missing mandatory PRIMARY KEY part")
             parts["if_not_exists"], parts["ttl"] = bool(match["ine"]), bool(match["ttl"])
         elif kind == "update":
-            parts["set"] = tuple(a.split("=")[0].strip() for a in match.group(2).split(","))
+            parts["set"] = tuple(a.split("=")[0].strip() for a in match.group(3).split(","))
             self._check_columns(table, parts["set"])
-            parts["where"] = self._where(table, match.group(3), full_key=True)
+            parts["where"] = self._where(table, match.group(4), full_key=True)
             parts["cond"] = match["cond"].split()[0] if match["cond"] else None
+            parts["timestamp"] = bool(match["ts"])
+            if parts["cond"] and parts["timestamp"]:
+                raise InvalidRequest("Cannot provide custom timestamp for conditional updates")
         elif kind == "delete":
             parts["where"] = self._where(table, match.group(2), full_key=True)
         else:
@@ -544,8 +551,14 @@ class FakeCql:
     def _selectors(self, table: Table, text: str) -> list[tuple[str, Any]]:
         selectors: list[tuple[str, Any]] = []
         for item in _split_top(text):
+            writetime = re.match(r"WRITETIME\((\w+)\) AS (\w+)$", item)
             if item == "COUNT(*) AS n":
                 selectors.append(("count", "n"))
+            elif writetime:
+                self._check_columns(table, (writetime.group(1),))
+                if writetime.group(1) in table.partition + table.clustering:
+                    raise InvalidRequest("Cannot use selection function writeTime on PRIMARY KEY part")
+                selectors.append(("writetime", (writetime.group(1), writetime.group(2))))
             elif item.startswith("token("):
                 match = re.match(r"token\(([^)]*)\) AS (\w+)$", item)
                 assert match and _names(match.group(1)) == table.partition, item
@@ -625,12 +638,21 @@ class FakeCql:
             return None
         return entry[0]
 
-    def _upsert(self, table: Table, values: dict[str, Any], ttl: int | None) -> None:
+    def _upsert(self, table: Table, values: dict[str, Any], ttl: int | None, timestamp: int | None = None) -> None:
+        """Write ``values``; a cell keeps whichever value has the later write timestamp (the client's clock
+        unless ``USING TIMESTAMP`` gives one), as in Cassandra, whatever order the writes arrive in."""
         pk = tuple(values[c] for c in table.partition)
         ck = tuple(values[c] for c in table.clustering)
         existing = self._row(table, pk, ck)
         row = dict(existing or {})
-        row.update({c: v for c, v in values.items() if v is not UNSET_VALUE})
+        written = table.written.setdefault((pk, ck), {}) if existing is not None else {}
+        table.written[(pk, ck)] = written
+        timestamp = time.time_ns() // 1000 if timestamp is None else timestamp
+        for column, value in values.items():
+            if value is UNSET_VALUE or written.get(column, -1) > timestamp:
+                continue
+            row[column] = value
+            written[column] = timestamp
         ttl = ttl if ttl is not None else table.default_ttl
         expiry = time.monotonic() + ttl if ttl else None
         table.data.setdefault(pk, {})[ck] = (row, expiry)
@@ -649,6 +671,7 @@ class FakeCql:
         return []
 
     def _run_update(self, table: Table, parts: dict[str, Any], params: list[Any]) -> list[dict[str, Any]]:
+        timestamp = params.pop(0) if parts["timestamp"] else None
         sets = dict(zip(parts["set"], params[: len(parts["set"])], strict=True))
         rest = params[len(parts["set"]) :]
         cond_value = rest.pop() if parts["cond"] else None
@@ -661,7 +684,7 @@ class FakeCql:
                 return [{"[applied]": False, parts["cond"]: current}]
             self._upsert(table, {**eq, **sets}, None)
             return [{"[applied]": True, parts["cond"]: current}]
-        self._upsert(table, {**eq, **sets}, None)
+        self._upsert(table, {**eq, **sets}, None, timestamp)
         return []
 
     def _run_delete(self, table: Table, parts: dict[str, Any], params: list[Any]) -> list[dict[str, Any]]:
@@ -686,9 +709,19 @@ class FakeCql:
             return [{"n": len(rows)}]
         rows = rows[:limit] if limit is not None else rows
         return [
-            {name: self._token(pk) if kind == "token" else row.get(name) for kind, name in parts["selectors"]}
-            for pk, row in rows
+            dict(self._selected(table, pk, row, kind, name) for kind, name in parts["selectors"]) for pk, row in rows
         ]
+
+    def _selected(
+        self, table: Table, pk: tuple[Any, ...], row: dict[str, Any], kind: str, name: Any
+    ) -> tuple[str, Any]:
+        if kind == "token":
+            return name, self._token(pk)
+        if kind == "writetime":  # null for a null cell
+            column, alias = name
+            ck = tuple(row[c] for c in table.clustering)
+            return alias, None if row.get(column) is None else table.written.get((pk, ck), {}).get(column)
+        return name, row.get(name)
 
 
 class FakeSession:

@@ -155,3 +155,30 @@ async def test_a_store_file_from_before_the_accepted_column_opens_and_lists_its_
         assert len(submitted) == 1
     finally:
         await upgraded.shutdown()
+
+
+async def test_a_store_file_from_before_the_decision_times_keeps_its_states_and_takes_new_ones(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = job(1000)
+    first = SqliteStore(path)
+    await first.startup()
+    await first.put_jobs([old])
+    await first.shutdown()
+    conn = connect(path)  # job_states as earlier releases created it, with a state written then
+    conn.execute("DROP TABLE job_states")
+    conn.execute(
+        "CREATE TABLE job_states (job_id TEXT PRIMARY KEY, state TEXT, last_run BLOB, dispatched_through_ms INTEGER) "
+        "WITHOUT ROWID"
+    )
+    conn.execute("INSERT INTO job_states VALUES (?, 'queued', NULL, 1000)", (old.job_id,))
+    conn.close()
+    upgraded = SqliteStore(path)
+    await upgraded.startup()
+    try:
+        got = (await upgraded.get_jobs([old.job_id]))[old.job_id]
+        assert (got.state, got.dispatched_through_ms, got.state_at_us) == (JobStatus.QUEUED, 1000, 0)
+        await upgraded.update_job_states([JobState(job_id=old.job_id, state=JobStatus.SUCCEEDED)])
+        got = (await upgraded.get_jobs([old.job_id]))[old.job_id]
+        assert (got.state, got.dispatched_through_ms) == (JobStatus.SUCCEEDED, 1000) and got.state_at_us > 0
+    finally:
+        await upgraded.shutdown()
