@@ -249,6 +249,38 @@ def test_runs_wiped_with_motos_memory_are_counted_apart() -> None:
     assert not results(evidence([(s2, j2)], [], [], faults=[wipe2]))["no_lost_jobs"]
 
 
+def test_a_job_whose_status_disagrees_with_its_runs_fails_the_run() -> None:
+    s, j = job("a", state=JobStatus.QUEUED)  # a stale "queued" over a succeeded run: what its owner sees is wrong
+    r = run(j, j.next_fire_ms, finished_ms=j.next_fire_ms + 40)
+    assert results(evidence([(s, j)], [r], [hit(r, j.next_fire_ms + 30)]))["job_states_settled"] is False
+    s2, j2 = job("b", state=JobStatus.SUCCEEDED)
+    r2 = run(j2, j2.next_fire_ms, status=RunStatus.FAILED, finished_ms=j2.next_fire_ms + 40)  # but it failed
+    letter = DeadLetter(
+        dead_letter_id=r2.run_id,
+        job_id=j2.job_id,
+        user_id="chaos",
+        project_id="chaos",
+        scheduled_ms=r2.scheduled_ms,
+        attempts=1,
+        error="x",
+        dead_ms=j2.next_fire_ms + 40,
+    )
+    ev = evidence([(s2, j2)], [r2], [hit(r2, j2.next_fire_ms + 30)], letters=[letter])
+    assert results(ev)["job_states_settled"] is False
+
+
+def test_a_job_whose_retry_moto_wiped_is_not_held_against_its_status() -> None:
+    s, j = job("a", due=3000, state=JobStatus.QUEUED, max_retries=2)
+    first = run(j, j.next_fire_ms, status=RunStatus.FAILED, finished_ms=j.next_fire_ms + 50)
+    wipe = FaultRecord(
+        index=0, kind="moto-restart", planned_at_s=0.0, start_ms=T0 + 3300, end_ms=T0 + 3800, target="moto"
+    )
+    ev = evidence([(s, j)], [first], [hit(first, j.next_fire_ms + 20)], faults=[wipe])
+    checks, _, _ = analyse(ev)
+    [settled] = [c for c in checks if c.name == "job_states_settled"]
+    assert settled.passed and settled.required and "1 whose retry moto's restart wiped" in settled.summary
+
+
 def test_percentiles() -> None:
     assert percentiles([]) == {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
     values = [i / 100 for i in range(1, 101)]
