@@ -48,6 +48,20 @@ def run(j: Job, scheduled: int, attempt: int = 0, status: RunStatus = RunStatus.
     )
 
 
+def dead_letter(r: Run, dead_ms: int, error: str = "HTTP 500") -> DeadLetter:
+    """The dead letter of ``r``, its job's last attempt."""
+    return DeadLetter(
+        dead_letter_id=r.run_id,
+        job_id=r.job_id,
+        user_id="chaos",
+        project_id="chaos",
+        scheduled_ms=r.scheduled_ms,
+        attempts=r.attempt + 1,
+        error=error,
+        dead_ms=dead_ms,
+    )
+
+
 def hit(r: Run, at_ms: int) -> Hit:
     return Hit(key="k", job_id=r.job_id, run_id=r.run_id, attempt=r.attempt, idempotency_key="", at_ms=at_ms)
 
@@ -137,17 +151,7 @@ def test_a_job_that_failed_for_good_must_be_dead_lettered() -> None:
     r1 = run(j, j.next_fire_ms, 1, RunStatus.FAILED, http_status=500)
     hits = [hit(r0, T0 + 1000), hit(r1, T0 + 1300)]
     assert not results(evidence([(s, j)], [r0, r1], hits))["dead_letters"]
-    letter = DeadLetter(
-        dead_letter_id=r1.run_id,
-        job_id=j.job_id,
-        user_id="chaos",
-        project_id="chaos",
-        scheduled_ms=j.next_fire_ms,
-        attempts=2,
-        error="HTTP 500",
-        dead_ms=T0 + 1400,
-    )
-    assert results(evidence([(s, j)], [r0, r1], hits, [letter]))["dead_letters"]
+    assert results(evidence([(s, j)], [r0, r1], hits, [dead_letter(r1, T0 + 1400)]))["dead_letters"]
 
 
 def test_an_at_most_once_run_lost_to_a_crash_is_not_lost_but_must_be_dead_lettered() -> None:
@@ -255,17 +259,7 @@ def test_a_job_whose_status_disagrees_with_its_runs_fails_the_run() -> None:
     assert results(evidence([(s, j)], [r], [hit(r, j.next_fire_ms + 30)]))["job_states_settled"] is False
     s2, j2 = job("b", state=JobStatus.SUCCEEDED)
     r2 = run(j2, j2.next_fire_ms, status=RunStatus.FAILED, finished_ms=j2.next_fire_ms + 40)  # but it failed
-    letter = DeadLetter(
-        dead_letter_id=r2.run_id,
-        job_id=j2.job_id,
-        user_id="chaos",
-        project_id="chaos",
-        scheduled_ms=r2.scheduled_ms,
-        attempts=1,
-        error="x",
-        dead_ms=j2.next_fire_ms + 40,
-    )
-    ev = evidence([(s2, j2)], [r2], [hit(r2, j2.next_fire_ms + 30)], letters=[letter])
+    ev = evidence([(s2, j2)], [r2], [hit(r2, j2.next_fire_ms + 30)], letters=[dead_letter(r2, j2.next_fire_ms + 40)])
     assert results(ev)["job_states_settled"] is False
 
 
