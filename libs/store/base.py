@@ -72,7 +72,11 @@ class JobStore(ABC):
 
     @abstractmethod
     async def update_job_states(self, updates: Sequence[JobState]) -> None:
-        """Set the given (non-None) state fields; idempotent. Unknown job ids are ignored."""
+        """Set the given (non-None) state fields; idempotent. Unknown job ids are ignored.
+
+        Each field keeps the value decided last (the greatest ``at_us``; on a tie the later write, though Scylla
+        breaks ties by value), whatever order updates arrive in, also within one call. Reads return the latest
+        decision time among a job's state fields as ``Job.state_at_us``."""
 
     @abstractmethod
     async def get_jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
