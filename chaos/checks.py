@@ -25,9 +25,10 @@ the run fail):
                               2 * TTL + 1 s when the leader was lost at the same time; plus the run's baseline,
                               the median lateness of the one-off runs no fault touched (the normal path's own).
 
-``job_states_settled``        every executed one-off job shows ``succeeded`` if a run of it succeeded, else
-                              ``failed`` (what its owner sees agrees with its runs); a job whose retry moto's
-                              restart wiped from its in-memory queue is counted apart.
+``job_states_settled``        every executed one-off job shows what its runs say: ``succeeded`` if one
+                              succeeded, ``running`` while its latest run is (its worker died under it and the
+                              message has not come back yet), else ``failed``; a job whose retry moto's restart
+                              wiped from its in-memory queue is counted apart.
 
 Advisory (reported, never failing): the work queue's own dead-letter store, processes that exited on their own,
 at-least-once duplicates.
@@ -416,7 +417,13 @@ def analyse(ev: Evidence) -> tuple[list[CheckResult], dict[str, Any], dict[str, 
     for v in one_offs:
         state = v.job.status.value if v.job is not None else None
         succeeded = any(r.status == RunStatus.SUCCEEDED for r in v.runs)
-        expected = "succeeded" if succeeded else "failed"
+        latest = max(v.runs, key=lambda r: (r.scheduled_ms, r.attempt), default=None)
+        if succeeded:
+            expected = "succeeded"
+        elif latest is not None and latest.status == RunStatus.RUNNING:
+            expected = "running"  # its worker died under it and the message has not come back yet: still pending
+        else:
+            expected = "failed"
         if not v.executed or state == expected:
             continue
         last_end = max((r.finished_ms or r.started_ms or r.scheduled_ms for r in v.runs), default=v.due_ms)

@@ -263,6 +263,17 @@ def test_a_job_whose_status_disagrees_with_its_runs_fails_the_run() -> None:
     assert results(ev)["job_states_settled"] is False
 
 
+def test_a_job_whose_run_is_still_running_at_the_end_may_show_running() -> None:
+    """Found by a clean clone: a worker killed under an at-most-once run. The run stays ``running`` until its
+    message comes back (a visibility timeout) and the claim is found forfeited; the run may end before that."""
+    s, j = job("a", execution="at_most_once", state=JobStatus.RUNNING)
+    r = run(j, j.next_fire_ms, status=RunStatus.RUNNING, started_ms=j.next_fire_ms + 10)
+    assert results(evidence([(s, j)], [r], [hit(r, j.next_fire_ms + 20)]))["job_states_settled"]
+    s2, j2 = job("b", state=JobStatus.QUEUED)  # but not some other state
+    r2 = run(j2, j2.next_fire_ms, status=RunStatus.RUNNING, started_ms=j2.next_fire_ms + 10)
+    assert not results(evidence([(s2, j2)], [r2], [hit(r2, j2.next_fire_ms + 20)]))["job_states_settled"]
+
+
 def test_a_job_whose_retry_moto_wiped_is_not_held_against_its_status() -> None:
     s, j = job("a", due=3000, state=JobStatus.QUEUED, max_retries=2)
     first = run(j, j.next_fire_ms, status=RunStatus.FAILED, finished_ms=j.next_fire_ms + 50)
