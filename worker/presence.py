@@ -78,7 +78,7 @@ async def announce(worker: Worker, coordination: Coordination) -> None:
     Failures are logged and retried on the next beat: presence is informational and never stops the worker."""
     ttl = worker.settings.lease_ttl_s
     key = WORKERS_PREFIX + worker.node_id
-    started = now_ms()
+    started = worker.started_ms  # the process's, not this task's: a restarted announce must not look like a new worker
     lease: int | None = None
     try:
         while True:

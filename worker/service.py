@@ -26,12 +26,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 
 import aiohttp
+import orjson
 from pydantic import ValidationError
 
 from dsched.libs import job_states, logs, tracing
 from dsched.libs.batching import Batcher
 from dsched.libs.blobs.base import BlobStore
-from dsched.libs.clock import decision_us, now_ms
+from dsched.libs.clock import decision_us, now_ms, parse_rfc3339
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import CANCEL_PREFIX, WORKERS_PREFIX
 from dsched.libs.metrics import (
@@ -112,6 +113,9 @@ class Worker:
         self.settings = settings
         self.coordination = coordination
         self.node_id = node_id or settings.node_id
+        # This incarnation's start (its presence's ``started_at``): every run it starts begins later, so a claim's
+        # holder whose presence started after the run did was restarted under the same node id (_claimer_alive).
+        self.started_ms = now_ms()
         self._slots = asyncio.Semaphore(settings.worker_concurrency)  # runs executing
         self._recording = asyncio.Semaphore(4 * settings.worker_concurrency)  # finished runs not yet acked
         self._inflight: dict[str, executors.Cancellation] = {}  # receipt -> its run's cancellation
@@ -385,7 +389,15 @@ class Worker:
                 claimer = (await self.store.run_claimers([run_id])).get(run_id)
             if not claimer or claimer == self.node_id:
                 return False  # our own id but not running here: this process restarted, the run died with the old one
-            return await self.coordination.get(WORKERS_PREFIX + claimer) is not None
+            presence = await self.coordination.get(WORKERS_PREFIX + claimer)
+            if presence is None:
+                return False
+            started_at = orjson.loads(presence).get("started_at")
+            if previous is not None and previous.started_ms is not None and started_at:
+                # A worker restarted under the same node id since it started this run: the run died with the
+                # process that ran it (its key now belongs to the new one).
+                return parse_rfc3339(started_at) <= previous.started_ms
+            return True
         except Exception as exc:
             logger.warning("presence_lookup_failed", error=f"{type(exc).__name__}: {exc}")
             return True

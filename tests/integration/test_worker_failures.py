@@ -20,7 +20,8 @@ import orjson
 import pytest
 
 from dsched.app.backends import Backends
-from dsched.libs.clock import now_ms
+from dsched.libs.clock import now_ms, to_rfc3339
+from dsched.libs.coordination.keys import WORKERS_PREFIX
 from dsched.libs.metrics import REGISTRY
 from dsched.libs.models import Job, JobStatus, Payload, Run, RunOrder, RunStatus, run_id_for
 from dsched.libs.queue.base import OutgoingMessage, WorkQueue
@@ -619,6 +620,44 @@ async def test_a_redelivered_at_most_once_run_whose_worker_died_is_a_failed_run(
     _, w2 = two_workers(b, tmp_path)
     async with w2.open():
         assert await w2.drain() == 1
+    run, current, letters = await outcome(b.store, job)
+    assert run is not None and run.status == RunStatus.FAILED and (run.error or "").startswith("at_most_once")
+    assert current.status == JobStatus.FAILED and letters == [run.run_id]
+
+
+async def test_a_redelivered_at_most_once_run_whose_worker_restarted_under_its_name_is_a_failed_run(
+    cluster_backends: Backends, tmp_path: Path
+) -> None:
+    """Found by a clean clone (chaos ``worker-crash-mid-run``): a worker killed under an at-most-once run came back
+    under the same node id. Its presence key was alive again, so the redelivery was watched as if the run still
+    ran, until the job's timeout + 60 s: the job showed ``running`` all that time. The presence's ``started_at``
+    after the run's start tells the new process from the one that ran it."""
+    b = cluster_backends
+    assert b.queue and b.store and b.coordination
+    job = await new_job(b.store, execution="at_most_once")
+    message = message_for(job)
+    assert await b.store.claim_runs([message.run_id], "ghost") == {message.run_id}
+    started = now_ms() - 2000
+    running = Run(
+        run_id=message.run_id,
+        job_id=job.job_id,
+        user_id=job.user_id,
+        scheduled_ms=message.scheduled_ms,
+        attempt=0,
+        status=RunStatus.RUNNING,
+        started_ms=started,
+        worker_id="ghost",
+    )
+    await b.store.put_runs([running])
+    lease = await b.coordination.grant_lease(30)
+    restarted = {"node_id": "ghost", "started_at": to_rfc3339(started + 1000)}
+    await b.coordination.put(WORKERS_PREFIX + "ghost", orjson.dumps(restarted), lease)
+    await send(b.queue, message.model_dump_json().encode())
+    first = await b.queue.receive(10, 1.0, 30)
+    await b.queue.nack([first[0].receipt], 0)
+    _, w2 = two_workers(b, tmp_path)
+    async with w2.open():
+        assert await asyncio.wait_for(w2.drain(), 10) == 1
     run, current, letters = await outcome(b.store, job)
     assert run is not None and run.status == RunStatus.FAILED and (run.error or "").startswith("at_most_once")
     assert current.status == JobStatus.FAILED and letters == [run.run_id]
