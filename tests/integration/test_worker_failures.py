@@ -595,34 +595,8 @@ async def test_a_second_delivery_of_a_claimed_run_held_for_its_due_time_is_not_d
 async def test_a_redelivered_at_most_once_run_whose_worker_died_is_a_failed_run(
     cluster_backends: Backends, tmp_path: Path
 ) -> None:
-    b = cluster_backends
-    assert b.queue and b.store
-    job = await new_job(b.store, execution="at_most_once")
-    message = message_for(job)
-    assert await b.store.claim_runs([message.run_id], "ghost") == {message.run_id}
-    await b.store.put_runs(
-        [
-            Run(
-                run_id=message.run_id,
-                job_id=job.job_id,
-                user_id=job.user_id,
-                scheduled_ms=message.scheduled_ms,
-                attempt=0,
-                status=RunStatus.RUNNING,
-                started_ms=now_ms(),
-                worker_id="ghost",
-            )
-        ]
-    )
-    await send(b.queue, message.model_dump_json().encode())
-    first = await b.queue.receive(10, 1.0, 30)
-    await b.queue.nack([first[0].receipt], 0)
-    _, w2 = two_workers(b, tmp_path)
-    async with w2.open():
-        assert await w2.drain() == 1
-    run, current, letters = await outcome(b.store, job)
-    assert run is not None and run.status == RunStatus.FAILED and (run.error or "").startswith("at_most_once")
-    assert current.status == JobStatus.FAILED and letters == [run.run_id]
+    job = await redelivered_after_ghost_claimed(cluster_backends, started_ms=now_ms())
+    await assert_settled_as_lost(cluster_backends, job, tmp_path)
 
 
 async def test_a_redelivered_at_most_once_run_whose_worker_restarted_under_its_name_is_a_failed_run(
@@ -633,11 +607,22 @@ async def test_a_redelivered_at_most_once_run_whose_worker_restarted_under_its_n
     ran, until the job's timeout + 60 s: the job showed ``running`` all that time. The presence's ``started_at``
     after the run's start tells the new process from the one that ran it."""
     b = cluster_backends
-    assert b.queue and b.store and b.coordination
+    assert b.coordination
+    started = now_ms() - 2000
+    lease = await b.coordination.grant_lease(30)
+    restarted = {"node_id": "ghost", "started_at": to_rfc3339(started + 1000)}
+    await b.coordination.put(WORKERS_PREFIX + "ghost", orjson.dumps(restarted), lease)
+    job = await redelivered_after_ghost_claimed(b, started_ms=started)
+    await assert_settled_as_lost(b, job, tmp_path)
+
+
+async def redelivered_after_ghost_claimed(b: Backends, started_ms: int) -> Job:
+    """An at-most-once job whose run worker "ghost" claimed and started at ``started_ms``, its message delivered
+    once (to ghost) and visible again."""
+    assert b.queue and b.store
     job = await new_job(b.store, execution="at_most_once")
     message = message_for(job)
     assert await b.store.claim_runs([message.run_id], "ghost") == {message.run_id}
-    started = now_ms() - 2000
     running = Run(
         run_id=message.run_id,
         job_id=job.job_id,
@@ -645,16 +630,18 @@ async def test_a_redelivered_at_most_once_run_whose_worker_restarted_under_its_n
         scheduled_ms=message.scheduled_ms,
         attempt=0,
         status=RunStatus.RUNNING,
-        started_ms=started,
+        started_ms=started_ms,
         worker_id="ghost",
     )
     await b.store.put_runs([running])
-    lease = await b.coordination.grant_lease(30)
-    restarted = {"node_id": "ghost", "started_at": to_rfc3339(started + 1000)}
-    await b.coordination.put(WORKERS_PREFIX + "ghost", orjson.dumps(restarted), lease)
     await send(b.queue, message.model_dump_json().encode())
     first = await b.queue.receive(10, 1.0, 30)
     await b.queue.nack([first[0].receipt], 0)
+    return job
+
+
+async def assert_settled_as_lost(b: Backends, job: Job, tmp_path: Path) -> None:
+    """Another worker takes the redelivery and records the run failed for good, at once (not after a watch)."""
     _, w2 = two_workers(b, tmp_path)
     async with w2.open():
         assert await asyncio.wait_for(w2.drain(), 10) == 1
