@@ -384,19 +384,21 @@ class Worker:
         if self.coordination is None:
             return False  # no presence keys to ask
         try:
-            claimer = previous.worker_id if previous is not None and previous.worker_id else None
-            if claimer is None:
-                claimer = (await self.store.run_claimers([run_id])).get(run_id)
+            # Who holds the run, and since when: its ``running`` record, else the claim.
+            claimer, since = (previous.worker_id, previous.started_ms) if previous is not None else (None, None)
+            if not claimer:
+                claim = (await self.store.run_claimers([run_id])).get(run_id)
+                claimer, since = (claim.worker_id, claim.claimed_ms) if claim is not None else (None, None)
             if not claimer or claimer == self.node_id:
                 return False  # our own id but not running here: this process restarted, the run died with the old one
             presence = await self.coordination.get(WORKERS_PREFIX + claimer)
             if presence is None:
                 return False
             started_at = orjson.loads(presence).get("started_at")
-            if previous is not None and previous.started_ms is not None and started_at:
-                # A worker restarted under the same node id since it started this run: the run died with the
-                # process that ran it (its key now belongs to the new one).
-                return parse_rfc3339(started_at) <= previous.started_ms
+            if started_at and since is not None:
+                # A worker restarted under the same node id since it took this run: the run died with the process
+                # that held it (the key now belongs to the new one).
+                return parse_rfc3339(started_at) <= since
             return True
         except Exception as exc:
             logger.warning("presence_lookup_failed", error=f"{type(exc).__name__}: {exc}")

@@ -31,9 +31,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Container, Sequence
+from typing import NamedTuple
 
 from dsched.libs.apikeys import ApiKey
 from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, Run
+
+
+class RunClaim(NamedTuple):
+    """Who holds a run's at-most-once claim, and since when (epoch ms, the claimer's clock)."""
+
+    worker_id: str
+    claimed_ms: int
 
 
 class InvalidCursor(ValueError):
@@ -195,8 +203,8 @@ class JobStore(ABC):
         """Claim runs for execution, once ever each (LWT ``IF NOT EXISTS``). Returns the ids this call won."""
 
     @abstractmethod
-    async def run_claimers(self, run_ids: Sequence[str]) -> dict[str, str]:
-        """The worker id holding each claimed run's claim (ids never claimed are absent)."""
+    async def run_claimers(self, run_ids: Sequence[str]) -> dict[str, RunClaim]:
+        """The claim of each claimed run: its worker id and when it was claimed (ids never claimed are absent)."""
 
     # Dead letters -----------------------------------------------------------------------------------------
     @abstractmethod

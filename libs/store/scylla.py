@@ -73,7 +73,7 @@ from dsched.libs.errors import BackendConfigError
 from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, JobStatus, Run
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, initial_checkpoint
-from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch
+from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch, RunClaim
 
 SCHEMA_VERSION: Final = "0002"  # the newest db/migrations version this code needs
 MAX_IN_FLIGHT = 64
@@ -344,7 +344,7 @@ def _statements() -> dict[str, str]:
             "WHERE job_id = ? AND (scheduled_ms, attempt) < (?, ?) LIMIT ?"
         ),
         "claim_run": ("INSERT INTO run_claims (run_id, worker_id, claimed_ms) VALUES (?, ?, ?) IF NOT EXISTS"),
-        "get_run_claimer": "SELECT worker_id FROM run_claims WHERE run_id = ?",
+        "get_run_claimer": "SELECT worker_id, claimed_ms FROM run_claims WHERE run_id = ?",
         # Dead letters
         "put_dead_letter": ("INSERT INTO dead_letters (user_id, dead_ms, dead_letter_id, letter) VALUES (?, ?, ?, ?)"),
         "put_dead_letter_by_id": ("INSERT INTO dead_letters_by_id (user_id, dead_letter_id, letter) VALUES (?, ?, ?)"),
@@ -731,10 +731,14 @@ class ScyllaStore(JobStore):
         results = await self._each("claim_run", [(i, worker_id, now) for i in ids])
         return {i for i, rows in zip(ids, results, strict=True) if self._applied(rows)}
 
-    async def run_claimers(self, run_ids: Sequence[str]) -> dict[str, str]:
+    async def run_claimers(self, run_ids: Sequence[str]) -> dict[str, RunClaim]:
         ids = list(dict.fromkeys(run_ids))
         results = await self._each("get_run_claimer", [(i,) for i in ids])
-        return {i: rows[0]["worker_id"] for i, rows in zip(ids, results, strict=True) if rows}
+        return {
+            i: RunClaim(rows[0]["worker_id"], rows[0]["claimed_ms"])
+            for i, rows in zip(ids, results, strict=True)
+            if rows
+        }
 
     # Dead letters -----------------------------------------------------------------------------------------
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:

@@ -24,7 +24,7 @@ from dsched.libs import clock
 from dsched.libs.apikeys import ApiKey
 from dsched.libs.models import ACCEPTED_VERSION, BucketEntry, DeadLetter, Job, JobState, JobStatus, Run
 from dsched.libs.sqlite import Connection, SqliteDB
-from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch
+from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch, RunClaim
 
 T = TypeVar("T")
 
@@ -558,15 +558,15 @@ class SqliteStore(JobStore):
 
         return await self._writer.write(claim)
 
-    async def run_claimers(self, run_ids: Sequence[str]) -> dict[str, str]:
+    async def run_claimers(self, run_ids: Sequence[str]) -> dict[str, RunClaim]:
         ids = list(dict.fromkeys(run_ids))
 
-        def get(conn: Connection) -> dict[str, str]:
-            found: dict[str, str] = {}
+        def get(conn: Connection) -> dict[str, RunClaim]:
+            found: dict[str, RunClaim] = {}
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
-                sql = f"SELECT run_id, worker_id FROM run_claims WHERE run_id IN ({marks})"
-                found.update(conn.execute(sql, chunk).fetchall())
+                sql = f"SELECT run_id, worker_id, claimed_ms FROM run_claims WHERE run_id IN ({marks})"
+                found.update((run_id, RunClaim(worker, at)) for run_id, worker, at in conn.execute(sql, chunk))
             return found
 
         return await self._reader.run(get) if ids else {}

@@ -366,6 +366,7 @@ async def list_runs_is_newest_occurrence_first_then_highest_attempt(store: JobSt
 
 @case
 async def claim_runs_grants_each_run_exactly_once(store: JobStore) -> None:
+    started = time.time() * 1000
     ids = [str(uuid.uuid4()) for _ in range(20)]
     first, second = await asyncio.gather(store.claim_runs(ids, "w1"), store.claim_runs(ids[::-1], "w2"))
     assert first | second == set(ids)
@@ -375,7 +376,12 @@ async def claim_runs_grants_each_run_exactly_once(store: JobStore) -> None:
     assert await store.claim_runs([fresh, ids[0]], "w3") == {fresh}
     assert await store.claim_runs([], "w3") == set()
     holders = await store.run_claimers([*ids, fresh, uid("never-claimed")])
-    assert holders == {**{i: "w1" for i in first}, **{i: "w2" for i in second}, fresh: "w3"}
+    assert {i: h.worker_id for i, h in holders.items()} == {
+        **{i: "w1" for i in first},
+        **{i: "w2" for i in second},
+        fresh: "w3",
+    }
+    assert all(started - 1000 <= h.claimed_ms <= time.time() * 1000 + 1000 for h in holders.values())
     assert await store.run_claimers([]) == {}
 
 

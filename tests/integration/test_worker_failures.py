@@ -581,7 +581,8 @@ async def test_a_second_delivery_of_a_claimed_run_held_for_its_due_time_is_not_d
         first = await b.queue.receive(10, 1.0, VISIBILITY_S)
         await w1._slots.acquire()
         await w1._start(first)  # claimed, held for its due time
-        assert await b.store.run_claimers([message_for(job).run_id]) == {message_for(job).run_id: "w1"}
+        claims = await b.store.run_claimers([message_for(job).run_id])
+        assert [claim.worker_id for claim in claims.values()] == ["w1"]
         await b.queue.nack([first[0].receipt], 0)  # the second delivery
         again = await b.queue.receive(10, 1.0, VISIBILITY_S)
         assert len(again) == 1 and again[0].receive_count == 2
@@ -599,41 +600,44 @@ async def test_a_redelivered_at_most_once_run_whose_worker_died_is_a_failed_run(
     await assert_settled_as_lost(cluster_backends, job, tmp_path)
 
 
+@pytest.mark.parametrize("reported", [True, False], ids=["running-record", "claim-only"])
 async def test_a_redelivered_at_most_once_run_whose_worker_restarted_under_its_name_is_a_failed_run(
-    cluster_backends: Backends, tmp_path: Path
+    cluster_backends: Backends, tmp_path: Path, reported: bool
 ) -> None:
     """Found by a clean clone (chaos ``worker-crash-mid-run``): a worker killed under an at-most-once run came back
     under the same node id. Its presence key was alive again, so the redelivery was watched as if the run still
-    ran, until the job's timeout + 60 s: the job showed ``running`` all that time. The presence's ``started_at``
-    after the run's start tells the new process from the one that ran it."""
+    ran, until the job's timeout + 60 s: the job showed ``running`` all that time. A presence ``started_at`` after
+    the run's start (its ``running`` record) or, without a record yet, after the claim tells the new process from
+    the one that held the run."""
     b = cluster_backends
     assert b.coordination
-    started = now_ms() - 2000
+    taken = now_ms()  # the claim is made now; the running record, if any, says it started now too
     lease = await b.coordination.grant_lease(30)
-    restarted = {"node_id": "ghost", "started_at": to_rfc3339(started + 1000)}
+    restarted = {"node_id": "ghost", "started_at": to_rfc3339(taken + 1000)}
     await b.coordination.put(WORKERS_PREFIX + "ghost", orjson.dumps(restarted), lease)
-    job = await redelivered_after_ghost_claimed(b, started_ms=started)
+    job = await redelivered_after_ghost_claimed(b, started_ms=taken if reported else None)
     await assert_settled_as_lost(b, job, tmp_path)
 
 
-async def redelivered_after_ghost_claimed(b: Backends, started_ms: int) -> Job:
-    """An at-most-once job whose run worker "ghost" claimed and started at ``started_ms``, its message delivered
-    once (to ghost) and visible again."""
+async def redelivered_after_ghost_claimed(b: Backends, started_ms: int | None) -> Job:
+    """An at-most-once job whose run worker "ghost" claimed and (unless ``started_ms`` is None) reported running
+    since ``started_ms``; its message delivered once (to ghost) and visible again."""
     assert b.queue and b.store
     job = await new_job(b.store, execution="at_most_once")
     message = message_for(job)
     assert await b.store.claim_runs([message.run_id], "ghost") == {message.run_id}
-    running = Run(
-        run_id=message.run_id,
-        job_id=job.job_id,
-        user_id=job.user_id,
-        scheduled_ms=message.scheduled_ms,
-        attempt=0,
-        status=RunStatus.RUNNING,
-        started_ms=started_ms,
-        worker_id="ghost",
-    )
-    await b.store.put_runs([running])
+    if started_ms is not None:
+        running = Run(
+            run_id=message.run_id,
+            job_id=job.job_id,
+            user_id=job.user_id,
+            scheduled_ms=message.scheduled_ms,
+            attempt=0,
+            status=RunStatus.RUNNING,
+            started_ms=started_ms,
+            worker_id="ghost",
+        )
+        await b.store.put_runs([running])
     await send(b.queue, message.model_dump_json().encode())
     first = await b.queue.receive(10, 1.0, 30)
     await b.queue.nack([first[0].receipt], 0)
