@@ -374,8 +374,9 @@ class Worker:
         """Whether the worker that claimed this at-most-once run still lives: it runs here, or the claim's holder
         (named by the run's ``running`` record, else by the claim itself: a run held for its due time or shorter
         than a running report has no record yet) is another worker whose presence key (``workers/<node>``, under
-        its lease) still exists. Without coordination, or with no claim found, it counts as dead; a failed lookup
-        counts as alive (wait rather than declare a live run lost).
+        its lease) still exists and started before it took the run (else that node id was restarted since, and the
+        run died with the old process). Without coordination, or with no claim found, it counts as dead; a failed
+        lookup counts as alive (wait rather than declare a live run lost).
 
         A message can be delivered twice at once (a standard SQS queue may; moto's server does under concurrent
         receives): the second delivery then finds the run claimed by a live worker that has not started it yet."""
