@@ -80,7 +80,8 @@ class JobStore(ABC):
 
     @abstractmethod
     async def update_job_states(self, updates: Sequence[JobState]) -> None:
-        """Set the given (non-None) state fields; idempotent. Unknown job ids are ignored.
+        """Set the given (non-None) state fields; idempotent. Unknown job ids are ignored: no read returns them
+        (job ids are never reused, so no later job inherits such a state).
 
         Each field keeps the value decided last (the greatest ``at_us``; on a tie the later write, though Scylla
         breaks ties by value), whatever order updates arrive in, also within one call. Reads return the latest

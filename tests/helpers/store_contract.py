@@ -140,7 +140,9 @@ async def update_job_states_sets_only_the_given_fields(store: JobStore) -> None:
     await store.update_job_states([JobState(job_id=job.job_id, state=JobStatus.RUNNING)])  # idempotent
     got = (await store.get_jobs([job.job_id]))[job.job_id]
     assert (got.state, got.dispatched_through_ms, got.last_run) == (JobStatus.RUNNING, 42, None)
-    await store.update_job_states([JobState(job_id=uid("unknown"), state=JobStatus.RUNNING)])
+    unknown = uid("unknown")
+    await store.update_job_states([JobState(job_id=unknown, state=JobStatus.RUNNING)])
+    assert await store.get_jobs([unknown]) == {}
     await store.update_job_states([])
 
 
