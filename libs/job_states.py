@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dsched.libs.models import ACCEPTED_VERSION, JobStatus, RunStatus
+from dsched.libs.clock import decision_us
+from dsched.libs.models import ACCEPTED_VERSION, JobState, JobStatus, RunStatus
 
 if TYPE_CHECKING:
-    from dsched.libs.models import Job
+    from dsched.libs.models import Job, LastRun, RunOrder
 
 
 def status_of(job: Job) -> JobStatus:
@@ -61,6 +62,12 @@ def finished(*, recurring: bool, outcome: RunStatus, retry_coming: bool) -> JobS
     if recurring or retry_coming:
         return JobStatus.SCHEDULED
     return JobStatus.SUCCEEDED if outcome == RunStatus.SUCCEEDED else JobStatus.FAILED
+
+
+def of_run(order: RunOrder, state: JobStatus, last_run: LastRun) -> JobState:
+    """A worker's write of ``state`` for the run ``order`` asks for: decided after the dispatch it answers (the
+    order carries when), whatever the clocks say."""
+    return JobState(job_id=order.job.job_id, state=state, last_run=last_run, at_us=decision_us(after=order.decided_us))
 
 
 def rejected() -> JobStatus:

@@ -29,12 +29,11 @@ import orjson
 from prometheus_client import Counter
 
 from dsched.libs import job_states, logs
-from dsched.libs.clock import decision_us, now_ms
+from dsched.libs.clock import now_ms
 from dsched.libs.metrics import DEAD_LETTERS, REGISTRY
 from dsched.libs.models import (
     FINISHED_RUN_STATUSES,
     DeadLetter,
-    JobState,
     LastRun,
     RunOrder,
     RunStatus,
@@ -99,8 +98,7 @@ async def record_failure(worker: Worker, order: RunOrder, reason: str, started: 
         finished_ms=finished,
     )
     state = job_states.finished(recurring=job.recurring, outcome=RunStatus.FAILED, retry_coming=False)
-    at_us = decision_us(after=order.decided_us)
-    await worker.store.update_job_states([JobState(job_id=job.job_id, state=state, last_run=last_run, at_us=at_us)])
+    await worker.store.update_job_states([job_states.of_run(order, state, last_run)])
 
 
 async def _identify(worker: Worker, body: bytes) -> RunOrder | None:

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from dsched.libs import job_states, logs, tracing
 from dsched.libs.batching import Batcher
 from dsched.libs.blobs.base import BlobStore
-from dsched.libs.clock import decision_us, now_ms, parse_rfc3339
+from dsched.libs.clock import now_ms, parse_rfc3339
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import CANCEL_PREFIX, WORKERS_PREFIX
 from dsched.libs.metrics import (
@@ -51,7 +51,6 @@ from dsched.libs.models import (
     FINISHED_RUN_STATUSES,
     BucketEntry,
     DeadLetter,
-    JobState,
     LastRun,
     Payload,
     Run,
@@ -636,8 +635,7 @@ class Worker:
                     )
                 )
         state = job_states.finished(recurring=job.recurring, outcome=outcome.status, retry_coming=retry_coming)
-        at_us = decision_us(after=order.decided_us)  # after the dispatch it answers, whatever the clocks say
-        writes.append(put_states([JobState(job_id=job.job_id, state=state, last_run=last_run, at_us=at_us)]))
+        writes.append(put_states([job_states.of_run(order, state, last_run)]))
         try:
             for write in writes:  # futures of shared batches, not tasks: awaiting them in turn costs nothing extra
                 await write
@@ -724,11 +722,10 @@ class Worker:
             )
             states = self._states.enqueue(
                 [
-                    JobState(
-                        job_id=order.job.job_id,
-                        at_us=decision_us(after=order.decided_us),
-                        state=job_states.running(),
-                        last_run=LastRun(
+                    job_states.of_run(
+                        order,
+                        job_states.running(),
+                        LastRun(
                             run_id=order.run_id,
                             status=RunStatus.RUNNING,
                             attempt=order.attempt,

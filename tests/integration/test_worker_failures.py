@@ -77,6 +77,19 @@ def message_for(job: Job, due_ms: int | None = None) -> RunOrder:
     )
 
 
+def record_of(order: RunOrder, status: RunStatus, **fields: Any) -> Run:
+    """The store's record of the run ``order`` asks for, in ``status``."""
+    return Run(
+        run_id=order.run_id,
+        job_id=order.job.job_id,
+        user_id=order.job.user_id,
+        scheduled_ms=order.scheduled_ms,
+        attempt=order.attempt,
+        status=status,
+        **fields,
+    )
+
+
 async def send(queue: WorkQueue, *bodies: bytes) -> None:
     await queue.send([OutgoingMessage(body) for body in bodies])
 
@@ -278,19 +291,7 @@ async def test_a_run_parked_by_the_redrive_becomes_a_failed_run_and_a_dead_lette
 async def test_a_parked_run_that_did_finish_is_only_removed(worker: Worker, backends: Backends) -> None:
     job = await new_job(backends.store)
     message = message_for(job)
-    await backends.store.put_runs(
-        [
-            Run(
-                run_id=message.run_id,
-                job_id=job.job_id,
-                user_id=job.user_id,
-                scheduled_ms=message.scheduled_ms,
-                attempt=0,
-                status=RunStatus.SUCCEEDED,
-                finished_ms=now_ms(),
-            )
-        ]
-    )
+    await backends.store.put_runs([record_of(message, RunStatus.SUCCEEDED, finished_ms=now_ms())])
     await park(backends.queue, message.model_dump_json().encode())
     assert await failures.sweep_queue_dead_letters(worker) == 1
     run, _, letters = await outcome(backends.store, job)
@@ -627,17 +628,7 @@ async def redelivered_after_ghost_claimed(b: Backends, started_ms: int | None) -
     message = message_for(job)
     assert await b.store.claim_runs([message.run_id], "ghost") == {message.run_id}
     if started_ms is not None:
-        running = Run(
-            run_id=message.run_id,
-            job_id=job.job_id,
-            user_id=job.user_id,
-            scheduled_ms=message.scheduled_ms,
-            attempt=0,
-            status=RunStatus.RUNNING,
-            started_ms=started_ms,
-            worker_id="ghost",
-        )
-        await b.store.put_runs([running])
+        await b.store.put_runs([record_of(message, RunStatus.RUNNING, started_ms=started_ms, worker_id="ghost")])
     await send(b.queue, message.model_dump_json().encode())
     first = await b.queue.receive(10, 1.0, 30)
     await b.queue.nack([first[0].receipt], 0)
@@ -662,19 +653,7 @@ async def test_a_failing_ack_of_duplicates_neither_drops_the_batch_nor_leaks_slo
     queue = backends.queue
     done, fresh = await new_job(backends.store), await new_job(backends.store)
     finished = message_for(done)
-    await backends.store.put_runs(
-        [
-            Run(
-                run_id=finished.run_id,
-                job_id=done.job_id,
-                user_id=done.user_id,
-                scheduled_ms=finished.scheduled_ms,
-                attempt=0,
-                status=RunStatus.SUCCEEDED,
-                finished_ms=now_ms(),
-            )
-        ]
-    )
+    await backends.store.put_runs([record_of(finished, RunStatus.SUCCEEDED, finished_ms=now_ms())])
     await send(queue, finished.model_dump_json().encode())
     first = await queue.receive(10, 1.0, 30)
     await queue.nack([first[0].receipt], 0)  # a redelivery: receive_count 2, so it is looked up and found done
