@@ -18,6 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
+from dsched.app.cli import run_loop
 from dsched.app.runner import started
 from dsched.bench.common import load_average
 from dsched.libs import logs
@@ -80,4 +81,4 @@ if __name__ == "__main__":
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--writer", action="store_true", help="also run the writer, until it has stored every job")
     args = parser.parse_args()
-    asyncio.run(main(args.batch, args.batches, args.writer))
+    run_loop(main(args.batch, args.batches, args.writer))  # uvloop, as the services run

@@ -22,6 +22,7 @@ from pathlib import Path
 from aiohttp import web
 
 from dsched.app.backends import make_backend
+from dsched.app.cli import run_loop
 from dsched.app.runner import started
 from dsched.bench.common import free_port, load_average
 from dsched.libs import logs
@@ -32,7 +33,7 @@ from dsched.libs.settings import Settings
 
 SEND_CHUNK = 1000  # orders per queue send while filling the queue
 DONE_WAIT_S = 300.0  # how long one measurement may take before it is given up
-POLL_S = 0.01  # how often the worker's progress is looked at
+POLL_S = 0.1  # how often the worker's progress is looked at (reading the registry costs CPU too)
 
 
 def serve(port: int) -> None:
@@ -129,7 +130,7 @@ if __name__ == "__main__":
         port = free_port()
         target = subprocess.Popen([sys.executable, "-m", "dsched.bench.worker_cpu", "--serve", str(port)])
         try:
-            asyncio.run(main(port, args.jobs, args.repeat))
+            run_loop(main(port, args.jobs, args.repeat))  # uvloop, as the worker runs
         finally:
             target.terminate()
             target.wait(10)
