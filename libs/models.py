@@ -265,6 +265,14 @@ def new_job_id(now_ms: int) -> str:
     return _uuid_text(value)
 
 
+def uuid5_text(namespace: uuid.UUID, name: str) -> str:
+    """``str(uuid.uuid5(namespace, name))`` without building the object (the worker derives one per run)."""
+    value = int.from_bytes(hashlib.sha1(namespace.bytes + name.encode()).digest()[:16], "big")
+    value = (value & ~(0xC000 << 48)) | 0x8000 << 48  # the RFC 4122 variant
+    value = (value & ~(0xF000 << 64)) | 5 << 76  # version 5
+    return _uuid_text(value)
+
+
 def _uuid_text(value: int) -> str:
     """``str(uuid.UUID(int=value))`` without building the object."""
     text = f"{value:032x}"

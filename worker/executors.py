@@ -556,24 +556,26 @@ def _is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def _ip_literal(host: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(host.split("%", 1)[0]))
-    except ValueError:
-        return None
-
-
 def check_target(url: str, allow_private: bool) -> None:
     """Refuse non-HTTP(S) URLs and URLs without a host; unless allowed, refuse an IP-literal host that is not
     public. Host names are checked by :class:`GuardedResolver` as the connection resolves them (one lookup)."""
+    if (problem := _target_problem(url, allow_private)) is not None:
+        raise TargetRefused(problem)
+
+
+@functools.lru_cache(maxsize=http1.ENDPOINT_CACHE)
+def _target_problem(url: str, allow_private: bool) -> str | None:
+    """Why :func:`check_target` refuses ``url``, or None: a pure function of its arguments, so cached (a job's URL
+    is checked once, not at every run)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise TargetRefused(f"not an http(s) URL: {url!r}")
+        return f"not an http(s) URL: {url!r}"
     if allow_private:
-        return
-    address = _ip_literal(parts.hostname)
+        return None
+    address = http1.ip_literal(parts.hostname)
     if address is not None and not _is_public(address):
-        raise TargetRefused(f"{parts.hostname} is a non-public address (DSCHED_ALLOW_PRIVATE_HTTP)")
+        return f"{parts.hostname} is a non-public address (DSCHED_ALLOW_PRIVATE_HTTP)"
+    return None
 
 
 class GuardedResolver(AbstractResolver):
@@ -675,9 +677,7 @@ async def call_http(
 
     async def call_lean(client: http1.Http1Client) -> Outcome:
         async with asyncio.timeout(timeout_s):
-            address = _ip_literal(parts.hostname or "")
-            method = target.method.upper()
-            answer = await client.request(parts, address, method, all_headers, body, sink)
+            answer = await client.request(http1.endpoint(target.url), target.method.upper(), all_headers, body, sink)
         return _http_outcome(sink, answer.status, answer.retry_after)
 
     async def call() -> Outcome:

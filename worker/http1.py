@@ -19,11 +19,13 @@ once on a new connection — the request had not been processed, as RFC 9112 §9
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import SplitResult, quote
+from urllib.parse import quote, urlsplit
 
 if TYPE_CHECKING:
     from aiohttp.abc import AbstractResolver
@@ -38,6 +40,7 @@ MAX_HEAD_BYTES = 64 * 1024  # status line + headers of an answer
 MAX_INTERIM = 8  # 1xx answers skipped before the final one
 READ_HIGH_WATER = 256 * 1024  # the connection stops reading while this much is buffered and unread
 USER_AGENT = "dsched"
+ENDPOINT_CACHE = 4096  # URLs kept parsed (:func:`endpoint`): a job's URL is parsed once, not at every run
 _QUOTE_SAFE = "/%:@!$&'()*+,;=-._~?"  # what stays as given in a request target (existing %XX escapes included)
 
 
@@ -49,6 +52,42 @@ class ResponseError(Exception):
 class Answer:
     status: int
     retry_after: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """What a request needs of its URL, parsed once per URL (:func:`endpoint`)."""
+
+    host: str  # the host name or IP literal as the URL gives it ("" if none)
+    port: int
+    authority: str  # the ``Host`` header: the URL's host and port, never its userinfo
+    target: str  # the request target: the path (``/`` if none) and query, percent-encoded where needed
+    address: str | None  # the host's IP address when the URL names one literally, else None
+
+
+def ip_literal(host: str) -> str | None:
+    """The IP address ``host`` names literally (a zone index dropped), normalized; None for a host name."""
+    try:
+        return str(ipaddress.ip_address(host.split("%", 1)[0]))
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=ENDPOINT_CACHE)
+def endpoint(url: str) -> Endpoint:
+    """``url`` parsed for a request: a pure function of the URL, so cached (a bad port raises ValueError)."""
+    parts = urlsplit(url)
+    target = quote(parts.path or "/", safe=_QUOTE_SAFE)
+    if parts.query:
+        target += "?" + quote(parts.query, safe=_QUOTE_SAFE)
+    host = parts.hostname or ""
+    return Endpoint(
+        host=host,
+        port=parts.port or 80,
+        authority=parts.netloc.rpartition("@")[2],
+        target=target,
+        address=ip_literal(host),
+    )
 
 
 class _Connection(asyncio.Protocol):
@@ -130,21 +169,14 @@ class Http1Client:
         self._idle.clear()
 
     async def request(
-        self,
-        url: SplitResult,
-        address: str | None,
-        method: str,
-        headers: dict[str, str],
-        body: bytes,
-        sink: OutputSink,
+        self, url: Endpoint, method: str, headers: dict[str, str], body: bytes, sink: OutputSink
     ) -> Answer:
-        """One request to ``url`` (``http``); ``address`` is the host's IP if the URL names one literally, else the
-        host is resolved through the guarded resolver. The answer's body goes to ``sink``."""
-        host = url.hostname or ""
-        port = url.port or 80
-        authority = url.netloc.rpartition("@")[2]  # never send userinfo in Host
-        message = _request_bytes(method, url, authority, headers, body)
-        addresses = [address] if address is not None else await self._resolve(host, port)
+        """One request to ``url`` (an ``http://`` URL's :func:`endpoint`): to its IP address if it names one
+        literally, else to an address of its host resolved through the guarded resolver. The answer's body goes
+        to ``sink``."""
+        host, port, authority = url.host, url.port, url.authority
+        message = _request_bytes(method, url, headers, body)
+        addresses = [url.address] if url.address is not None else await self._resolve(host, port)
         key = (addresses[0], port, authority)
         connection = self._pooled(key)
         if connection is not None:
@@ -237,11 +269,8 @@ def assert_transport(connection: _Connection) -> asyncio.Transport:
     return connection.transport
 
 
-def _request_bytes(method: str, url: SplitResult, authority: str, headers: dict[str, str], body: bytes) -> bytes:
-    target = quote(url.path or "/", safe=_QUOTE_SAFE)
-    if url.query:
-        target += "?" + quote(url.query, safe=_QUOTE_SAFE)
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}"]
+def _request_bytes(method: str, url: Endpoint, headers: dict[str, str], body: bytes) -> bytes:
+    lines = [f"{method} {url.target} HTTP/1.1", f"Host: {url.authority}"]
     given = {name.lower() for name in headers}
     lines.extend(f"{name}: {value}" for name, value in headers.items())
     if "user-agent" not in given:

@@ -56,6 +56,7 @@ from dsched.libs.models import (
     Run,
     RunOrder,
     RunStatus,
+    uuid5_text,
 )
 from dsched.libs.queue.base import ReceivedMessage, WorkQueue
 from dsched.libs.retry import backoff_s, http_status_retryable, parse_retry_after, should_retry
@@ -517,7 +518,7 @@ class Worker:
             raise ValueError(f"a {payload.kind} payload without its HTTP call")
         if session is None:
             raise RuntimeError("use `async with worker.open()`")
-        idempotency_key = str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{job.job_id}/{order.scheduled_ms}"))
+        idempotency_key = uuid5_text(IDEMPOTENCY_NAMESPACE, f"{job.job_id}/{order.scheduled_ms}")
         headers = {
             "X-Dsched-Job-Id": job.job_id,
             "X-Dsched-Run-Id": order.run_id,

@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 
 from dsched.libs.models import HttpTarget, RunStatus
 from dsched.worker.executors import GuardedResolver, OutputSink, call_http, http_connector
-from dsched.worker.http1 import Http1Client, ResponseError
+from dsched.worker.http1 import Http1Client, ResponseError, endpoint
 from tests.helpers.targets import ScriptedDns
 
 Reply = Callable[[bytes], bytes | None]  # request head -> bytes to send (None: close without answering)
@@ -96,8 +95,8 @@ async def get(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, str, bool, str | None]:
     sink = OutputSink(cap)
-    url = urlsplit(f"http://127.0.0.1:{server.port}{path}")
-    answer = await client.request(url, "127.0.0.1", method, headers or {}, body, sink)
+    url = endpoint(f"http://127.0.0.1:{server.port}{path}")
+    answer = await client.request(url, method, headers or {}, body, sink)
     outcome = sink.outcome(RunStatus.SUCCEEDED)
     return answer.status, outcome.output or "", outcome.output_capped, answer.retry_after
 

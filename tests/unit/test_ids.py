@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from dsched.libs.models import job_id_ms, new_job_id, run_id_for
+from dsched.libs.models import job_id_ms, new_job_id, run_id_for, uuid5_text
 
 
 def test_job_id_is_a_uuid7_that_gives_back_its_creation_time() -> None:
@@ -41,3 +41,11 @@ def test_run_id_of_a_job_id_that_is_not_a_uuid() -> None:
     assert uuid.UUID(run_id).version == 8
     assert run_id == run_id_for("nightly-report", 1_760_000_000_000, 0)
     assert run_id != run_id_for("nightly-report", 1_760_000_000_000, 1)
+
+
+def test_uuid5_text_is_the_standard_uuid5() -> None:
+    """The worker's per-run ``Idempotency-Key`` header: targets that stored one must keep seeing the same key."""
+    namespace = uuid.UUID("0f6f3f1c-9a8e-4a51-8c0b-6f7b2f4f9d11")
+    names = ["", "a", new_job_id(1_760_000_000_000) + "/1760000060000", "é/ünïcode/" + "x" * 300]
+    for name in names:
+        assert uuid5_text(namespace, name) == str(uuid.uuid5(namespace, name))
