@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 from pydantic import ValidationError
@@ -121,11 +122,17 @@ class Writer:
         """
         now = now_ms()
         staged: list[tuple[ConsumedRecord, list[Job], list[BucketEntry]]] = []
+        ops: Counter[str] = Counter()
         for record in records:
             try:
-                staged.append((record, *self._stage(record, now)))
+                op, jobs, entries = self._stage(record, now)
             except (ValidationError, ValueError, OverflowError, TypeError, ArithmeticError) as exc:
                 await self._dead_letter(record, "undecodable" if isinstance(exc, ValidationError) else "invalid", exc)
+                continue
+            staged.append((record, jobs, entries))
+            ops[op] += 1
+        for op, count in ops.items():  # one labelled increment per op and batch, not per record
+            WRITER_RECORDS.labels(op).inc(count)
         jobs = [job for _, js, _ in staged for job in js]
         entries = [entry for _, _, es in staged for entry in es]
         try:
@@ -143,25 +150,23 @@ class Writer:
                     await self._dead_letter(record, "unstorable", one)
         logger.debug("persisted", records=len(records), jobs=len(jobs), entries=len(entries))
 
-    def _stage(self, record: ConsumedRecord, now: int) -> tuple[list[Job], list[BucketEntry]]:
-        """The job definition and queue entry one record asks for (raises if it cannot be built)."""
+    def _stage(self, record: ConsumedRecord, now: int) -> tuple[str, list[Job], list[BucketEntry]]:
+        """The op, job definition and queue entry one record asks for (raises if it cannot be built)."""
         sub = Submission.model_validate_json(record.value)
-        WRITER_RECORDS.labels(sub.op).inc()
-        job = sub.job
+        job = sub.job  # decoded for this batch alone: changed in place, not copied
         if sub.op in ("trigger", "replay"):
             # Out-of-schedule runs: the definition is unchanged, the occurrence is the acceptance time.
             entry = self._entry(job, sub.at_ms, scheduled_ms=sub.at_ms, attempt=sub.attempt, kind=sub.op, now=now)
-            return [], [entry]
+            return sub.op, [], [entry]
         # The offset orders every change of one job (same key, same partition): it is the version.
-        update: dict[str, object] = {"version": record.offset}
+        job.version = record.offset
         if tracing.ENABLED and job.traceparent:  # the stored definition names this hop (libs/tracing.py)
             attributes: tracing.Attributes = {"dsched.job_id": job.job_id, "dsched.offset": record.offset}
-            update["traceparent"] = tracing.instant("writer", "dsched.store", job.traceparent, attributes)
-        job = job.model_copy(update=update)
+            job.traceparent = tracing.instant("writer", "dsched.store", job.traceparent, attributes)
         if job.paused or job.deleted:
-            return [job], []
+            return sub.op, [job], []
         entry = self._entry(job, job.next_fire_ms, scheduled_ms=job.next_fire_ms, attempt=0, kind="schedule", now=now)
-        return [job], [entry]
+        return sub.op, [job], [entry]
 
     async def _store(self, jobs: list[Job], entries: list[BucketEntry]) -> None:
         await self.store.put_jobs_and_entries(jobs, entries)
