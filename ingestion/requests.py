@@ -150,10 +150,13 @@ class SubmitRequest(JobFields):
         return _without_control_characters(value)
 
 
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
+
+
 def _without_control_characters(value: T) -> T:
     """A name or project id as given, refused if it holds a control character (NUL, CR, LF, ESC, ...): they end
     up in log lines, CLI tables, listings and partition keys, where none of them means anything."""
-    if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if isinstance(value, str) and _CONTROL_CHARACTER.search(value):
         raise ValueError("control characters (NUL, CR, LF, TAB, ...) are not allowed")
     return value
 
