@@ -12,7 +12,7 @@ from typing import TypeVar
 import pytest
 
 from dsched.libs.log.base import ConsumedRecord, LogConsumer
-from dsched.libs.log.sqlite import SqliteLog
+from dsched.libs.log.sqlite import SqliteLog, partition_for
 from dsched.libs.sqlite import Connection
 
 T = TypeVar("T")
@@ -171,3 +171,29 @@ async def test_append_after_shutdown_fails(tmp_path: Path) -> None:
     await log.shutdown()
     with pytest.raises(RuntimeError):
         await log.append([("k", b"v")])
+
+
+async def test_a_backlog_in_every_partition_is_read_oldest_first_once_and_in_order(log: SqliteLog) -> None:
+    """Polls smaller than the backlog: each returns the oldest records across partitions, each partition's in
+    offset order, and together they return every record once."""
+    keys = {partition_for(f"key-{i}", 4): f"key-{i}" for i in range(100)}
+    assert sorted(keys) == [0, 1, 2, 3]
+    for round_ in range(30):
+        for partition in (3, 1, 0, 2):
+            await log.append([(keys[partition], f"{round_}".encode())])
+            await asyncio.sleep(0.002)  # distinct append times: "oldest" is then well defined
+    consumer = log.consumer("g")
+    await consumer.startup()
+    try:
+        polls = [await consumer.poll(max_records=25, timeout_s=0.2) for _ in range(5)]
+    finally:
+        await consumer.shutdown()
+    assert [len(p) for p in polls] == [25, 25, 25, 25, 20]
+    got = [record for p in polls for record in p]
+    assert [r.timestamp_ms for r in got] == sorted(r.timestamp_ms for r in got)
+    assert len({(r.partition, r.offset) for r in got}) == 120
+    for partition in range(4):
+        mine = [r for r in got if r.partition == partition]
+        assert [r.offset for r in mine] == list(range(30))
+        assert [r.value for r in mine] == [str(i).encode() for i in range(30)]
+        assert {r.key for r in mine} == {keys[partition]}
