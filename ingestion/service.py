@@ -359,7 +359,6 @@ class Ingestion:
         results: list[dict[str, Any]] = []
         jobs: list[Job] = []
         now = now_ms()
-        default_retry = self._default_retry()
         for index, item in enumerate(items):
             try:
                 if not isinstance(item, dict):
@@ -374,7 +373,7 @@ class Ingestion:
                     if refused is not None:
                         detail = orjson.loads(refused.body) if isinstance(refused.body, bytes) else {}
                         raise ApiError(refused.status, detail.get("error", "refused"), detail.get("detail", ""))
-                job = self._new_job(user, req, new_job_id(now), now, None, default_retry)
+                job = self._new_job(user, req, new_job_id(now), now, None)
                 if limited and principal is not None:
                     limits.accepted(principal.tenant, size)  # counted at once: the batch's next item sees it
             except ApiError as exc:
@@ -415,20 +414,10 @@ class Ingestion:
             200,
         )
 
-    def _new_job(
-        self,
-        user: str,
-        req: SubmitRequest,
-        job_id: str,
-        now: int,
-        digest: str | None,
-        default_retry: RetryPolicy | None = None,
-    ) -> Job:
-        """The definition a submit asks for; deterministic in its arguments (idempotent retries rely on it).
-        ``default_retry``: the policy of a job that sets none (built from the settings when not given; a batch
-        shares one, which no code path changes in place)."""
+    def _new_job(self, user: str, req: SubmitRequest, job_id: str, now: int, digest: str | None) -> Job:
+        """The definition a submit asks for; deterministic in its arguments (idempotent retries rely on it)."""
         try:
-            changes = definition_changes(req, None, now, default_retry or self._default_retry())
+            changes = definition_changes(req, None, now, self._default_retry())
             job = Job(
                 job_id=job_id,
                 user_id=user,
