@@ -200,8 +200,8 @@ class SqliteLogConsumer(LogConsumer):
 
     def _read(self, conn: Connection, position: dict[int, int], limit: int) -> list[ConsumedRecord]:
         # One cursor per partition, stepped lazily by the merge: at most ``limit`` + one row per partition leave
-        # SQLite, however many partitions have a backlog (reading ``limit`` from each and keeping ``limit`` cost the
-        # writer ~3x the records it used when all four had one). Open together, the cursors share one snapshot.
+        # SQLite, however many partitions have a backlog (reading ``limit`` from each and keeping ``limit`` made the
+        # writer read four records per record used when all four had one). Open together, they share one snapshot.
         cursors = [
             conn.execute(
                 "SELECT ?, offset, key, value, timestamp_ms FROM records "
