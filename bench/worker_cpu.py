@@ -33,6 +33,7 @@ from dsched.libs.settings import Settings
 
 SEND_CHUNK = 1000  # orders per queue send while filling the queue
 DONE_WAIT_S = 300.0  # how long one measurement may take before it is given up
+TARGET_START_S = 15.0  # how long the target may take to start listening
 POLL_S = 0.1  # how often the worker's progress is looked at (reading the registry costs CPU too)
 
 
@@ -107,9 +108,24 @@ async def measure(url: str, jobs: int) -> tuple[float, float]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+async def target_listening(port: int) -> None:
+    """Return once the target accepts connections (a refused call would fail the runs, not measure them)."""
+    deadline = time.monotonic() + TARGET_START_S
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+        else:
+            writer.close()
+            return
+
+
 async def main(port: int, jobs: int, repeat: int) -> None:
     logs.configure("WARNING")
-    await asyncio.sleep(1.0)  # the target's start (a refused call would fail the runs, not hide the cost)
+    await target_listening(port)
     for _ in range(repeat):
         cpu, wall = await measure(f"http://127.0.0.1:{port}/hook", jobs)
         print(
