@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from dsched.libs import logs
-from dsched.libs.clock import now_ms, to_rfc3339
+from dsched.libs.clock import now_ms, parse_rfc3339, to_rfc3339
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import WORKERS_PREFIX
 from dsched.libs.metrics import REGISTRY
@@ -70,6 +70,12 @@ def describe(worker: Worker, started_ms: int) -> dict[str, Any]:
         "heartbeat_at": to_rfc3339(now_ms()),
         **metrics_snapshot(),
     }
+
+
+def started_ms(record: bytes) -> int | None:
+    """When the worker that wrote this presence record started (epoch ms; None if the record does not say)."""
+    started_at = orjson.loads(record).get("started_at")
+    return parse_rfc3339(started_at) if started_at else None
 
 
 async def announce(worker: Worker, coordination: Coordination) -> None:

@@ -26,13 +26,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 
 import aiohttp
-import orjson
 from pydantic import ValidationError
 
 from dsched.libs import job_states, logs, tracing
 from dsched.libs.batching import Batcher
 from dsched.libs.blobs.base import BlobStore
-from dsched.libs.clock import now_ms, parse_rfc3339
+from dsched.libs.clock import now_ms
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import CANCEL_PREFIX, WORKERS_PREFIX
 from dsched.libs.metrics import (
@@ -392,14 +391,14 @@ class Worker:
                 claimer, since = (claim.worker_id, claim.claimed_ms) if claim is not None else (None, None)
             if not claimer or claimer == self.node_id:
                 return False  # our own id but not running here: this process restarted, the run died with the old one
-            presence = await self.coordination.get(WORKERS_PREFIX + claimer)
-            if presence is None:
+            record = await self.coordination.get(WORKERS_PREFIX + claimer)
+            if record is None:
                 return False
-            started_at = orjson.loads(presence).get("started_at")
-            if started_at and since is not None:
+            started = presence.started_ms(record)
+            if started is not None and since is not None:
                 # A worker restarted under the same node id since it took this run: the run died with the process
                 # that held it (the key now belongs to the new one).
-                return parse_rfc3339(started_at) <= since
+                return started <= since
             return True
         except Exception as exc:
             logger.warning("presence_lookup_failed", error=f"{type(exc).__name__}: {exc}")
