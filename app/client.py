@@ -61,6 +61,19 @@ def version() -> str:
 
 
 # HTTP -----------------------------------------------------------------------------------------------------
+RETRY_ATTEMPTS = 5  # tries of a request the API refused with Retry-After (503 overloaded, 429 rate limited)
+MAX_RETRY_AFTER_S = 30  # a longer Retry-After is reported, not waited for
+
+
+def retry_after_s(err: urllib.error.HTTPError) -> float | None:
+    """Seconds to wait before sending the same request again, when the API refused it without doing anything
+    and said when to come back (429, or 503 with ``Retry-After``); None when the error is final."""
+    value = err.headers.get("Retry-After") if err.headers is not None else None
+    if err.code not in (429, 503) or value is None or not value.isdigit() or int(value) > MAX_RETRY_AFTER_S:
+        return None
+    return float(value)
+
+
 class Client:
     """A small synchronous client for the dsched HTTP API (stdlib only, so the CLI starts fast)."""
 
@@ -84,18 +97,25 @@ class Client:
         all_headers = self.headers() | (headers or {})
         if data is not None:
             all_headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=all_headers)
-        try:
-            return urllib.request.urlopen(request, timeout=self.timeout)
-        except urllib.error.HTTPError as err:
-            raise CliError(self._describe(err)) from None
-        except urllib.error.URLError as err:
-            reason = getattr(err.reason, "strerror", None) or str(err.reason)
-            raise CliError(
-                f"cannot reach {self.url} ({reason}); is the server running? (--url, DSCHED_URL)", 3
-            ) from None
-        except (TimeoutError, OSError) as err:
-            raise CliError(f"cannot reach {self.url} ({err}); is the server running? (--url, DSCHED_URL)", 3) from None
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            request = urllib.request.Request(self.url + path, data=data, method=method, headers=all_headers)
+            try:
+                return urllib.request.urlopen(request, timeout=self.timeout)
+            except urllib.error.HTTPError as err:
+                wait_s = retry_after_s(err)
+                if wait_s is None or attempt == RETRY_ATTEMPTS:
+                    raise CliError(self._describe(err)) from None
+                time.sleep(wait_s)  # refused before anything was done (overloaded, rate limited): send it again
+            except urllib.error.URLError as err:
+                reason = getattr(err.reason, "strerror", None) or str(err.reason)
+                raise CliError(
+                    f"cannot reach {self.url} ({reason}); is the server running? (--url, DSCHED_URL)", 3
+                ) from None
+            except (TimeoutError, OSError) as err:
+                raise CliError(
+                    f"cannot reach {self.url} ({err}); is the server running? (--url, DSCHED_URL)", 3
+                ) from None
+        raise AssertionError("unreachable")  # the last attempt returned or raised
 
     def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
         with self.open(method, path, body, headers) as response:

@@ -283,6 +283,18 @@ def report(
     return result
 
 
+MAX_ATTEMPTS = 600  # per request: client errors, and 503s with Retry-After (at 1 s: ten minutes of back-pressure)
+
+
+def retry_after_s(resp: aiohttp.ClientResponse) -> float | None:
+    """How long to wait before sending the same request again, as the API asks (503 overloaded, 429 rate
+    limited, with ``Retry-After``), or None when the answer is final."""
+    value = resp.headers.get("Retry-After")
+    if resp.status not in (429, 503) or value is None or not value.isdigit():
+        return None
+    return float(value)
+
+
 async def submit_all(
     base: str, bodies: list[dict[str, object]], *, rate: float | None, concurrency: int = 64
 ) -> tuple[list[str | None], float]:
@@ -298,16 +310,18 @@ async def submit_all(
                 if delay > 0:
                     await asyncio.sleep(delay)
             async with sem:
-                for attempt in range(3):
+                for attempt in range(MAX_ATTEMPTS):
                     try:
                         async with session.post(
                             f"{base}/submit", json=bodies[i], headers={"X-User-ID": "bench"}
                         ) as resp:
                             if resp.status == 202:
                                 ids[i] = (await resp.json())["job_id"]
-                            return
+                            if (wait_s := retry_after_s(resp)) is None:
+                                return
+                        await asyncio.sleep(wait_s)
                     except aiohttp.ClientError:
-                        await asyncio.sleep(0.1 * (attempt + 1))
+                        await asyncio.sleep(0.1 * min(attempt + 1, 10))
 
         await asyncio.gather(*(one(i) for i in range(len(bodies))))
     return ids, time.monotonic() - start
@@ -330,7 +344,7 @@ async def submit_batches(
         async def client() -> None:
             while not queue.empty():
                 chunk = queue.get_nowait()
-                for _attempt in range(3):
+                for _attempt in range(MAX_ATTEMPTS):
                     began = time.monotonic()
                     try:
                         async with session.post(
@@ -341,8 +355,10 @@ async def submit_batches(
                             if resp.status == 202:
                                 for result in (await resp.json())["results"]:
                                     ids[chunk[result["index"]]] = result.get("job_id")
-                            latencies.append(1000 * (time.monotonic() - began))
-                            break
+                            if (wait_s := retry_after_s(resp)) is None:
+                                latencies.append(1000 * (time.monotonic() - began))
+                                break
+                        await asyncio.sleep(wait_s)
                     except aiohttp.ClientError:
                         await asyncio.sleep(0.1)
 

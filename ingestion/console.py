@@ -245,6 +245,8 @@ class Console:
             raise _error(400, "invalid_field", "job_ids: a non-empty list of job ids")
         if len(ids) > BULK_MAX:
             raise _error(400, "invalid_field", f"job_ids: at most {BULK_MAX}")
+        if action == "trigger":  # new runs: refused while the writer lags (pause/resume/delete stop a flood)
+            await self.ingestion.admission.check()
         ids = list(dict.fromkeys(ids))
         jobs = await self.ingestion.store.get_jobs(ids)
         now = now_ms()
@@ -266,6 +268,7 @@ class Console:
 
     async def bulk_replay(self, request: web.Request) -> web.Response:
         """Replay several of the caller's dead letters: each one's job runs again now."""
+        await self.ingestion.admission.check()
         user = self._user(request)
         body = await self.ingestion._body(request)
         ids = body.get("ids")

@@ -488,6 +488,19 @@ LINKS: dict[tuple[str, str], dict[str, Any]] = {
         }
     },
 }
+# New work, answered 503 "overloaded" with Retry-After while the writer lags (ingestion/admission.py).
+ADMISSION_CONTROLLED = {
+    ("post", "/submit"),
+    ("post", "/submit/batch"),
+    ("post", "/jobs/{job_id}/trigger"),
+    ("post", "/dead-letters/{dead_letter_id}/replay"),
+    ("post", "/jobs/bulk"),
+    ("post", "/dead-letters/replay"),
+}
+OVERLOADED_TEXT = (
+    "a backend did not answer, or (`overloaded`) the writer has more than DSCHED_MAX_WRITER_BACKLOG earlier "
+    "submissions left to store: send the same request again after `Retry-After` seconds"
+)
 # Answered by any route while cmd: jobs are enabled (ingestion/guards.py), and 503 by any that reads a backend.
 NO_BACKEND = {("get", "/openapi.json"), ("get", "/metrics"), ("get", "/ui"), ("get", "/ui/{path}")}
 NO_BACKEND |= {("get", "/ui/static/{name}"), ("get", "/ui/config.json")}
@@ -537,6 +550,12 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
                 existing = responses.get(str(code))
                 if existing is None or "content" not in existing:
                     responses[str(code)] = _error(code)
+            if (method, path) in ADMISSION_CONTROLLED:
+                responses["503"] = {
+                    **_error(503),
+                    "description": OVERLOADED_TEXT,
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                }
             if (method, path) == ("get", "/health"):
                 responses["503"] = {
                     "description": "a service is down or restarting (the same report)",

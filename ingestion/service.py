@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from dsched.ingestion import console, guards, openapi
 from dsched.ingestion.admin import AdminRoutes
+from dsched.ingestion.admission import RETRY_AFTER_S, Admission, Overloaded
 from dsched.ingestion.auth import Authenticator, principal_of
 from dsched.ingestion.http_errors import JsonErrorAppRunner
 from dsched.ingestion.requests import (
@@ -112,6 +113,7 @@ class Ingestion:
         self.coordination = coordination
         self.settings = settings
         self.auth = Authenticator(store, settings)  # DSCHED_AUTH: who calls, which role, tenant limits, audit
+        self.admission = Admission(log, settings.max_writer_backlog)  # new work waits while the writer lags
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -178,6 +180,9 @@ class Ingestion:
             response = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, exc.error, exc.detail)
+        except Overloaded as exc:
+            response = error_response(503, "overloaded", str(exc))
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
         except web.HTTPRequestEntityTooLarge as exc:
             response = error_response(413, "payload_too_large", exc.text or "request body too large")
         except web.HTTPException as exc:
@@ -293,6 +298,7 @@ class Ingestion:
         """Accept a job: validate, write the accepted row (readable at once, status ``submitted``), append to the
         log, answer 202. With an ``Idempotency-Key`` a retry gets the same job and never a second occurrence:
         the job id carries the first attempt's time, from which the retry rebuilds the identical definition."""
+        await self.admission.check()
         user = self._user(request)
         body = await self._body(request, tenant_cap=True)
         try:
@@ -336,6 +342,7 @@ class Ingestion:
         ``202`` means every accepted item is durable; if the append fails, none is accepted (their rows are
         marked deleted) and the answer is 503. Tenant limits (``DSCHED_AUTH`` keys/jwt) count every item.
         ``Idempotency-Key`` is not supported here (400)."""
+        await self.admission.check()
         user = self._user(request)
         body = await self._body(request)
         if "Idempotency-Key" in request.headers:
@@ -496,6 +503,7 @@ class Ingestion:
         return json_response({"job_id": job.job_id, "status": "Resumed"}, 202)
 
     async def trigger_job(self, request: web.Request) -> web.Response:
+        await self.admission.check()
         job = await self._owned_job(request)
         if job.deleted:
             raise ApiError(409, "conflict", "the job is deleted")
@@ -594,6 +602,7 @@ class Ingestion:
         return json_response({"dead_letters": [dead_letter_view(d) for d in letters], "next_cursor": next_cursor})
 
     async def replay_dead_letter(self, request: web.Request) -> web.Response:
+        await self.admission.check()
         user = self._user(request)
         letter = await self.store.get_dead_letter(user, request.match_info["dead_letter_id"])
         if letter is None:

@@ -50,6 +50,12 @@ HTTP_REQUESTS = Counter(
     "dsched_http_requests_total", "HTTP requests served", ["route", "method", "status"], registry=REGISTRY
 )
 SUBMISSIONS = Counter("dsched_submissions_total", "Job changes appended to the log", ["op"], registry=REGISTRY)
+SUBMISSIONS_REFUSED = Counter(
+    "dsched_submissions_refused_total",
+    "New work answered 503 overloaded (ingestion/admission.py), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
 BLOB_OFFLOADS = Counter(
     "dsched_blob_offloads_total", "Payloads/outputs stored in the blob store", ["what"], registry=REGISTRY
 )

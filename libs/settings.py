@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1024 * 1024
     payload_offload_bytes: int = 1024
     log_partitions: int = 4
+    # New submissions are answered 503 while the writers have more than this many log records left to store
+    # (ingestion/admission.py); 0 = never.
+    max_writer_backlog: int = 20_000
 
     # Writer.
     writer_batch: int = 500

@@ -17,14 +17,13 @@ from pydantic import ValidationError
 
 from dsched.libs import job_states, logs, tracing
 from dsched.libs.clock import now_ms
-from dsched.libs.log.base import ConsumedRecord, LogConsumer, SubmissionLog
+from dsched.libs.log.base import WRITER_GROUP, ConsumedRecord, LogConsumer, SubmissionLog
 from dsched.libs.metrics import WRITER_DEAD_LETTERS, WRITER_LAG_RECORDS, WRITER_LAG_SECONDS, WRITER_RECORDS, export
 from dsched.libs.models import BucketEntry, DeadLetter, EntryKind, Job, JobState, Submission
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import entry_for, initial_checkpoint
 from dsched.libs.store.base import JobStore
 
-GROUP = "dsched-writer"
 LAG_SAMPLE_S = 1.0  # how often the writer measures its lag behind the log (dsched_writer_lag_*)
 logger = logs.get("writer")
 
@@ -53,7 +52,7 @@ class Writer:
         start = initial_checkpoint(now_ms(), self.settings.bucket_ms, int(self.settings.bucket_grace_s * 1000))
         for shard in range(self.settings.shard_count):
             await self.store.advance_checkpoint(shard, None, start)
-        self._consumer = self.log.consumer(GROUP)
+        self._consumer = self.log.consumer(WRITER_GROUP)
         await self._consumer.startup()
         export(WRITER_LAG_RECORDS, WRITER_LAG_SECONDS)
         lag_sampler = asyncio.create_task(self._sample_lag())
@@ -106,7 +105,7 @@ class Writer:
             await asyncio.sleep(LAG_SAMPLE_S)
 
     async def _rewind(self) -> None:
-        consumer, self._consumer = self._consumer, self.log.consumer(GROUP)
+        consumer, self._consumer = self._consumer, self.log.consumer(WRITER_GROUP)
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await consumer.shutdown()

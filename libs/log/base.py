@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+WRITER_GROUP = "dsched-writer"  # the consumer group of the writers (ingestion asks how far behind it is)
+
 
 @dataclass(frozen=True, slots=True)
 class ConsumedRecord:
@@ -80,3 +82,10 @@ class SubmissionLog(ABC):
     @abstractmethod
     def consumer(self, group: str) -> LogConsumer:
         """A new consumer-group member (call ``startup`` on it)."""
+
+    @abstractmethod
+    async def backlog(self, group: str) -> int:
+        """Records appended and not yet committed by consumer group ``group``, over every partition (a group that
+        never committed counts every record the log keeps). Asked from any process, without joining the group;
+        a snapshot as of the call (records appended meanwhile may or may not count). Raises if the log does not
+        answer."""

@@ -116,6 +116,11 @@ def parse_url(url: str, settings: Settings) -> KafkaConfig:
     )
 
 
+def group_id(topic: str, group: str) -> str:
+    """Kafka's id of consumer group ``group`` on ``topic`` (see the module docstring)."""
+    return f"{topic}.{group}"
+
+
 def to_record(message: Any) -> ConsumedRecord:
     """An aiokafka ``ConsumerRecord`` as a :class:`ConsumedRecord` (keys are UTF-8 job ids)."""
     key: bytes | None = message.key
@@ -173,6 +178,8 @@ class KafkaLog(SubmissionLog):
     def __init__(self, config: KafkaConfig) -> None:
         self.config = config
         self._producer: AIOKafkaProducer | None = None
+        self._probes: dict[str, AIOKafkaConsumer] = {}  # per group, for backlog(): never joins the group
+        self._probes_lock = asyncio.Lock()
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> KafkaLog:
@@ -200,6 +207,10 @@ class KafkaLog(SubmissionLog):
         self._producer = producer
 
     async def shutdown(self) -> None:
+        probes, self._probes = list(self._probes.values()), {}
+        for probe in probes:
+            with contextlib.suppress(Exception):
+                await probe.stop()
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()  # flushes whatever is still queued
@@ -210,6 +221,41 @@ class KafkaLog(SubmissionLog):
 
     def consumer(self, group: str) -> KafkaLogConsumer:
         return KafkaLogConsumer(self.config, group, self._require_producer)
+
+    async def backlog(self, group: str) -> int:
+        """End offset minus the group's committed offset (the log start where it never committed), summed over
+        the topic's partitions. Asked by a consumer that carries the group id but never subscribes, so it never
+        joins the group or causes a rebalance; one ListOffsets and one OffsetFetch round trip per partition."""
+        probe = await self._probe(group)
+        partitions = await self._require_producer().partitions_for(self.config.topic)  # from metadata, kept fresh
+        tps = [TopicPartition(self.config.topic, partition) for partition in sorted(partitions)]
+        if not tps:
+            return 0
+        ends, starts = await asyncio.gather(probe.end_offsets(tps), probe.beginning_offsets(tps))
+        committed = await asyncio.gather(*(probe.committed(tp) for tp in tps))
+        return sum(
+            max(0, int(ends.get(tp, 0)) - int(starts.get(tp, 0) if done is None else done))
+            for tp, done in zip(tps, committed, strict=True)
+        )
+
+    async def _probe(self, group: str) -> AIOKafkaConsumer:
+        async with self._probes_lock:
+            probe = self._probes.get(group)
+            if probe is None:
+                probe = AIOKafkaConsumer(
+                    bootstrap_servers=list(self.config.bootstrap_servers),
+                    group_id=group_id(self.config.topic, group),
+                    client_id=f"dsched-{group}-backlog",
+                    enable_auto_commit=False,
+                    isolation_level="read_committed",  # as the group's members read it
+                )
+                try:
+                    await probe.start()
+                except BaseException:
+                    await probe.stop()
+                    raise
+                self._probes[group] = probe
+            return probe
 
     def _require_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -280,7 +326,7 @@ class KafkaLogConsumer(LogConsumer):
     def __init__(self, config: KafkaConfig, group: str, producer: Callable[[], Producer]) -> None:
         self.config = config
         self.group = group
-        self.group_id = f"{config.topic}.{group}"
+        self.group_id = group_id(config.topic, group)
         self._producer = producer
         self._consumer: AIOKafkaConsumer | None = None
         # Per partition: highest offset returned by poll and not yet committed; next offset committed by us.

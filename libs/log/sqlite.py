@@ -77,6 +77,22 @@ def partition_for(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
+def _uncommitted(conn: Connection, group: str, partitions: int) -> list[tuple[int, int, int]]:
+    """``(partition, first uncommitted offset, last offset)`` of each partition where ``group`` is behind."""
+    committed = dict(conn.execute("SELECT partition, next_offset FROM committed WHERE grp = ?", (group,)).fetchall())
+    behind = []
+    for partition in range(partitions):
+        start = int(committed.get(partition, 0))
+        (last,) = conn.execute("SELECT MAX(offset) FROM records WHERE partition = ?", (partition,)).fetchone()
+        if last is not None and last >= start:
+            behind.append((partition, start, int(last)))
+    return behind
+
+
+def _backlog(conn: Connection, group: str, partitions: int) -> int:
+    return sum(last + 1 - start for _, start, last in _uncommitted(conn, group, partitions))
+
+
 def _stored_partitions(conn: Connection, default: int) -> int:
     row = conn.execute("SELECT value FROM meta WHERE name = 'partitions'").fetchone()
     if row is not None:
@@ -127,6 +143,10 @@ class SqliteLog(SubmissionLog):
 
     def consumer(self, group: str) -> LogConsumer:
         return SqliteLogConsumer(self, group)
+
+    async def backlog(self, group: str) -> int:
+        """Exact: offsets are contiguous per partition, so it costs one primary-key lookup per partition."""
+        return await self._db.run(lambda conn: _backlog(conn, group, self.partitions))
 
     def _appended(self) -> None:
         self._wake_consumers()
@@ -225,16 +245,9 @@ class SqliteLogConsumer(LogConsumer):
         """Exact: offsets are contiguous per partition, so each partition costs two primary-key lookups."""
 
         def read(conn: Connection) -> ConsumerLag:
-            committed = dict(
-                conn.execute("SELECT partition, next_offset FROM committed WHERE grp = ?", (self.group,)).fetchall()
-            )
             records, oldest = 0, None
-            for partition in range(self._partitions):
-                start = int(committed.get(partition, 0))
-                (last,) = conn.execute("SELECT MAX(offset) FROM records WHERE partition = ?", (partition,)).fetchone()
-                if last is None or last < start:
-                    continue
-                records += int(last) + 1 - start
+            for partition, start, last in _uncommitted(conn, self.group, self._partitions):
+                records += last + 1 - start
                 row = conn.execute(
                     "SELECT timestamp_ms FROM records WHERE partition = ? AND offset >= ? ORDER BY offset LIMIT 1",
                     (partition, start),

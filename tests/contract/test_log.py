@@ -220,3 +220,23 @@ async def test_lag_counts_what_the_group_has_not_committed(log: SubmissionLog) -
         assert lag is not None and (lag.records, lag.oldest_ms) == (0, None)
     finally:
         await consumer.shutdown()
+
+
+async def test_backlog_counts_what_a_group_has_not_committed_asked_from_outside_it(log: SubmissionLog) -> None:
+    """``backlog(group)`` (ingestion's admission control) needs no member: a group that never committed counts
+    every record kept; appends raise it, only a member's commit lowers it, and asking never joins the group."""
+    name = group()
+    before = await log.backlog(name)  # the records of earlier tests on this log: none committed by this group
+    await log.append([(f"bl-{uuid.uuid4().hex[:8]}", b"x") for _ in range(5)])
+    assert await log.backlog(name) == before + 5
+    consumer = await started(log, name)
+    try:
+        got = await poll_n(consumer, before + 5)
+        assert await log.backlog(name) == before + 5  # polled is not stored
+        await consumer.commit(got)
+        assert await log.backlog(name) == 0
+        await log.append([(f"bl-{uuid.uuid4().hex[:8]}", b"y") for _ in range(2)])
+        assert await log.backlog(name) == 2
+        assert await log.backlog(group()) >= before + 7  # other groups are not moved by this one's commit
+    finally:
+        await consumer.shutdown()

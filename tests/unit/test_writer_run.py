@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from dsched.libs.clock import now_ms
+from dsched.libs.log.base import WRITER_GROUP
 from dsched.libs.log.sqlite import SqliteLog
 from dsched.libs.models import BucketEntry, Job, Submission
 from dsched.libs.settings import Settings
 from dsched.libs.store.sqlite import SqliteStore
-from dsched.writer.service import GROUP, Writer
+from dsched.writer.service import Writer
 from tests.helpers.store_contract import make_job
 
 BATCH = 4
@@ -60,7 +61,7 @@ async def parts(tmp_path: Path) -> AsyncIterator[tuple[Settings, SqliteLog, Flak
 
 
 async def uncommitted(log: SqliteLog) -> int:
-    consumer = log.consumer(GROUP)
+    consumer = log.consumer(WRITER_GROUP)
     await consumer.startup()
     try:
         return (await consumer.lag()).records  # type: ignore[union-attr]
