@@ -47,6 +47,7 @@ class Admission:
         self._fresh_until = 0.0  # monotonic time until which ``_backlog`` is used without asking again
         self._probing = False
         self._failing = False  # the last probe failed (logged once until one succeeds)
+        SUBMISSIONS_REFUSED.labels("writer_backlog")  # exported from 0, so the first refusal shows in rate()
 
     async def check(self) -> None:
         """Raise :class:`Overloaded` while the writer's backlog is over the limit."""

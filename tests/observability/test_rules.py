@@ -27,6 +27,7 @@ REQUIRED = {
     "DschedServiceDown",
     "DschedServiceRestarting",
     "DschedIngestion5xx",
+    "DschedSubmissionsRefused",
 }
 
 
