@@ -104,6 +104,20 @@ class Scheduler:
                 await asyncio.sleep(0.1)
         raise RuntimeError("scheduler did not start")
 
+    async def samples(self, name: str) -> list[float]:
+        """Every sample of metric ``name`` (any labels) the scheduler's processes export right now."""
+        values: list[float] = []
+        async with aiohttp.ClientSession() as session:
+            for url in self.metrics_urls:
+                try:
+                    async with session.get(url) as resp:
+                        text = await resp.text()
+                except aiohttp.ClientError:
+                    continue
+                for family in text_string_to_metric_families(text):
+                    values += [sample.value for sample in family.samples if sample.name == name]
+        return values
+
     async def lag_summary(self) -> str:
         """Mean dispatch lag (picker) and fire lag (worker start) from the scheduler's own metrics, with the bucket
         bounds holding their p50 and p99 (the scheduler's own view, free of the bench target's loop delays)."""

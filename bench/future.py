@@ -25,6 +25,7 @@ from dsched.libs.clock import to_rfc3339
 
 SPREAD_MS = 3 * 86_400_000  # future jobs are due uniformly over the next three days
 FUTURE_START_MS = 3_600_000  # ... starting in an hour (nothing of them fires during the measurement)
+LAG_SAMPLE_S = 0.5  # how often the writer's lag is read while the jobs are submitted and stored
 
 
 def stored_entries(scheduler: Scheduler) -> int:
@@ -82,6 +83,14 @@ async def restart(scheduler: Scheduler, target: Target) -> str:
     return f"restart to serving {serving_s:.2f} s, to the first fire {fire_s:.2f} s, RSS after {rss:.0f} MiB"
 
 
+async def sample_writer_lag(scheduler: Scheduler, lag_max: list[float]) -> None:
+    """Keep in ``lag_max[0]`` the largest ``dsched_writer_lag_seconds`` seen: how late a job due at once would be
+    stored. Sampled every ``LAG_SAMPLE_S`` until cancelled (bounded: an hour)."""
+    for _ in range(int(3600 / LAG_SAMPLE_S)):
+        lag_max[0] = max([lag_max[0], *await scheduler.samples("dsched_writer_lag_seconds")])
+        await asyncio.sleep(LAG_SAMPLE_S)
+
+
 async def one_size(size: int, rate: float, seconds: float) -> None:
     print(f"== {size:,} future jobs (load average {load_average()})")
     target = Target()
@@ -100,16 +109,23 @@ async def one_size(size: int, rate: float, seconds: float) -> None:
             }
             for _ in range(size)
         ]
-        ids, took, _ = await submit_batches(f"http://127.0.0.1:{scheduler.port}", bodies)
-        accepted = sum(1 for i in ids if i)
-        began = time.monotonic()
-        for _ in range(36_000):  # bounded: up to an hour
-            if stored_entries(scheduler) >= accepted:
-                break
-            await asyncio.sleep(1.0)
+        lag_max = [0.0]
+        sampler = asyncio.create_task(sample_writer_lag(scheduler, lag_max))
+        try:
+            ids, took, _ = await submit_batches(f"http://127.0.0.1:{scheduler.port}", bodies)
+            accepted = sum(1 for i in ids if i)
+            began = time.monotonic()
+            for _ in range(36_000):  # bounded: up to an hour
+                if stored_entries(scheduler) >= accepted:
+                    break
+                await asyncio.sleep(1.0)
+        finally:
+            sampler.cancel()
+        refused = sum(await scheduler.samples("dsched_submissions_refused_total"))
         print(
             f"  submitted {accepted:,} in {took:.1f} s ({accepted / took:,.0f}/s), stored "
-            f"{time.monotonic() - began:.1f} s after the last 202"
+            f"{time.monotonic() - began:.1f} s after the last 202; writer lag at most {lag_max[0]:.1f} s, "
+            f"{refused:,.0f} requests refused as overloaded (and sent again)"
         )
         await asyncio.sleep(2.0)
         print(f"  RSS empty {rss_empty:.0f} MiB, with the jobs stored {scheduler.rss_mb():.0f} MiB")
