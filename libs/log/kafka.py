@@ -225,7 +225,8 @@ class KafkaLog(SubmissionLog):
     async def backlog(self, group: str) -> int:
         """End offset minus the group's committed offset (the log start where it never committed), summed over
         the topic's partitions. Asked by a consumer that carries the group id but never subscribes, so it never
-        joins the group or causes a rebalance; one ListOffsets and one OffsetFetch round trip per partition."""
+        joins the group or causes a rebalance. Two ListOffsets requests (end, start) and one OffsetFetch per partition,
+        all concurrent."""
         probe = await self._probe(group)
         partitions = await self._require_producer().partitions_for(self.config.topic)  # from metadata, kept fresh
         tps = [TopicPartition(self.config.topic, partition) for partition in sorted(partitions)]
