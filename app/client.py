@@ -449,6 +449,7 @@ def cluster_status(client: Client, args: argparse.Namespace) -> int:
     lines = [
         f"leader:   {cluster.get('leader') or '(none)'}",
         f"queue:    {queue.get('visible', '-')} waiting, {queue.get('in_flight', '-')} in flight",
+        writer_line(cluster.get("writer") or {}),
         f"last 15m: {sum(stats.get('runs', {}).values())} runs"
         + (" (" + ", ".join(f"{k} {v}" for k, v in stats.get("runs", {}).items()) + ")" if stats.get("runs") else "")
         + f"; fire lag p50 {fmt_ms(stats.get('fire_lag_p50_ms'))}, p99 {fmt_ms(stats.get('fire_lag_p99_ms'))}",
@@ -473,6 +474,14 @@ def cluster_status(client: Client, args: argparse.Namespace) -> int:
     ]
     emit(args, {"cluster": cluster, "stats": stats}, "\n".join(lines))
     return 0
+
+
+def writer_line(writer: dict[str, Any]) -> str:
+    """The writers' backlog and admission control's bound, as ``cluster status`` shows them."""
+    backlog, bound = writer.get("backlog"), writer.get("max_backlog") or 0
+    left = "(the log did not answer)" if backlog is None else f"{backlog} submissions left to store"
+    refused = f"new work refused above {bound}" if bound else "admission control off"
+    return f"writer:   {left}; {refused}"
 
 
 def cluster_workers(client: Client, args: argparse.Namespace) -> int:

@@ -56,19 +56,26 @@ class Admission:
         if time.monotonic() >= self._fresh_until and not self._probing:
             self._probing = True  # one probe at a time; concurrent requests use the previous answer
             try:
-                async with asyncio.timeout(PROBE_TIMEOUT_S):
-                    self._backlog = await self.log.backlog(WRITER_GROUP)
-                if self._failing:
-                    self._failing = False
-                    logger.info("backlog_probe_recovered")
-            except Exception as exc:
-                if not self._failing:  # once per outage, not per probe
-                    self._failing = True
-                    logger.warning("backlog_probe_failed", error=type(exc).__name__)
-                self._backlog = 0
+                self._backlog = await self.backlog() or 0
             finally:
                 self._probing = False
                 self._fresh_until = time.monotonic() + PROBE_S
         if self._backlog > self.max_backlog:
             SUBMISSIONS_REFUSED.labels("writer_backlog").inc()
             raise Overloaded(self._backlog, self.max_backlog)
+
+    async def backlog(self) -> int | None:
+        """The writer group's backlog, asked of the log now; None if it failed or took over :data:`PROBE_TIMEOUT_S`
+        (logged once per streak of failures)."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                backlog = await self.log.backlog(WRITER_GROUP)
+        except Exception as exc:
+            if not self._failing:  # once per outage, not per probe
+                self._failing = True
+                logger.warning("backlog_probe_failed", error=type(exc).__name__)
+            return None
+        if self._failing:
+            self._failing = False
+            logger.info("backlog_probe_recovered")
+        return backlog

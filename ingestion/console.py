@@ -334,7 +334,7 @@ class Console:
         return _json({"workers": [_worker_view(r) for _, r in sorted(records.items())]})
 
     async def cluster(self, request: web.Request) -> web.Response:
-        """The leader, each picker with its shards, each worker, and the work queue's depth."""
+        """The leader, each picker with its shards, each worker, the work queue's depth and the writers' backlog."""
         self._admin(request)
         coordination = self.ingestion.coordination
         leader: str | None = None
@@ -353,12 +353,18 @@ class Console:
             counts = await self.ingestion.queue.counts()
             queue = {"visible": counts.visible, "in_flight": counts.in_flight}
         workers = [_worker_view(r) for _, r in sorted((await self._worker_records()).items())]
+        # Log records the writers have yet to store (None: the log did not answer), and admission control's bound.
+        writer = {
+            "backlog": await self.ingestion.admission.backlog(),
+            "max_backlog": self.ingestion.settings.max_writer_backlog,
+        }
         return _json(
             {
                 "leader": leader,
                 "pickers": pickers,
                 "workers": workers,
                 "queue": queue,
+                "writer": writer,
                 "shard_count": self.ingestion.settings.shard_count,
                 "time": to_rfc3339(now_ms()),
             }

@@ -264,7 +264,7 @@ def _console_paths() -> dict[str, Any]:
         },
         "/schedule/preview": {"get": _op("Fire times a submit with this cron/time zone/at would get", params=query)},
         "/workers": {"get": _op("Live workers: slots, busy, current runs, heartbeat (admin)")},
-        "/cluster": {"get": _op("Leader, pickers and their shards, workers, queue depth (admin)")},
+        "/cluster": {"get": _op("Leader, pickers and their shards, workers, queue depth, writer backlog (admin)")},
         "/stats": {
             "get": _op(
                 "Runs by status, throughput, fire-lag p50/p99 over a window, per sample interval (admin)",

@@ -410,12 +410,16 @@ ANSWERS: dict[tuple[str, str], Answer] = {
     ("get", "/cluster"): Answer(
         "clusterStatus",
         schema=_obj(
-            ["leader", "pickers", "workers", "queue", "shard_count"],
+            ["leader", "pickers", "workers", "queue", "writer", "shard_count"],
             {
                 "leader": OPT_STR,
                 "pickers": {"type": "array"},
                 "workers": {"type": "array", "items": _ref("Worker")},
                 "queue": {"type": ["object", "null"]},
+                "writer": _obj(
+                    ["backlog", "max_backlog"],
+                    {"backlog": {"type": ["integer", "null"]}, "max_backlog": INT},
+                ),
                 "shard_count": INT,
                 "time": TIME,
             },

@@ -170,8 +170,11 @@ def test_cluster_status_and_workers(server: str) -> None:
     assert [p["node_id"] for p in status["cluster"]["pickers"]] == ["cli-1"]
     assert sorted(s for p in status["cluster"]["pickers"] for s in p["shards"]) == list(range(8))
     assert [w["node_id"] for w in status["cluster"]["workers"]] == ["cli-1"]
+    writer = status["cluster"]["writer"]
+    assert isinstance(writer["backlog"], int) and writer["backlog"] >= 0 and writer["max_backlog"] == 20_000
     text = ok(dsched(server, "cluster", "status"))
     assert "leader:   cli-1" in text and "0-7" in text
+    assert re.search(r"^writer:   \d+ submissions left to store; new work refused above 20000$", text, re.M), text
     workers = as_json(dsched(server, "cluster", "workers", "--json"))["workers"]
     assert workers[0]["slots"] > 0
 
