@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 KEEP_DATA_ENV = "DSCHED_BENCH_KEEP_DATA"  # =1: a bench leaves its scheduler's data directory (and logs) behind
@@ -104,9 +105,10 @@ class Scheduler:
                 await asyncio.sleep(0.1)
         raise RuntimeError("scheduler did not start")
 
-    async def samples(self, name: str) -> list[float]:
-        """Every sample of metric ``name`` (any labels) the scheduler's processes export right now."""
-        values: list[float] = []
+    async def metric_families(self) -> list[Metric]:
+        """Every metric family the scheduler's processes export right now (a process that does not answer is
+        left out)."""
+        families: list[Metric] = []
         async with aiohttp.ClientSession() as session:
             for url in self.metrics_urls:
                 try:
@@ -114,33 +116,29 @@ class Scheduler:
                         text = await resp.text()
                 except aiohttp.ClientError:
                     continue
-                for family in text_string_to_metric_families(text):
-                    values += [sample.value for sample in family.samples if sample.name == name]
-        return values
+                families += text_string_to_metric_families(text)
+        return families
+
+    async def samples(self, name: str) -> list[float]:
+        """Every sample of metric ``name`` (any labels) the scheduler's processes export right now."""
+        return [s.value for family in await self.metric_families() for s in family.samples if s.name == name]
 
     async def lag_summary(self) -> str:
         """Mean dispatch lag (picker) and fire lag (worker start) from the scheduler's own metrics, with the bucket
         bounds holding their p50 and p99 (the scheduler's own view, free of the bench target's loop delays)."""
         values: dict[str, float] = {}
         buckets: dict[str, dict[float, float]] = {}
-        async with aiohttp.ClientSession() as session:
-            for url in self.metrics_urls:
-                try:
-                    async with session.get(url) as resp:
-                        text = await resp.text()
-                except aiohttp.ClientError:
-                    continue
-                for family in text_string_to_metric_families(text):
-                    name = family.name
-                    if name not in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
-                        continue
-                    for sample in family.samples:  # summed over processes (labels other than le)
-                        if sample.name in (f"{name}_sum", f"{name}_count"):
-                            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-                        elif sample.name == f"{name}_bucket":
-                            bound = float(sample.labels["le"])
-                            per_bound = buckets.setdefault(name, {})
-                            per_bound[bound] = per_bound.get(bound, 0.0) + sample.value
+        for family in await self.metric_families():
+            name = family.name
+            if name not in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
+                continue
+            for sample in family.samples:  # summed over processes (labels other than le)
+                if sample.name in (f"{name}_sum", f"{name}_count"):
+                    values[sample.name] = values.get(sample.name, 0.0) + sample.value
+                elif sample.name == f"{name}_bucket":
+                    bound = float(sample.labels["le"])
+                    per_bound = buckets.setdefault(name, {})
+                    per_bound[bound] = per_bound.get(bound, 0.0) + sample.value
         parts = []
         for name in ("dsched_dispatch_lag_seconds", "dsched_fire_lag_seconds"):
             count = values.get(f"{name}_count", 0)
