@@ -65,13 +65,13 @@ RETRY_ATTEMPTS = 5  # tries of a request the API refused with Retry-After (503 o
 MAX_RETRY_AFTER_S = 30  # a longer Retry-After is reported, not waited for
 
 
-def retry_after_s(err: urllib.error.HTTPError) -> float | None:
+def retry_after_s(status: int, retry_after: str | None, longest_s: float = MAX_RETRY_AFTER_S) -> float | None:
     """Seconds to wait before sending the same request again, when the API refused it without doing anything
-    and said when to come back (429, or 503 with ``Retry-After``); None when the error is final."""
-    value = err.headers.get("Retry-After") if err.headers is not None else None
-    if err.code not in (429, 503) or value is None or not value.isdigit() or int(value) > MAX_RETRY_AFTER_S:
+    and said when to come back (429, or 503 with ``Retry-After`` of at most ``longest_s``); None when the
+    answer is final."""
+    if status not in (429, 503) or retry_after is None or not retry_after.isdigit() or int(retry_after) > longest_s:
         return None
-    return float(value)
+    return float(retry_after)
 
 
 class Client:
@@ -102,7 +102,7 @@ class Client:
             try:
                 return urllib.request.urlopen(request, timeout=self.timeout)
             except urllib.error.HTTPError as err:
-                wait_s = retry_after_s(err)
+                wait_s = retry_after_s(err.code, err.headers.get("Retry-After") if err.headers is not None else None)
                 if wait_s is None or attempt == RETRY_ATTEMPTS:
                     raise CliError(self._describe(err)) from None
                 time.sleep(wait_s)  # refused before anything was done (overloaded, rate limited): send it again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
 import signal
@@ -19,6 +20,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+from dsched.app.client import retry_after_s
 
 KEEP_DATA_ENV = "DSCHED_BENCH_KEEP_DATA"  # =1: a bench leaves its scheduler's data directory (and logs) behind
 
@@ -298,15 +301,6 @@ def report(
 MAX_ATTEMPTS = 600  # per request: client errors, and 503s with Retry-After (at 1 s: ten minutes of back-pressure)
 
 
-def retry_after_s(resp: aiohttp.ClientResponse) -> float | None:
-    """How long to wait before sending the same request again, as the API asks (503 overloaded, 429 rate
-    limited, with ``Retry-After``), or None when the answer is final."""
-    value = resp.headers.get("Retry-After")
-    if resp.status not in (429, 503) or value is None or not value.isdigit():
-        return None
-    return float(value)
-
-
 async def submit_all(
     base: str, bodies: list[dict[str, object]], *, rate: float | None, concurrency: int = 64
 ) -> tuple[list[str | None], float]:
@@ -329,7 +323,9 @@ async def submit_all(
                         ) as resp:
                             if resp.status == 202:
                                 ids[i] = (await resp.json())["job_id"]
-                            if (wait_s := retry_after_s(resp)) is None:
+                            if (
+                                wait_s := retry_after_s(resp.status, resp.headers.get("Retry-After"), math.inf)
+                            ) is None:
                                 return
                         await asyncio.sleep(wait_s)
                     except aiohttp.ClientError:
@@ -367,7 +363,9 @@ async def submit_batches(
                             if resp.status == 202:
                                 for result in (await resp.json())["results"]:
                                     ids[chunk[result["index"]]] = result.get("job_id")
-                            if (wait_s := retry_after_s(resp)) is None:
+                            if (
+                                wait_s := retry_after_s(resp.status, resp.headers.get("Retry-After"), math.inf)
+                            ) is None:
                                 latencies.append(1000 * (time.monotonic() - began))
                                 break
                         await asyncio.sleep(wait_s)
