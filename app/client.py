@@ -480,7 +480,9 @@ def writer_line(writer: dict[str, Any]) -> str:
     """The writers' backlog and admission control's bound, as ``cluster status`` shows them."""
     backlog, bound = writer.get("backlog"), writer.get("max_backlog") or 0
     left = "(the log did not answer)" if backlog is None else f"{backlog} submissions left to store"
-    refused = f"new work refused above {bound}" if bound else "admission control off"
+    every = writer.get("refuse_all_above") or bound
+    refused = f"new work refused above {bound} from tenants over their share, above {every} from all"
+    refused = refused if bound else "admission control off"
     return f"writer:   {left}; {refused}"
 
 

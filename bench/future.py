@@ -7,6 +7,10 @@ For each size N, on a fresh ``dsched run all``: submit N HTTP jobs due over the 
 jobs/s for ``--seconds``, each due 2 s after its submit) and report its fire lag; then SIGTERM and start the
 process again on the same data and report restart-to-serving (the new process answers ``/health`` 200) and
 restart-to-first-fire (a job due at once reaches the target), and RSS after the restart.
+
+While the N jobs are submitted (tenant ``bench``), another tenant (``neighbour``) submits one job at a time at
+``--neighbour-rate``/s, each sent once: how many of its submits admission control refused while the flood held
+the writer's backlog over the bound, and its submit latency.
 """
 
 from __future__ import annotations
@@ -91,7 +95,41 @@ async def sample_writer_lag(scheduler: Scheduler, lag_max: list[float]) -> None:
         await asyncio.sleep(LAG_SAMPLE_S)
 
 
-async def one_size(size: int, rate: float, seconds: float) -> None:
+async def neighbour_submits(base: str, rate: float, outcomes: list[tuple[int, float]]) -> None:
+    """Submit one job at a time as tenant ``neighbour``, ``rate`` per second, each sent once, until cancelled
+    (bounded: an hour); append (status, latency ms) to ``outcomes``."""
+    if rate <= 0:
+        return
+    body = {
+        "project_id": "neighbour",
+        "payload": "echo",
+        "next_fire_at": to_rfc3339(int(time.time() * 1000) + 86_400_000),
+    }
+    async with aiohttp.ClientSession() as session:
+        start = time.monotonic()
+        for i in range(int(3600 * rate)):
+            await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+            began = time.monotonic()
+            try:
+                async with session.post(f"{base}/submit", json=body, headers={"X-User-ID": "neighbour"}) as resp:
+                    await resp.read()
+                    outcomes.append((resp.status, 1000 * (time.monotonic() - began)))
+            except aiohttp.ClientError:
+                outcomes.append((0, 1000 * (time.monotonic() - began)))
+
+
+def neighbour_line(outcomes: list[tuple[int, float]]) -> str:
+    accepted = [ms for status, ms in outcomes if status == 202]
+    refused = sum(1 for status, _ in outcomes if status == 503)
+    other = len(outcomes) - len(accepted) - refused
+    latency = f"p50 {percentile(accepted, 0.5):.0f} ms, p99 {percentile(accepted, 0.99):.0f} ms" if accepted else "-"
+    return (
+        f"neighbour tenant during the flood: {len(outcomes)} single submits, {len(accepted)} accepted ({latency}), "
+        f"{refused} refused as overloaded, {other} other"
+    )
+
+
+async def one_size(size: int, rate: float, seconds: float, neighbour_rate: float) -> None:
     print(f"== {size:,} future jobs (load average {load_average()})")
     target = Target()
     await target.start()
@@ -111,8 +149,13 @@ async def one_size(size: int, rate: float, seconds: float) -> None:
         ]
         lag_max = [0.0]
         sampler = asyncio.create_task(sample_writer_lag(scheduler, lag_max))
+        outcomes: list[tuple[int, float]] = []
+        neighbour = asyncio.create_task(
+            neighbour_submits(f"http://127.0.0.1:{scheduler.port}", neighbour_rate, outcomes)
+        )
         try:
             ids, took, _ = await submit_batches(f"http://127.0.0.1:{scheduler.port}", bodies)
+            neighbour.cancel()
             accepted = sum(1 for i in ids if i)
             began = time.monotonic()
             for _ in range(36_000):  # bounded: up to an hour
@@ -121,12 +164,15 @@ async def one_size(size: int, rate: float, seconds: float) -> None:
                 await asyncio.sleep(1.0)
         finally:
             sampler.cancel()
+            neighbour.cancel()
         refused = sum(await scheduler.samples("dsched_submissions_refused_total"))
         print(
             f"  submitted {accepted:,} in {took:.1f} s ({accepted / took:,.0f}/s), stored "
             f"{time.monotonic() - began:.1f} s after the last 202; writer lag at most {lag_max[0]:.1f} s, "
             f"{refused:,.0f} requests refused as overloaded (and sent again)"
         )
+        if neighbour_rate > 0:
+            print("  " + neighbour_line(outcomes))
         await asyncio.sleep(2.0)
         print(f"  RSS empty {rss_empty:.0f} MiB, with the jobs stored {scheduler.rss_mb():.0f} MiB")
         print("  " + await steady(scheduler, target, rate, seconds))
@@ -137,9 +183,9 @@ async def one_size(size: int, rate: float, seconds: float) -> None:
         await target.stop()
 
 
-async def main(sizes: list[int], rate: float, seconds: float) -> None:
+async def main(sizes: list[int], rate: float, seconds: float, neighbour_rate: float) -> None:
     for size in sizes:
-        await one_size(size, rate, seconds)
+        await one_size(size, rate, seconds, neighbour_rate)
 
 
 if __name__ == "__main__":
@@ -147,5 +193,6 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--neighbour-rate", type=float, default=20, help="another tenant's single submits/s (0: none)")
     args = parser.parse_args()
-    run_loop(main([int(s) for s in args.sizes.split(",")], args.rate, args.seconds))
+    run_loop(main([int(s) for s in args.sizes.split(",")], args.rate, args.seconds, args.neighbour_rate))

@@ -246,7 +246,7 @@ class Console:
         if len(ids) > BULK_MAX:
             raise _error(400, "invalid_field", f"job_ids: at most {BULK_MAX}")
         if action == "trigger":  # new runs: refused while the writer lags (pause/resume/delete stop a flood)
-            await self.ingestion.admission.check()
+            await self.ingestion.admission.check(user)
         ids = list(dict.fromkeys(ids))
         jobs = await self.ingestion.store.get_jobs(ids)
         now = now_ms()
@@ -268,8 +268,8 @@ class Console:
 
     async def bulk_replay(self, request: web.Request) -> web.Response:
         """Replay several of the caller's dead letters: each one's job runs again now."""
-        await self.ingestion.admission.check()
         user = self._user(request)
+        await self.ingestion.admission.check(user)
         body = await self.ingestion._body(request)
         ids = body.get("ids")
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
@@ -357,6 +357,7 @@ class Console:
         writer = {
             "backlog": await self.ingestion.admission.backlog(),
             "max_backlog": self.ingestion.settings.max_writer_backlog,
+            "refuse_all_above": self.ingestion.admission.refuse_all_above,
         }
         return _json(
             {

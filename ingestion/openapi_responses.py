@@ -417,8 +417,8 @@ ANSWERS: dict[tuple[str, str], Answer] = {
                 "workers": {"type": "array", "items": _ref("Worker")},
                 "queue": {"type": ["object", "null"]},
                 "writer": _obj(
-                    ["backlog", "max_backlog"],
-                    {"backlog": {"type": ["integer", "null"]}, "max_backlog": INT},
+                    ["backlog", "max_backlog", "refuse_all_above"],
+                    {"backlog": {"type": ["integer", "null"]}, "max_backlog": INT, "refuse_all_above": INT},
                 ),
                 "shard_count": INT,
                 "time": TIME,
@@ -503,7 +503,8 @@ ADMISSION_CONTROLLED = {
 }
 OVERLOADED_TEXT = (
     "a backend did not answer, or (`overloaded`) the writer has more than DSCHED_MAX_WRITER_BACKLOG earlier "
-    "submissions left to store: send the same request again after `Retry-After` seconds"
+    "submissions left to store and this tenant sent at least its share of the recent ones (over twice that bound: "
+    "any tenant): send the same request again after `Retry-After` seconds"
 )
 # Answered by any route while cmd: jobs are enabled (ingestion/guards.py), and 503 by any that reads a backend.
 NO_BACKEND = {("get", "/openapi.json"), ("get", "/metrics"), ("get", "/ui"), ("get", "/ui/{path}")}

@@ -268,8 +268,10 @@ class Ingestion:
             for span in spans:
                 tracing.end(span)
         SUBMISSIONS.labels(op).inc(len(jobs))
-        for user_id, count in Counter(job.user_id for job in jobs).items():
+        by_tenant = Counter(job.user_id for job in jobs)
+        for user_id, count in by_tenant.items():
             TENANT_SUBMISSIONS.labels(tenant_label(user_id), op).inc(count)
+        self.admission.appended(by_tenant)  # every record adds to the writer's backlog, whatever its op
 
     async def _offload(self, job_id: str, payload: Payload) -> Payload:
         """``payload`` itself when it is small enough to stay inline, else a reference to a blob holding it."""
@@ -298,8 +300,8 @@ class Ingestion:
         """Accept a job: validate, write the accepted row (readable at once, status ``submitted``), append to the
         log, answer 202. With an ``Idempotency-Key`` a retry gets the same job and never a second occurrence:
         the job id carries the first attempt's time, from which the retry rebuilds the identical definition."""
-        await self.admission.check()
         user = self._user(request)
+        await self.admission.check(user)
         body = await self._body(request, tenant_cap=True)
         try:
             req = SubmitRequest.model_validate(body)
@@ -342,8 +344,8 @@ class Ingestion:
         ``202`` means every accepted item is durable; if the append fails, none is accepted (their rows are
         marked deleted) and the answer is 503. Tenant limits (``DSCHED_AUTH`` keys/jwt) count every item.
         ``Idempotency-Key`` is not supported here (400)."""
-        await self.admission.check()
         user = self._user(request)
+        await self.admission.check(user)
         body = await self._body(request)
         if "Idempotency-Key" in request.headers:
             raise ApiError(400, "invalid_field", "Idempotency-Key: not supported by /submit/batch")
@@ -503,7 +505,7 @@ class Ingestion:
         return json_response({"job_id": job.job_id, "status": "Resumed"}, 202)
 
     async def trigger_job(self, request: web.Request) -> web.Response:
-        await self.admission.check()
+        await self.admission.check(self._user(request))
         job = await self._owned_job(request)
         if job.deleted:
             raise ApiError(409, "conflict", "the job is deleted")
@@ -602,8 +604,8 @@ class Ingestion:
         return json_response({"dead_letters": [dead_letter_view(d) for d in letters], "next_cursor": next_cursor})
 
     async def replay_dead_letter(self, request: web.Request) -> web.Response:
-        await self.admission.check()
         user = self._user(request)
+        await self.admission.check(user)
         letter = await self.store.get_dead_letter(user, request.match_info["dead_letter_id"])
         if letter is None:
             raise ApiError(404, "not_found", "no such dead letter")

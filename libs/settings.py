@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1024 * 1024
     payload_offload_bytes: int = 1024
     log_partitions: int = 4
-    # New submissions are answered 503 while the writers have more than this many log records left to store
-    # (ingestion/admission.py); 0 = never.
+    # New submissions are answered 503 while the writers have more than this many log records left to store: from
+    # the tenants over their share of the recent ones, and from every tenant over twice this (ingestion/admission.py);
+    # 0 = never.
     max_writer_backlog: int = 20_000
 
     # Writer.

@@ -172,9 +172,14 @@ def test_cluster_status_and_workers(server: str) -> None:
     assert [w["node_id"] for w in status["cluster"]["workers"]] == ["cli-1"]
     writer = status["cluster"]["writer"]
     assert isinstance(writer["backlog"], int) and writer["backlog"] >= 0 and writer["max_backlog"] == 20_000
+    assert writer["refuse_all_above"] == 40_000
     text = ok(dsched(server, "cluster", "status"))
     assert "leader:   cli-1" in text and "0-7" in text
-    assert re.search(r"^writer:   \d+ submissions left to store; new work refused above 20000$", text, re.M), text
+    pattern = (
+        r"^writer:   \d+ submissions left to store; "
+        r"new work refused above 20000 from tenants over their share, above 40000 from all$"
+    )
+    assert re.search(pattern, text, re.M), text
     workers = as_json(dsched(server, "cluster", "workers", "--json"))["workers"]
     assert workers[0]["slots"] > 0
 

@@ -1,5 +1,6 @@
 """Admission control's use of the log: one backlog probe per interval whatever the request rate, and a log that
-fails or stalls refuses nothing (the append that follows reports it)."""
+fails or stalls refuses nothing (the append that follows reports it). Between the bound and twice it, only the
+tenants that sent at least their share of the recent records are refused."""
 
 from __future__ import annotations
 
@@ -39,19 +40,20 @@ class _Log(SubmissionLog):
 
 
 async def _outcomes(gate: Admission, n: int) -> list[Any]:
-    return await asyncio.gather(*(gate.check() for _ in range(n)), return_exceptions=True)
+    return await asyncio.gather(*(gate.check("t1") for _ in range(n)), return_exceptions=True)
 
 
 async def test_over_the_limit_is_refused_and_the_log_is_asked_once_per_interval() -> None:
     log = _Log(backlog=11)
     gate = Admission(log, max_backlog=10)
+    gate.appended({"t1": 1})  # the only tenant lately: over the bound, refused
     first = await _outcomes(gate, 1)
     assert isinstance(first[0], Overloaded) and first[0].backlog == 11
     assert all(isinstance(o, Overloaded) for o in await _outcomes(gate, 50))
     assert log.asked == 1  # within PROBE_S every request uses the last answer
     log.value = 10
     await asyncio.sleep(admission.PROBE_S)
-    await gate.check()  # asks again: at the limit is admitted
+    await gate.check("t1")  # asks again: at the limit is admitted
     assert await _outcomes(gate, 50) == [None] * 50
     assert log.asked == 2
 
@@ -59,6 +61,7 @@ async def test_over_the_limit_is_refused_and_the_log_is_asked_once_per_interval(
 async def test_requests_during_a_probe_use_the_last_answer() -> None:
     log = _Log(backlog=0)
     gate = Admission(log, max_backlog=10)
+    gate.appended({"t1": 1})
     assert await _outcomes(gate, 20) == [None] * 20
     assert log.asked == 1
     log.value = 11
@@ -80,13 +83,66 @@ async def test_a_log_that_fails_or_stalls_refuses_nothing(trouble: str, monkeypa
     monkeypatch.setattr(admission, "PROBE_TIMEOUT_S", 0.1)
     log = _Log(backlog=10**6)
     gate = Admission(log, max_backlog=10)
+    gate.appended({"t1": 1})
     with pytest.raises(Overloaded):
-        await gate.check()
+        await gate.check("t1")
     if trouble == "fails":
         log.fail = ConnectionError("down")
     else:
         log.stall = True
     await asyncio.sleep(admission.PROBE_S)
-    await gate.check()  # the probe fails or times out: admitted
+    await gate.check("t1")  # the probe fails or times out: admitted
     assert await _outcomes(gate, 3) == [None] * 3
     assert log.asked == 2
+
+
+async def test_over_the_bound_only_tenants_at_their_share_are_refused() -> None:
+    log = _Log(backlog=15)
+    gate = Admission(log, max_backlog=10)
+    gate.appended({"flood": 90, "steady": 9, "quiet": 1})
+    with pytest.raises(Overloaded) as refused:
+        await gate.check("flood")  # 90 % of the recent records, fair share one third
+    assert refused.value.over_share and "its share" in str(refused.value)
+    await gate.check("steady")
+    await gate.check("quiet")
+    await gate.check("newcomer")  # nothing appended lately: admitted
+    gate.appended({"steady": 40})  # now 49 of 140: over one third
+    with pytest.raises(Overloaded):
+        await gate.check("steady")
+    log.value = 10  # at the bound: everyone, whatever their share
+    await asyncio.sleep(admission.PROBE_S)
+    await gate.check("flood")
+    await gate.check("steady")
+
+
+async def test_over_twice_the_bound_every_tenant_is_refused() -> None:
+    gate = Admission(_Log(backlog=21), max_backlog=10)
+    assert gate.refuse_all_above == 20
+    gate.appended({"flood": 100})
+    for tenant in ("flood", "newcomer"):
+        with pytest.raises(Overloaded) as refused:
+            await gate.check(tenant)
+        assert not refused.value.over_share and "(limit 20)" in str(refused.value)
+
+
+async def test_one_tenant_alone_is_refused_at_the_bound() -> None:
+    gate = Admission(_Log(backlog=11), max_backlog=10)
+    gate.appended({"only": 1})
+    with pytest.raises(Overloaded):
+        await gate.check("only")
+
+
+def test_shares_age_so_a_refused_tenant_gets_its_turn_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: clock[0])
+    shares = admission.RecentShares()
+    shares.add({"flood": 1000})
+    shares.add({"quiet": 10})
+    assert shares.at_least_fair("flood") and not shares.at_least_fair("quiet")
+    for _ in range(40):  # 40 s in which only the quiet tenant is admitted and appends
+        clock[0] += 1.0
+        shares.add({"quiet": 10})
+    assert not shares.at_least_fair("flood")  # its old records weigh e^-4 of what they did
+    assert shares.at_least_fair("quiet")
+    clock[0] += admission.FAIR_WINDOW_S * 20  # both forgotten: nothing appended lately, nobody over a share
+    assert not shares.at_least_fair("quiet") and not shares.at_least_fair("flood")
