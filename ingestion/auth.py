@@ -29,7 +29,6 @@ from __future__ import annotations
 import ipaddress
 import math
 import time
-import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -393,9 +392,6 @@ class Authenticator:
             return json_error(503, "unavailable", "the token keys (JWKS) cannot be fetched now; retry")
         if principal is not None:
             request[PRINCIPAL] = principal
-            with warnings.catch_warnings():  # ingestion/console.py reads the role under this plain str key
-                warnings.simplefilter("ignore", web.NotAppKeyWarning)
-                request["role"] = principal.role.value
             if request.method == "POST" and route == "/submit":
                 refused = await self.limits.check_submit(principal.tenant, request.content_length)
                 if refused is not None:

@@ -3,8 +3,8 @@ execution statistics over a window and a server-sent events stream.
 
 Everything here goes through the same caller scoping as the rest of the API (``Ingestion._user``): a tenant only
 ever sees and changes its own jobs; the cluster-wide views (``/workers``, ``/cluster``, ``/stats``) are refused with
-403 to a caller whose role (set on the request by an authentication layer as ``request["role"]``) is not ``admin``;
-without such a layer (``dev`` mode) every caller may read them.
+403 to a caller whose role (the authenticated principal's, ``ingestion.auth.principal_of``) is not ``admin``; in
+``dev`` mode without ``X-User-ID`` there is no principal and every caller may read them.
 
 Routes (registered by :func:`register` before the core routes, so ``/jobs/bulk`` is not taken for a job id):
 
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from dsched.ingestion.auth import principal_of
 from dsched.ingestion.requests import (
     RequestError,
     check_schedule,
@@ -50,6 +51,7 @@ from dsched.ingestion.requests import (
     parse_time,
     run_view,
 )
+from dsched.libs.apikeys import Role
 from dsched.libs.clock import now_ms, to_rfc3339
 from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, LEADER_KEY, PICKERS_PREFIX, WORKERS_PREFIX
 from dsched.libs.models import Job, JobStatus
@@ -194,8 +196,8 @@ class Console:
 
     def _admin(self, request: web.Request) -> str:
         user = self._user(request)
-        role = request.get("role")
-        if role is not None and role != "admin":
+        principal = principal_of(request)
+        if principal is not None and principal.role is not Role.ADMIN:
             raise _error(403, "forbidden", "cluster-wide views need the admin role")
         return user
 

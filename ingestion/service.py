@@ -50,6 +50,7 @@ from dsched.libs.metrics import (
     HTTP_REQUESTS,
     SUBMISSIONS,
     TENANT_SUBMISSIONS,
+    child,
     exposition,
     tenant_label,
 )
@@ -197,7 +198,7 @@ class Ingestion:
             # A backend that did not answer; the traceback goes to the log, never into the answer.
             logger.exception("request_failed", route=route)
             response = error_response(503, "unavailable", "a backend did not answer; retry later")
-        HTTP_REQUESTS.labels(route, request.method, str(response.status)).inc()
+        child(HTTP_REQUESTS, route, request.method, str(response.status)).inc()
         return response
 
     # Helpers ----------------------------------------------------------------------------------------------
@@ -267,10 +268,10 @@ class Ingestion:
         finally:
             for span in spans:
                 tracing.end(span)
-        SUBMISSIONS.labels(op).inc(len(jobs))
+        child(SUBMISSIONS, op).inc(len(jobs))
         by_tenant = Counter(job.user_id for job in jobs)
         for user_id, count in by_tenant.items():
-            TENANT_SUBMISSIONS.labels(tenant_label(user_id), op).inc(count)
+            child(TENANT_SUBMISSIONS, tenant_label(user_id), op).inc(count)
         self.admission.appended(by_tenant)  # every record adds to the writer's backlog, whatever its op
 
     async def _offload(self, job_id: str, payload: Payload) -> Payload:

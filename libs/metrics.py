@@ -172,14 +172,15 @@ def tenant_label(user_id: str) -> str:
     return OTHER_TENANT
 
 
-# Labelled children the per-run path uses, by metric and label values: ``labels()`` validates and locks on every
-# call, a dict lookup does not. Bounded like the labels themselves (tenants capped by MAX_TENANT_LABELS, a few
-# statuses).
+# Labelled children the per-run and per-request paths use, by metric and label values: ``labels()`` validates and
+# locks on every call (~1.9 µs), a dict lookup does not (~0.6 µs with the increment). Bounded like the labels
+# themselves (tenants capped by MAX_TENANT_LABELS; routes, methods, ops and statuses are few).
 _children: dict[tuple[int, tuple[str, ...]], Any] = {}
 _Metric = TypeVar("_Metric", Counter, Histogram)
 
 
-def _child(metric: _Metric, *values: str) -> _Metric:
+def child(metric: _Metric, *values: str) -> _Metric:
+    """``metric.labels(*values)``, looked up in a dict after the first call (for module-level metrics)."""
     key = (id(metric), values)  # module-level metrics: their ids never change
     if (child := _children.get(key)) is None:
         child = _children.setdefault(key, metric.labels(*values))
@@ -193,7 +194,7 @@ def observe_run_start(user_id: str, lag_s: float, *, late_submission: bool) -> N
         LATE_SUBMISSION_RUNS.inc()
         return
     FIRE_LAG.observe(lag_s)
-    _child(TENANT_FIRE_LAG, tenant_label(user_id)).observe(lag_s)
+    child(TENANT_FIRE_LAG, tenant_label(user_id)).observe(lag_s)
 
 
 def export_run_outcomes() -> None:
@@ -201,14 +202,14 @@ def export_run_outcomes() -> None:
     exported from 0 on, so ``rate()`` and ``increase()`` see the first failure or timeout of the process too (a
     counter series first scraped at 1 hides its first increment). Other processes export none of them."""
     for status in sorted(FINISHED_RUN_STATUSES):
-        _child(RUNS_FINISHED, status.value)
+        child(RUNS_FINISHED, status.value)
 
 
 def observe_run_finished(user_id: str, status: str, duration_s: float) -> None:
     """Count a finished attempt by outcome (overall and per tenant) and record how long it ran."""
     RUN_DURATION.observe(duration_s)
-    _child(RUNS_FINISHED, status).inc()
-    _child(TENANT_RUNS, tenant_label(user_id), status).inc()
+    child(RUNS_FINISHED, status).inc()
+    child(TENANT_RUNS, tenant_label(user_id), status).inc()
 
 
 async def sample_queue_depth(queue: WorkQueue, interval_s: float = QUEUE_DEPTH_INTERVAL_S) -> None:

@@ -32,7 +32,15 @@ from dsched.libs import clock, job_states, logs, tracing
 from dsched.libs.clock import now_ms
 from dsched.libs.coordination.base import Coordination
 from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX, CANCEL_PREFIX, PICKERS_PREFIX
-from dsched.libs.metrics import DISPATCH_LAG, PICKER_DISPATCHED, PICKER_DROPPED, PICKER_SHARDS, SHARD_COUNT, export
+from dsched.libs.metrics import (
+    DISPATCH_LAG,
+    PICKER_DISPATCHED,
+    PICKER_DROPPED,
+    PICKER_SHARDS,
+    SHARD_COUNT,
+    child,
+    export,
+)
 from dsched.libs.models import (
     FINISHED_RUN_STATUSES,
     BucketEntry,
@@ -510,7 +518,7 @@ class Picker:
             for scheduled in fire:
                 plan.messages.append(self._message(job, entry, scheduled, now, decided_us))
                 plan.tenants.append(job.user_id)
-                PICKER_DISPATCHED.labels(entry.kind).inc()
+                child(PICKER_DISPATCHED, entry.kind).inc()
             if entry.kind == "schedule" and fire:
                 plan.mark_dispatched(job.job_id, max(fire))
             plan.queued[job.job_id] = JobState(job_id=job.job_id, state=job_states.dispatched(), at_us=decided_us)
