@@ -13,10 +13,13 @@ stops a flood.
 **Fair to tenants.** One tenant's flood must not shut every other tenant out. Between the bound and
 :data:`ALL_REFUSED_FACTOR` times it, only the tenants that appended at least their fair share of the recent records
 are refused (reason ``tenant_share``): with N tenants appending lately, a tenant is refused once its share reaches
-1/N, so a flooding tenant waits while the others' submits still get in. Above :data:`ALL_REFUSED_FACTOR` times the
-bound every tenant is refused (reason ``writer_backlog``), so the backlog stays bounded whoever sends. Shares are
-each ingestion process's own count of what it appended (:class:`RecentShares`), weighed over about
-:data:`FAIR_WINDOW_S`: behind a load balancer each process sees a sample of every tenant's traffic.
+1/N, so a flooding tenant waits while the others' submits still get in. A tenant whose recent records weigh less
+than :data:`HEAVY_FRACTION` of the bound is never refused there: it is not what fills the backlog. Above
+:data:`ALL_REFUSED_FACTOR` times the bound every tenant is refused (reason ``writer_backlog``), so the backlog stays
+bounded whoever sends. Shares are each ingestion process's own count of what it appended (:class:`RecentShares`),
+weighed over about :data:`FAIR_WINDOW_S`, so no state is shared: behind a load balancer a process sees a sample of
+the tenants' traffic, or a few tenants whole (a client's kept-alive connection stays on one process). A light
+tenant alone on its process is then still admitted, thanks to the weight floor.
 
 The backlog is asked of the log (:meth:`SubmissionLog.backlog`) at most once per :data:`PROBE_S`; requests in
 between use the last answer, so the check costs no I/O per request. If the log does not answer within
@@ -41,6 +44,9 @@ PROBE_TIMEOUT_S = 1.0  # a log slower than this to say its backlog admits the re
 RETRY_AFTER_S = 1  # the Retry-After of an "overloaded" answer
 ALL_REFUSED_FACTOR = 2  # over this many times the bound, every tenant's new work is refused, not only the busiest
 FAIR_WINDOW_S = 10.0  # a record appended this long ago weighs 1/e in a tenant's share (exponential decay)
+# Below the all-refused level, a tenant whose recent records weigh less than this fraction of the bound (2,000 of
+# 20,000: about 200 a second kept up) is admitted whatever its share.
+HEAVY_FRACTION = 0.1
 DECAY_EVERY_S = 0.25  # how often the shares are aged (each ageing walks every tenant seen lately)
 FORGET_BELOW = 0.5  # a tenant whose weighed records fall below this is no longer counted among the N tenants
 
@@ -72,12 +78,12 @@ class RecentShares:
             self._weights[tenant] = self._weights.get(tenant, 0.0) + count
             self._total += count
 
-    def at_least_fair(self, tenant: str) -> bool:
-        """Whether ``tenant``'s share is at least 1/N of the N tenants that appended lately (False for one that
-        appended nothing lately)."""
+    def at_least_fair(self, tenant: str, *, min_weight: float = 0.0) -> bool:
+        """Whether ``tenant``'s share is at least 1/N of the N tenants that appended lately and its records weigh at
+        least ``min_weight`` (False for one that appended nothing lately)."""
         self._age()
         mine = self._weights.get(tenant, 0.0)
-        return mine > 0 and mine * len(self._weights) >= self._total
+        return mine > 0 and mine >= min_weight and mine * len(self._weights) >= self._total
 
     def _age(self) -> None:
         now = time.monotonic()
@@ -115,7 +121,8 @@ class Admission:
 
     async def check(self, tenant: str) -> None:
         """Raise :class:`Overloaded` while the writer's backlog is over the bound and ``tenant`` appended at least its
-        share of the recent records, or while it is over :attr:`refuse_all_above`."""
+        share of the recent records (and :data:`HEAVY_FRACTION` of the bound), or while it is over
+        :attr:`refuse_all_above`."""
         if self.max_backlog <= 0:
             return
         if time.monotonic() >= self._fresh_until and not self._probing:
@@ -130,7 +137,7 @@ class Admission:
         if self._backlog > self.refuse_all_above:
             SUBMISSIONS_REFUSED.labels("writer_backlog").inc()
             raise Overloaded(self._backlog, self.refuse_all_above)
-        if self.shares.at_least_fair(tenant):
+        if self.shares.at_least_fair(tenant, min_weight=HEAVY_FRACTION * self.max_backlog):
             SUBMISSIONS_REFUSED.labels("tenant_share").inc()
             raise Overloaded(self._backlog, self.max_backlog, over_share=True)
 

@@ -61,7 +61,7 @@ async def test_over_the_limit_is_refused_and_the_log_is_asked_once_per_interval(
 async def test_requests_during_a_probe_use_the_last_answer() -> None:
     log = _Log(backlog=0)
     gate = Admission(log, max_backlog=10)
-    gate.appended({"t1": 1})
+    gate.appended({"t1": 5})  # still heavy (over a tenth of the bound) once aged
     assert await _outcomes(gate, 20) == [None] * 20
     assert log.asked == 1
     log.value = 11
@@ -127,9 +127,24 @@ async def test_over_twice_the_bound_every_tenant_is_refused() -> None:
 
 async def test_one_tenant_alone_is_refused_at_the_bound() -> None:
     gate = Admission(_Log(backlog=11), max_backlog=10)
-    gate.appended({"only": 1})
+    gate.appended({"only": 1})  # a tenth of the bound: heavy enough
     with pytest.raises(Overloaded):
         await gate.check("only")
+
+
+async def test_a_light_tenant_is_admitted_until_twice_the_bound_whatever_its_share() -> None:
+    log = _Log(backlog=15_000)
+    gate = Admission(log, max_backlog=10_000)
+    gate.appended({"alone": 999})  # all the records this process saw lately, under a tenth of the bound
+    await gate.check("alone")  # e.g. a client kept on this process while another floods the others
+    gate.appended({"alone": 1})
+    with pytest.raises(Overloaded):
+        await gate.check("alone")
+    log.value = 20_001
+    gate = Admission(log, max_backlog=10_000)
+    gate.appended({"light": 1})
+    with pytest.raises(Overloaded):
+        await gate.check("light")
 
 
 def test_shares_age_so_a_refused_tenant_gets_its_turn_again(monkeypatch: pytest.MonkeyPatch) -> None:
