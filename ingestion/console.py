@@ -4,7 +4,7 @@ execution statistics over a window and a server-sent events stream.
 Everything here goes through the same caller scoping as the rest of the API (``Ingestion._user``): a tenant only
 ever sees and changes its own jobs; the cluster-wide views (``/workers``, ``/cluster``, ``/stats``) are refused with
 403 to a caller whose role (the authenticated principal's, ``ingestion.auth.principal_of``) is not ``admin``; in
-``dev`` mode without ``X-User-ID`` there is no principal and every caller may read them.
+``dev`` mode every caller is an admin.
 
 Routes (registered by :func:`register` before the core routes, so ``/jobs/bulk`` is not taken for a job id):
 
