@@ -26,6 +26,12 @@ from dsched.app.client import retry_after_s
 KEEP_DATA_ENV = "DSCHED_BENCH_KEEP_DATA"  # =1: a bench leaves its scheduler's data directory (and logs) behind
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux /proc); OSError once it has ended."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime in clock ticks
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -185,14 +191,13 @@ class Scheduler:
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the scheduler processes (children included) have used so far (Linux /proc)."""
-        total = 0
+        total = 0.0
         for _, pid in self._processes():
             try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += process_cpu_s(pid)
             except OSError:  # ended meanwhile
                 continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
-        return total / os.sysconf("SC_CLK_TCK")
+        return total
 
     def cpu_breakdown(self) -> dict[str, float]:
         """CPU seconds so far per process (``--split``: per service; children as ``<name>+<what it runs>``) and, within

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 
 from dsched.app.cli import run_loop
-from dsched.bench.common import Scheduler, free_port, load_average, percentile, submit_batches
+from dsched.bench.common import Scheduler, free_port, load_average, percentile, process_cpu_s, submit_batches
 from dsched.libs.clock import to_rfc3339
 
 
@@ -52,11 +50,6 @@ async def single(base: str, bodies: list[dict[str, object]], clients: int) -> tu
 
         await asyncio.gather(*(client() for _ in range(clients)))
     return accepted, time.monotonic() - start, latencies
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def floor(bodies: list[dict[str, object]], clients: int) -> float:
