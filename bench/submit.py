@@ -81,7 +81,8 @@ async def main(
     print(f"load average at start: {load_average()}")
     due = to_rfc3339(int(time.time() * 1000) + 86_400_000)
     body: dict[str, object] = {"project_id": "bench", "payload": {"http": {"url": "http://127.0.0.1:9/x"}}}
-    floor_rate = await floor([dict(body, next_fire_at=due) for _ in range(jobs)], clients) if with_floor else 0.0
+    bodies = [dict(body, next_fire_at=due) for _ in range(jobs)]
+    floor_rate = await floor(bodies, clients) if with_floor and jobs else 0.0
     scheduler = Scheduler(split=split)
     await scheduler.start()
     base = f"http://127.0.0.1:{scheduler.port}"
