@@ -1,6 +1,7 @@
 """N jobs due at one instant: how fast are they all executed, against the floor measured in the same run?
 
-    python -m dsched.bench.burst --jobs 20000 [--kind http|echo] [--split] [--submit batch|single] [--no-floor]
+    python -m dsched.bench.burst --jobs 20000 [--kind http|echo] [--split [--workers 2]] [--submit batch|single]
+        [--no-floor]
     python -m dsched.bench.burst --jobs 20000 --repeat 5     # five runs, each with its floor; the median ratio
 
 For ``http`` jobs the floor runs first (:mod:`bench.floor`: a bare ``loop.call_at`` loop with one aiohttp session
@@ -79,10 +80,12 @@ async def floor(target: Target, jobs: int) -> dict[str, float]:
     return {"executed_per_s": rate, "cpu_ms_per_job": cpu_ms}
 
 
-async def main(jobs: int, lead: float, split: bool, kind: str, submit: str, with_floor: bool, repeat: int) -> None:
+async def main(
+    jobs: int, lead: float, split: bool, workers: int, kind: str, submit: str, with_floor: bool, repeat: int
+) -> None:
     """``repeat`` runs in a row, each with its own floor; then one line per run and the median ratio (this
     machine's speed drifts by tens of percent within minutes, so one run's ratio says little)."""
-    rows = [await one_run(jobs, lead, split, kind, submit, with_floor) for _ in range(repeat)]
+    rows = [await one_run(jobs, lead, split, workers, kind, submit, with_floor) for _ in range(repeat)]
     if repeat > 1:
         print("\nrun  floor/s  dsched/s  ratio  cpu_ms/job  lost  dup")
         for i, r in enumerate(rows, 1):
@@ -95,12 +98,14 @@ async def main(jobs: int, lead: float, split: bool, kind: str, submit: str, with
             print(f"median ratio to the floor: {100 * statistics.median(ratios):.0f} % over {len(ratios)} runs")
 
 
-async def one_run(jobs: int, lead: float, split: bool, kind: str, submit: str, with_floor: bool) -> dict[str, float]:
+async def one_run(
+    jobs: int, lead: float, split: bool, workers: int, kind: str, submit: str, with_floor: bool
+) -> dict[str, float]:
     print(f"load average at start: {load_average()}")
     target = Target()
     await target.start()
     floor_result = await floor(target, jobs) if with_floor and kind == "http" else None
-    scheduler = Scheduler(split=split)
+    scheduler = Scheduler(split=split, workers=workers)
     await scheduler.start()
     cpu_before = scheduler.cpu_s()
     parts_before = scheduler.cpu_breakdown()
@@ -163,10 +168,22 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--split", action="store_true", help="one process per service instead of `run all`")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes with --split")
     parser.add_argument("--kind", choices=["http", "echo"], default="http")
     parser.add_argument("--submit", choices=["batch", "single"], default="batch")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare-loop floor (http only)")
     parser.add_argument("--lead", type=float, default=30.0)
     parser.add_argument("--repeat", type=int, default=1, help="runs in a row, each with its own floor")
     args = parser.parse_args()
-    run_loop(main(args.jobs, args.lead, args.split, args.kind, args.submit, not args.no_floor, max(1, args.repeat)))
+    run_loop(
+        main(
+            args.jobs,
+            args.lead,
+            args.split,
+            args.workers,
+            args.kind,
+            args.submit,
+            not args.no_floor,
+            max(1, args.repeat),
+        )
+    )

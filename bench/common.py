@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import shutil
@@ -24,6 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from dsched.app.client import retry_after_s
 
 KEEP_DATA_ENV = "DSCHED_BENCH_KEEP_DATA"  # =1: a bench leaves its scheduler's data directory (and logs) behind
+# "name=pid,..." of backend servers (bench.production sets it) whose CPU the benches report beside the services'.
+SERVER_PIDS_ENV = "DSCHED_BENCH_SERVER_PIDS"
+SERVER_PREFIX = "server:"  # cpu_breakdown's keys for those servers: "server:<name>/all"
 
 
 def process_cpu_s(pid: int) -> float:
@@ -67,12 +71,16 @@ class Target:
 class Scheduler:
     """``dsched run all`` on a fresh data directory, in its own process (as a user runs it)."""
 
-    def __init__(self, extra_env: dict[str, str] | None = None, *, split: bool = False) -> None:
-        """``split``: each service in its own ``dsched run <service>`` process on one data directory."""
+    def __init__(self, extra_env: dict[str, str] | None = None, *, split: bool = False, workers: int = 1) -> None:
+        """``split``: each service in its own ``dsched run <service>`` process on one data directory, the worker in
+        ``workers`` of them (the issue's production layout has two)."""
+        if workers != 1 and not split:
+            raise ValueError("workers > 1 needs split (run all sets its worker children with DSCHED_PROCESSES)")
         self.port = free_port()
         self.data_dir = Path(tempfile.mkdtemp(prefix="dsched-bench-"))
         self.extra_env = extra_env or {}
         self.split = split
+        self.workers = workers
         self.procs: list[subprocess.Popen[bytes]] = []
         self.metrics_urls = [f"http://127.0.0.1:{self.port}/metrics"]
 
@@ -90,14 +98,15 @@ class Scheduler:
         )
         dsched = str(Path(sys.executable).with_name("dsched"))
         services = self._names()
-        for service in services:
-            proc_env = dict(env, DSCHED_NODE_ID=f"bench-{service}")
+        for name in services:
+            service = name.split("-")[0]  # "worker-2" runs the worker
+            proc_env = dict(env, DSCHED_NODE_ID=f"bench-{name}")
             if service in ("picker", "worker"):
                 metrics_port = free_port()
                 proc_env["DSCHED_METRICS_PORT"] = str(metrics_port)
                 self.metrics_urls.append(f"http://127.0.0.1:{metrics_port}/metrics")
             # `run all`'s API port serves its worker children's metrics too (labelled process="worker-<i>").
-            with (self.data_dir / f"{service}.log").open("wb") as log:
+            with (self.data_dir / f"{name}.log").open("wb") as log:
                 self.procs.append(
                     subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
                         [dsched, "run", service], env=proc_env, stdout=subprocess.DEVNULL, stderr=log
@@ -163,8 +172,11 @@ class Scheduler:
         return "; ".join(parts)
 
     def _names(self) -> list[str]:
-        """The ``dsched run`` argument of each started process."""
-        return ["ingestion", "writer", "coordinator", "picker", "worker"] if self.split else ["all"]
+        """The name of each started process: the ``dsched run`` argument, a second worker as ``worker-2``."""
+        if not self.split:
+            return ["all"]
+        workers = ["worker"] + [f"worker-{i}" for i in range(2, self.workers + 1)]
+        return ["ingestion", "writer", "coordinator", "picker", *workers]
 
     def _processes(self) -> list[tuple[str, int]]:
         """(name, pid) of every scheduler process: the started ones and their children (``run all`` with
@@ -201,8 +213,12 @@ class Scheduler:
 
     def cpu_breakdown(self) -> dict[str, float]:
         """CPU seconds so far per process (``--split``: per service; children as ``<name>+<what it runs>``) and, within
-        each, its event-loop (main) thread versus its helper threads (SQLite calls run on those)."""
+        each, its event-loop (main) thread versus its helper threads (SQLite calls run on those); then each backend
+        server named in ``$DSCHED_BENCH_SERVER_PIDS`` as a whole, keyed ``server:<name>/all``."""
         out: dict[str, float] = {}
+        for name, pid in server_pids().items():
+            with contextlib.suppress(OSError):  # ended meanwhile
+                out[f"{SERVER_PREFIX}{name}/all"] = process_cpu_s(pid)
         tick = os.sysconf("SC_CLK_TCK")
         for name, pid in self._processes():
             try:
@@ -249,11 +265,25 @@ class Scheduler:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+def server_pids() -> dict[str, int]:
+    """The backend servers named in ``$DSCHED_BENCH_SERVER_PIDS`` (``name=pid,...``), by name."""
+    pairs = (item.partition("=") for item in os.environ.get(SERVER_PIDS_ENV, "").split(",") if item)
+    return {name: int(pid) for name, _, pid in pairs}
+
+
+def servers_cpu_s(before: dict[str, float], after: dict[str, float]) -> float:
+    """CPU seconds the backend servers used between two :meth:`Scheduler.cpu_breakdown` readings."""
+    return sum(after[k] - before.get(k, 0.0) for k in after if k.startswith(SERVER_PREFIX))
+
+
 def print_cpu(before: dict[str, float], after: dict[str, float], jobs: int) -> None:
-    """CPU ms per job of each process/thread group between two :meth:`Scheduler.cpu_breakdown` readings."""
+    """CPU ms per job of each process/thread group between two :meth:`Scheduler.cpu_breakdown` readings, then
+    the backend servers' (if any) and their total."""
     for key in sorted(after):
         used = after[key] - before.get(key, 0.0)
         print(f"{'cpu_ms_per_job ' + key:>36}: {1000 * used / max(1, jobs):.3f}")
+    if any(k.startswith(SERVER_PREFIX) for k in after):
+        print(f"{'servers_cpu_ms_per_job':>36}: {1000 * servers_cpu_s(before, after) / max(1, jobs):.3f}")
 
 
 def load_average() -> str:

@@ -1,7 +1,7 @@
 """Benchmarks on the production backends: Kafka, Cassandra (the Scylla store), etcd, ElasticMQ, S3 (moto).
 
-    python -m dsched.bench.production fire_lag --split --rates 50,100,200 --seconds 20 [--warmup 20]
-    python -m dsched.bench.production burst --split --jobs 20000
+    python -m dsched.bench.production fire_lag --split --workers 2 --rates 50,100,200 --seconds 20 [--warmup 20]
+    python -m dsched.bench.production burst --split --workers 2 --jobs 20000
 
 Starts the servers (:class:`libs.servers.stack.Stack`, without its service processes), applies the schema and
 creates the topics, then runs the named benchmark module (``bench.fire_lag``, ``bench.burst``) with the
@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from dsched.bench.common import KEEP_DATA_ENV
+from dsched.bench.common import KEEP_DATA_ENV, SERVER_PIDS_ENV
 from dsched.libs.servers.stack import LAYOUT, Stack
 
 # Settings a caller may give the benchmark's services (the backends' URLs and the layout come from the stack).
@@ -44,6 +44,8 @@ async def main(argv: list[str]) -> int:
             await stack.start_servers()  # schema and topics in the run's namespace
             env = {k: v for k, v in os.environ.items() if not k.startswith("DSCHED_") or k in PASSED_THROUGH}
             env.update({**LAYOUT, **stack.urls(), "DSCHED_LEASE_TTL_S": "3"})
+            # The benchmark reports the servers' CPU beside the services' (what saturates first on shared cores).
+            env[SERVER_PIDS_ENV] = ",".join(f"{s.name}={s.pid}" for s in servers.servers if s.pid is not None)
             command = [sys.executable, "-m", f"dsched.bench.{argv[0]}", *argv[1:]]
             return (await asyncio.to_thread(subprocess.run, command, env=env, check=False)).returncode
         finally:
