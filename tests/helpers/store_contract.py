@@ -177,6 +177,17 @@ async def update_job_states_keep_each_fields_latest_decision(store: JobStore) ->
 
 
 @case
+async def get_job_owners_gives_the_user_of_each_stored_job(store: JobStore) -> None:
+    a, b = make_job(uid("u"), 1000), make_job(uid("u"), 2000)
+    await store.put_jobs([a, b])
+    state_only = uid("job")  # a state update of a job never stored leaves no job
+    await store.update_job_states([JobState(job_id=state_only, state=JobStatus.RUNNING)])
+    owners = await store.get_job_owners([a.job_id, b.job_id, a.job_id, state_only, "missing"])
+    assert owners == {a.job_id: a.user_id, b.job_id: b.user_id}
+    assert await store.get_job_owners([]) == {}
+
+
+@case
 async def list_jobs_is_newest_first_paginated_and_per_user(store: JobStore) -> None:
     user, other = uid("user"), uid("user")
     jobs = [make_job(user, 1000 + i * 10) for i in range(7)]
@@ -315,6 +326,27 @@ async def delete_entries_by_key_and_deleting_missing_entries_is_fine(store: JobS
     await store.delete_entries([drop])
     await store.delete_entries([])
     assert await store.due_entries(5, T0, T0 + BUCKET_MS, limit=10) == [keep]
+
+
+@case
+async def many_rows_of_one_partition_are_all_written_and_the_last_of_a_key_wins(store: JobStore) -> None:
+    """A batch call's rows share partitions (a user's jobs, a bucket's entries); a backend may send them together
+    (Scylla: single-partition batches), yet every row is stored, and of two rows with one key the later."""
+    user = uid("u")
+    jobs = [make_job(user, 1000 + i) for i in range(45)]
+    await store.put_jobs(jobs)
+    assert {j.job_id for j in await all_pages(store, user, 100)} == {j.job_id for j in jobs}
+
+    bucket = T0 + 2 * BUCKET_MS
+    entries = [entry(9, bucket + i, job_id=uid("j"), version=1, priority=10) for i in range(45)]
+    again = entries[3].model_copy(update={"version": 2, "priority": 90, "kind": "retry"})
+    await store.put_entries([*entries, again])
+    stored = await store.due_entries(9, bucket, bucket + BUCKET_MS, limit=100)
+    assert len(stored) == 45
+    assert stored[3] == again and stored[4] == entries[4]
+
+    await store.delete_entries([*entries[1:], entries[7]])
+    assert await store.due_entries(9, bucket, bucket + BUCKET_MS, limit=100) == [entries[0]]
 
 
 # Checkpoints ----------------------------------------------------------------------------------------------

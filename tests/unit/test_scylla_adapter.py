@@ -742,15 +742,21 @@ class FakeSession:
         rows = self.engine.execute(cql, params)
         return type("ResultSet", (), {"all": lambda self: rows})()
 
-    def execute_async(self, prepared: Prepared, params: Any) -> FakeResponseFuture:
+    def execute_async(self, prepared: Prepared | FakeBatch, params: Any) -> FakeResponseFuture:
         cluster = self.cluster
+        batch = isinstance(prepared, FakeBatch)
+        parts = prepared.parts if isinstance(prepared, FakeBatch) else [(prepared, params)]
         with cluster.lock:
             cluster.in_flight += 1
             cluster.max_in_flight = max(cluster.max_in_flight, cluster.in_flight)
-            cluster.executed.append(prepared.query_string)
+            cluster.executed.extend(statement.query_string for statement, _ in parts)
+            if batch:
+                cluster.batches.append(len(parts))
+        rows: list[dict[str, Any]] = []
+        error: BaseException | None = None
         try:
-            rows = self.engine.run(prepared, params)
-            error: BaseException | None = None
+            for statement, values in parts:
+                rows = self.engine.run(statement, values)
         except InvalidRequest as exc:
             rows, error = [], exc
 
@@ -758,8 +764,22 @@ class FakeSession:
             with cluster.lock:
                 cluster.in_flight -= 1
 
-        result = rows if prepared.kind == "select" or rows else None  # the driver passes None for writes
+        # The driver passes None for writes (a batch holds only writes).
+        result = rows if not batch and (parts[0][0].kind == "select" or rows) else None
         return FakeResponseFuture(result, page_size=2, error=error, delay_s=cluster.latency_s, on_done=done)
+
+
+class FakeBatch:
+    """Stands in for the driver's ``BatchStatement`` (whose ``add`` binds real prepared statements only)."""
+
+    def __init__(self, batch_type: Any = None) -> None:
+        self.batch_type = batch_type
+        self.parts: list[tuple[Prepared, Any]] = []
+        self.is_idempotent = False
+
+    def add(self, statement: Prepared, parameters: Any) -> None:
+        assert statement.kind != "select", "a batch holds writes only"
+        self.parts.append((statement, parameters))
 
 
 class FakeCluster:
@@ -770,6 +790,7 @@ class FakeCluster:
         self.in_flight = 0
         self.max_in_flight = 0
         self.executed: list[str] = []
+        self.batches: list[int] = []  # the statements in each batch executed
         self.shut_down = False
         self.metadata = type("Metadata", (), {"keyspaces": engine.keyspaces})()
 
@@ -798,6 +819,7 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> FakeCql:
 
     monkeypatch.setattr(scylla, "build_cluster", build)
     monkeypatch.setattr(migrate_module, "build_cluster", build)
+    monkeypatch.setattr(scylla, "BatchStatement", FakeBatch)
     return engine
 
 
@@ -875,6 +897,25 @@ async def test_a_batch_writes_each_key_once_with_its_last_value(store: ScyllaSto
     await store.put_jobs([first, second])
     assert cluster.executed.count(statements("dsched_test")["put_job"]) == 1
     assert (await store.get_jobs(["j1"]))["j1"].name == "v2"
+
+
+async def test_rows_of_one_partition_go_as_batches_of_a_bounded_size(store: ScyllaStore, engine: FakeCql) -> None:
+    cluster = engine.clusters[-1]
+    jobs = [make_job(job_id=f"j{i}", created_ms=i) for i in range(45)]  # one user: one index partition
+    await store.put_jobs(jobs)
+    now = 1_900_000_020_000
+    entries = [entry(1, now + i, job_id=f"j{i}") for i in range(30)] + [entry(2, now, job_id="alone")]
+    await store.put_entries(entries)
+    # The user's 45 index rows in batches of at most 20, the jobs one by one (45 partitions); the bucket's 30
+    # entries in two batches, the other bucket's one entry alone.
+    assert sorted(cluster.batches) == [5, 10, 20, 20, 20]
+    assert max(cluster.batches) == scylla.PARTITION_BATCH_ROWS
+    assert cluster.executed.count(statements("dsched_test")["put_job"]) == 45
+    assert len(await store.due_entries(1, now - now % 60_000, now + 60_000, 100)) == 30
+    cluster.batches.clear()
+    await store.delete_entries(entries)
+    assert sorted(cluster.batches) == [10, 20]
+    assert await store.due_entries(1, now - now % 60_000, now + 60_000, 100) == []
 
 
 async def test_stats_are_exact_on_small_tables(store: ScyllaStore) -> None:
