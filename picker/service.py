@@ -62,12 +62,16 @@ from dsched.picker.fair import fair_order
 
 FAIR_FIRST_BATCH = 100  # first batch of a fair burst; each next one doubles (up to the dispatch batch size)
 # Dispatch batches start this small and double while each takes under DISPATCH_STEP_TTL_SHARE of the lease TTL (up to
-# DSCHED_PICKER_BATCH); a slower one shrinks the next to fit. On SQLite a batch of 2,000 takes ~50 ms; on ElasticMQ
-# (~240 sends/s here) it took 8 s, which the stall check below read as a stuck picker: its lease lapsed mid-burst
-# and the next owner sent again what was sent and not yet deleted (2,100 duplicates in a 20,000-job burst).
+# DSCHED_PICKER_BATCH); one over DISPATCH_STEP_MAX_TTL_SHARE shrinks the next to fit between the two. On SQLite a
+# batch of 2,000 takes ~50 ms; on ElasticMQ (~240 sends/s here) it took 8 s, which the stall check below read as a
+# stuck picker: its lease lapsed mid-burst and the next owner sent again what was sent and not yet deleted (2,100
+# duplicates in a 20,000-job burst). Between the two shares the size stays: a batch's time is mostly its five
+# sequential round trips when the backends are slow (cold JVMs), and shrinking it then only cut the rate (to 10 per
+# round trip time, with jobs 60 s late after a cold start of the production stack).
 FIRST_DISPATCH_BATCH = 100
 MIN_DISPATCH_BATCH = 10
 DISPATCH_STEP_TTL_SHARE = 0.1
+DISPATCH_STEP_MAX_TTL_SHARE = 0.25  # well under STALLED_STEP_TTL_SHARE
 OWNERS_SLACK = 10_000  # tenants of entries no longer loaded that may stay cached before a clean-up
 # Job owners read ahead for fair dispatch per store call: each call that returns counts as progress, so a store
 # slowed by write pressure (Cassandra: 20,000 owners took 2.4-3.7 s in one call) does not cost the lease.
@@ -450,10 +454,12 @@ class Picker:
         sent = await self._dispatch(entries, now)
         self._progressed()
         took = time.monotonic() - started
-        target = self.settings.lease_ttl_s * DISPATCH_STEP_TTL_SHARE
-        if took > target:
-            self._batch_size = max(MIN_DISPATCH_BATCH, min(self._batch_size, int(len(entries) * target / took)))
-        elif len(entries) >= self._batch_size:
+        grow_below = self.settings.lease_ttl_s * DISPATCH_STEP_TTL_SHARE
+        shrink_above = self.settings.lease_ttl_s * DISPATCH_STEP_MAX_TTL_SHARE
+        if took > shrink_above:
+            fit = len(entries) * (grow_below + shrink_above) / 2 / took  # as if time grew with the entries
+            self._batch_size = max(MIN_DISPATCH_BATCH, min(self._batch_size, int(fit)))
+        elif took < grow_below and len(entries) >= self._batch_size:
             self._batch_size = min(self.settings.picker_batch, 2 * self._batch_size)
         return sent
 

@@ -164,6 +164,21 @@ async def test_a_picker_on_a_slow_queue_shrinks_its_batches_and_keeps_its_lease(
         assert max(queue.batches) * 0.001 < TTL_S / 2, queue.batches
 
 
+async def test_a_picker_on_a_queue_with_a_slow_round_trip_keeps_its_batches_whole(tmp_path: Path) -> None:
+    """A send that takes the same time whatever its size (a slow round trip: cold JVMs, a loaded machine) is no
+    reason to shrink the batches: smaller ones would take as long and only cut the rate (the production stack once
+    fell to 10 runs per round trip after a cold start, its jobs a minute late)."""
+    ttl_s = 3.0  # round trip 0.35 s: between the grow and shrink thresholds (0.3 s, 0.75 s), far under the stall check
+    backends = picker_backends(tmp_path, shard_count=SHARDS, lease_ttl_s=ttl_s, picker_tick_s=0.05, picker_batch=2000)
+    async with backends as (settings, store, inner):
+        queue = GatedQueue(inner, delay_s=0.35)
+        await _due_jobs(store, settings, 600)
+        owning = picker_owning(range(SHARDS), store=store, queue=queue, settings=settings, tmp_path=tmp_path)  # type: ignore[arg-type]
+        async with owning as picker:
+            await _sends_all_keeping_the_lease(picker, queue, 600, timeout_s=60)
+        assert len(queue.batches) <= 10, f"messages per send: {queue.batches}"
+
+
 class SlowCheckpoints(SqliteStore):
     """A store whose checkpoint compare-and-set takes ``delay_s`` (Scylla's LWT under write pressure)."""
 
