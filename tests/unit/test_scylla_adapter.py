@@ -153,6 +153,26 @@ def test_partition_keys_match_the_migrations() -> None:
     assert {name: table.partition for name, table in engine.tables.items()} == PARTITION_KEYS
 
 
+def test_statements_grouped_by_partition_name_their_keys_first() -> None:
+    """The store groups these statements' rows by their leading bind values and keeps one row per primary key: a
+    width that no longer matches the schema would batch across partitions or drop distinct rows."""
+    engine = migrated_engine()
+    assert scylla.GROUPED_BY_PARTITION
+    for name, (partition_width, key_width) in scylla.GROUPED_BY_PARTITION.items():
+        cql = statements()[name]
+        table = _TABLE.search(cql)
+        assert table is not None, name
+        if cql.startswith("INSERT"):
+            columns = re.search(r"\(([^)]*)\) VALUES", cql)
+            assert columns is not None, name
+            bound = tuple(c.strip() for c in columns.group(1).split(","))
+        else:
+            bound = tuple(re.findall(r"(\w+) = \?", cql.split(" WHERE ", 1)[1]))
+        schema = engine.tables[table.group(1)]
+        assert bound[:partition_width] == tuple(schema.partition), name
+        assert bound[:key_width] == tuple(schema.partition) + tuple(schema.clustering), name
+
+
 def test_every_statement_prepares_against_the_migrated_schema() -> None:
     engine = migrated_engine()
     for cql in statements().values():
