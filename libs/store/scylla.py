@@ -249,7 +249,7 @@ def bridge(response_future: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Fut
 
 # -- statements ----------------------------------------------------------------------------------------------
 
-#: Idempotent writes whose rows of one partition are sent together (``ScyllaStore._each_partition``): how many
+#: Idempotent writes whose rows of one partition ``ScyllaStore._write`` sends together (``_each_partition``): how many
 #: leading bind parameters are the partition key, and how many the primary key.
 GROUPED_BY_PARTITION: Final[dict[str, tuple[int, int]]] = {
     "put_job_by_user": (1, 3),
@@ -723,7 +723,7 @@ class ScyllaStore(JobStore):
     # Queue entries ----------------------------------------------------------------------------------------
     async def put_entries(self, entries: Sequence[BucketEntry]) -> None:
         if entries:
-            await self._each_partition("put_entry", [entry_params(e) for e in entries])
+            await self._write(("put_entry", [entry_params(e) for e in entries]))
 
     async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[BucketEntry]:
         if limit <= 0:
@@ -747,7 +747,7 @@ class ScyllaStore(JobStore):
 
     async def delete_entries(self, entries: Sequence[BucketEntry]) -> None:
         if entries:
-            await self._each_partition("delete_entry", [e.key for e in entries])
+            await self._write(("delete_entry", [e.key for e in entries]))
 
     # Picker checkpoints -----------------------------------------------------------------------------------
     async def get_checkpoint(self, shard: int) -> int | None:

@@ -122,14 +122,20 @@ def test_bad_urls_are_one_clear_line(url: str, fragment: str) -> None:
 _TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE)\s+(\w+)")
 
 
+def _inserted_columns(cql: str) -> tuple[str, ...]:
+    """The column list of an INSERT, in bind order."""
+    columns = re.search(r"\(([^)]*)\) VALUES", cql)
+    assert columns is not None, cql
+    return tuple(c.strip() for c in columns.group(1).split(","))
+
+
 def test_every_statement_addresses_one_partition() -> None:
     for name, cql in statements().items():
         table = _TABLE.search(cql)
         assert table is not None, name
         keys = PARTITION_KEYS[table.group(1)]
         if cql.startswith("INSERT"):
-            columns = re.search(r"\(([^)]*)\) VALUES", cql)
-            assert columns is not None and set(keys) <= {c.strip() for c in columns.group(1).split(",")}, name
+            assert set(keys) <= set(_inserted_columns(cql)), name
             continue
         where = cql.split(" WHERE ", 1)[1]
         if name in TOKEN_RANGE_STATEMENTS:
@@ -163,9 +169,7 @@ def test_statements_grouped_by_partition_name_their_keys_first() -> None:
         table = _TABLE.search(cql)
         assert table is not None, name
         if cql.startswith("INSERT"):
-            columns = re.search(r"\(([^)]*)\) VALUES", cql)
-            assert columns is not None, name
-            bound = tuple(c.strip() for c in columns.group(1).split(","))
+            bound = _inserted_columns(cql)
         else:
             bound = tuple(re.findall(r"(\w+) = \?", cql.split(" WHERE ", 1)[1]))
         schema = engine.tables[table.group(1)]
