@@ -342,6 +342,7 @@ class Picker:
         found = await self.store.due_entries_many(partitions, until, self.settings.picker_batch, known=self._loaded)
         self._progressed()
         self._step_name = "load: advance checkpoints"
+        held: set[tuple[int, int]] | None = None  # (shard, bucket) of loaded entries, built when first needed
         for shard, checkpoint in checkpoints.items():
             advance_to = checkpoint
             for bucket in range(checkpoint, last_bucket + 1, bucket_ms):
@@ -350,9 +351,14 @@ class Picker:
                     if entry.key not in self._loaded:
                         self._loaded.add(entry.key)
                         heapq.heappush(self._heap, (entry.due_ms, -entry.priority, entry.key, entry))
-                # Only a contiguous run of empty, old buckets from the checkpoint can be passed for good.
+                # Only a contiguous run of empty, old buckets from the checkpoint can be passed for good. A bucket
+                # whose entries this picker holds loaded reads as empty (they are left out as known) but is not:
+                # passed, the entries would never be read again if their dispatch failed or the shard moved.
                 if advance_to == bucket and not entries and bucket + bucket_ms + grace_ms <= now:
-                    advance_to = bucket + bucket_ms
+                    if held is None:
+                        held = {(key[0], key[1]) for key in self._loaded}
+                    if (shard, bucket) not in held:
+                        advance_to = bucket + bucket_ms
             if advance_to != checkpoint:
                 await self._advance(shard, checkpoint, advance_to)  # a compare-and-set: an LWT on Scylla
                 self._progressed()
