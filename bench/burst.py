@@ -29,6 +29,7 @@ from dsched.app.cli import run_loop
 from dsched.bench.common import (
     Scheduler,
     Target,
+    describe_missing,
     load_average,
     print_cpu,
     report,
@@ -157,6 +158,8 @@ async def one_run(
         if floor_result is not None:
             print(f"{'ratio to the floor':>36}: {100 * result['ratio']:.0f} %")
         print(await scheduler.lag_summary())
+        if missing := await describe_missing(base, due_by_id, hits):  # after the CPU: the lookups cost some
+            print(missing)
         print(f"load average at end: {load_average()}")
         return result
     finally:

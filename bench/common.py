@@ -333,6 +333,37 @@ def report(
     return result
 
 
+MISSING_SAMPLE = 200  # jobs that never reached the target whose state a bench looks up
+
+
+async def describe_missing(base: str, due: dict[str, float], hits: list[tuple[str, float]]) -> str:
+    """Where the accepted jobs that never reached the target are, as their owner sees them (``GET /jobs/{id}``):
+    each status (with its last run's) tallied, and their due times from the first job's. The status says which
+    service holds them: ``submitted`` the writer, ``scheduled`` the picker, ``queued`` the queue or a worker.
+    Empty if every job arrived."""
+    reached = {job_id for job_id, _ in hits}
+    missing = sorted((at, job_id) for job_id, at in due.items() if job_id not in reached)
+    if not missing:
+        return ""
+    first = min(due.values())
+    states: dict[str, int] = {}
+    async with aiohttp.ClientSession() as session:
+        for _, job_id in missing[:MISSING_SAMPLE]:
+            try:
+                async with session.get(f"{base}/jobs/{job_id}", headers={"X-User-ID": "bench"}) as resp:
+                    view = await resp.json() if resp.status == 200 else {"status": f"HTTP {resp.status}"}
+            except aiohttp.ClientError as exc:
+                view = {"status": type(exc).__name__}
+            last = view.get("last_run") or {}
+            state = str(view.get("status")) + (f" (last run {last['status']})" if last.get("status") else "")
+            states[state] = states.get(state, 0) + 1
+    tally = ", ".join(f"{state}: {n}" for state, n in sorted(states.items(), key=lambda kv: -kv[1]))
+    return (
+        f"not reached: {len(missing)} (looked up {min(len(missing), MISSING_SAMPLE)}: {tally}); "
+        f"due {(missing[0][0] - first) / 1000:.1f}-{(missing[-1][0] - first) / 1000:.1f} s after the first job"
+    )
+
+
 MAX_ATTEMPTS = 600  # per request: client errors, and 503s with Retry-After (at 1 s: ten minutes of back-pressure)
 
 

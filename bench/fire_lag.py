@@ -22,6 +22,7 @@ from dsched.app.cli import run_loop
 from dsched.bench.common import (
     Scheduler,
     Target,
+    describe_missing,
     load_average,
     print_cpu,
     report,
@@ -70,6 +71,9 @@ async def one_run(jobs: int, rate: float, lead: float, split: bool, workers: int
         print(f"{'scheduler_cpu_ms_per_job':>20}: {cpu_ms:.3f}")
         print_cpu(parts_before, parts_after, count)
         print(await scheduler.lag_summary())
+        base = f"http://127.0.0.1:{scheduler.port}"
+        if missing := await describe_missing(base, due_by_id, target.hits):  # after the CPU: the lookups cost some
+            print(missing)
         print(f"load average at end: {load_average()}")
         return {
             **result,
