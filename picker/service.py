@@ -8,7 +8,8 @@ Loop (one task, so loading and dispatching never race):
 2. Sleep until the earliest loaded due time (not until the next tick) and dispatch every entry then due, as one
    batch: read the jobs, drop stale entries, store the next occurrence of recurring jobs, send to the queue,
    record ``dispatched_through_ms``, delete the entries.
-3. Move a shard's checkpoint past a bucket once the bucket is empty and older than ``bucket_grace_s``.
+3. Move a shard's checkpoint past a bucket once the bucket is empty (no entry left in the store, none held loaded)
+   and older than ``bucket_grace_s``.
 
 Ownership comes from the coordinator's assignment and is only believed while this picker's own lease is
 known to be alive (last successful keepalive + TTL, measured from when the keepalive was sent). The lease is
