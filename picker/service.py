@@ -104,7 +104,7 @@ class DispatchPlan:
     next_entries: list[BucketEntry] = field(default_factory=list)
     skipped_runs: list[Run] = field(default_factory=list)
     queued: dict[str, JobState] = field(default_factory=dict)
-    dispatched: dict[str, int] = field(default_factory=dict)  # job id -> latest occurrence sent
+    dispatched: dict[str, int] = field(default_factory=dict)  # job id (one of queued's) -> latest occurrence sent
     cancels: list[str] = field(default_factory=list)  # run ids to stop (overlap: replace)
 
     def mark_dispatched(self, job_id: str, occurrence: int) -> None:
@@ -558,9 +558,11 @@ class Picker:
         return OutgoingMessage(body=order.model_dump_json().encode(), priority=job.priority)
 
     async def _apply(self, plan: DispatchPlan, shards: set[int]) -> int:
-        """Carry out ``plan`` in the order that makes a crash harmless: the next occurrences, skipped runs and the
-        "queued" state before the send; the send before marking occurrences dispatched; that before deleting the
-        entries. A crash at any point re-dispatches at most (deduplicated by run id), never loses.
+        """Carry out ``plan`` in the order that makes a crash harmless: the next occurrences and skipped runs before
+        the send; the send before the jobs' states ("queued", and the occurrences marked dispatched); those before
+        deleting the entries. A crash at any point re-dispatches at most (deduplicated by run id), never loses.
+        "queued" needs no write of its own before the send: job states resolve by decision time, so the worker's
+        later "running" or outcome wins whichever write arrives first (one write and one round trip per job less).
 
         Before each step the picker checks it still owns ``shards``: any await may stall past the lease (GC pause,
         SIGSTOP, slow backend) while the shards move to another picker, and finishing then would send runs twice
@@ -579,20 +581,18 @@ class Picker:
             if not self._still_owns(shards, "skipped_runs", plan):
                 return 0
             await self.store.put_runs(plan.skipped_runs)
-        if plan.queued:
-            if not self._still_owns(shards, "queued", plan):
-                return 0
-            await self.store.update_job_states(list(plan.queued.values()))
         if plan.messages:
             if not self._still_owns(shards, "send", plan):
                 return 0
             await self.queue.send(plan.messages)
-        if plan.dispatched:
-            if not self._still_owns(shards, "dispatched", plan):
+        if plan.queued:
+            if not self._still_owns(shards, "states", plan):
                 return 0
             states = [
-                JobState(job_id=job_id, dispatched_through_ms=ms, at_us=plan.queued[job_id].at_us)
-                for job_id, ms in plan.dispatched.items()
+                state.model_copy(update={"dispatched_through_ms": plan.dispatched[job_id]})
+                if job_id in plan.dispatched
+                else state
+                for job_id, state in plan.queued.items()
             ]
             await self.store.update_job_states(states)
         if not self._still_owns(shards, "delete", plan):

@@ -79,9 +79,8 @@ async def test_writes_run_in_crash_safe_order_and_send_each_due_run(
         assert await picker._dispatch(entries, NOW) == 2
     assert calls == [
         "put_entries",  # the recurring job's next occurrence, before anything is sent
-        "update_job_states:state",  # "queued"
         "send",
-        "update_job_states:dispatched",  # only after the send
+        "update_job_states:dispatched",  # "queued" and the occurrence dispatched, one write per job after the send
         "delete_entries",  # last: a crash before it re-dispatches (deduplicated by run id), never loses
     ]
     sent = await queue.receive(10, 0.0, 30.0)
@@ -97,7 +96,7 @@ async def test_a_picker_that_loses_its_shards_mid_dispatch_stops_before_the_send
     backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> None:
     settings, store, queue = backends
-    job = _job("once")
+    job = _job("rec", cron_schedule="@every 10s")
     await store.put_jobs([job])
     entries = [_entry(job, settings)]
     await store.put_entries(entries)
@@ -105,16 +104,17 @@ async def test_a_picker_that_loses_its_shards_mid_dispatch_stops_before_the_send
     async with picker_owning([0], store=store, queue=queue, settings=settings, tmp_path=tmp_path) as picker:
 
         def lose_shards(label: str) -> None:
-            if label == "update_job_states:state":
+            if label == "put_entries":
                 picker._lease_valid_until = 0.0  # as if the lease lapsed while this write was in flight
 
         picker.store = Recording(store, calls, lose_shards)  # type: ignore[assignment]
         picker.queue = Recording(queue, calls)  # type: ignore[assignment]
         assert await picker._dispatch(entries, NOW) == 0
-    assert calls == ["update_job_states:state"]  # no send, no "dispatched", no delete
+    assert calls == ["put_entries"]  # no send, no job state, no delete
     assert await queue.receive(10, 0.0, 30.0) == []
+    assert (await store.get_jobs(["rec"]))["rec"].status == JobStatus.SCHEDULED  # not marked queued
     still_there = await store.due_entries(0, entries[0].bucket_ms, NOW, 10)
-    assert [e.job_id for e in still_there] == ["once"]  # left for the new owner
+    assert [(e.job_id, e.scheduled_ms) for e in still_there] == [("rec", NOW)]  # left for the new owner
 
 
 async def test_deleted_paused_and_superseded_entries_are_dropped_not_sent(
