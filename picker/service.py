@@ -133,6 +133,7 @@ class Picker:
         export(PICKER_SHARDS, SHARD_COUNT)
         SHARD_COUNT.set(settings.shard_count)  # with dsched_picker_owned_shards: are all shards owned?
         self._assigned: set[int] = set()
+        self._assignment_events = 0  # assignment changes applied from the watch (see _read_assignment)
         self._lease: int | None = None
         self._lease_valid_until = 0.0  # monotonic
         self._checkpoints: dict[int, int] = {}
@@ -157,6 +158,7 @@ class Picker:
         self._tasks = [
             self.supervisor.start("picker", "keepalive", self._keepalive_loop),
             self.supervisor.start("picker", "watch_assignment", self._watch_assignment),
+            self.supervisor.start("picker", "reread_assignment", self._reread_assignment),
         ]
         try:
             yield self
@@ -212,6 +214,7 @@ class Picker:
             try:
                 async for event in self.coordination.watch_prefix(key):
                     if event.key == key:
+                        self._assignment_events += 1
                         self._set_assignment(event.value)
             except asyncio.CancelledError:
                 raise
@@ -221,8 +224,25 @@ class Picker:
                 with contextlib.suppress(Exception):
                     await self._read_assignment()
 
+    async def _reread_assignment(self) -> None:
+        """A safety net under the watch: read the assignment every third of a lease TTL, so a change the watch
+        missed costs at most that long (a picker believing it owns nothing would leave its shards undispatched
+        while the leader, seeing it alive, never moves them)."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl_s / 3)
+            try:
+                await self._read_assignment()
+            except Exception as exc:
+                logger.warning("assignment_read_failed", error=f"{type(exc).__name__}: {exc}")
+
     async def _read_assignment(self) -> None:
-        self._set_assignment(await self.coordination.get(ASSIGNMENTS_PREFIX + self.node_id))
+        """Read this picker's assignment and apply it, unless a watch event was applied while the read was in
+        flight: the read's answer may then be older than that event (the two arrive on different streams), and
+        the watch, which delivers every change in order, brings the assignment up to date anyway."""
+        events = self._assignment_events
+        value = await self.coordination.get(ASSIGNMENTS_PREFIX + self.node_id)
+        if self._assignment_events == events:
+            self._set_assignment(value)
 
     def _set_assignment(self, value: bytes | None) -> None:
         shards = set(orjson.loads(value)["shards"]) if value else set()
