@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,7 +347,7 @@ async def describe_missing(base: str, due: dict[str, float], hits: list[tuple[st
     if not missing:
         return ""
     first = min(due.values())
-    states: dict[str, int] = {}
+    states: Counter[str] = Counter()
     async with aiohttp.ClientSession() as session:
         for _, job_id in missing[:MISSING_SAMPLE]:
             try:
@@ -356,8 +357,8 @@ async def describe_missing(base: str, due: dict[str, float], hits: list[tuple[st
                 view = {"status": type(exc).__name__}
             last = view.get("last_run") or {}
             state = str(view.get("status")) + (f" (last run {last['status']})" if last.get("status") else "")
-            states[state] = states.get(state, 0) + 1
-    tally = ", ".join(f"{state}: {n}" for state, n in sorted(states.items(), key=lambda kv: -kv[1]))
+            states[state] += 1
+    tally = ", ".join(f"{state}: {n}" for state, n in states.most_common())
     return (
         f"not reached: {len(missing)} (looked up {min(len(missing), MISSING_SAMPLE)}: {tally}); "
         f"due {(missing[0][0] - first) / 1000:.1f}-{(missing[-1][0] - first) / 1000:.1f} s after the first job"
