@@ -4,12 +4,15 @@ Loop (one task, so loading and dispatching never race):
 
 1. Every ``picker_tick_s``, for each owned shard, read the partitions from the shard's checkpoint bucket up to
    the bucket of ``now + lookahead`` for entries due by ``now + lookahead``: the cost is what is (nearly) due,
-   never the number of future jobs. Loaded entries wait in an in-memory heap.
+   never the number of future jobs. A partition is read from :data:`LATE_WINDOW_MS` before its last complete read
+   on, not from its start (what was dispatched before that is tombstones on Scylla); every
+   :data:`FULL_LOAD_INTERVAL_MS` a load reads every partition from its start, for entries stored later than the
+   window after their due time. Loaded entries wait in an in-memory heap.
 2. Sleep until the earliest loaded due time (not until the next tick) and dispatch every entry then due, as one
    batch: read the jobs, drop stale entries, store the next occurrence of recurring jobs, send to the queue,
    record ``dispatched_through_ms``, delete the entries.
-3. Move a shard's checkpoint past a bucket once the bucket is empty (no entry left in the store, none held loaded)
-   and older than ``bucket_grace_s``.
+3. Move a shard's checkpoint past a bucket once the bucket is empty (no entry left in the store, read from its
+   start; none held loaded) and older than ``bucket_grace_s``.
 
 Ownership comes from the coordinator's assignment and is only believed while this picker's own lease is
 known to be alive (last successful keepalive + TTL, measured from when the keepalive was sent). The lease is
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import heapq
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -88,6 +92,14 @@ OVERLAP_STALE_MS = 30_000
 # of the lease TTL stops renewing its lease: one stuck in a call that never answers gives its shards up as a frozen
 # picker does.
 STALLED_STEP_TTL_SHARE = 0.5
+# A load reads a partition only from LATE_WINDOW_MS before its last complete read on (the first read, and every
+# FULL_LOAD_INTERVAL_MS, from its start): on Scylla a read from the start steps over the tombstone of every entry
+# deleted in that bucket so far, up to rate x bucket_s / shards each tick; one from there seeks past them. Every
+# entry stored before its due time, or less than this after it, is read by the next load.
+LATE_WINDOW_MS = 3_000
+# An entry stored later than LATE_WINDOW_MS after its due time (a writer catching up after an outage) is read by the
+# next full load, at most this much later; one stored by a writer in the same process brings it forward at once.
+FULL_LOAD_INTERVAL_MS = 2_000
 # Loads brought forward by a writer in the same process (entries due sooner than the next tick) are at least this far
 # apart: jobs due at once arriving steadily cost one load per this interval, not one per write.
 NUDGED_LOAD_GAP_MS = 10
@@ -149,6 +161,8 @@ class Picker:
         self._step_name = ""
         self._next_load_ms = 0  # epoch ms of the next load (run loop); entries_stored may bring it forward
         self._last_load_ms = 0
+        self._next_full_load_ms = 0  # loads before it read partitions from their window (LATE_WINDOW_MS)
+        self._read_at: dict[tuple[int, int], int] = {}  # (shard, bucket) -> ``now`` of its last complete read
 
     # Lifecycle --------------------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -277,6 +291,8 @@ class Picker:
         regular load would read it too late to dispatch it ahead, load sooner, but at most every
         :data:`NUDGED_LOAD_GAP_MS` (a load reads every owned shard). A job due now then fires without waiting for
         a tick."""
+        if earliest_due_ms < now_ms() - LATE_WINDOW_MS:
+            self._next_full_load_ms = 0  # stored too late for a window's read (FULL_LOAD_INTERVAL_MS): full next
         wanted = max(earliest_due_ms - self.settings.dispatch_ahead_ms, self._last_load_ms + NUDGED_LOAD_GAP_MS)
         if wanted < self._next_load_ms:
             self._next_load_ms = wanted
@@ -326,7 +342,7 @@ class Picker:
         for _ in range(max_rounds):
             now = now_ms() if until_ms is None else until_ms
             with self._step("load"):
-                await self.load(now, lookahead_ms=0)
+                await self.load(now, lookahead_ms=0, full=True)
             with self._step("dispatch"):
                 count = await self.dispatch_due(now)
             sent += count
@@ -334,7 +350,10 @@ class Picker:
                 break
         return sent
 
-    async def load(self, now: int, lookahead_ms: int | None = None) -> None:
+    async def load(self, now: int, lookahead_ms: int | None = None, *, full: bool = False) -> None:
+        """Read the owned shards' entries due by ``now + lookahead_ms`` into the heap; pass the checkpoints over
+        empty old buckets. ``full``: read every partition from its start (otherwise only every
+        :data:`FULL_LOAD_INTERVAL_MS`)."""
         owned = self.owned_shards()
         self._forget_unowned(owned)
         PICKER_SHARDS.set(len(owned))
@@ -359,9 +378,27 @@ class Picker:
             for shard, checkpoint in checkpoints.items()
             for bucket in range(checkpoint, last_bucket + 1, bucket_ms)
         ]
+        self._read_at = {p: self._read_at[p] for p in partitions if p in self._read_at}  # forget passed buckets
+        since: dict[tuple[int, int], int] = {}  # partitions read from a due time on; the others from their start
+        if full or now >= self._next_full_load_ms:
+            self._next_full_load_ms = now + FULL_LOAD_INTERVAL_MS
+        else:
+            since = {p: read_at - LATE_WINDOW_MS for p, read_at in self._read_at.items()}
+        # A bucket's entries are all due before its end (an entry goes into the bucket of max(due, now)).
+        reads = [p for p in partitions if p not in since or since[p] < p[1] + bucket_ms]
         self._step_name = "load: due entries"
-        found = await self.store.due_entries_many(partitions, until, self.settings.picker_batch, known=self._loaded)
+        limit = self.settings.picker_batch
+        found = await self.store.due_entries_many(reads, until, limit, known=self._loaded, since=since)
         self._progressed()
+        held_by_partition: Counter[tuple[int, int]] | None = None  # loaded entries per partition, when needed
+        for p in reads:
+            rows = len(found.get(p, ()))
+            if rows + len(self._loaded) >= limit:  # known rows count toward the limit: was the page full?
+                if held_by_partition is None:
+                    held_by_partition = Counter((key[0], key[1]) for key in self._loaded)
+                if rows + held_by_partition[p] >= limit:
+                    continue  # not read through: the next read starts where this one did
+            self._read_at[p] = now
         self._step_name = "load: advance checkpoints"
         held: set[tuple[int, int]] | None = None  # (shard, bucket) of loaded entries, built when first needed
         for shard, checkpoint in checkpoints.items():
@@ -375,7 +412,12 @@ class Picker:
                 # Only a contiguous run of empty, old buckets from the checkpoint can be passed for good. A bucket
                 # whose entries this picker holds loaded reads as empty (they are left out as known) but is not:
                 # passed, the entries would never be read again if their dispatch failed or the shard moved.
-                if advance_to == bucket and not entries and bucket + bucket_ms + grace_ms <= now:
+                if (
+                    advance_to == bucket
+                    and not entries
+                    and (shard, bucket) not in since  # read from its start
+                    and bucket + bucket_ms + grace_ms <= now
+                ):
                     if held is None:
                         held = {(key[0], key[1]) for key in self._loaded}
                     if (shard, bucket) not in held:

@@ -10,7 +10,7 @@ update_job_states      jobs(job_id)                                idempotent up
 get_jobs               jobs(job_id), one read per id               -
 list_jobs              jobs_by_user(user_id) newest first          -
 put/delete_entries     job_queue((shard, bucket))                  idempotent
-due_entries            job_queue((shard, bucket)) due_ms <= until  -
+due_entries            job_queue((shard, bucket)) since..until     -
 get/advance_checkpoint picker_checkpoints(shard)                   LWT ``IF bucket = ?`` (a claim)
 put_runs               job_runs(job_id) + runs_by_id(run_id)       idempotent upsert
 claim_runs             run_claims(run_id)                          LWT ``IF NOT EXISTS`` (at-most-once)
@@ -30,11 +30,14 @@ recurring job's next entry before dispatching the current one).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from typing import NamedTuple
 
 from dsched.libs.apikeys import ApiKey
 from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, Run
+
+# ``since_ms`` of a read from a queue partition's start: below every due time (the smallest 64-bit integer).
+NO_LOWER_BOUND = -(2**63)
 
 
 class RunClaim(NamedTuple):
@@ -154,8 +157,14 @@ class JobStore(ABC):
             await self.put_entries(entries)
 
     @abstractmethod
-    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[BucketEntry]:
-        """Entries of one partition with ``due_ms <= until_ms``, earliest first."""
+    async def due_entries(
+        self, shard: int, bucket_ms: int, until_ms: int, limit: int, *, since_ms: int = NO_LOWER_BOUND
+    ) -> list[BucketEntry]:
+        """Entries of one partition with ``since_ms <= due_ms <= until_ms``, earliest first.
+
+        A lower bound lets a reader skip what it has already seen: on Scylla a read that starts at the partition's
+        beginning steps over the tombstone of every entry deleted in it so far, one that starts at ``since_ms``
+        seeks past them."""
 
     async def due_entries_many(
         self,
@@ -164,14 +173,20 @@ class JobStore(ABC):
         limit: int,
         *,
         known: Container[tuple[int, int, int, str, int, int]] = (),
+        since: Mapping[tuple[int, int], int] | None = None,
     ) -> dict[tuple[int, int], list[BucketEntry]]:
         """:meth:`due_entries` for several ``(shard, bucket_ms)`` partitions (one query per partition; an
-        implementation may run them in one round trip).
+        implementation may run them in one round trip); ``since`` gives a partition's ``since_ms`` (absent: its
+        whole start).
 
         Entries whose :attr:`BucketEntry.key` is in ``known`` (the caller holds them already) are left out of the
         result but still count toward ``limit``: a picker re-reading its look-ahead window each tick pays only
         for what is new."""
-        found = {p: await self.due_entries(p[0], p[1], until_ms, limit) for p in partitions}
+        bounds = since or {}
+        found = {
+            p: await self.due_entries(p[0], p[1], until_ms, limit, since_ms=bounds.get(p, NO_LOWER_BOUND))
+            for p in partitions
+        }
         return {p: [e for e in entries if e.key not in known] for p, entries in found.items()}
 
     @abstractmethod

@@ -57,7 +57,7 @@ import base64
 import random
 import re
 from collections import Counter
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -75,7 +75,7 @@ from dsched.libs.errors import BackendConfigError
 from dsched.libs.models import BucketEntry, DeadLetter, Job, JobState, JobStatus, Run
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, initial_checkpoint
-from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch, RunClaim
+from dsched.libs.store.base import NO_LOWER_BOUND, InvalidCursor, JobStore, LayoutMismatch, RunClaim
 
 SCHEMA_VERSION: Final = "0002"  # the newest db/migrations version this code needs
 MAX_IN_FLIGHT = 64
@@ -338,7 +338,8 @@ def _statements() -> dict[str, str]:
         # Queue entries
         "put_entry": (f"INSERT INTO job_queue (shard_id, bucket, {_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
         "due_entries": (
-            f"SELECT {_ENTRY_COLUMNS} FROM job_queue WHERE shard_id = ? AND bucket = ? AND due_ms <= ? LIMIT ?"
+            f"SELECT {_ENTRY_COLUMNS} FROM job_queue "
+            "WHERE shard_id = ? AND bucket = ? AND due_ms >= ? AND due_ms <= ? LIMIT ?"
         ),
         "delete_entry": (
             "DELETE FROM job_queue WHERE shard_id = ? AND bucket = ? "
@@ -725,10 +726,13 @@ class ScyllaStore(JobStore):
         if entries:
             await self._write(("put_entry", [entry_params(e) for e in entries]))
 
-    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[BucketEntry]:
+    async def due_entries(
+        self, shard: int, bucket_ms: int, until_ms: int, limit: int, *, since_ms: int = NO_LOWER_BOUND
+    ) -> list[BucketEntry]:
         if limit <= 0:
             return []
-        return _due_page(shard, bucket_ms, await self._rows("due_entries", (shard, bucket_ms, until_ms, limit)))
+        rows = await self._rows("due_entries", (shard, bucket_ms, since_ms, until_ms, limit))
+        return _due_page(shard, bucket_ms, rows)
 
     async def due_entries_many(
         self,
@@ -737,12 +741,16 @@ class ScyllaStore(JobStore):
         limit: int,
         *,
         known: Container[tuple[int, int, int, str, int, int]] = (),
+        since: Mapping[tuple[int, int], int] | None = None,
     ) -> dict[tuple[int, int], list[BucketEntry]]:
         """One query per partition, all in flight at once."""
         keys = list(dict.fromkeys(partitions))
         if limit <= 0:
             return {key: [] for key in keys}
-        pages = await self._each("due_entries", [(shard, bucket, until_ms, limit) for shard, bucket in keys])
+        bounds = since or {}
+        pages = await self._each(
+            "due_entries", [(*key, bounds.get(key, NO_LOWER_BOUND), until_ms, limit) for key in keys]
+        )
         return {key: _due_page(key[0], key[1], rows, known) for key, rows in zip(keys, pages, strict=True)}
 
     async def delete_entries(self, entries: Sequence[BucketEntry]) -> None:

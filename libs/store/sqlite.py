@@ -14,7 +14,7 @@ block).
 from __future__ import annotations
 
 import base64
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +24,7 @@ from dsched.libs import clock
 from dsched.libs.apikeys import ApiKey
 from dsched.libs.models import ACCEPTED_VERSION, BucketEntry, DeadLetter, Job, JobState, JobStatus, Run
 from dsched.libs.sqlite import Connection, SqliteDB
-from dsched.libs.store.base import InvalidCursor, JobStore, LayoutMismatch, RunClaim
+from dsched.libs.store.base import NO_LOWER_BOUND, InvalidCursor, JobStore, LayoutMismatch, RunClaim
 
 T = TypeVar("T")
 
@@ -418,8 +418,11 @@ class SqliteStore(JobStore):
         if job_rows or entry_rows:
             await self._writer.write(put)
 
-    async def due_entries(self, shard: int, bucket_ms: int, until_ms: int, limit: int) -> list[BucketEntry]:
-        return (await self.due_entries_many([(shard, bucket_ms)], until_ms, limit))[(shard, bucket_ms)]
+    async def due_entries(
+        self, shard: int, bucket_ms: int, until_ms: int, limit: int, *, since_ms: int = NO_LOWER_BOUND
+    ) -> list[BucketEntry]:
+        partition = (shard, bucket_ms)
+        return (await self.due_entries_many([partition], until_ms, limit, since={partition: since_ms}))[partition]
 
     async def due_entries_many(
         self,
@@ -428,18 +431,20 @@ class SqliteStore(JobStore):
         limit: int,
         *,
         known: Container[tuple[int, int, int, str, int, int]] = (),
+        since: Mapping[tuple[int, int], int] | None = None,
     ) -> dict[tuple[int, int], list[BucketEntry]]:
         if limit <= 0:
             return {p: [] for p in partitions}
+        bounds = since or {}
 
         def due(conn: Connection) -> dict[tuple[int, int], list[tuple[Any, ...]]]:
             # One thread hop for every partition: the picker reads all its shards each tick.
             return {
                 (shard, bucket_ms): conn.execute(
                     "SELECT due_ms, job_id, scheduled_ms, attempt, kind, version, priority FROM job_queue "
-                    "WHERE shard = ? AND bucket_ms = ? AND due_ms <= ? "
+                    "WHERE shard = ? AND bucket_ms = ? AND due_ms >= ? AND due_ms <= ? "
                     "ORDER BY due_ms, priority DESC, job_id, scheduled_ms, attempt LIMIT ?",
-                    (shard, bucket_ms, until_ms, limit),
+                    (shard, bucket_ms, bounds.get((shard, bucket_ms), NO_LOWER_BOUND), until_ms, limit),
                 ).fetchall()
                 for shard, bucket_ms in partitions
             }

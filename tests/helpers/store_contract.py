@@ -281,6 +281,26 @@ async def due_entries_many_leaves_out_known_entries_but_counts_them_toward_the_l
 
 
 @case
+async def due_entries_since_reads_a_partition_from_a_due_time_on(store: JobStore) -> None:
+    # An entry stored late sits in the current bucket with its own, earlier due time (before the bucket's start).
+    late = entry(8, T0 - 5_000, job_id=uid("j"), bucket_ms=T0)
+    mine = [entry(8, T0 + d, job_id=uid("j")) for d in (100, 200, 300)]
+    other = entry(9, T0 + 100, job_id=uid("j"))
+    await store.put_entries([late, *mine, other])
+
+    assert [e.key for e in await store.due_entries(8, T0, T0 + 300, limit=10, since_ms=T0 + 200)] == [
+        mine[1].key,
+        mine[2].key,
+    ]
+    assert [e.key for e in await store.due_entries(8, T0, T0 + 300, limit=1, since_ms=T0 + 150)] == [mine[1].key]
+    everything = await store.due_entries(8, T0, T0 + 300, limit=10)  # no lower bound: from the start
+    assert [e.key for e in everything] == [late.key, *(e.key for e in mine)]
+    found = await store.due_entries_many([(8, T0), (9, T0)], T0 + 300, limit=10, since={(8, T0): T0 + 300})
+    assert [e.key for e in found[(8, T0)]] == [mine[2].key]
+    assert [e.key for e in found[(9, T0)]] == [other.key]  # not in ``since``: from its start
+
+
+@case
 async def entries_keep_all_fields_and_re_putting_is_idempotent(store: JobStore) -> None:
     e = entry(1, T0 + 10, job_id=uid("j"), attempt=2, kind="retry", version=9, priority=80)
     await store.put_entries([e])

@@ -16,6 +16,7 @@ from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, entry_for
 from dsched.libs.store.sqlite import SqliteStore
+from dsched.picker.service import FULL_LOAD_INTERVAL_MS
 from tests.helpers.pickers import picker_backends, picker_owning
 
 BUCKET_MS = 60_000
@@ -92,5 +93,5 @@ async def test_entries_loaded_when_a_dispatch_failed_are_sent_after_the_shard_is
         assert await picker.dispatch_due(catching_up) == 2
         sent = await queue.receive(10, 0.0, 30.0)
         assert sorted(orjson.loads(m.body)["job"]["job_id"] for m in sent) == ["stored-late", "waiting"]
-        await picker.load(catching_up)  # both buckets are empty now: passed
+        await picker.load(catching_up + FULL_LOAD_INTERVAL_MS)  # both buckets read from their start are empty: passed
         assert await store.get_checkpoint(0) == NOW + 2 * BUCKET_MS

@@ -616,6 +616,14 @@ class FakeCql:
         if not set(table.partition) <= set(pinned):
             raise InvalidRequest(f"{table.name}: the partition key {table.partition} must be pinned with =")
         clustering_relations = [r for r in relations if r[1][0] not in table.partition]
+        last = clustering_relations[-1] if clustering_relations else None
+        if (
+            len(clustering_relations) >= 2
+            and last is not None
+            and clustering_relations[-2][1] == last[1]
+            and {clustering_relations[-2][2][0], last[2][0]} == {"<", ">"}
+        ):
+            clustering_relations = clustering_relations[:-1]  # the other bound of one slice: ``c >= ? AND c <= ?``
         position = 0
         for i, (_, columns, op) in enumerate(clustering_relations):
             expected = table.clustering[position : position + len(columns)]
