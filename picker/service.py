@@ -476,6 +476,9 @@ class Picker:
                 batch.append(item[3])
             try:
                 sent += await self._timed_dispatch(batch, now)
+            except BaseException:
+                self._read_again(batch)
+                raise
             finally:
                 for entry in batch:
                     self._loaded.discard(entry.key)
@@ -502,6 +505,9 @@ class Picker:
             while start < len(due):
                 sent += await self._timed_dispatch(due[start : start + size], now)
                 start, size = start + size, min(2 * size, self._batch_size)
+        except BaseException:
+            self._read_again(due)
+            raise
         finally:
             for entry in due:  # sent, or (after a failure) re-read from the store by the next load
                 self._loaded.discard(entry.key)
@@ -535,7 +541,9 @@ class Picker:
     async def _dispatch(self, entries: list[BucketEntry], now: int) -> int:
         """Dispatch ``entries`` (due by now) of the shards this picker owns; returns the runs sent."""
         owned = self.owned_shards()
-        entries = [e for e in entries if e.shard in owned]
+        if any(e.shard not in owned for e in entries):
+            self._read_again([e for e in entries if e.shard not in owned])
+            entries = [e for e in entries if e.shard in owned]
         if not entries:
             return 0
         # Decided as of this read: a state write delayed past a later decision (this picker frozen with the write
@@ -667,7 +675,14 @@ class Picker:
             return True
         PICKER_DROPPED.labels("ownership_lost").inc(len(plan.done))
         logger.warning("dispatch_abandoned", node=self.node_id, step=step, entries=len(plan.done))
+        self._read_again(plan.done)
         return False
+
+    def _read_again(self, entries: list[BucketEntry]) -> None:
+        """``entries`` leave the heap still stored (a failed or abandoned dispatch): the next load reads their
+        partitions from the start, as they may be older than its window."""
+        for entry in entries:
+            self._read_at.pop((entry.shard, entry.bucket_ms), None)
 
     @staticmethod
     def _skipped(job: Job, occurrence: int, now: int, reason: str) -> Run:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import orjson
 
 from dsched.libs.coordination.keys import ASSIGNMENTS_PREFIX
 from dsched.libs.coordination.sqlite import SqliteCoordination
-from dsched.libs.queue.base import WorkQueue
+from dsched.libs.queue.base import OutgoingMessage, WorkQueue
 from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
 from dsched.libs.store.base import JobStore
@@ -67,3 +67,19 @@ async def running(picker: Picker) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class QueueFailingFirstSend:
+    """A work queue whose first ``send`` fails (an ElasticMQ timeout, say); later sends go through."""
+
+    def __init__(self, inner: WorkQueue) -> None:
+        self.inner, self.failed = inner, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def send(self, messages: Sequence[OutgoingMessage]) -> None:
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("queue unreachable")
+        await self.inner.send(messages)

@@ -3,40 +3,22 @@ loaded (which a load leaves out as known) keep their bucket from being passed.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 
 from dsched.libs.models import Job, Payload
-from dsched.libs.queue.base import OutgoingMessage
 from dsched.libs.queue.sqlite import SqliteQueue
 from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, entry_for
 from dsched.libs.store.sqlite import SqliteStore
 from dsched.picker.service import FULL_LOAD_INTERVAL_MS
-from tests.helpers.pickers import picker_backends, picker_owning
+from tests.helpers.pickers import QueueFailingFirstSend, picker_backends, picker_owning
 
 BUCKET_MS = 60_000
 NOW = bucket_for(1_800_000_000_000, BUCKET_MS)  # the start of a bucket
-
-
-class QueueFailingFirstSend:
-    """A work queue whose first ``send`` fails (an ElasticMQ timeout, say); later sends go through."""
-
-    def __init__(self, inner: SqliteQueue) -> None:
-        self.inner, self.failed = inner, False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    async def send(self, messages: Sequence[OutgoingMessage]) -> None:
-        if not self.failed:
-            self.failed = True
-            raise ConnectionError("queue unreachable")
-        await self.inner.send(messages)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from dsched.libs.settings import Settings
 from dsched.libs.sharding import bucket_for, entry_for
 from dsched.libs.store.sqlite import SqliteStore
 from dsched.picker.service import FULL_LOAD_INTERVAL_MS, LATE_WINDOW_MS, Picker
-from tests.helpers.pickers import picker_backends, picker_owning
+from tests.helpers.pickers import QueueFailingFirstSend, picker_backends, picker_owning
 
 BUCKET_MS = 60_000
 # 5 s into a bucket: the one before ended under bucket_grace_s ago (its checkpoint stays), over LATE_WINDOW_MS ago.
@@ -166,3 +166,20 @@ async def test_a_partition_whose_read_the_limit_cut_is_read_again_from_where_tha
             sent += await picker.dispatch_due(now)
         assert sent == 7
         assert len(await queue.receive(10, 0.0, 30.0)) == 7
+
+
+async def test_entries_whose_dispatch_failed_are_read_again_by_the_next_load(
+    backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
+) -> None:
+    """They leave the heap still stored, due before the next load's window: it reads their partition from the
+    start rather than leave them to the next full load."""
+    _, store, queue = backends
+    await _store(store, NOW - 20_000, NOW - 20_000, "overdue")
+    async for picker, _ in _owning(backends, tmp_path):
+        picker.queue = QueueFailingFirstSend(queue)  # type: ignore[assignment]
+        await picker.load(NOW)
+        with pytest.raises(ConnectionError):
+            await picker.dispatch_due(NOW)
+        await picker.load(NOW + 100)
+        assert await picker.dispatch_due(NOW + 100) == 1
+        assert await _sent(queue) == ["overdue"]
