@@ -4,6 +4,7 @@ stored in the same process."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ async def _sent(queue: SqliteQueue) -> list[str]:
     return sorted(orjson.loads(m.body)["job"]["job_id"] for m in await queue.receive(10, 0.0, 30.0))
 
 
+@contextlib.asynccontextmanager
 async def _owning(
     backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> AsyncIterator[tuple[Picker, RecordingStore]]:
@@ -103,7 +105,7 @@ async def _owning(
 async def test_loads_between_full_loads_read_from_the_window_and_skip_old_buckets(
     backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> None:
-    async for picker, recording in _owning(backends, tmp_path):
+    async with _owning(backends, tmp_path) as (picker, recording):
         current, old = (0, bucket_for(NOW, BUCKET_MS)), (0, bucket_for(NOW, BUCKET_MS) - BUCKET_MS)
         await picker.load(NOW)
         await picker.load(NOW + 100)
@@ -119,7 +121,7 @@ async def test_entries_stored_late_are_dispatched_within_the_window_or_by_the_ne
     backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> None:
     _, store, queue = backends
-    async for picker, _ in _owning(backends, tmp_path):
+    async with _owning(backends, tmp_path) as (picker, _):
         await picker.load(NOW)
         # Stored after that load: one a little late (a run-now job), one long after its due time.
         await _store(store, NOW - LATE_WINDOW_MS, NOW + 50, "a-little-late")
@@ -138,7 +140,7 @@ async def test_a_writer_in_the_process_storing_late_entries_brings_the_full_load
     backends: tuple[Settings, SqliteStore, SqliteQueue], tmp_path: Path
 ) -> None:
     _, store, queue = backends
-    async for picker, recording in _owning(backends, tmp_path):
+    async with _owning(backends, tmp_path) as (picker, recording):
         await picker.load(NOW)
         now = NOW + 100  # before the next full load
         due = now_ms() - 60_000  # entries_stored compares with the clock; NOW is later still
@@ -158,7 +160,7 @@ async def test_a_partition_whose_read_the_limit_cut_is_read_again_from_where_tha
     settings, store, queue = backends
     assert settings.picker_batch == 3
     await _store(store, NOW - 20_000, NOW - 20_000, *(f"backlog-{i}" for i in range(7)))
-    async for picker, _ in _owning(backends, tmp_path):
+    async with _owning(backends, tmp_path) as (picker, _):
         sent = 0
         for step in range(3):
             now = NOW + 100 * step  # one full load, then loads between full loads
@@ -175,7 +177,7 @@ async def test_entries_whose_dispatch_failed_are_read_again_by_the_next_load(
     start rather than leave them to the next full load."""
     _, store, queue = backends
     await _store(store, NOW - 20_000, NOW - 20_000, "overdue")
-    async for picker, _ in _owning(backends, tmp_path):
+    async with _owning(backends, tmp_path) as (picker, _):
         picker.queue = QueueFailingFirstSend(queue)  # type: ignore[assignment]
         await picker.load(NOW)
         with pytest.raises(ConnectionError):
