@@ -390,17 +390,23 @@ class Picker:
         limit = self.settings.picker_batch
         found = await self.store.due_entries_many(reads, until, limit, known=self._loaded, since=since)
         self._progressed()
-        held_by_partition: Counter[tuple[int, int]] | None = None  # loaded entries per partition, when needed
+        held: Counter[tuple[int, int]] | None = None  # loaded entries per partition, counted when first needed
+
+        def held_in(partition: tuple[int, int]) -> int:
+            """Entries of ``partition`` the picker held before this load added any (its read left them out as
+            known). Counted once: asked after adds began, it is only asked of partitions this load added none to."""
+            nonlocal held
+            if held is None:
+                held = Counter((key[0], key[1]) for key in self._loaded)
+            return held[partition]
+
         for p in reads:
             rows = len(found.get(p, ()))
-            if rows + len(self._loaded) >= limit:  # known rows count toward the limit: was the page full?
-                if held_by_partition is None:
-                    held_by_partition = Counter((key[0], key[1]) for key in self._loaded)
-                if rows + held_by_partition[p] >= limit:
-                    continue  # not read through: the next read starts where this one did
+            # Known rows count toward the limit: was the page full?
+            if rows + len(self._loaded) >= limit and rows + held_in(p) >= limit:
+                continue  # not read through: the next read starts where this one did
             self._read_at[p] = now
         self._step_name = "load: advance checkpoints"
-        held: set[tuple[int, int]] | None = None  # (shard, bucket) of loaded entries, built when first needed
         for shard, checkpoint in checkpoints.items():
             advance_to = checkpoint
             for bucket in range(checkpoint, last_bucket + 1, bucket_ms):
@@ -417,11 +423,9 @@ class Picker:
                     and not entries
                     and (shard, bucket) not in since  # read from its start
                     and bucket + bucket_ms + grace_ms <= now
+                    and not held_in((shard, bucket))
                 ):
-                    if held is None:
-                        held = {(key[0], key[1]) for key in self._loaded}
-                    if (shard, bucket) not in held:
-                        advance_to = bucket + bucket_ms
+                    advance_to = bucket + bucket_ms
             if advance_to != checkpoint:
                 await self._advance(shard, checkpoint, advance_to)  # a compare-and-set: an LWT on Scylla
                 self._progressed()
@@ -541,8 +545,9 @@ class Picker:
     async def _dispatch(self, entries: list[BucketEntry], now: int) -> int:
         """Dispatch ``entries`` (due by now) of the shards this picker owns; returns the runs sent."""
         owned = self.owned_shards()
-        if any(e.shard not in owned for e in entries):
-            self._read_again([e for e in entries if e.shard not in owned])
+        unowned = [e for e in entries if e.shard not in owned]
+        if unowned:
+            self._read_again(unowned)
             entries = [e for e in entries if e.shard in owned]
         if not entries:
             return 0
